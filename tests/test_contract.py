@@ -1,0 +1,146 @@
+"""The contract every registered tuning method must keep, on a tiny random model in seconds."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tunelab.data import load_splits
+from tunelab.data.batching import collate, encode
+from tunelab.distributed import Dist
+from tunelab.export import export_model
+from tunelab.methods import METHODS
+from tunelab.models import build_classifier, layer_depth, load_tokenizer, num_blocks
+from tunelab.train import Loop, fit
+
+
+def build(cfg):
+    torch.manual_seed(cfg.train.seed)
+    splits = load_splits(cfg.data, cfg.train.seed)
+    tok = load_tokenizer(cfg.model)
+    method = METHODS[cfg.tuning.name]
+    model = method.prepare(build_classifier(cfg.model, splits.labels, method.pretrained), cfg.tuning)
+    items = encode(tok, splits.train, splits.labels, cfg.data.max_length)
+    eval_items = encode(tok, splits.eval, splits.labels, cfg.data.max_length)
+    return model, method, tok, items, eval_items
+
+
+def run_loop(cfg, tmp_path):
+    model, method, tok, items, eval_items = build(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (tmp_path / "run").mkdir(exist_ok=True)
+    loop = Loop(cfg, model, method, items, eval_items, tok.pad_token_id, tmp_path / "run", Dist())
+    fit(loop)
+    return model, method, tok, items, before, loop.history
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_loss_is_finite_and_falls(name, toy_config, tmp_path):
+    toy_config.tuning.name = name
+    toy_config.train.epochs = 4
+    # A random tiny backbone gives small pooled features: a head alone, or small adapters, need larger steps.
+    toy_config.train.lr = {"head": 0.3, "lora": 5e-2}.get(name, 5e-3)
+    *_, history = run_loop(toy_config, tmp_path)
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    per_epoch = len(losses) // 4
+    first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
+    assert last < first * 0.97, (name, first, last)
+
+
+def changed(model, before) -> set[str]:
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+def test_head_changes_only_the_head(toy_config, tmp_path):
+    toy_config.tuning.name = "head"
+    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    moved = changed(model, before)
+    assert moved == {"classifier.weight", "classifier.bias"}
+
+
+def test_partial_changes_only_top_blocks_and_head(toy_config, tmp_path):
+    toy_config.tuning.name, toy_config.tuning.partial_layers = "partial", 1
+    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    moved = changed(model, before)
+    top = num_blocks(model)
+    assert moved and all(layer_depth(model, n) >= top for n in moved)
+    assert any(".layer.1." in n for n in moved) and not any(".layer.0." in n or "embeddings" in n for n in moved)
+
+
+def test_lora_leaves_base_weights_bitwise_unchanged(toy_config, tmp_path):
+    toy_config.tuning.name = "lora"
+    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    moved = changed(model, before)
+    assert moved and all("lora_" in n or "modules_to_save" in n for n in moved), moved
+    assert any("lora_B" in n for n in moved)
+
+
+@pytest.mark.parametrize("name", ["full", "scratch"])
+def test_full_and_scratch_change_every_block(name, toy_config, tmp_path):
+    toy_config.tuning.name = name
+    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    moved = changed(model, before)
+    assert {layer_depth(model, n) for n in moved} == set(range(num_blocks(model) + 2))
+
+
+def test_full_layer_decay_gives_lower_blocks_smaller_rates(toy_config):
+    toy_config.tuning.name, toy_config.tuning.layer_decay = "full", 0.5
+    model, method, *_ = build(toy_config)
+    groups = method.param_groups(model, toy_config.train, toy_config.tuning)
+    lr_of = {n: g["lr"] for g in groups for n in g["names"]}
+    lr = toy_config.train.lr
+    assert lr_of["classifier.weight"] == pytest.approx(lr)
+    assert lr_of["bert.encoder.layer.1.attention.self.query.weight"] == pytest.approx(lr * 0.5)
+    assert lr_of["bert.encoder.layer.0.attention.self.query.weight"] == pytest.approx(lr * 0.25)
+    assert lr_of["bert.embeddings.word_embeddings.weight"] == pytest.approx(lr * 0.125)
+    decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert decay["bert.encoder.layer.0.attention.self.query.bias"] == 0.0
+    assert decay["bert.encoder.layer.0.attention.self.query.weight"] == toy_config.train.weight_decay
+
+
+def test_gradual_unfreezing_opens_one_block_per_epoch(toy_config):
+    toy_config.tuning.name, toy_config.tuning.gradual_unfreeze = "full", True
+    model, method, *_ = build(toy_config)
+    trainable_depths = []
+    for epoch in range(4):
+        method.on_epoch_start(model, epoch, toy_config.tuning)
+        trainable_depths.append({layer_depth(model, n) for n, p in model.named_parameters() if p.requires_grad})
+    assert trainable_depths == [{3}, {2, 3}, {1, 2, 3}, {0, 1, 2, 3}]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_save_then_load_gives_identical_logits(name, toy_config, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    toy_config.tuning.name, toy_config.train.epochs = name, 1
+    model, method, tok, items, *_ = run_loop(toy_config, tmp_path)
+    folder = export_model(tmp_path / "run", model, method, tok)
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = collate([{k: v for k, v in it.items() if k != "labels"} for it in items[:16]], tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(**batch).logits, loaded(**batch).logits
+    tol = 1e-5 if name == "lora" else 0.0  # merging adds the low-rank product into W: float rounding only
+    assert torch.allclose(expected, got, atol=tol, rtol=0), (expected - got).abs().max()
+    assert loaded.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def test_lora_merged_equals_unmerged_and_adapter_loads_in_peft(toy_config, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    toy_config.tuning.name = "lora"
+    model, method, tok, items, *_ = run_loop(toy_config, tmp_path)
+    merged = method.export(model).eval()
+    model.eval()
+    batch = collate([{k: v for k, v in it.items() if k != "labels"} for it in items[:16]], tok.pad_token_id)
+    with torch.no_grad():
+        unmerged_logits, merged_logits = model(**batch).logits, merged(**batch).logits
+    assert torch.allclose(unmerged_logits, merged_logits, atol=1e-5)
+    method.save_extra(model, tmp_path)
+    base = AutoModelForSequenceClassification.from_pretrained(toy_config.model.name, num_labels=3)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**batch).logits, unmerged_logits, atol=1e-5)

@@ -1,0 +1,154 @@
+"""The command line. Flags come from the config dataclasses: declared once, with their help text."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tunelab import config as config_mod
+from tunelab.config import Config, iter_fields
+from tunelab.errors import UserError
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per setting: `--section.field`, plus the short contract flag where the field declares one."""
+    parser.add_argument("config", nargs="?", help="YAML config file; flags and --set override it.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="Set any config key, e.g. --set train.lr=3e-5 (repeatable).")
+    for key, f, tp in iter_fields():
+        if key in skip:
+            continue
+        names = [f"--{key}"] + ([f.metadata["flag"]] if f.metadata.get("flag") and f.metadata["flag"] != f"--{key}" else [])
+        inner, _ = config_mod._base_type(tp)
+        extra = dict(nargs="?", const="true") if inner is bool else {}
+        default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
+        parser.add_argument(*names, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
+                            help=f"{f.metadata['help']} (default: {default})", **extra)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = config_mod.load_yaml(args.config) if args.config else Config()
+    for key, value in vars(args).items():
+        if key.startswith("cfg:"):
+            config_mod.set_value(cfg, key[4:], value, f"--{key[4:]}")
+    for item in args.overrides:
+        if "=" not in item:
+            raise UserError(f"--set needs KEY=VALUE, got '{item}'", "--set")
+        key, value = item.split("=", 1)
+        config_mod.set_value(cfg, key.strip(), value, "--set")
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from tunelab.pipeline import train
+
+    if args.resume:
+        cfg = config_mod.load_yaml(Path(args.resume) / "config.yaml")
+        cfg.output = args.resume
+    else:
+        cfg = config_from_args(args)
+    result = train(cfg, resume=bool(args.resume))
+    print_metrics(result.metrics, result.run_dir)
+    return 0
+
+
+def print_metrics(m: dict, run: Path) -> None:
+    e, t, b = m["eval"], m["train"], m["baseline"]["majority"]
+    print(f"\nrun folder: {run}")
+    print(f"{'metric':<18}{'model':>10}{'majority':>10}")
+    for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro"):
+        print(f"{k:<18}{e[k]:>10.4f}{b[k]:>10.4f}")
+    print(f"{'loss':<18}{e['loss']:>10.4f}")
+    print(f"train: {t['seconds']:.1f} s, {t['samples_per_second']:.1f} samples/s, "
+          f"{t['trainable_params']:,} of {t['total_params']:,} parameters trainable, peak RSS {t['peak_rss_mb']:.0f} MB")
+
+
+def cmd_predict(args) -> int:
+    from tunelab.predict import predict
+
+    out = predict(args.run_dir, args.input, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tunelab.predict import evaluate_file
+
+    m = evaluate_file(args.run_dir, args.data, args.output)
+    for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"):
+        print(f"{k:<18}{m[k]:.4f}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tunelab.compare import compare
+
+    cfg = config_from_args(args)
+    methods = [m.strip() for m in args.tuning.split(",") if m.strip()]
+    compare(cfg, methods, Path(args.output or cfg.output), args.method_set)
+    return 0
+
+
+def cmd_data_tweets(args) -> int:
+    from tunelab.data.bundled import tweets
+
+    info = tweets(Path(args.output), args.train_size, args.eval_size, args.seed)
+    print(f"wrote {info['train']} ({info['train_examples']} examples) and {info['eval']} "
+          f"({info['eval_examples']}); usable per class: {info['available']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Adapt pretrained models to your task, measured.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="Train one model: data, method, loop, evaluation, export.")
+    add_config_flags(t)
+    t.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run from its latest checkpoint.")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compare", help="Train the same task under several methods and compare them side by side.")
+    add_config_flags(c, skip=("tuning.name", "output"))
+    c.add_argument("--tuning", default="scratch,head,lora,full", help="Comma-separated methods to compare.")
+    c.add_argument("--output", help="Folder for the comparison; each method's run goes in a sub-folder.")
+    c.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="A setting for one method only, e.g. head:train.lr=1e-3 (repeatable).")
+    c.set_defaults(func=cmd_compare)
+
+    pr = sub.add_parser("predict", help="Predict labels and class probabilities with a finished run.")
+    pr.add_argument("run_dir")
+    pr.add_argument("--input", required=True, help="JSONL, CSV or .txt (one text per line).")
+    pr.add_argument("--output", help="Where to write the JSONL predictions (default RUN_DIR/predictions.jsonl).")
+    pr.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("eval", help="Evaluate a finished run on a labelled file.")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--output", help="Where to write the metrics JSON (default RUN_DIR/eval-NAME.json).")
+    ev.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="Data utilities.")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    tw = dsub.add_parser("tweets", help="Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.")
+    tw.add_argument("--output", required=True)
+    tw.add_argument("--train-size", type=int, default=3000)
+    tw.add_argument("--eval-size", type=int, default=900)
+    tw.add_argument("--seed", type=int, default=0)
+    tw.set_defaults(func=cmd_data_tweets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunelab: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

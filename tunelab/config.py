@@ -1,0 +1,229 @@
+"""The typed configuration, declared once.
+
+Every setting is one dataclass field with a type, a default and one line of help. YAML files load into these
+classes (unknown keys are an error), `--set section.field=value` and the generated `--section.field` flags
+reach every field, and a few fields carry a short contract flag (`--lr`, `--tuning`, ...) in their metadata.
+The fully resolved config is written beside every run as `config.yaml`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.errors import UserError
+
+
+def setting(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field: its default, one line of help, and optionally its short CLI flag."""
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = setting("minilm", "Bundled alias (minilm) or a local Hugging Face model folder.", "--model")
+    dropout: float | None = setting(None, "Override every dropout probability in the model (None keeps the model's).")
+    trust_remote_code: bool = setting(False, "Allow code shipped with a model folder to run. Off by default: it is arbitrary code.")
+
+
+@dataclass
+class DataConfig:
+    train: str = setting("", "Training data: JSONL, CSV with a header, or a folder with one sub-folder of .txt files per class.", "--train")
+    eval: str | None = setting(None, "Evaluation data in the same formats; when absent, --eval-split of the training data is held out.", "--eval")
+    eval_split: float = setting(0.1, "Fraction of the training data held out (stratified) when no --eval file is given.", "--eval-split")
+    text_column: str = setting("text", "Column or JSON key holding the text.")
+    text_pair_column: str = setting("text_pair", "Column or JSON key holding the optional second text of a pair.")
+    label_column: str = setting("label", "Column or JSON key holding the label (a string or an integer).")
+    max_length: int = setting(128, "Longest input in tokens; longer texts are truncated.", "--max-length")
+    limit_train: int | None = setting(None, "Use at most this many training examples (a stratified sample); None uses all.")
+
+
+@dataclass
+class TuningConfig:
+    name: str = setting("full", "How the weights adapt: scratch, head, partial, full or lora.", "--tuning")
+    partial_layers: int = setting(2, "partial: how many of the top encoder blocks train (plus the head).")
+    layer_decay: float = setting(0.8, "full: each lower block's learning rate is this times the block above; embeddings lowest.")
+    gradual_unfreeze: bool = setting(False, "full: start with only the head trainable and unfreeze one more block from the top each epoch.")
+    lora_r: int = setting(8, "lora: rank of the low-rank update.")
+    lora_alpha: int = setting(16, "lora: scaling numerator; the update is scaled by alpha / r.")
+    lora_dropout: float = setting(0.1, "lora: dropout on the adapter input.")
+    lora_targets: list[str] = setting(["query", "value"], "lora: names of the linear modules that get adapters.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = setting(3, "Passes over the training data.", "--epochs")
+    lr: float = setting(5e-5, "Peak learning rate (of the head; lower blocks may get less, see tuning.layer_decay).", "--lr")
+    batch_size: int = setting(16, "Examples per forward pass on one process.", "--batch-size")
+    grad_accum: int = setting(1, "Forward passes accumulated per optimizer step (global batch = batch_size x grad_accum x processes).")
+    weight_decay: float = setting(0.01, "AdamW decoupled weight decay (L2) on weights; never on biases or LayerNorm.")
+    l1: float = setting(0.0, "L1 penalty coefficient on trainable weights, added to the loss.")
+    warmup_ratio: float = setting(0.1, "Fraction of the optimizer steps spent warming the learning rate up linearly from 0.")
+    schedule: str = setting("linear", "Learning-rate decay after warmup: linear, cosine or constant.")
+    max_grad_norm: float = setting(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    eval_every: int = setting(0, "Evaluate every N optimizer steps; 0 evaluates at the end of each epoch.")
+    checkpoint_every: int = setting(0, "Save a resumable checkpoint every N optimizer steps (and always at each epoch end); 0 only at epoch ends.")
+    early_stopping_patience: int = setting(0, "Stop after this many evaluations without improvement and restore the best weights; 0 disables.")
+    metric: str = setting("f1_macro", "Evaluation metric that decides the best weights and early stopping (higher is better, except loss).")
+    seed: int = setting(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.", "--seed")
+    device: str = setting("auto", "cpu, cuda, or auto (cuda when available).")
+    bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
+    progress: bool = setting(True, "Show a progress bar with loss and samples/s.")
+
+
+@dataclass
+class Config:
+    task: str = setting("classification", "What the model learns: classification.", "--task")
+    output: str = setting("runs/run", "Run folder to write (config, metrics, history, plots, model, checkpoints).", "--output")
+    overwrite: bool = setting(False, "Replace an existing, non-empty run folder instead of refusing.", "--overwrite")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "tuning": TuningConfig, "train": TrainConfig}
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, dataclass field, python type) for every leaf setting."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], key + ".")
+        else:
+            yield key, f, hints[f.name]
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say why it cannot be."""
+    inner, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UserError(f"setting '{key}' may not be empty", source)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(inner) is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(v).strip() for v in items if str(v).strip()]
+        if inner is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return inner(value)
+    except (TypeError, ValueError):
+        name = getattr(inner, "__name__", str(inner))
+        raise UserError(f"setting '{key}' must be {name}, got {value!r}", source) from None
+
+
+def _unknown(key: str, known: list[str], source: str) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}", source)
+
+
+def set_value(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
+    """Set one dotted key, checking the name and the type."""
+    fields = {k: tp for k, _, tp in iter_fields()}
+    if key not in fields:
+        raise _unknown(key, list(fields), source)
+    target: Any = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        target = getattr(target, p)
+    setattr(target, leaf, coerce(key, value, fields[key], source))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" in SECTIONS:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Read a YAML config file into a Config; unknown keys and wrong types are refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("config file not found", str(p))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UserError(f"not valid YAML ({getattr(e, 'problem', e)})", str(p), line + 1 if line is not None else None) from None
+    if not isinstance(raw, dict):
+        raise UserError("a config file must be a mapping of settings", str(p))
+    cfg = Config()
+    for key, value in _flatten(raw).items():
+        set_value(cfg, key, value, str(p))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, source: str = "config") -> Config:
+    cfg = Config()
+    for key, value in _flatten(d).items():
+        set_value(cfg, key, value, source)
+    return cfg
+
+
+def save_yaml(cfg: Config, path: Path) -> None:
+    from tunelab.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field or a registry; run before any file is written."""
+    from tunelab.methods import METHODS
+
+    if cfg.task != "classification":
+        raise UserError(f"unknown task '{cfg.task}' (known: classification)", "--task")
+    if cfg.tuning.name not in METHODS:
+        raise UserError(f"unknown tuning method '{cfg.tuning.name}' (known: {', '.join(METHODS)})", "--tuning")
+    if cfg.train.schedule not in ("linear", "cosine", "constant"):
+        raise UserError(f"unknown schedule '{cfg.train.schedule}' (known: linear, cosine, constant)", "train.schedule")
+    if not cfg.data.train:
+        raise UserError("no training data given (use --train PATH)", "--train")
+    checks = [
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
+        (0 < cfg.data.eval_split < 1, "data.eval_split must be between 0 and 1"),
+        (cfg.data.max_length >= 8, "data.max_length must be at least 8"),
+        (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message, "config")

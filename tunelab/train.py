@@ -1,0 +1,210 @@
+"""The training loop. It exists once: every method and task runs through `fit`.
+
+Read top to bottom: optimizer and schedule → resume → for each epoch, for each global batch: accumulate
+micro-batches, clip, step, log → evaluate / early-stop → checkpoint. Method differences come in through the
+small `Method` interface (parameter groups, epoch hook, train mode) and nothing else.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tunelab import checkpoint
+from tunelab.checkpoint import TrainState
+from tunelab.config import Config
+from tunelab.data.batching import collate, global_batches, split_global
+from tunelab.distributed import Dist
+from tunelab.evaluate import evaluate
+from tunelab.io import atomic_write_jsonl
+from tunelab.methods.base import Method
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Linear warmup from 0, then linear or cosine decay to 0 (or constant)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1 - progress)
+    return f
+
+
+@dataclass
+class Loop:
+    """Everything the loop needs, built once by the pipeline."""
+
+    cfg: Config
+    model: nn.Module
+    method: Method
+    train_items: list[dict]
+    eval_items: list[dict]
+    pad_id: int
+    run: Path
+    dist: Dist
+    on_step: object = None  # callable(step) after each step; tests use it to simulate a crash
+    history: list[dict] = field(default_factory=list)
+
+
+def _autocast_dtype(loop: Loop):
+    return torch.bfloat16 if loop.cfg.train.bf16 and loop.dist.device.type == "cuda" else None
+
+
+def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
+    """One optimizer step over one global batch; returns the batch's mean training loss."""
+    t, d = loop.cfg.train, loop.dist
+    micro = split_global(batch, d.rank, d.world, t.batch_size)
+    if not micro:  # this process got no examples of a short last batch: contribute zero gradient
+        micro, weight = [[batch[0]]], 0.0
+    else:
+        weight = 1.0
+    # Sum the loss and divide by the global batch size (times the world, because DDP averages gradients),
+    # so that any split into processes and micro-batches gives the same gradient as one big batch.
+    scale = weight * d.world / len(batch)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    total = torch.zeros((), device=d.device)
+    for i, idx in enumerate(micro):
+        inputs = {k: v.to(d.device) for k, v in collate([loop.train_items[j] for j in idx], loop.pad_id).items()}
+        labels = inputs.pop("labels")
+        sync = i == len(micro) - 1 or d.world == 1
+        with (ddp.no_sync() if not sync else _null()):
+            with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None):
+                logits = ddp(**inputs).logits.float()
+            loss = nn.functional.cross_entropy(logits, labels, reduction="sum") * scale
+            if t.l1 > 0:  # one L1 term per step, shared out over the micro-batches in proportion
+                l1 = sum(p.abs().sum() for p in params if p.ndim > 1)
+                loss = loss + t.l1 * l1 * len(idx) * scale
+            loss.backward()
+        total += loss.detach() * weight
+    if t.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if d.world > 1:
+        torch.distributed.all_reduce(total)
+        total /= d.world
+    return float(total) / 1.0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _improved(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def _evaluate(loop: Loop, state: TrainState) -> dict:
+    """Evaluate, record, and update early-stopping state (every process does it: same weights, same answer)."""
+    t = loop.cfg.train
+    m = evaluate(loop.model, loop.eval_items, loop.pad_id, loop.dist.device, loop.model.config.num_labels,
+                 _autocast_dtype(loop))
+    value = m[t.metric]
+    if _improved(t.metric, value, state.best):
+        state.best, state.best_step, state.bad_evals = value, state.step, 0
+        if t.early_stopping_patience > 0 and loop.dist.main:
+            checkpoint.save_best(loop.run, loop.model)
+    else:
+        state.bad_evals += 1
+    if t.early_stopping_patience > 0 and state.bad_evals >= t.early_stopping_patience:
+        state.stopped_early = True
+    loop.dist.barrier()
+    return {"step": state.step, **{f"eval_{k}": v for k, v in m.items() if k != "confusion_matrix"}}
+
+
+def _log(loop: Loop, row: dict) -> None:
+    loop.history.append(row)
+    if loop.dist.main:
+        with open(loop.run / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def fit(loop: Loop, resume: bool = False) -> dict:
+    """Train in place; returns timing and state figures for metrics.json."""
+    cfg, t, d, model = loop.cfg, loop.cfg.train, loop.dist, loop.model
+    groups = loop.method.param_groups(model, t, cfg.tuning)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=t.lr)
+    global_batch = t.batch_size * t.grad_accum * d.world
+    lengths = [len(it["input_ids"]) for it in loop.train_items]
+    steps_per_epoch = math.ceil(len(lengths) / global_batch)
+    total_steps = steps_per_epoch * t.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.schedule, int(t.warmup_ratio * total_steps), total_steps))
+
+    state = TrainState()
+    last = checkpoint.latest(loop.run) if resume else None
+    if last is not None:
+        state = checkpoint.load(last, model, optimizer, scheduler)
+        loop.history = [h for h in _read_history(loop.run) if h["step"] <= state.step]
+        if d.main:
+            atomic_write_jsonl(loop.run / "history.jsonl", loop.history)
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if d.world > 1 else model
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (t.progress and d.main), unit="step",
+               dynamic_ncols=True, mininterval=2.0)
+    started, seen, step_seconds = time.perf_counter(), 0, 0.0
+    for epoch in range(state.epoch, t.epochs):
+        loop.method.on_epoch_start(model, epoch, cfg.tuning)
+        batches = global_batches(lengths, global_batch, t.seed, epoch)
+        for b in range(state.batch_in_epoch, len(batches)):
+            loop.method.train_mode(model)
+            tic = time.perf_counter()
+            loss = _step(loop, ddp, optimizer, batches[b])
+            scheduler.step()
+            dt = time.perf_counter() - tic
+            step_seconds, seen = step_seconds + dt, seen + len(batches[b])
+            end_of_epoch = b == len(batches) - 1
+            state.step += 1
+            state.epoch, state.batch_in_epoch = (epoch + 1, 0) if end_of_epoch else (epoch, b + 1)
+            _log(loop, {"step": state.step, "epoch": epoch + (b + 1) / len(batches), "loss": loss,
+                        "lr": scheduler.get_last_lr()[-1], "samples_per_second": len(batches[b]) / dt})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{len(batches[b]) / dt:.1f}")
+            if (t.eval_every and state.step % t.eval_every == 0) or (not t.eval_every and end_of_epoch):
+                _log(loop, _evaluate(loop, state))
+            if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or end_of_epoch or state.stopped_early:
+                if d.main:
+                    checkpoint.save(loop.run, model, optimizer, scheduler, state)
+                d.barrier()
+            if loop.on_step:
+                loop.on_step(state.step)
+            if state.stopped_early:
+                break
+        if state.stopped_early:
+            break
+    bar.close()
+    if t.early_stopping_patience > 0:
+        checkpoint.load_best(loop.run, model)  # the best weights (by t.metric) replace the last ones
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "step_seconds": step_seconds, "samples_seen": seen, "steps": state.step,
+            "samples_per_second": seen / step_seconds if step_seconds else 0.0,
+            "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best}
+
+
+def _read_history(run: Path) -> list[dict]:
+    path = run / "history.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            break
+    return rows
