@@ -1,0 +1,107 @@
+"""Every bad input gets one clear message naming the file, line or setting, exit code 2, and no traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_rows, write_jsonl
+from tunelab.cli import main
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def base_args(tiny_model, tmp_path):
+    return ["train", "--model", tiny_model, "--output", str(tmp_path / "run"), "--epochs", "1",
+            "--train.progress", "false"]
+
+
+def bad_file(tmp_path: Path, name: str, content: bytes) -> str:
+    p = tmp_path / name
+    p.write_bytes(content)
+    return str(p)
+
+
+GOOD = b'{"text": "good day", "label": "pos"}\n{"text": "bad day", "label": "neg"}\n'
+
+CASES = {
+    "missing file": (None, "file not found"),
+    "empty file": (("empty.jsonl", b""), "no examples found"),
+    "invalid json": (("bad.jsonl", GOOD + b'{"text": "oops", "label": \n'), "bad.jsonl:3: invalid JSON"),
+    "missing label": (("nolabel.jsonl", GOOD + b'{"text": "hi"}\n'), "nolabel.jsonl:3: missing label field 'label'"),
+    "missing text": (("notext.jsonl", b'{"label": "a"}\n'), "notext.jsonl:1: missing text field 'text'"),
+    "ragged csv": (("ragged.csv", b"text,label\nhello,a\nworld,b,extra\n"),
+                   "ragged.csv:3: row has 3 fields but the header has 2"),
+    "csv no label column": (("cols.csv", b"sentence,label\nhello,a\n"), "cols.csv:1: no 'text' column"),
+    "non utf8": (("latin.jsonl", GOOD + '{"text": "caf\xe9", "label": "pos"}\n'.encode("latin-1")),
+                 "latin.jsonl:3: not UTF-8 text"),
+    "one class": (("one.jsonl", b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n'),
+                  "classification needs at least two"),
+    "non-scalar label": (("listlabel.jsonl", GOOD + b'{"text": "a", "label": [1]}\n'),
+                         "listlabel.jsonl:3: label 'label' must be a string or an integer"),
+    "unknown format": (("data.parquet", b"xx"), "unknown data format"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_training_data(case, capsys, base_args, tmp_path):
+    spec, expected = CASES[case]
+    path = str(tmp_path / "nope.jsonl") if spec is None else bad_file(tmp_path, *spec)
+    code, err = run_cli(capsys, *base_args, "--train", path)
+    assert code == 2
+    assert expected in err and err.startswith("tunelab: error: ")
+    assert path.split("/")[-1] in err
+    assert not (tmp_path / "run").exists()  # refused before any run folder is written
+
+
+def test_eval_label_unseen_in_training(capsys, base_args, tmp_path):
+    train = bad_file(tmp_path, "train.jsonl", GOOD)
+    evaluation = bad_file(tmp_path, "eval.jsonl", GOOD + b'{"text": "meh", "label": "neutral"}\n')
+    code, err = run_cli(capsys, *base_args, "--train", train, "--eval", evaluation)
+    assert code == 2
+    assert "eval.jsonl:3: label 'neutral' never occurs in the training data" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tuning", "bogus"], "unknown tuning method 'bogus'"),
+    (["--set", "train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+    (["--epochs", "two"], "setting 'train.epochs' must be int, got 'two'"),
+    (["--model", "/no/such/model"], "'/no/such/model' is neither a bundled model"),
+    (["--task", "poetry"], "unknown task 'poetry'"),
+])
+def test_bad_settings(argv, expected, capsys, base_args, toy_data, tmp_path):
+    code, err = run_cli(capsys, *base_args, "--train", toy_data["train"], *argv)
+    assert code == 2
+    assert expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_in_yaml_names_the_file(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epochs: 2\n  batchsize: 4\n")
+    code, err = run_cli(capsys, "train", str(cfg))
+    assert code == 2
+    assert f"{cfg}: unknown config key 'train.batchsize' (did you mean 'train.batch_size'?)" in err
+
+
+def test_existing_run_folder_is_not_overwritten(capsys, base_args, toy_data, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep me")
+    code, err = run_cli(capsys, *base_args, "--train", toy_data["train"])
+    assert code == 2 and "run folder already exists" in err
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
+
+
+def test_real_process_prints_one_line_and_exit_2(tiny_model, tmp_path):
+    bad = bad_file(tmp_path, "bad.jsonl", b'{"text": 1, "label": "a"}\n')
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", "--model", tiny_model, "--train", bad,
+                           "--output", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"tunelab: error: {bad}:1: 'text' must be a string, got 1"

@@ -1,0 +1,39 @@
+"""Real model, real data: the bundled MiniLM on a small balanced subset of the bundled tweets (slow; runs in CI)."""
+from __future__ import annotations
+
+import pytest
+
+import tunelab
+from tunelab.config import Config
+from tunelab.data.bundled import tweets
+
+pytestmark = pytest.mark.slow
+
+LR = {"scratch": 1e-4, "head": 2e-3, "partial": 1e-4, "lora": 5e-4, "full": 8e-5}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    data = tweets(root / "data", train_size=600, eval_size=300, seed=1)
+    out = {}
+    for name, lr in LR.items():
+        cfg = Config()
+        cfg.model.name, cfg.tuning.name, cfg.output = "minilm", name, str(root / name)
+        cfg.data.train, cfg.data.eval, cfg.data.max_length = data["train"], data["eval"], 48
+        cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.progress = 2, 16, lr, False
+        out[name] = tunelab.train(cfg).metrics
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(LR))
+def test_every_method_beats_the_majority_baseline(results, name):
+    m = results[name]
+    assert m["eval"]["accuracy"] > m["baseline"]["majority"]["accuracy"] + 0.03, m["eval"]
+    assert m["eval"]["f1_macro"] > m["baseline"]["majority"]["f1_macro"] + 0.05
+
+
+@pytest.mark.parametrize("name", ["full", "lora"])
+def test_pretraining_is_worth_something(results, name):
+    assert results[name]["eval"]["f1_macro"] > results["scratch"]["eval"]["f1_macro"] + 0.05, (
+        results[name]["eval"], results["scratch"]["eval"])
