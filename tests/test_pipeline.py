@@ -14,7 +14,7 @@ from tunelab.cli import main
 def finished_run(tiny_model, toy_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
     code = main(["train", "--model", tiny_model, "--train", toy_data["train"], "--eval", toy_data["eval"],
-                 "--tuning", "lora", "--epochs", "3", "--lr", "5e-3", "--batch-size", "8", "--max-length", "32",
+                 "--tuning", "lora", "--epochs", "6", "--lr", "2e-2", "--batch-size", "8", "--max-length", "32",
                  "--output", str(out), "--train.progress", "false"])
     assert code == 0
     return out

@@ -7,6 +7,7 @@ alone is also saved so that `peft` can load it onto the base model.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -27,7 +28,9 @@ class Lora(Method):
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
         # SEQ_CLS makes peft keep the new classifier head fully trainable (modules_to_save).
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls a transformers API that v5 deprecates; nothing for users to do
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, config)
 
     def export(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).merge_and_unload()
