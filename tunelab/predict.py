@@ -10,7 +10,7 @@ from tunelab import config as config_mod
 from tunelab.data.batching import encode
 from tunelab.data.load import check_known_labels, read_examples
 from tunelab.errors import UserError
-from tunelab.evaluate import classification_metrics, predict_logits
+from tunelab.evaluate import evaluate, predict_logits
 from tunelab.io import atomic_write_json, atomic_write_jsonl
 
 
@@ -48,10 +48,7 @@ def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path
     examples = read_examples(data_path, cfg.data)
     check_known_labels(examples, labels)
     items = encode(tokenizer, examples, labels, cfg.data.max_length)
-    logits = predict_logits(model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
-    y = torch.tensor([it["labels"] for it in items])
-    metrics = classification_metrics(y.numpy(), logits.argmax(-1).numpy(), len(labels))
-    metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, y))
+    metrics = evaluate(model, items, tokenizer.pad_token_id or 0, torch.device("cpu"), len(labels))
     metrics["examples"] = len(items)
     metrics["data"] = str(data_path)
     out = Path(output) if output else Path(run_dir) / f"eval-{Path(data_path).stem}.json"

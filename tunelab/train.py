@@ -6,6 +6,7 @@ small `Method` interface (parameter groups, epoch hook, train mode) and nothing 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -77,7 +78,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
         inputs = {k: v.to(d.device) for k, v in collate([loop.train_items[j] for j in idx], loop.pad_id).items()}
         labels = inputs.pop("labels")
         sync = i == len(micro) - 1 or d.world == 1
-        with (ddp.no_sync() if not sync else _null()):
+        with ddp.no_sync() if not sync else contextlib.nullcontext():
             with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None):
                 logits = ddp(**inputs).logits.float()
             loss = nn.functional.cross_entropy(logits, labels, reduction="sum") * scale
@@ -93,15 +94,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
     if d.world > 1:
         torch.distributed.all_reduce(total)
         total /= d.world
-    return float(total) / 1.0
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    return float(total)
 
 
 def _improved(metric: str, value: float, best: float | None) -> bool:

@@ -35,7 +35,7 @@ def _decoded_lines(path: Path) -> list[str]:
     return out
 
 
-def _label(value, where: str, path: Path, line: int, key: str) -> str:
+def _label(value, path: Path, line: int, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise UserError(f"label '{key}' must be a string or an integer, got {json.dumps(value)}", str(path), line)
     value = str(value).strip()
@@ -67,7 +67,7 @@ def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True) -> list[Exa
         if need_label or cfg.label_column in rec:
             if cfg.label_column not in rec:
                 raise UserError(f"missing label field '{cfg.label_column}'", str(path), i)
-            label = _label(rec[cfg.label_column], "", path, i, cfg.label_column)
+            label = _label(rec[cfg.label_column], path, i, cfg.label_column)
         pair = rec.get(cfg.text_pair_column)
         rows.append(Example(_text(rec[cfg.text_column], path, i, cfg.text_column), label,
                             None if pair is None else _text(pair, path, i, cfg.text_pair_column), f"{path}:{i}"))
@@ -98,7 +98,7 @@ def read_csv(path: Path, cfg: DataConfig, need_label: bool = True) -> list[Examp
         if len(fields) != len(header):
             raise UserError(f"row has {len(fields)} fields but the header has {len(header)}", str(path), line)
         rec = dict(zip(header, fields))
-        label = _label(rec[cfg.label_column], "", path, line, cfg.label_column) if has_label else None
+        label = _label(rec[cfg.label_column], path, line, cfg.label_column) if has_label else None
         rows.append(Example(rec[cfg.text_column], label, rec.get(cfg.text_pair_column) or None, f"{path}:{line}"))
     return rows
 
