@@ -1,0 +1,41 @@
+"""A real SIGKILL mid-run through the command line, then `--resume`: the same weights as never stopping."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_rows, write_jsonl
+
+
+def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", make_rows(1200, 3))
+    args = [sys.executable, "-m", "tunelab", "train", "--model", tiny_model, "--train", str(data),
+            "--tuning", "full", "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--max-length", "32",
+            "--train.checkpoint_every", "20", "--train.progress", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(args + ["--output", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--output", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not (latest.is_file() and latest.read_text().strip() >= "step-0000060") and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "tunelab", "train", "--resume", str(killed)], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
