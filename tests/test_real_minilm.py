@@ -7,7 +7,8 @@ import tunelab
 from tunelab.config import Config
 from tunelab.data.bundled import tweets
 
-pytestmark = pytest.mark.slow
+# The module fixture trains five MiniLM runs (~2.5 min alone on 2 cores); its setup counts against one test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # (learning rate, epochs) per method: random weights need a larger step and more passes to leave chance level.
 LR = {"scratch": (3e-4, 3), "head": (2e-3, 2), "partial": (1e-4, 2), "lora": (1e-3, 2), "full": (8e-5, 2)}
