@@ -29,6 +29,51 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def make_regression_rows(n: int, seed: int) -> list[dict]:
+    """Target = 10 x (positive words - negative words) + 50, plus a little noise: learnable from the words."""
+    rng = random.Random(seed)
+    rows = []
+    for r in make_rows(n, seed):
+        words = r["text"].split()
+        score = sum(w in WORDS["positive"] for w in words) - sum(w in WORDS["negative"] for w in words)
+        rows.append({"text": r["text"], "target": 50 + 10 * score + rng.gauss(0, 1)})
+    return rows
+
+
+def make_multilabel_rows(n: int, seed: int) -> list[dict]:
+    """The sentiment label plus "long" for texts of more than 8 words; some texts carry no label at all."""
+    rows = []
+    for r in make_rows(n, seed):
+        labels = [r["label"]] if r["label"] != "neutral" else []
+        if len(r["text"].split()) > 8:
+            labels.append("long")
+        rows.append({"text": r["text"], "labels": labels})
+    return rows
+
+
+NAMES, CITIES = ["alice", "bob", "carol", "dave", "erin"], ["paris", "tokyo", "lima", "oslo", "cairo"]
+
+
+def make_ner_rows(n: int, seed: int) -> list[dict]:
+    """Sentences with a person and a two-word place ("new paris"): B- and I- tags both occur."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tokens = rng.choices(FILLER, k=rng.randint(2, 5))
+        tags = ["O"] * len(tokens)
+        at = rng.randint(0, len(tokens))
+        tokens[at:at] = [rng.choice(NAMES)]
+        tags[at:at] = ["B-PER"]
+        tokens += ["in", "new", rng.choice(CITIES)]
+        tags += ["O", "B-LOC", "I-LOC"]
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+TASK_ROWS = {"classification": make_rows, "regression": make_regression_rows, "multilabel": make_multilabel_rows,
+             "ner": make_ner_rows}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -55,6 +100,33 @@ def toy_data(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("toy-data")
     return {"train": str(write_jsonl(folder / "train.jsonl", make_rows(96, 1))),
             "eval": str(write_jsonl(folder / "eval.jsonl", make_rows(30, 2)))}
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Train/eval files of a small learnable problem per task."""
+    folder = tmp_path_factory.mktemp("task-data")
+    return {task: {"train": str(write_jsonl(folder / f"{task}-train.jsonl", make(96, 1))),
+                   "eval": str(write_jsonl(folder / f"{task}-eval.jsonl", make(30, 2)))}
+            for task, make in TASK_ROWS.items()}
+
+
+@pytest.fixture
+def task_config(tiny_model, task_data, tmp_path):
+    """A factory: toy_config for any task."""
+    from tunelab.config import Config
+
+    def make(task: str):
+        cfg = Config()
+        cfg.task = task
+        cfg.model.name = tiny_model
+        cfg.data.train, cfg.data.eval, cfg.data.max_length = task_data[task]["train"], task_data[task]["eval"], 32
+        cfg.output = str(tmp_path / f"run-{task}")
+        cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 2, 8, 5e-3
+        cfg.train.progress = False
+        cfg.eval.bootstrap, cfg.eval.probe = 200, False
+        return cfg
+    return make
 
 
 @pytest.fixture

@@ -1,52 +1,51 @@
-"""The contract every registered tuning method must keep, on a tiny random model in seconds."""
+"""The contract every registered tuning method keeps on every task, on a tiny random model in seconds."""
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
-from tunelab.data import load_splits
-from tunelab.data.batching import collate, encode
+from tunelab.data.batching import collate
 from tunelab.distributed import Dist
 from tunelab.export import export_model
 from tunelab.methods import METHODS
-from tunelab.models import build_classifier, layer_depth, load_tokenizer, num_blocks
+from tunelab.models import layer_depth, num_blocks
+from tunelab.pipeline import build_job
+from tunelab.tasks import TASKS
 from tunelab.train import Loop, fit
 
 
 def build(cfg):
-    torch.manual_seed(cfg.train.seed)
-    splits = load_splits(cfg.data, cfg.train.seed)
-    tok = load_tokenizer(cfg.model)
-    method = METHODS[cfg.tuning.name]
-    model = method.prepare(build_classifier(cfg.model, splits.labels, method.pretrained), cfg.tuning)
-    items = encode(tok, splits.train, splits.labels, cfg.data.max_length)
-    eval_items = encode(tok, splits.eval, splits.labels, cfg.data.max_length)
-    return model, method, tok, items, eval_items
+    job = build_job(cfg, torch.device("cpu"))
+    return job.model, job.method, job.tokenizer, job.train_items, job.eval_items, job
 
 
 def run_loop(cfg, tmp_path):
-    model, method, tok, items, eval_items = build(cfg)
+    model, method, tok, items, eval_items, job = build(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     (tmp_path / "run").mkdir(exist_ok=True)
-    loop = Loop(cfg, model, method, items, eval_items, tok.pad_token_id, tmp_path / "run", Dist())
+    loop = Loop(cfg, job.task, job.splits.space, model, method, items, eval_items, tok.pad_token_id,
+                tmp_path / "run", Dist())
     fit(loop)
-    return model, method, tok, items, before, loop.history
+    return model, method, tok, items, before, loop.history, job
 
 
+# A random tiny backbone gives small features: a head alone, or small adapters, need larger steps.
+LR = {"head": 0.3, "lora": 5e-2}
+EPOCHS = {"classification": 4, "regression": 4, "multilabel": 4, "ner": 3}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_loss_is_finite_and_falls(name, toy_config, tmp_path):
-    toy_config.tuning.name = name
-    toy_config.train.epochs = 4
-    # A random tiny backbone gives small pooled features: a head alone, or small adapters, need larger steps.
-    toy_config.train.lr = {"head": 0.3, "lora": 5e-2}.get(name, 5e-3)
-    *_, history = run_loop(toy_config, tmp_path)
+def test_loss_is_finite_and_falls(task, name, task_config, tmp_path):
+    cfg = task_config(task)
+    cfg.tuning.name, cfg.train.epochs = name, EPOCHS[task]
+    cfg.train.lr = LR.get(name, 5e-3)
+    *_, history, _ = run_loop(cfg, tmp_path)
     losses = [h["loss"] for h in history if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
-    per_epoch = len(losses) // 4
+    per_epoch = len(losses) // cfg.train.epochs
     first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
-    assert last < first * 0.97, (name, first, last)
+    assert last < first * 0.97, (task, name, first, last)
 
 
 def changed(model, before) -> set[str]:
@@ -55,14 +54,14 @@ def changed(model, before) -> set[str]:
 
 def test_head_changes_only_the_head(toy_config, tmp_path):
     toy_config.tuning.name = "head"
-    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    model, *_, before, _, _ = run_loop(toy_config, tmp_path)
     moved = changed(model, before)
     assert moved == {"classifier.weight", "classifier.bias"}
 
 
 def test_partial_changes_only_top_blocks_and_head(toy_config, tmp_path):
     toy_config.tuning.name, toy_config.tuning.partial_layers = "partial", 1
-    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    model, *_, before, _, _ = run_loop(toy_config, tmp_path)
     moved = changed(model, before)
     top = num_blocks(model)
     assert moved and all(layer_depth(model, n) >= top for n in moved)
@@ -71,7 +70,7 @@ def test_partial_changes_only_top_blocks_and_head(toy_config, tmp_path):
 
 def test_lora_leaves_base_weights_bitwise_unchanged(toy_config, tmp_path):
     toy_config.tuning.name = "lora"
-    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    model, *_, before, _, _ = run_loop(toy_config, tmp_path)
     moved = changed(model, before)
     assert moved and all("lora_" in n or "modules_to_save" in n for n in moved), moved
     assert any("lora_B" in n for n in moved)
@@ -80,7 +79,7 @@ def test_lora_leaves_base_weights_bitwise_unchanged(toy_config, tmp_path):
 @pytest.mark.parametrize("name", ["full", "scratch"])
 def test_full_and_scratch_change_every_block(name, toy_config, tmp_path):
     toy_config.tuning.name = name
-    model, *_, before, _ = run_loop(toy_config, tmp_path)
+    model, *_, before, _, _ = run_loop(toy_config, tmp_path)
     moved = changed(model, before)
     assert {layer_depth(model, n) for n in moved} == set(range(num_blocks(model) + 2))
 
@@ -110,21 +109,28 @@ def test_gradual_unfreezing_opens_one_block_per_epoch(toy_config):
     assert trainable_depths == [{3}, {2, 3}, {1, 2, 3}, {0, 1, 2, 3}]
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_save_then_load_gives_identical_logits(name, toy_config, tmp_path):
-    from transformers import AutoModelForSequenceClassification
+def test_save_then_load_gives_identical_outputs(task, name, task_config, tmp_path):
+    import transformers
 
-    toy_config.tuning.name, toy_config.train.epochs = name, 1
-    model, method, tok, items, *_ = run_loop(toy_config, tmp_path)
-    folder = export_model(tmp_path / "run", model, method, tok)
-    loaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    cfg = task_config(task)
+    cfg.tuning.name, cfg.train.epochs = name, 1
+    model, method, tok, items, _, _, job = run_loop(cfg, tmp_path)
+    folder, _ = export_model(tmp_path / "run", model, method, tok, job.task, job.splits.space)
+    loaded = getattr(transformers, job.task.model_class).from_pretrained(folder).eval()
     batch = collate([{k: v for k, v in it.items() if k != "labels"} for it in items[:16]], tok.pad_token_id)
     model.eval()
     with torch.no_grad():
         expected, got = model(**batch).logits, loaded(**batch).logits
-    tol = 1e-5 if name == "lora" else 0.0  # merging adds the low-rank product into W: float rounding only
+    space = job.splits.space
+    if task == "regression":  # the export folds the target scaling in: it predicts in the data's own units
+        expected = expected * space.target_std + space.target_mean
+    tol = 1e-5 * max(1.0, space.target_std) if name == "lora" or task == "regression" else 0.0
     assert torch.allclose(expected, got, atol=tol, rtol=0), (expected - got).abs().max()
-    assert loaded.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert loaded.config.tunelab_task == task
+    if space.labels:
+        assert loaded.config.id2label == dict(enumerate(space.labels))
 
 
 def test_lora_merged_equals_unmerged_and_adapter_loads_in_peft(toy_config, tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tunelab.config import DataConfig
+from tunelab.config import Config, DataConfig
 from tunelab.data import load_splits
 from tunelab.data.batching import global_batches, split_global
 from tunelab.data.load import label_names, read_examples
@@ -38,7 +38,9 @@ def test_folder_per_class(tmp_path):
 
 
 def test_eval_split_is_stratified_and_disjoint(toy_data):
-    splits = load_splits(DataConfig(train=toy_data["train"], eval_split=0.25), seed=0)
+    cfg = Config()
+    cfg.data = DataConfig(train=toy_data["train"], eval_split=0.25)
+    splits = load_splits(cfg)
     assert len(splits.eval) == 24 and len(splits.train) == 72
     assert {e.label for e in splits.eval} == set(splits.labels)
     assert not {e.where for e in splits.eval} & {e.where for e in splits.train}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         extra = dict(nargs="?", const="true") if inner is bool else {}
         default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
         parser.add_argument(*names, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
-                            help=f"{f.metadata['help']} (default: {default})", **extra)
+                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"), **extra)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -48,19 +49,41 @@ def cmd_train(args) -> int:
     else:
         cfg = config_from_args(args)
     result = train(cfg, resume=bool(args.resume))
-    print_metrics(result.metrics, result.run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the main process reports
+        print_metrics(result.metrics, result.run_dir)
     return 0
 
 
 def print_metrics(m: dict, run: Path) -> None:
-    e, t, b = m["eval"], m["train"], m["baseline"]["majority"]
+    """The run's metrics beside its baselines, each with its 95% interval (bootstrap, or t over folds)."""
     print(f"\nrun folder: {run}")
-    print(f"{'metric':<18}{'model':>10}{'majority':>10}")
-    for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro"):
-        print(f"{k:<18}{e[k]:>10.4f}{b[k]:>10.4f}")
-    print(f"{'loss':<18}{e['loss']:>10.4f}")
+    if "folds" in m:
+        print(f"{m['folds']}-fold cross-validation: mean ± sd [95% CI of the mean]; each fold in {run}/fold-K")
+        print(f"{'metric':<18}{'model':>32}" + "".join(f"{n:>32}" for n in m["baseline"]))
+        for k, v in m["eval"].items():
+            cells = [v] + [b[k] for b in m["baseline"].values() if k in b]
+            print(f"{k:<18}" + "".join(f"{_cv_cell(c):>32}" for c in cells))
+        return
+    names = list(m["baseline"])
+    print(f"{'metric':<18}{'model':>10}{'95% CI':>18}" + "".join(f"{n:>15}" for n in names))
+    for k, v in m["eval"].items():
+        ci = m["ci95"].get(k)
+        ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+        base = "".join(f"{m['baseline'][n][k]:>15.4f}" if k in m["baseline"][n] else f"{'':>15}" for n in names)
+        print(f"{k:<18}{v:>10.4f}{ci_text:>18}{base}")
+    if "threshold_search" in m:
+        print(f"threshold {m['threshold_search']['threshold']:.2f} chosen on the eval set (optimistic); "
+              f"at the default: f1_micro {m['eval_at_default_threshold']['f1_micro']:.4f}")
+    t, i = m["train"], m.get("inference", {})
     print(f"train: {t['seconds']:.1f} s, {t['samples_per_second']:.1f} samples/s, "
           f"{t['trainable_params']:,} of {t['total_params']:,} parameters trainable, peak RSS {t['peak_rss_mb']:.0f} MB")
+    if i:
+        print(f"inference: {i['latency_ms']:.1f} ms per single request, {i['throughput']:.0f} examples/s batched, "
+              f"model {i['model_mb']:.1f} MiB")
+
+
+def _cv_cell(s: dict) -> str:
+    return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
 
 
 def cmd_predict(args) -> int:
@@ -75,8 +98,10 @@ def cmd_eval(args) -> int:
     from tunelab.predict import evaluate_file
 
     m = evaluate_file(args.run_dir, args.data, args.output)
-    for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"):
-        print(f"{k:<18}{m[k]:.4f}")
+    for k, v in m.items():
+        if isinstance(v, float):
+            ci = m["ci95"].get(k)
+            print(f"{k:<18}{v:.4f}" + (f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
     return 0
 
 

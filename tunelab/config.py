@@ -42,7 +42,9 @@ class DataConfig:
     eval_split: float = setting(0.1, "Fraction of the training data held out (stratified) when no --eval file is given.", "--eval-split")
     text_column: str = setting("text", "Column or JSON key holding the text.")
     text_pair_column: str = setting("text_pair", "Column or JSON key holding the optional second text of a pair.")
-    label_column: str = setting("label", "Column or JSON key holding the label (a string or an integer).")
+    label_column: str | None = setting(None, "Column or JSON key holding the label; None uses the task's (label, labels, target or tags).")
+    group_column: str | None = setting(None, "Column or JSON key of a group id: cross-validation folds never split a group.")
+    train_fraction: float = setting(1.0, "Train on this fraction of the training split (a nested, stratified sample: a learning-curve point).")
     max_length: int = setting(128, "Longest input in tokens; longer texts are truncated.", "--max-length")
     limit_train: int | None = setting(None, "Use at most this many training examples (a stratified sample); None uses all.")
 
@@ -73,7 +75,7 @@ class TrainConfig:
     eval_every: int = setting(0, "Evaluate every N optimizer steps; 0 evaluates at the end of each epoch.")
     checkpoint_every: int = setting(0, "Save a resumable checkpoint every N optimizer steps (and always at each epoch end); 0 only at epoch ends.")
     early_stopping_patience: int = setting(0, "Stop after this many evaluations without improvement and restore the best weights; 0 disables.")
-    metric: str = setting("f1_macro", "Evaluation metric that decides the best weights and early stopping (higher is better, except loss).")
+    metric: str = setting("auto", "Evaluation metric that decides the best weights and early stopping; auto uses the task's main one.")
     seed: int = setting(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.", "--seed")
     device: str = setting("auto", "cpu, cuda, or auto (cuda when available).")
     bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
@@ -81,17 +83,28 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    folds: int = setting(0, "K-fold cross-validation over the training data (K >= 2); 0 uses the eval file or split.", "--folds")
+    fold: int | None = setting(None, "With folds: run only this fold (0-based); None runs all of them.")
+    bootstrap: int = setting(1000, "Bootstrap resamples of the eval set for 95% confidence intervals; 0 disables.")
+    probe: bool = setting(True, "Also fit the linear-probe baseline (frozen pretrained embeddings + scikit-learn).")
+    threshold: float = setting(0.5, "multilabel: probability above which a label is predicted.")
+    tune_threshold: bool = setting(True, "multilabel: pick the threshold that maximises micro-F1 on the eval set (reported beside 0.5).")
+
+
+@dataclass
 class Config:
-    task: str = setting("classification", "What the model learns: classification.", "--task")
+    task: str = setting("classification", "What the model learns: classification, multilabel, regression or ner.", "--task")
     output: str = setting("runs/run", "Run folder to write (config, metrics, history, plots, model, checkpoints).", "--output")
     overwrite: bool = setting(False, "Replace an existing, non-empty run folder instead of refusing.", "--overwrite")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "tuning": TuningConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "tuning": TuningConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
 def iter_fields(cls: type = Config, prefix: str = ""):
@@ -206,9 +219,14 @@ def save_yaml(cfg: Config, path: Path) -> None:
 def validate(cfg: Config) -> None:
     """Checks that need more than one field or a registry; run before any file is written."""
     from tunelab.methods import METHODS
+    from tunelab.tasks import TASKS
 
-    if cfg.task != "classification":
-        raise UserError(f"unknown task '{cfg.task}' (known: classification)", "--task")
+    if cfg.task not in TASKS:
+        raise UserError(f"unknown task '{cfg.task}' (known: {', '.join(TASKS)})", "--task")
+    task = TASKS[cfg.task]
+    if cfg.train.metric not in ("auto", "loss", *task.metrics):
+        raise UserError(f"metric '{cfg.train.metric}' is not one of the {cfg.task} task's "
+                        f"({', '.join(task.metrics)}, loss)", "train.metric")
     if cfg.tuning.name not in METHODS:
         raise UserError(f"unknown tuning method '{cfg.tuning.name}' (known: {', '.join(METHODS)})", "--tuning")
     if cfg.train.schedule not in ("linear", "cosine", "constant"):
@@ -223,6 +241,12 @@ def validate(cfg: Config) -> None:
         (0 < cfg.data.eval_split < 1, "data.eval_split must be between 0 and 1"),
         (cfg.data.max_length >= 8, "data.max_length must be at least 8"),
         (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (0 < cfg.data.train_fraction <= 1, "data.train_fraction must be in (0, 1]"),
+        (cfg.eval.folds == 0 or cfg.eval.folds >= 2, "eval.folds must be 0 (off) or at least 2"),
+        (cfg.eval.fold is None or 0 <= cfg.eval.fold < max(cfg.eval.folds, 1), "eval.fold must be in [0, folds)"),
+        (not (cfg.eval.folds and cfg.data.eval), "--folds splits the training data into folds; drop --eval "
+                                                 "(score a held-out file afterwards with `tunelab eval`)"),
+        (0 < cfg.eval.threshold < 1, "eval.threshold must be between 0 and 1"),
     ]
     for ok, message in checks:
         if not ok:

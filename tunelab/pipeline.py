@@ -10,16 +10,21 @@ import torch
 
 from tunelab import config as config_mod
 from tunelab.config import Config
-from tunelab.data import load_splits
-from tunelab.data.batching import encode
+from torch import nn
+
+from tunelab.data import Splits, load_splits
 from tunelab.distributed import setup, teardown
 from tunelab.errors import UserError
-from tunelab.evaluate import evaluate, majority_baseline
+from tunelab.evaluate import evaluate, predict_outputs
+from tunelab.evaluate.baselines import baselines
 from tunelab.evaluate.plots import confusion, loss_curve
-from tunelab.export import export_model
+from tunelab.evaluate.stats import bootstrap_ci
+from tunelab.export import export_model, folder_mb, measure_inference
 from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
-from tunelab.models import build_classifier, count_params, load_tokenizer
+from tunelab.methods.base import Method
+from tunelab.models import build_model, count_params, load_tokenizer
+from tunelab.tasks import TASKS, Task
 from tunelab.train import Loop, fit
 
 
@@ -34,46 +39,104 @@ class TrainResult:
         return self.metrics["eval"]
 
 
-def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None) -> TrainResult:
-    """Run one training job; the same as `tunelab train`. Bad input raises UserError before any file is written."""
+@dataclass
+class Job:
+    """Everything built from a config before the loop starts (lr-find and tests reuse it)."""
+
+    cfg: Config
+    task: Task
+    splits: Splits
+    tokenizer: object
+    method: Method
+    model: nn.Module
+    train_items: list[dict]
+    eval_items: list[dict]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+
+def build_job(cfg: Config, device: torch.device) -> Job:
+    """Data → tokenizer → model with the method applied → encoded examples."""
+    torch.manual_seed(cfg.train.seed)
+    task = TASKS[cfg.task]
+    splits = load_splits(cfg)
+    splits.space.threshold = cfg.eval.threshold
+    tokenizer = load_tokenizer(cfg.model)
+    method = METHODS[cfg.tuning.name]
+    model = method.prepare(build_model(cfg.model, task, splits.space, method.pretrained), cfg.tuning).to(device)
+    train_items = task.encode(tokenizer, splits.train, splits.space, cfg.data.max_length)
+    eval_items = task.encode(tokenizer, splits.eval, splits.space, cfg.data.max_length)
+    return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items)
+
+
+def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, on_eval=None) -> TrainResult:
+    """Run one training job; the same as `tunelab train`. Bad input raises UserError before any file is written.
+
+    With `eval.folds` set and no single `eval.fold`, runs K-fold cross-validation instead (see `cross_validate`).
+    """
     cfg = _as_config(cfg)
     config_mod.validate(cfg)
+    if cfg.eval.folds and cfg.eval.fold is None:
+        from tunelab.evaluate.cv import cross_validate
+
+        return cross_validate(cfg, resume=resume)
     dist = setup(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    splits = load_splits(cfg.data, cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    job = build_job(cfg, dist.device)
     run = _prepare_run_dir(Path(cfg.output), cfg, resume, dist.main)
+    trainable, total = count_params(job.model)  # before the loop: gradual unfreezing changes requires_grad
 
-    method = METHODS[cfg.tuning.name]
-    model = method.prepare(build_classifier(cfg.model, splits.labels, method.pretrained), cfg.tuning)
-    model.to(dist.device)
-    train_items = encode(tokenizer, splits.train, splits.labels, cfg.data.max_length)
-    eval_items = encode(tokenizer, splits.eval, splits.labels, cfg.data.max_length)
-    trainable, total = count_params(model)  # before the loop: gradual unfreezing changes requires_grad
-
-    loop = Loop(cfg, model, method, train_items, eval_items, tokenizer.pad_token_id or 0, run, dist, on_step)
+    loop = Loop(cfg, job.task, job.splits.space, job.model, job.method, job.train_items, job.eval_items, job.pad_id,
+                run, dist, on_step, on_eval)
     timing = fit(loop, resume=resume)
 
-    final = evaluate(model, eval_items, loop.pad_id, dist.device, len(splits.labels))
-    metrics = {
-        "eval": {k: v for k, v in final.items() if k != "confusion_matrix"},
-        "baseline": {"majority": majority_baseline([it["labels"] for it in train_items],
-                                                   [it["labels"] for it in eval_items], len(splits.labels))},
-        "train": {**timing, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
-                  "trainable_params": trainable, "total_params": total,
-                  "train_examples": len(train_items), "eval_examples": len(eval_items), "world_size": dist.world},
-        "labels": splits.labels,
-        "confusion_matrix": final["confusion_matrix"],
-    }
+    metrics = final_metrics(job, dist.device)
+    metrics["train"] = {**timing, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
+                        "trainable_params": trainable, "total_params": total, "train_examples": len(job.train_items),
+                        "eval_examples": len(job.eval_items), "world_size": dist.world}
     if dist.main:
-        model_dir = export_model(run, model, method, tokenizer)
-        title = f"{cfg.tuning.name} · {Path(cfg.model.name).name}"
-        loss_curve(loop.history, run / "loss_curve.png", title)
-        confusion(final["confusion_matrix"], splits.labels, run / "confusion_matrix.png", title)
+        metrics["baseline"] = baselines(job.task, job.splits.space, job.train_items, job.eval_items, cfg.model,
+                                        job.pad_id, dist.device, cfg.eval.probe, cfg.eval.bootstrap, cfg.train.seed)
+        model_dir, plain = export_model(run, job.model, job.method, job.tokenizer, job.task, job.splits.space)
+        metrics["inference"] = {**measure_inference(plain, job.eval_items, job.pad_id, dist.device),
+                                "model_mb": folder_mb(model_dir)}
+        _plots(run, cfg, job, loop.history, metrics)
         atomic_write_json(run / "metrics.json", metrics)  # written last: its presence marks a complete run
     dist.barrier()
     teardown(dist)
     return TrainResult(run, run / "model", metrics)
+
+
+def final_metrics(job: Job, device) -> dict:
+    """Eval metrics with bootstrap intervals; for multilabel also the threshold tuned on the eval set."""
+    cfg, task, space = job.cfg, job.task, job.splits.space
+    outputs = predict_outputs(job.model, job.eval_items, job.pad_id, device)
+    out = {"task": task.name, "metric": task.primary, "labels": space.labels,
+           "split": {"folds": cfg.eval.folds, "fold": cfg.eval.fold, "train_fraction": cfg.data.train_fraction}}
+    tuned = task.tune(outputs, job.eval_items, space) if cfg.eval.tune_threshold else {}
+    if tuned:
+        untuned = evaluate(task, job.model, job.eval_items, space, job.pad_id, device, outputs=outputs)
+        out["eval_at_default_threshold"] = _public(untuned)
+        space.threshold = tuned["threshold"]
+        out["threshold_search"] = tuned
+    final = evaluate(task, job.model, job.eval_items, space, job.pad_id, device, outputs=outputs)
+    golds = [it["_gold"] for it in job.eval_items]
+    out["eval"] = _public(final)
+    out["ci95"] = bootstrap_ci(task, final["_preds"], golds, space, cfg.eval.bootstrap, cfg.train.seed)
+    out["details"] = final["_details"]
+    return out
+
+
+def _public(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith("_")}
+
+
+def _plots(run: Path, cfg: Config, job: Job, history: list[dict], metrics: dict) -> None:
+    title = f"{cfg.tuning.name} · {Path(cfg.model.name).name}"
+    loss_curve(history, run / "loss_curve.png", title)
+    if "confusion_matrix" in metrics["details"]:
+        confusion(metrics["details"]["confusion_matrix"], job.splits.labels, run / "confusion_matrix.png", title)
 
 
 def _as_config(cfg) -> Config:

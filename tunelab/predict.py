@@ -1,56 +1,54 @@
-"""Use a finished run: predict labels with probabilities, or evaluate on a labelled file."""
+"""Use a finished run: predict with it, or evaluate it on a labelled file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from tunelab import config as config_mod
-from tunelab.data.batching import encode
-from tunelab.data.load import check_known_labels, read_examples
 from tunelab.errors import UserError
-from tunelab.evaluate import evaluate, predict_logits
+from tunelab.evaluate import evaluate, predict_outputs
+from tunelab.evaluate.stats import bootstrap_ci
 from tunelab.io import atomic_write_json, atomic_write_jsonl
+from tunelab.tasks import TASKS
 
 
 def load_run(run_dir: str | Path):
-    """(config, model, tokenizer, labels) of a complete run folder."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """(config, task, model, tokenizer, space) of a complete run folder."""
+    import transformers
+    from transformers import AutoTokenizer
 
     run = Path(run_dir)
     if not (run / "model" / "config.json").is_file():
         raise UserError("not a finished run folder (no model/config.json)", str(run))
     cfg = config_mod.load_yaml(run / "config.yaml")
-    model = AutoModelForSequenceClassification.from_pretrained(run / "model", use_safetensors=True)
+    task = TASKS[cfg.task]
+    model = getattr(transformers, task.model_class).from_pretrained(run / "model", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return cfg, model.eval(), tokenizer, labels
+    return cfg, task, model.eval(), tokenizer, task.space_of(model.config)
 
 
 def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | None = None) -> Path:
-    cfg, model, tokenizer, labels = load_run(run_dir)
-    examples = read_examples(input_path, cfg.data, need_label=False)
-    items = encode(tokenizer, examples, None, cfg.data.max_length)
-    probs = torch.softmax(predict_logits(model, items, tokenizer.pad_token_id or 0, torch.device("cpu")), -1)
-    rows = []
-    for e, p in zip(examples, probs.tolist()):
-        best = max(range(len(labels)), key=lambda i: p[i])
-        rows.append({"text": e.text, "label": labels[best],
-                     "probabilities": {name: round(v, 6) for name, v in zip(labels, p)}})
+    cfg, task, model, tokenizer, space = load_run(run_dir)
+    examples = task.read(input_path, cfg.data, need_label=False)
+    items = task.encode(tokenizer, examples, space, cfg.data.max_length)
+    outputs = predict_outputs(model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    preds = task.decode(outputs, items, space)
+    rows = [task.predict_row(e, p, o, space) for e, p, o in zip(examples, preds, outputs)]
     out = Path(output) if output else Path(run_dir) / "predictions.jsonl"
     atomic_write_jsonl(out, rows)
     return out
 
 
 def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path | None = None) -> dict:
-    cfg, model, tokenizer, labels = load_run(run_dir)
-    examples = read_examples(data_path, cfg.data)
-    check_known_labels(examples, labels)
-    items = encode(tokenizer, examples, labels, cfg.data.max_length)
-    metrics = evaluate(model, items, tokenizer.pad_token_id or 0, torch.device("cpu"), len(labels))
-    metrics["examples"] = len(items)
-    metrics["data"] = str(data_path)
+    cfg, task, model, tokenizer, space = load_run(run_dir)
+    examples = task.read(data_path, cfg.data)
+    task.check(examples, space)
+    items = task.encode(tokenizer, examples, space, cfg.data.max_length)
+    m = evaluate(task, model, items, space, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    metrics = {k: v for k, v in m.items() if not k.startswith("_")}
+    metrics["ci95"] = bootstrap_ci(task, m["_preds"], [it["_gold"] for it in items], space, cfg.eval.bootstrap)
+    metrics.update(m["_details"], examples=len(items), data=str(data_path))
     out = Path(output) if output else Path(run_dir) / f"eval-{Path(data_path).stem}.json"
     atomic_write_json(out, metrics)
     return metrics

@@ -25,6 +25,7 @@ from tunelab.distributed import Dist
 from tunelab.evaluate import evaluate
 from tunelab.io import atomic_write_jsonl
 from tunelab.methods.base import Method
+from tunelab.tasks import Space, Task
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -46,6 +47,8 @@ class Loop:
     """Everything the loop needs, built once by the pipeline."""
 
     cfg: Config
+    task: Task
+    space: Space
     model: nn.Module
     method: Method
     train_items: list[dict]
@@ -54,7 +57,12 @@ class Loop:
     run: Path
     dist: Dist
     on_step: object = None  # callable(step) after each step; tests use it to simulate a crash
+    on_eval: object = None  # callable(step, metrics) after each evaluation; hyperparameter search prunes here
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return self.task.primary if self.cfg.train.metric == "auto" else self.cfg.train.metric
 
 
 def _autocast_dtype(loop: Loop):
@@ -69,9 +77,10 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
         micro, weight = [[batch[0]]], 0.0
     else:
         weight = 1.0
-    # Sum the loss and divide by the global batch size (times the world, because DDP averages gradients),
-    # so that any split into processes and micro-batches gives the same gradient as one big batch.
-    scale = weight * d.world / len(batch)
+    # Sum the loss and divide by the global batch's loss units (examples, or labelled tokens for ner), times the
+    # world because DDP averages gradients: any split into processes and micro-batches gives the same gradient.
+    units = sum(loop.task.units(loop.train_items[j]) for j in batch)
+    scale = weight * d.world / max(units, 1)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     total = torch.zeros((), device=d.device)
     for i, idx in enumerate(micro):
@@ -81,10 +90,10 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
         with ddp.no_sync() if not sync else contextlib.nullcontext():
             with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None):
                 logits = ddp(**inputs).logits.float()
-            loss = nn.functional.cross_entropy(logits, labels, reduction="sum") * scale
-            if t.l1 > 0:  # one L1 term per step, shared out over the micro-batches in proportion
+            loss = loop.task.loss(logits, labels) * scale
+            if t.l1 > 0:  # one L1 term per step, shared out over the micro-batches in proportion to their size
                 l1 = sum(p.abs().sum() for p in params if p.ndim > 1)
-                loss = loss + t.l1 * l1 * len(idx) * scale
+                loss = loss + t.l1 * l1 * len(idx) * weight * d.world / len(batch)
             loss.backward()
         total += loss.detach() * weight
     if t.max_grad_norm > 0:
@@ -97,19 +106,13 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
     return float(total)
 
 
-def _improved(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "loss" else value > best
-
-
 def _evaluate(loop: Loop, state: TrainState) -> dict:
     """Evaluate, record, and update early-stopping state (every process does it: same weights, same answer)."""
     t = loop.cfg.train
-    m = evaluate(loop.model, loop.eval_items, loop.pad_id, loop.dist.device, loop.model.config.num_labels,
+    m = evaluate(loop.task, loop.model, loop.eval_items, loop.space, loop.pad_id, loop.dist.device,
                  _autocast_dtype(loop))
-    value = m[t.metric]
-    if _improved(t.metric, value, state.best):
+    value = m[loop.metric]
+    if loop.task.better(loop.metric, value, state.best):
         state.best, state.best_step, state.bad_evals = value, state.step, 0
         if t.early_stopping_patience > 0 and loop.dist.main:
             checkpoint.save_best(loop.run, loop.model)
@@ -118,7 +121,10 @@ def _evaluate(loop: Loop, state: TrainState) -> dict:
     if t.early_stopping_patience > 0 and state.bad_evals >= t.early_stopping_patience:
         state.stopped_early = True
     loop.dist.barrier()
-    return {"step": state.step, **{f"eval_{k}": v for k, v in m.items() if k != "confusion_matrix"}}
+    row = {"step": state.step, **{f"eval_{k}": v for k, v in m.items() if not k.startswith("_")}}
+    if loop.on_eval:
+        loop.on_eval(state.step, row)
+    return row
 
 
 def _log(loop: Loop, row: dict) -> None:

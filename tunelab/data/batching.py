@@ -1,34 +1,21 @@
-"""Tokenize once, then batch with length bucketing so each batch pads only to its own longest example."""
+"""Batch tokenized examples with length bucketing so each batch pads only to its own longest example.
+
+Tokenizing is the task's job (`Task.encode`); items are dicts of model inputs plus `labels`, and keys that
+start with `_` are bookkeeping (gold answers, word positions) that never reach the model.
+"""
 from __future__ import annotations
 
 import torch
-
-from tunelab.data.load import Example
-
-
-def encode(tokenizer, examples: list[Example], labels: list[str] | None, max_length: int) -> list[dict]:
-    """Token ids per example (no padding yet) and the label index when labels are known."""
-    texts = [e.text for e in examples]
-    pairs = [e.text_pair for e in examples]
-    kwargs = dict(truncation=True, max_length=max_length, padding=False)
-    enc = tokenizer(texts, pairs, **kwargs) if any(p is not None for p in pairs) and all(
-        p is not None for p in pairs) else tokenizer(texts, **kwargs)
-    index = {name: i for i, name in enumerate(labels or [])}
-    items = []
-    for i, e in enumerate(examples):
-        item = {k: enc[k][i] for k in enc.keys()}
-        if labels is not None and e.label is not None:
-            item["labels"] = index[e.label]
-        items.append(item)
-    return items
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     longest = max(len(it["input_ids"]) for it in items)
     batch = {}
     for key in items[0]:
+        if key.startswith("_"):
+            continue
         if key == "labels":
-            batch[key] = torch.tensor([it[key] for it in items])
+            batch[key] = _labels([it[key] for it in items], longest)
             continue
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.tensor([it[key] + [fill] * (longest - len(it[key])) for it in items])
@@ -62,3 +49,13 @@ def split_global(batch: list[int], rank: int, world: int, micro: int) -> list[li
     share = (len(batch) + world - 1) // world
     mine = batch[rank * share:(rank + 1) * share]
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def _labels(values: list, longest: int) -> torch.Tensor:
+    """Class ids, numbers, per-label 0/1 vectors (multilabel) or per-token ids padded with -100 (ner)."""
+    first = values[0]
+    if isinstance(first, list) and first and isinstance(first[0], int):
+        return torch.tensor([v + [-100] * (longest - len(v)) for v in values])
+    if isinstance(first, float) or (isinstance(first, list) and first and isinstance(first[0], float)):
+        return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values)

@@ -1,4 +1,8 @@
-"""Read labelled text from JSONL, CSV or a folder per class, refusing bad input with file, line and problem."""
+"""Read labelled text from JSONL, CSV or a folder per class, refusing bad input with file, line and problem.
+
+The file formats live here; what a label is (a class, a list of classes, a number) is the task's business:
+readers take the task's `parse_label` and default label key.
+"""
 from __future__ import annotations
 
 import csv
@@ -6,6 +10,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunelab.config import DataConfig
 from tunelab.errors import UserError
@@ -14,9 +19,17 @@ from tunelab.errors import UserError
 @dataclass
 class Example:
     text: str
-    label: str | None
+    label: Any  # str (classification), list[str] (multilabel), float (regression), list[str] tags (ner), or None
     text_pair: str | None = None
     where: str = ""  # "file:line" for messages
+    tokens: list[str] | None = None  # ner: the words the tags belong to
+    group: str | None = None  # cross-validation never splits a group
+
+
+def where_parts(where: str) -> tuple[str, int | None]:
+    """("file", line) of an Example.where string."""
+    file, _, line = where.rpartition(":")
+    return (file, int(line)) if file and line.isdigit() else (where, None)
 
 
 def _decoded_lines(path: Path) -> list[str]:
@@ -35,7 +48,7 @@ def _decoded_lines(path: Path) -> list[str]:
     return out
 
 
-def _label(value, path: Path, line: int, key: str) -> str:
+def class_label(value, path: Path, line: int, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise UserError(f"label '{key}' must be a string or an integer, got {json.dumps(value)}", str(path), line)
     value = str(value).strip()
@@ -50,7 +63,9 @@ def _text(value, path: Path, line: int, key: str) -> str:
     return value
 
 
-def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
+def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
+               default_key: str = "label") -> list[Example]:
+    key = cfg.label_column or default_key
     rows = []
     for i, line in enumerate(_decoded_lines(path), 1):
         if not line.strip():
@@ -64,17 +79,28 @@ def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True) -> list[Exa
         if cfg.text_column not in rec:
             raise UserError(f"missing text field '{cfg.text_column}'", str(path), i)
         label = None
-        if need_label or cfg.label_column in rec:
-            if cfg.label_column not in rec:
-                raise UserError(f"missing label field '{cfg.label_column}'", str(path), i)
-            label = _label(rec[cfg.label_column], path, i, cfg.label_column)
+        if need_label or key in rec:
+            if key not in rec:
+                raise UserError(f"missing label field '{key}'", str(path), i)
+            label = parse(rec[key], path, i, key)
         pair = rec.get(cfg.text_pair_column)
         rows.append(Example(_text(rec[cfg.text_column], path, i, cfg.text_column), label,
-                            None if pair is None else _text(pair, path, i, cfg.text_pair_column), f"{path}:{i}"))
+                            None if pair is None else _text(pair, path, i, cfg.text_pair_column), f"{path}:{i}",
+                            group=group_of(rec, cfg, path, i)))
     return rows
 
 
-def read_csv(path: Path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
+def group_of(rec: dict, cfg: DataConfig, path: Path, line: int) -> str | None:
+    if not cfg.group_column:
+        return None
+    if cfg.group_column not in rec or rec[cfg.group_column] in (None, ""):
+        raise UserError(f"missing group field '{cfg.group_column}' (data.group_column)", str(path), line)
+    return str(rec[cfg.group_column])
+
+
+def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
+             default_key: str = "label") -> list[Example]:
+    key = cfg.label_column or default_key
     text = "\n".join(_decoded_lines(path))
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
@@ -86,9 +112,9 @@ def read_csv(path: Path, cfg: DataConfig, need_label: bool = True) -> list[Examp
     if cfg.text_column not in header:
         raise UserError(f"no '{cfg.text_column}' column in the header (columns: {', '.join(header)}); "
                         "set data.text_column", str(path), 1)
-    has_label = cfg.label_column in header
+    has_label = key in header
     if need_label and not has_label:
-        raise UserError(f"no '{cfg.label_column}' column in the header (columns: {', '.join(header)}); "
+        raise UserError(f"no '{key}' column in the header (columns: {', '.join(header)}); "
                         "set data.label_column", str(path), 1)
     rows = []
     for fields in reader:
@@ -98,8 +124,9 @@ def read_csv(path: Path, cfg: DataConfig, need_label: bool = True) -> list[Examp
         if len(fields) != len(header):
             raise UserError(f"row has {len(fields)} fields but the header has {len(header)}", str(path), line)
         rec = dict(zip(header, fields))
-        label = _label(rec[cfg.label_column], path, line, cfg.label_column) if has_label else None
-        rows.append(Example(rec[cfg.text_column], label, rec.get(cfg.text_pair_column) or None, f"{path}:{line}"))
+        label = parse(rec[key], path, line, key) if has_label else None
+        rows.append(Example(rec[cfg.text_column], label, rec.get(cfg.text_pair_column) or None, f"{path}:{line}",
+                            group=group_of(rec, cfg, path, line)))
     return rows
 
 
@@ -116,17 +143,18 @@ def read_folder(path: Path) -> list[Example]:
     return rows
 
 
-def read_examples(path: str | Path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
+def read_examples(path: str | Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
+                  default_key: str = "label", folders: bool = True) -> list[Example]:
     """All examples of one file or folder; an error names the file, the line and the problem."""
     p = Path(path)
     if not p.exists():
         raise UserError("file not found", str(p))
-    if p.is_dir():
+    if p.is_dir() and folders:
         rows = read_folder(p)
     elif p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = read_jsonl(p, cfg, need_label)
+        rows = read_jsonl(p, cfg, need_label, parse, default_key)
     elif p.suffix.lower() in (".csv", ".tsv"):
-        rows = read_csv(p, cfg, need_label)
+        rows = read_csv(p, cfg, need_label, parse, default_key)
     elif p.suffix.lower() == ".txt" and not need_label:
         rows = [Example(line, None, None, f"{p}:{i}") for i, line in enumerate(_decoded_lines(p), 1) if line.strip()]
     else:
@@ -136,9 +164,9 @@ def read_examples(path: str | Path, cfg: DataConfig, need_label: bool = True) ->
     return rows
 
 
-def label_names(examples: list[Example], path: str) -> list[str]:
+def label_names(examples: list[Example], path: str, flat=lambda label: [label]) -> list[str]:
     """The sorted class names of the training data (numerically when every label is an integer)."""
-    names = sorted({e.label for e in examples})
+    names = sorted({name for e in examples for name in flat(e.label)})
     if all(n.lstrip("-").isdigit() for n in names):
         names = sorted(names, key=int)
     if len(names) < 2:
@@ -146,10 +174,10 @@ def label_names(examples: list[Example], path: str) -> list[str]:
     return names
 
 
-def check_known_labels(examples: list[Example], names: list[str]) -> None:
+def check_known_labels(examples: list[Example], names: list[str], flat=lambda label: [label]) -> None:
     known = set(names)
     for e in examples:
-        if e.label not in known:
-            file, _, line = e.where.rpartition(":")
-            raise UserError(f"label '{e.label}' never occurs in the training data (known: {', '.join(names)})",
-                            file or e.where, int(line) if line.isdigit() else None)
+        for name in flat(e.label):
+            if name not in known:
+                raise UserError(f"label '{name}' never occurs in the training data (known: {', '.join(names)})",
+                                *where_parts(e.where))

@@ -1,17 +1,27 @@
-"""Export: the run's `model/` folder loads with plain transformers (and `adapter/` with peft)."""
+"""Export: the run's `model/` folder loads with plain transformers (and `adapter/` with peft); and what it costs
+to use: size on disk, single-request latency, batch throughput."""
 from __future__ import annotations
 
+import copy
+import statistics
+import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from tunelab.data.batching import collate
 from tunelab.io import atomic_dir
 from tunelab.methods.base import Method
 
 
-def export_model(run: Path, model: nn.Module, method: Method, tokenizer) -> Path:
-    """Write model/ (safetensors, config with label names, tokenizer) atomically, plus method extras."""
+def export_model(run: Path, model: nn.Module, method: Method, tokenizer, task, space) -> tuple[Path, nn.Module]:
+    """Write model/ (safetensors, config with label names and task settings, tokenizer) atomically, plus
+    method extras. Returns the folder and the plain model that was saved."""
     plain = method.export(model)
+    if plain is model:
+        plain = copy.deepcopy(model)  # finalize may change weights (regression scaling): never the trained model
+    task.finalize(plain, space)
 
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
@@ -19,4 +29,39 @@ def export_model(run: Path, model: nn.Module, method: Method, tokenizer) -> Path
 
     atomic_dir(run / "model", fill)
     method.save_extra(model, run)
-    return run / "model"
+    return run / "model", plain.eval()
+
+
+def folder_mb(folder: Path) -> float:
+    """Size of the model weights on disk (every file of the folder), in MiB."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20
+
+
+@torch.no_grad()
+def measure_inference(model: nn.Module, items: list[dict], pad_id: int, device, single: int = 30,
+                      batch_size: int = 32) -> dict:
+    """Median latency of one request (batch of 1) and throughput at `batch_size`, on eval examples."""
+    model.eval()
+    sample = [{k: v for k, v in it.items() if k != "labels"} for it in items[: max(single, batch_size * 4)]]
+    if not sample:
+        return {}
+
+    def run(batch):
+        inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for it in sample[:3]:  # warm-up: first calls pay for allocation and kernel selection
+        run([it])
+    times = []
+    for it in sample[:single]:
+        tic = time.perf_counter()
+        run([it])
+        times.append(time.perf_counter() - tic)
+    tic = time.perf_counter()
+    for i in range(0, len(sample), batch_size):
+        run(sample[i:i + batch_size])
+    batch_seconds = time.perf_counter() - tic
+    return {"latency_ms": statistics.median(times) * 1000, "throughput": len(sample) / batch_seconds,
+            "measured_on": len(sample), "device": str(device)}

@@ -25,9 +25,10 @@ class Lora(Method):
         missing = [t for t in cfg.lora_targets if t not in present]
         if missing:
             raise UserError(f"lora target modules {missing} not found in the model", "tuning.lora_targets")
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        # SEQ_CLS / TOKEN_CLS make peft keep the new task head fully trainable (modules_to_save).
+        kind = TaskType.TOKEN_CLS if type(model).__name__.endswith("ForTokenClassification") else TaskType.SEQ_CLS
+        config = LoraConfig(task_type=kind, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
-        # SEQ_CLS makes peft keep the new classifier head fully trainable (modules_to_save).
         with warnings.catch_warnings():  # peft calls a transformers API that v5 deprecates; nothing for users to do
             warnings.simplefilter("ignore", FutureWarning)
             return get_peft_model(model, config)

@@ -1,4 +1,4 @@
-"""Models: resolve bundled aliases to local folders and build sequence classifiers from them."""
+"""Models: resolve bundled aliases to local folders and build the task's model from them."""
 from __future__ import annotations
 
 import re
@@ -38,22 +38,13 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(resolve(cfg.name), trust_remote_code=cfg.trust_remote_code)
 
 
-def build_classifier(cfg: ModelConfig, labels: list[str], pretrained: bool) -> nn.Module:
-    """A sequence classifier with a new head for `labels`; `pretrained=False` gives random weights (scratch)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def build_model(cfg: ModelConfig, task, space, pretrained: bool) -> nn.Module:
+    """The task's model (a new head for `space`); `pretrained=False` gives random weights (scratch)."""
     from transformers.utils import logging
 
-    folder = resolve(cfg.name)
-    mapping = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                   label2id={n: i for i, n in enumerate(labels)})
     logging.set_verbosity_error()  # the "newly initialised head" warning is expected here
     logging.disable_progress_bar()  # our own bar is the one that matters
-    if pretrained:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **mapping)
-    else:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **mapping)
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    model = task.build(cfg, resolve(cfg.name), space, pretrained)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     return model

@@ -1,0 +1,14 @@
+"""Tasks: what the model learns. Adding one is a module plus one line in this plain dict."""
+from tunelab.tasks.base import Space, Task
+from tunelab.tasks.classification import Classification, Multilabel
+from tunelab.tasks.ner import Ner
+from tunelab.tasks.regression import Regression
+
+TASKS: dict[str, Task] = {
+    "classification": Classification(),
+    "multilabel": Multilabel(),
+    "regression": Regression(),
+    "ner": Ner(),
+}
+
+__all__ = ["TASKS", "Space", "Task"]

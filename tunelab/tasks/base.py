@@ -1,0 +1,145 @@
+"""The interface every task implements: how its data reads, which head and loss it gets, how it is scored.
+
+The loop, the methods and the evaluation code are shared; a task supplies only what differs. Predictions and
+gold answers are plain Python values (class index, set of label indices, number, tag sequence), so that the
+metrics, bootstrap intervals and baselines all work on the same lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.config import DataConfig, ModelConfig
+from tunelab.data.load import Example, read_examples
+
+
+@dataclass
+class Space:
+    """What the training data says about the outputs: class or tag names, target scaling, threshold."""
+
+    labels: list[str] = field(default_factory=list)
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    threshold: float = 0.5
+
+
+class Task:
+    name = ""
+    label_key = "label"
+    metrics: tuple[str, ...] = ()  # scalar metrics `score` returns; the first is the main one
+    lower_is_better = frozenset({"loss", "mse", "mae"})
+    model_class = "AutoModelForSequenceClassification"
+
+    @property
+    def primary(self) -> str:
+        return self.metrics[0]
+
+    def better(self, metric: str, value: float, than: float | None) -> bool:
+        if than is None:
+            return True
+        return value < than if metric in self.lower_is_better else value > than
+
+    # --- data -----------------------------------------------------------------------------------------------
+    def parse_label(self, value, path: Path, line: int, key: str):
+        raise NotImplementedError
+
+    def read(self, path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
+        return read_examples(path, cfg, need_label, self.parse_label, self.label_key)
+
+    def space(self, train: list[Example], path: str) -> Space:
+        """Output space learned from the training examples (class names, target mean and scale)."""
+        return Space()
+
+    def check(self, examples: list[Example], space: Space) -> None:
+        """Refuse evaluation examples the model cannot represent (e.g. a class unseen in training)."""
+
+    def strata(self, examples: list[Example]) -> list | None:
+        """Per-example strata for stratified splits, or None for plain random splits."""
+        return None
+
+    # --- model ----------------------------------------------------------------------------------------------
+    def model_kwargs(self, space: Space) -> dict:
+        return {}
+
+    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool) -> nn.Module:
+        import transformers
+        from transformers import AutoConfig
+
+        cls = getattr(transformers, self.model_class)
+        kwargs = self.model_kwargs(space)
+        if pretrained:
+            return cls.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **kwargs)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        return cls.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+    def encode(self, tokenizer, examples: list[Example], space: Space, max_length: int) -> list[dict]:
+        """Model inputs per example (unpadded), `labels` for the loss and `_gold` (keys with _ are not inputs)."""
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples]
+        kwargs = dict(truncation=True, max_length=max_length, padding=False)
+        both = all(p is not None for p in pairs)
+        enc = tokenizer(texts, pairs, **kwargs) if both else tokenizer(texts, **kwargs)
+        items = []
+        for i, e in enumerate(examples):
+            item = {k: enc[k][i] for k in enc.keys()}
+            if e.label is not None:
+                item["labels"] = self.target(e.label, space)
+                item["_gold"] = self.gold(e.label, space)
+            items.append(item)
+        return items
+
+    def target(self, label, space: Space):
+        """The training target of one label (what the loss sees)."""
+        raise NotImplementedError
+
+    def gold(self, label, space: Space):
+        """The gold answer of one label (what the metrics see)."""
+        return self.target(label, space)
+
+    def units(self, item: dict) -> int:
+        """How many loss terms one example contributes (tokens for ner): the loss is averaged over these."""
+        return 1
+
+    # --- training and scoring ---------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The summed loss over the batch's units."""
+        raise NotImplementedError
+
+    def decode(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> list:
+        """Predictions from per-example model outputs."""
+        raise NotImplementedError
+
+    def score(self, preds: list, golds: list, space: Space) -> dict[str, float]:
+        """The task's scalar metrics (the ones in `metrics`); bootstrap intervals resample these."""
+        raise NotImplementedError
+
+    def details(self, preds: list, golds: list, space: Space) -> dict:
+        """Non-scalar results for metrics.json and plots (confusion matrix, per-type scores)."""
+        return {}
+
+    def baseline(self, train_golds: list, golds: list, space: Space) -> tuple[str, list]:
+        """(name, predictions) of the trivial baseline: the majority class, or the mean for regression."""
+        raise NotImplementedError
+
+    def probe(self, train_x, train_items: list[dict], eval_x, eval_items: list[dict], space: Space) -> list:
+        """Linear-probe predictions from frozen features (one row per example, or per word for ner)."""
+        raise NotImplementedError
+
+    def tune(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> dict:
+        """Decision settings chosen on the eval set after training (multilabel threshold); may update space."""
+        return {}
+
+    def finalize(self, model: nn.Module, space: Space) -> None:
+        """Last touches on the exported copy so it works in plain transformers (e.g. regression scaling)."""
+        model.config.update({"tunelab_task": self.name})
+
+    def space_of(self, config) -> Space:
+        """The output space of an exported model, from its config.json."""
+        labels = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
+        return Space(labels=labels, threshold=getattr(config, "tunelab_threshold", 0.5))
+
+    def predict_row(self, example: Example, pred, output: torch.Tensor, space: Space) -> dict:
+        raise NotImplementedError

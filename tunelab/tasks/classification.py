@@ -1,0 +1,209 @@
+"""Single-label classification (softmax, cross-entropy) and multi-label classification (sigmoid, BCE)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tunelab.data.load import Example, check_known_labels, class_label, label_names
+from tunelab.errors import UserError
+from tunelab.tasks.base import Space, Task
+
+
+def prf_from_confusion(cm: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1 from a confusion matrix (rows true, columns predicted).
+
+    Same definitions as scikit-learn with zero_division=0; computed here because bootstrap intervals
+    call it a thousand times and sklearn's input checks dominate at that scale.
+    """
+    tp = np.diag(cm).astype(float)
+    predicted, actual = cm.sum(0), cm.sum(1)
+    p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    r = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
+    return {"accuracy": float(tp.sum() / max(cm.sum(), 1)), "f1_macro": float(f.mean()),
+            "precision_macro": float(p.mean()), "recall_macro": float(r.mean())}
+
+
+def confusion(golds, preds, n: int) -> np.ndarray:
+    return np.bincount(np.asarray(golds) * n + np.asarray(preds), minlength=n * n).reshape(n, n)
+
+
+def fit_logistic(x, y, multi: bool = False):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = LogisticRegression(max_iter=2000, C=1.0)
+    return make_pipeline(StandardScaler(), OneVsRestClassifier(clf) if multi else clf).fit(x, y)
+
+
+class Classification(Task):
+    name = "classification"
+    label_key = "label"
+    metrics = ("f1_macro", "accuracy", "precision_macro", "recall_macro")
+
+    def parse_label(self, value, path, line, key):
+        return class_label(value, path, line, key)
+
+    def space(self, train, path):
+        return Space(labels=label_names(train, path))
+
+    def check(self, examples, space):
+        check_known_labels(examples, space.labels)
+
+    def strata(self, examples):
+        return [e.label for e in examples]
+
+    def model_kwargs(self, space):
+        return dict(num_labels=len(space.labels), id2label=dict(enumerate(space.labels)),
+                    label2id={n: i for i, n in enumerate(space.labels)}, problem_type="single_label_classification")
+
+    def target(self, label, space):
+        return space.labels.index(label)
+
+    def loss(self, logits, labels):
+        return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+
+    def decode(self, outputs, items, space):
+        return torch.stack(outputs).argmax(-1).tolist()
+
+    def score(self, preds, golds, space):
+        return prf_from_confusion(confusion(golds, preds, len(space.labels)))
+
+    def details(self, preds, golds, space):
+        return {"confusion_matrix": confusion(golds, preds, len(space.labels)).tolist()}
+
+    def baseline(self, train_golds, golds, space):
+        majority = int(np.bincount(train_golds, minlength=len(space.labels)).argmax())
+        return "majority", [majority] * len(golds)
+
+    def probe(self, train_x, train_items, eval_x, eval_items, space):
+        clf = fit_logistic(train_x, [it["_gold"] for it in train_items])
+        return clf.predict(eval_x).tolist()
+
+    def predict_row(self, example, pred, output, space):
+        probs = torch.softmax(output.float(), -1).tolist()
+        return {"text": example.text, "label": space.labels[pred],
+                "probabilities": {name: round(p, 6) for name, p in zip(space.labels, probs)}}
+
+
+def _label_list(value, path: Path, line: int, key: str) -> list[str]:
+    """A JSON list of labels; in CSV a cell of labels separated by `|` (an empty list means none apply)."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split("|") if v.strip()]
+    if not isinstance(value, list):
+        raise UserError(f"'{key}' must be a list of labels, got {json.dumps(value)}", str(path), line)
+    labels = [class_label(v, path, line, key) for v in value]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"'{key}' lists a label twice: {json.dumps(value)}", str(path), line)
+    return labels
+
+
+class Multilabel(Task):
+    """Any number of labels per text: one sigmoid per label, binary cross-entropy, a tunable threshold."""
+
+    name = "multilabel"
+    label_key = "labels"
+    metrics = ("f1_micro", "f1_macro", "exact_match", "precision_micro", "recall_micro")
+
+    def parse_label(self, value, path, line, key):
+        return _label_list(value, path, line, key)
+
+    def space(self, train, path):
+        names = sorted({n for e in train for n in e.label})
+        if not names:
+            raise UserError("no labels in the training data; multilabel needs at least one", path)
+        return Space(labels=names)
+
+    def check(self, examples, space):
+        check_known_labels(examples, space.labels, flat=lambda labels: labels)
+
+    def model_kwargs(self, space):
+        return dict(num_labels=len(space.labels), id2label=dict(enumerate(space.labels)),
+                    label2id={n: i for i, n in enumerate(space.labels)}, problem_type="multi_label_classification")
+
+    def target(self, label, space):
+        return [1.0 if n in label else 0.0 for n in space.labels]
+
+    def gold(self, label, space):
+        return frozenset(space.labels.index(n) for n in label)
+
+    def loss(self, logits, labels):
+        # Mean over the labels of one example, summed over examples: the loop averages over examples.
+        per = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+        return per.mean(-1).sum()
+
+    def decode(self, outputs, items, space):
+        probs = torch.sigmoid(torch.stack(outputs).float())
+        return [frozenset(torch.nonzero(row >= space.threshold).flatten().tolist()) for row in probs]
+
+    def score(self, preds, golds, space):
+        n = len(space.labels)
+        tp, fp, fn = np.zeros(n), np.zeros(n), np.zeros(n)
+        exact = 0
+        for p, g in zip(preds, golds):
+            for i in p & g:
+                tp[i] += 1
+            for i in p - g:
+                fp[i] += 1
+            for i in g - p:
+                fn[i] += 1
+            exact += p == g
+        def f1(t, f_p, f_n):
+            return np.divide(2 * t, 2 * t + f_p + f_n, out=np.zeros_like(t, dtype=float), where=(2 * t + f_p + f_n) > 0)
+        T, FP, FN = tp.sum(), fp.sum(), fn.sum()
+        return {"f1_micro": float(f1(np.array([T]), np.array([FP]), np.array([FN]))[0]),
+                "f1_macro": float(f1(tp, fp, fn).mean()), "exact_match": exact / max(len(golds), 1),
+                "precision_micro": float(T / (T + FP)) if T + FP else 0.0,
+                "recall_micro": float(T / (T + FN)) if T + FN else 0.0}
+
+    def details(self, preds, golds, space):
+        per = {}
+        for i, name in enumerate(space.labels):
+            tp = sum(1 for p, g in zip(preds, golds) if i in p and i in g)
+            fp = sum(1 for p, g in zip(preds, golds) if i in p and i not in g)
+            fn = sum(1 for p, g in zip(preds, golds) if i not in p and i in g)
+            per[name] = {"f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0, "support": tp + fn}
+        return {"per_label": per, "threshold": space.threshold}
+
+    def baseline(self, train_golds, golds, space):
+        # The "majority" answer per label: predict a label when more than half of the training texts carry it.
+        counts = np.zeros(len(space.labels))
+        for g in train_golds:
+            for i in g:
+                counts[i] += 1
+        answer = frozenset(np.nonzero(counts > len(train_golds) / 2)[0].tolist())
+        return "majority", [answer] * len(golds)
+
+    def probe(self, train_x, train_items, eval_x, eval_items, space):
+        y = np.array([it["labels"] for it in train_items])
+        keep = (y.min(0) != y.max(0))  # a label that never (or always) occurs cannot be fitted
+        preds = np.tile((y.mean(0) > 0.5), (len(eval_items), 1))
+        if keep.any():
+            clf = fit_logistic(train_x, y[:, keep].astype(int), multi=True)
+            preds[:, keep] = clf.predict_proba(eval_x) >= space.threshold
+        return [frozenset(np.nonzero(row)[0].tolist()) for row in preds]
+
+    def tune(self, outputs, items, space):
+        """The one threshold for all labels that maximises micro-F1 on the eval set (optimistic: chosen on it)."""
+        golds = [it["_gold"] for it in items]
+        at = {}
+        for t in np.round(np.arange(0.05, 0.96, 0.05), 2):
+            at[float(t)] = self.score(self.decode(outputs, items, Space(space.labels, threshold=float(t))), golds,
+                                      space)["f1_micro"]
+        best = max(at, key=lambda t: (at[t], -abs(t - 0.5)))
+        return {"threshold": best, "f1_micro_at_threshold": at}
+
+    def finalize(self, model, space):
+        super().finalize(model, space)
+        model.config.update({"tunelab_threshold": space.threshold})
+
+    def predict_row(self, example, pred, output, space):
+        probs = torch.sigmoid(output.float()).tolist()
+        return {"text": example.text, "labels": [space.labels[i] for i in sorted(pred)],
+                "probabilities": {name: round(p, 6) for name, p in zip(space.labels, probs)}}
