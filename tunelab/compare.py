@@ -1,6 +1,8 @@
-"""`tunelab compare`: the same task under several methods, each in its own process, side by side.
+"""`tunelab compare`: the same task under several methods (and training-set fractions), side by side.
 
-Each method runs as a separate `tunelab train` process so that its peak memory and time are its own.
+Each (method, fraction) runs as a separate `tunelab train` process so that its peak memory and time are its
+own; with `--folds K` that process runs the K folds. Baselines do not depend on the method, so they are
+computed once per split here, on exactly the examples the methods are scored on.
 """
 from __future__ import annotations
 
@@ -10,42 +12,134 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from tunelab import config as config_mod
 from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
-
-COLUMNS = [("method", "{}"), ("accuracy", "{:.4f}"), ("f1_macro", "{:.4f}"), ("train_s", "{:.1f}"),
-           ("samples/s", "{:.1f}"), ("trainable", "{:,}"), ("peak_MB", "{:.0f}")]
+from tunelab.tasks import TASKS
 
 
-def compare(base: Config, methods: list[str], out: Path, method_sets: list[str]) -> dict:
+def compare(base: Config, methods: list[str], out: Path, method_sets: list[str],
+            fractions: list[float] | None = None, resume: bool = False) -> dict:
+    fractions = sorted(fractions or [1.0])
+    _check(base, methods, fractions)
+    per_method = _parse_method_sets(method_sets, methods)
+    out.mkdir(parents=True, exist_ok=True)
+    task = TASKS[base.task]
+    rows = []
+    for frac in fractions:
+        for m in methods:
+            cfg = _run_config(base, m, frac, out, fractions, per_method.get(m, []))
+            rows.append(_row(m, frac, _run(cfg, out, resume), cfg))
+    result = {"task": task.name, "metric": task.primary, "metrics": list(task.metrics), "methods": methods,
+              "fractions": fractions, "folds": base.eval.folds, "output": str(out), "rows": rows,
+              "baselines": [b for frac in fractions for b in _baselines(base, frac)]}
+    from tunelab.report import recommend, write_report
+
+    result["recommendation"] = recommend(result)
+    atomic_write_json(out / "comparison.json", result)
+    report = write_report(result, out)
+    print("\n" + table(result))
+    print(f"\n{result['recommendation']}\n\nwrote {out / 'comparison.json'} and {report}")
+    return result
+
+
+def _check(base: Config, methods: list[str], fractions: list[float]) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"unknown tuning method(s) {unknown} (known: {', '.join(METHODS)})", "--tuning")
-    per_method = _parse_method_sets(method_sets, methods)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for m in methods:
+    if any(not 0 < f <= 1 for f in fractions):
+        raise UserError(f"training fractions must be in (0, 1], got {fractions}", "--train-fractions")
+    probe = copy.deepcopy(base)
+    probe.tuning.name = methods[0]
+    config_mod.validate(probe)
+
+
+def _run_name(method: str, frac: float, fractions: list[float]) -> str:
+    return method if fractions == [1.0] else f"{method}/frac-{frac:g}"
+
+
+def _run_config(base: Config, method: str, frac: float, out: Path, fractions: list[float], sets) -> Config:
+    cfg = copy.deepcopy(base)
+    cfg.tuning.name, cfg.data.train_fraction = method, frac
+    cfg.output, cfg.overwrite = str(out / _run_name(method, frac, fractions)), True
+    cfg.eval.probe = False  # the probe does not depend on the method: computed once per split below
+    for key, value in sets:
+        config_mod.set_value(cfg, key, value, "--method-set")
+    config_mod.validate(cfg)
+    return cfg
+
+
+def _run(cfg: Config, out: Path, resume: bool) -> dict:
+    """Train one (method, fraction) in its own process; returns its metrics (or the CV summary)."""
+    run = Path(cfg.output)
+    done = run / ("cv.json" if cfg.eval.folds else "metrics.json")
+    if resume and done.is_file():
+        print(f"\n=== {run.relative_to(out)}: already complete, kept ===", flush=True)
+        return json.loads(done.read_text(encoding="utf-8"))
+    cfg_path = out / f"{run.relative_to(out).as_posix().replace('/', '-')}.config.yaml"
+    config_mod.save_yaml(cfg, cfg_path)
+    print(f"\n=== {run.relative_to(out)} ===", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)])
+    if proc.returncode != 0:
+        raise UserError(f"the '{cfg.tuning.name}' run failed (exit {proc.returncode}); see the output above "
+                        "(finished runs are kept: rerun with --resume)", str(run))
+    return json.loads(done.read_text(encoding="utf-8"))
+
+
+def _stat(m: dict, key: str, cv: bool) -> dict:
+    if cv:
+        s = m["eval"][key]
+        return {"value": s["mean"], "ci": s["ci"], "std": s["std"]}
+    return {"value": m["eval"][key], "ci": m.get("ci95", {}).get(key), "std": None}
+
+
+def _row(method: str, frac: float, m: dict, cfg: Config) -> dict:
+    cv = bool(cfg.eval.folds)
+    t, i = m["train"], m.get("inference", {})
+    run = Path(cfg.output)
+    history = [str(run / f"fold-{k}" / "history.jsonl") for k in range(cfg.eval.folds)] if cv else [
+        str(run / "history.jsonl")]
+    return {"method": method, "fraction": frac, "train_examples": int(t["train_examples"]),
+            "metrics": {k: _stat(m, k, cv) for k in TASKS[cfg.task].metrics},
+            "train_s": t["seconds"], "samples_per_s": t["samples_per_second"], "trainable": int(t["trainable_params"]),
+            "total_params": int(t["total_params"]), "peak_mb": t["peak_rss_mb"], "model_mb": i.get("model_mb"),
+            "latency_ms": i.get("latency_ms"), "throughput": i.get("throughput"), "history": history,
+            "run": str(run)}
+
+
+def _baselines(base: Config, frac: float) -> list[dict]:
+    """Majority/mean and linear probe on this fraction's split(s): per fold and summarised, or bootstrapped."""
+    from tunelab.data import load_splits
+    from tunelab.evaluate.baselines import baselines
+    from tunelab.evaluate.stats import t_interval
+    from tunelab.models import load_tokenizer
+
+    task = TASKS[base.task]
+    print(f"\n=== baselines at fraction {frac:g} ===", flush=True)
+    per_fold = []
+    for k in range(max(base.eval.folds, 1)):
         cfg = copy.deepcopy(base)
-        cfg.tuning.name, cfg.output, cfg.overwrite = m, str(out / m), True
-        for key, value in per_method.get(m, []):
-            config_mod.set_value(cfg, key, value, "--method-set")
-        config_mod.validate(cfg)
-        cfg_path = out / f"{m}.config.yaml"
-        config_mod.save_yaml(cfg, cfg_path)
-        print(f"\n=== {m} ===", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)])
-        if proc.returncode != 0:
-            raise UserError(f"the '{m}' run failed (exit {proc.returncode}); see the output above", str(out / m))
-        metrics = json.loads((out / m / "metrics.json").read_text())
-        rows.append(_row(m, metrics))
-    baseline = metrics["baseline"]["majority"]
-    result = {"methods": rows, "baseline_majority": baseline, "output": str(out)}
-    atomic_write_json(out / "comparison.json", result)
-    print("\n" + table(rows, baseline))
-    return result
+        cfg.data.train_fraction, cfg.eval.fold = frac, (k if base.eval.folds else None)
+        splits = load_splits(cfg)
+        tok = load_tokenizer(cfg.model)
+        train_items = task.encode(tok, splits.train, splits.space, cfg.data.max_length)
+        eval_items = task.encode(tok, splits.eval, splits.space, cfg.data.max_length)
+        per_fold.append(baselines(task, splits.space, train_items, eval_items, cfg.model, tok.pad_token_id or 0,
+                                  torch.device("cpu"), cfg.eval.probe, cfg.eval.bootstrap, cfg.train.seed))
+    out = []
+    for name in per_fold[0]:
+        if base.eval.folds:
+            stats = {k: t_interval([f[name][k] for f in per_fold]) for k in task.metrics}
+            metrics = {k: {"value": s["mean"], "ci": s["ci"], "std": s["std"]} for k, s in stats.items()}
+        else:
+            b = per_fold[0][name]
+            metrics = {k: {"value": b[k], "ci": b["ci95"].get(k), "std": None} for k in task.metrics}
+        out.append({"name": name, "fraction": frac, "metrics": metrics})
+    return out
 
 
 def _parse_method_sets(items: list[str], methods: list[str]) -> dict[str, list[tuple[str, str]]]:
@@ -59,17 +153,28 @@ def _parse_method_sets(items: list[str], methods: list[str]) -> dict[str, list[t
     return out
 
 
-def _row(method: str, m: dict) -> dict:
-    e, t = m["eval"], m["train"]
-    return {"method": method, "accuracy": e["accuracy"], "f1_macro": e["f1_macro"], "train_s": t["seconds"],
-            "samples/s": t["samples_per_second"], "trainable": t["trainable_params"], "peak_MB": t["peak_rss_mb"],
-            "total_params": t["total_params"]}
+def _fmt_stat(s: dict) -> str:
+    ci = s.get("ci")
+    return f"{s['value']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def table(rows: list[dict], baseline: dict) -> str:
-    cells = [[name for name, _ in COLUMNS]] + [[fmt.format(r[name]) for name, fmt in COLUMNS] for r in rows]
-    cells.append(["majority", f"{baseline['accuracy']:.4f}", f"{baseline['f1_macro']:.4f}", "-", "-", "0", "-"])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+def table(result: dict) -> str:
+    """The comparison as aligned text: main metric with its 95% interval, then cost columns; baselines below."""
+    main, several = result["metric"], len(result["fractions"]) > 1
+    head = ["method"] + (["train_n"] if several else []) + [f"{main} [95% CI]", "train_s", "samples/s",
+                                                              "trainable", "peak_MB", "model_MB", "latency_ms"]
+    cells = [head]
+    for frac in result["fractions"]:
+        for r in (r for r in result["rows"] if r["fraction"] == frac):
+            cells.append([r["method"]] + ([str(r["train_examples"])] if several else []) + [
+                _fmt_stat(r["metrics"][main]), f"{r['train_s']:.1f}", f"{r['samples_per_s']:.1f}",
+                f"{r['trainable']:,}", f"{r['peak_mb']:.0f}", f"{r['model_mb'] or 0:.1f}",
+                f"{r['latency_ms'] or 0:.1f}"])
+        n = next((str(r["train_examples"]) for r in result["rows"] if r["fraction"] == frac), "-")
+        for b in (b for b in result["baselines"] if b["fraction"] == frac):
+            cells.append([b["name"]] + ([n] if several else []) + [_fmt_stat(b["metrics"][main])]
+                         + ["-"] * (len(head) - 2 - several))
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

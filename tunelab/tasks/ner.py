@@ -114,7 +114,7 @@ def read_conll(path: Path, need_label: bool) -> list[Example]:
             if not TAG.match(fields[-1].strip()):
                 raise UserError(f"tag '{fields[-1].strip()}' is not IOB2 (O, B-TYPE or I-TYPE)", str(path), i)
             tags.append(fields[-1].strip())
-        tokens.append(fields[0].strip())
+        tokens.append(fields[0])  # as written: a full-width space is a token in Japanese corpora
     flush()
     return rows
 

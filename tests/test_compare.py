@@ -1,0 +1,64 @@
+"""`tunelab compare`: methods × training fractions in separate processes, baselines once, a report that holds it."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tunelab.cli import main
+
+
+@pytest.fixture
+def compare_args(tiny_model, toy_data, tmp_path):
+    return ["compare", "--model", tiny_model, "--train", toy_data["train"], "--eval", toy_data["eval"],
+            "--tuning", "head,full", "--train-fractions", "0.5,1.0", "--output", str(tmp_path / "cmp"),
+            "--epochs", "2", "--batch-size", "8", "--max-length", "32", "--lr", "5e-3", "--train.progress", "false",
+            "--eval.bootstrap", "200", "--method-set", "head:train.lr=0.3"]
+
+
+def test_compare_runs_every_method_and_fraction_and_writes_the_report(compare_args, tmp_path, capsys):
+    assert main(compare_args) == 0
+    out = tmp_path / "cmp"
+    result = json.loads((out / "comparison.json").read_text())
+    assert [(r["method"], r["fraction"]) for r in result["rows"]] == [("head", 0.5), ("full", 0.5), ("head", 1.0),
+                                                                      ("full", 1.0)]
+    assert [r["train_examples"] for r in result["rows"]] == [48, 48, 96, 96]
+    for r in result["rows"]:
+        assert (out / r["method"] / f"frac-{r['fraction']:g}" / "metrics.json").is_file()
+        f1 = r["metrics"]["f1_macro"]
+        assert f1["ci"][0] <= f1["value"] <= f1["ci"][1]
+        assert r["trainable"] > 0 and r["latency_ms"] > 0 and r["model_mb"] > 0 and r["peak_mb"] > 0
+    head = next(r for r in result["rows"] if r["method"] == "head")
+    full = next(r for r in result["rows"] if r["method"] == "full")
+    assert head["trainable"] < full["trainable"] / 100
+    # the per-method setting reached only its method
+    assert "lr: 0.3" in (out / "head-frac-1.config.yaml").read_text()
+    assert "lr: 0.005" in (out / "full-frac-1.config.yaml").read_text()
+    assert {(b["name"], b["fraction"]) for b in result["baselines"]} == {
+        (n, f) for n in ("majority", "linear_probe") for f in (0.5, 1.0)}
+    assert result["recommendation"] and "full" in result["recommendation"]
+    html = (out / "report.html").read_text()
+    assert len(re.findall(r"data:image/png;base64,", html)) >= 3 and "https://" not in html
+    assert all(name in html for name in ("head", "full", "majority", "linear_probe"))
+    printed = capsys.readouterr().out
+    assert "f1_macro [95% CI]" in printed and "linear_probe" in printed
+
+
+def test_compare_resume_keeps_finished_runs(compare_args, tmp_path, capsys):
+    args = [a if a != "head,full" else "head" for a in compare_args]
+    assert main(args) == 0
+    metrics = tmp_path / "cmp" / "head" / "frac-1" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert metrics.stat().st_mtime_ns == stamp
+    assert "already complete, kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, expected", [(["--tuning", "head,nope"], "unknown tuning method"),
+                                             (["--train-fractions", "0.5,2"], "must be in (0, 1]"),
+                                             (["--train-fractions", "half"], "comma-separated numbers")])
+def test_compare_refuses_bad_options(compare_args, extra, expected, capsys):
+    assert main(compare_args + extra) == 2
+    assert expected in capsys.readouterr().err
