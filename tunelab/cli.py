@@ -110,7 +110,24 @@ def cmd_compare(args) -> int:
 
     cfg = config_from_args(args)
     methods = [m.strip() for m in args.tuning.split(",") if m.strip()]
-    compare(cfg, methods, Path(args.output or cfg.output), args.method_set)
+    compare(cfg, methods, Path(args.output or cfg.output), args.method_set, _fractions(args.train_fractions),
+            resume=args.resume)
+    return 0
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--train-fractions needs comma-separated numbers, got '{text}'", "--train-fractions") from None
+
+
+def cmd_data_japanese_ner(args) -> int:
+    from tunelab.data.bundled import japanese_ner
+
+    info = japanese_ner(Path(args.output), args.eval_size, args.seed)
+    print(f"wrote {info['train']} ({info['train_examples']} sentences) and {info['eval']} ({info['eval_examples']}) "
+          f"from {info['source']}")
     return 0
 
 
@@ -120,6 +137,30 @@ def cmd_data_tweets(args) -> int:
     info = tweets(Path(args.output), args.train_size, args.eval_size, args.seed)
     print(f"wrote {info['train']} ({info['train_examples']} examples) and {info['eval']} "
           f"({info['eval_examples']}); usable per class: {info['available']}")
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from tunelab.hparams import lr_find
+
+    try:
+        result = lr_find(config_from_args(args), args.min_lr, args.max_lr, args.steps, Path(args.output))
+    except KeyboardInterrupt:  # nothing to resume: the test is short and saves nothing until it ends
+        print("tunelab: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(result.summary())
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tunelab.hparams import table, tune
+
+    try:
+        summary = tune(config_from_args(args), args.trials, Path(args.output), args.timeout)
+    except KeyboardInterrupt:
+        print("tunelab: interrupted; run the same command again to continue the search", file=sys.stderr)
+        return 130
+    print("\n" + table(summary))
     return 0
 
 
@@ -138,7 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", help="Folder for the comparison; each method's run goes in a sub-folder.")
     c.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="A setting for one method only, e.g. head:train.lr=1e-3 (repeatable).")
+    c.add_argument("--train-fractions", default="1.0", metavar="F,F,...",
+                   help="Training-set fractions for a learning curve, e.g. 0.1,0.25,0.5,1.0 (nested samples).")
+    c.add_argument("--resume", action="store_true", help="Keep runs that already finished; run only the rest.")
     c.set_defaults(func=cmd_compare)
+
+    lf = sub.add_parser("lr-find", help="Learning-rate range test: suggest a --lr for this config (Smith 2017).")
+    add_config_flags(lf, skip=("output",))
+    lf.add_argument("--min-lr", type=float, default=1e-7, help="Learning rate of the first step.")
+    lf.add_argument("--max-lr", type=float, default=1.0, help="Learning rate of the last step.")
+    lf.add_argument("--steps", type=int, default=100, help="Optimizer steps from --min-lr to --max-lr (at least 10).")
+    lf.add_argument("--output", default="runs/lr-find", help="Folder for lr_find.json and lr_find.png.")
+    lf.set_defaults(func=cmd_lr_find)
+
+    tu = sub.add_parser("tune", help="Search learning rate, batch size, epochs and more with Optuna.")
+    add_config_flags(tu, skip=("output",))
+    tu.add_argument("--trials", type=int, required=True, help="Finished trials wanted (earlier runs count).")
+    tu.add_argument("--timeout", type=float, help="Start no new trial after this many seconds.")
+    tu.add_argument("--output", default="runs/tune", help="Folder for study.db, trials/, best.yaml and reports.")
+    tu.set_defaults(func=cmd_tune)
 
     pr = sub.add_parser("predict", help="Predict labels and class probabilities with a finished run.")
     pr.add_argument("run_dir")
@@ -160,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--eval-size", type=int, default=900)
     tw.add_argument("--seed", type=int, default=0)
     tw.set_defaults(func=cmd_data_tweets)
+    jn = dsub.add_parser("japanese-ner", help="Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER corpus.")
+    jn.add_argument("--output", required=True)
+    jn.add_argument("--eval-size", type=int, default=100)
+    jn.add_argument("--seed", type=int, default=0)
+    jn.set_defaults(func=cmd_data_japanese_ner)
     return p
 
 
