@@ -62,3 +62,18 @@ def test_compare_resume_keeps_finished_runs(compare_args, tmp_path, capsys):
 def test_compare_refuses_bad_options(compare_args, extra, expected, capsys):
     assert main(compare_args + extra) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_compare_with_folds_reports_fold_means_and_t_intervals(tiny_model, toy_data, tmp_path):
+    args = ["compare", "--model", tiny_model, "--train", toy_data["train"], "--tuning", "head", "--folds", "2",
+            "--output", str(tmp_path / "cv"), "--epochs", "1", "--batch-size", "8", "--max-length", "32",
+            "--lr", "0.3", "--train.progress", "false", "--eval.bootstrap", "0"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "cv" / "comparison.json").read_text())
+    row = result["rows"][0]
+    cv = json.loads((tmp_path / "cv" / "head" / "cv.json").read_text())
+    assert row["metrics"]["f1_macro"]["value"] == pytest.approx(cv["eval"]["f1_macro"]["mean"])
+    assert row["metrics"]["f1_macro"]["std"] is not None and len(row["history"]) == 2
+    assert all((tmp_path / "cv" / "head" / f"fold-{k}" / "metrics.json").is_file() for k in range(2))
+    probe = next(b for b in result["baselines"] if b["name"] == "linear_probe")
+    assert probe["metrics"]["f1_macro"]["std"] is not None  # summarised over the same two folds

@@ -17,7 +17,9 @@ def load_run(run_dir: str | Path):
     """(config, task, model, tokenizer, space) of a complete run folder."""
     import transformers
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     run = Path(run_dir)
     if not (run / "model" / "config.json").is_file():
         raise UserError("not a finished run folder (no model/config.json)", str(run))

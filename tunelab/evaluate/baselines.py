@@ -18,9 +18,11 @@ from tunelab.tasks import Space, Task
 def features(model_cfg: ModelConfig, items: list[dict], pad_id: int, device, batch_size: int = 64) -> np.ndarray:
     """Frozen pretrained features: one row per item, or one per kept word when items carry `_first`."""
     from transformers import AutoModel
+    from transformers.utils import logging
 
     from tunelab.models import resolve
 
+    logging.disable_progress_bar()
     model = AutoModel.from_pretrained(resolve(model_cfg.name), trust_remote_code=model_cfg.trust_remote_code,
                                       use_safetensors=True).to(device).eval()
     per_word = "_first" in items[0]
