@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_rows, write_jsonl
 from tunelab.cli import main
 
 

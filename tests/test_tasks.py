@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from tunelab.cli import main
-from tunelab.config import Config, DataConfig
+from tunelab.config import DataConfig
 from tunelab.data import fold_split, fraction
 from tunelab.data.load import Example
 from tunelab.errors import UserError

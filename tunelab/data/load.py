@@ -63,10 +63,8 @@ def _text(value, path: Path, line: int, key: str) -> str:
     return value
 
 
-def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
-               default_key: str = "label") -> list[Example]:
-    key = cfg.label_column or default_key
-    rows = []
+def json_records(path: Path):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is named in the error."""
     for i, line in enumerate(_decoded_lines(path), 1):
         if not line.strip():
             continue
@@ -76,6 +74,14 @@ def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class
             raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", str(path), i) from None
         if not isinstance(rec, dict):
             raise UserError("each line must be a JSON object", str(path), i)
+        yield i, rec
+
+
+def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
+               default_key: str = "label") -> list[Example]:
+    key = cfg.label_column or default_key
+    rows = []
+    for i, rec in json_records(path):
         if cfg.text_column not in rec:
             raise UserError(f"missing text field '{cfg.text_column}'", str(path), i)
         label = None

@@ -25,6 +25,11 @@ class Space:
     target_std: float = 1.0
     threshold: float = 0.5
 
+    def label_mapping(self) -> dict:
+        """The transformers config entries that name the outputs (saved in config.json)."""
+        return dict(num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+                    label2id={n: i for i, n in enumerate(self.labels)})
+
 
 class Task:
     name = ""

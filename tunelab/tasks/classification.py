@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tunelab.data.load import Example, check_known_labels, class_label, label_names
+from tunelab.data.load import check_known_labels, class_label, label_names
 from tunelab.errors import UserError
 from tunelab.tasks.base import Space, Task
 
@@ -60,8 +60,7 @@ class Classification(Task):
         return [e.label for e in examples]
 
     def model_kwargs(self, space):
-        return dict(num_labels=len(space.labels), id2label=dict(enumerate(space.labels)),
-                    label2id={n: i for i, n in enumerate(space.labels)}, problem_type="single_label_classification")
+        return dict(**space.label_mapping(), problem_type="single_label_classification")
 
     def target(self, label, space):
         return space.labels.index(label)
@@ -124,8 +123,7 @@ class Multilabel(Task):
         check_known_labels(examples, space.labels, flat=lambda labels: labels)
 
     def model_kwargs(self, space):
-        return dict(num_labels=len(space.labels), id2label=dict(enumerate(space.labels)),
-                    label2id={n: i for i, n in enumerate(space.labels)}, problem_type="multi_label_classification")
+        return dict(**space.label_mapping(), problem_type="multi_label_classification")
 
     def target(self, label, space):
         return [1.0 if n in label else 0.0 for n in space.labels]

@@ -13,11 +13,10 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from tunelab.config import DataConfig
-from tunelab.data.load import Example, _decoded_lines, check_known_labels, where_parts
+from tunelab.data.load import Example, _decoded_lines, check_known_labels, json_records
 from tunelab.errors import UserError
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import fit_logistic
@@ -61,15 +60,7 @@ def _tags(value, path: Path, line: int, n_tokens: int) -> list[str]:
 def read_ner_jsonl(path: Path, cfg: DataConfig, need_label: bool) -> list[Example]:
     key = cfg.label_column or "tags"
     rows = []
-    for i, line in enumerate(_decoded_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", str(path), i) from None
-        if not isinstance(rec, dict):
-            raise UserError("each line must be a JSON object", str(path), i)
+    for i, rec in json_records(path):
         if "tokens" in rec:
             tokens = rec["tokens"]
             if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
@@ -153,8 +144,7 @@ class Ner(Task):
         check_known_labels(examples, space.labels, flat=lambda tags: tags)
 
     def model_kwargs(self, space):
-        return dict(num_labels=len(space.labels), id2label=dict(enumerate(space.labels)),
-                    label2id={n: i for i, n in enumerate(space.labels)})
+        return space.label_mapping()
 
     def encode(self, tokenizer, examples, space, max_length):
         if not getattr(tokenizer, "is_fast", False):
