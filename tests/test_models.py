@@ -1,0 +1,51 @@
+"""Bundled generators: GGUF converted once into a cached safetensors folder that plain transformers loads."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.errors import UserError
+from tunelab.models import gguf, resolve
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    monkeypatch.setitem(gguf.GGUF_MODELS, "ghost", gguf.GgufModel("no_such_pkg_xyz", "m.gguf", "pip install ghost", "MIT"))
+    with pytest.raises(UserError, match="pip install ghost"):
+        resolve("ghost")
+    assert not any(tmp_path.iterdir())  # nothing half-made left in the cache
+
+
+def test_unknown_alias_to_prepare_is_refused(capsys):
+    assert main(["models", "prepare", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smollm2_converts_once_and_answers_like_the_original(monkeypatch, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    folder = resolve("smollm2")
+    assert folder == tmp_path / "smollm2" and (folder / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]  # no temporary folder left behind
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    tic = time.perf_counter()
+    assert resolve("smollm2") == folder and time.perf_counter() - tic < 1.0
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # the cache is reused, not rebuilt
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M, tied embeddings
+    inputs = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0][inputs["input_ids"].shape[1]:])
+    assert "Paris" in answer, answer
