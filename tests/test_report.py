@@ -103,6 +103,16 @@ def test_transfer_gap_across_fractions(tmp_path):
     assert "+0.455 macro-F1 at 10% of the data (full) versus +0.230 at 100% (full)" in text
 
 
+def test_transfer_gap_inside_the_noise_is_not_called_a_trend(tmp_path):
+    c = curve_comparison(tmp_path)
+    for r in c["rows"]:  # widen every interval to +-0.2: a 0.225 change in the gap is now within the noise
+        v = r["metrics"]["f1_macro"]["value"]
+        r["metrics"]["f1_macro"]["ci"] = [v - 0.2, v + 0.2]
+    text = recommend(c)
+    assert "is not settled by this data" in text and "Transfer matters most" not in text
+    assert "combined 95% uncertainty (±0.400)" in text
+
+
 def test_report_is_self_contained_with_charts(tmp_path):
     c = curve_comparison(tmp_path)
     path = write_report(c, tmp_path / "out")

@@ -184,15 +184,18 @@ def _baseline_sentences(base: dict[str, dict], best: dict, rows: list[dict], met
     return out
 
 
-def _transfer_gap(c: dict, fraction: float) -> tuple[float, str] | None:
-    """(best pretrained method's metric minus scratch's, that method) at `fraction`."""
+def _transfer_gap(c: dict, fraction: float) -> tuple[float, str, float] | None:
+    """(best pretrained method's metric minus scratch's, that method, the gap's rough 95% half-width)."""
     rows = _rows_at(c, fraction)
     scratch = [r for r in rows if r["method"] == SCRATCH]
     pretrained = [r for r in rows if r["method"] != SCRATCH]
     if not scratch or not pretrained:
         return None
     top = max(pretrained, key=lambda r: _value(r, c["metric"]))
-    return _value(top, c["metric"]) - _value(scratch[0], c["metric"]), top["method"]
+    # Independent eval errors add in quadrature; without intervals we cannot judge noise, so it counts as zero.
+    halves = [(ci[1] - ci[0]) / 2 for ci in (_ci(top, c["metric"]), _ci(scratch[0], c["metric"])) if ci]
+    half = math.sqrt(sum(h * h for h in halves))
+    return _value(top, c["metric"]) - _value(scratch[0], c["metric"]), top["method"], half
 
 
 def _transfer_sentence(c: dict) -> str:
@@ -203,10 +206,18 @@ def _transfer_sentence(c: dict) -> str:
     small, large = _transfer_gap(c, lo), _transfer_gap(c, hi)
     if small is None or large is None:
         return ""
-    verdict = ("Transfer matters most when data is small" if small[0] > large[0]
-               else "Transfer does not matter more when data is small")
+    # The two gaps are themselves noisy: a difference inside their combined interval is no evidence either way.
+    noise = math.sqrt(small[2] ** 2 + large[2] ** 2)
+    if abs(small[0] - large[0]) <= noise:
+        verdict = "Whether transfer matters more when data is small is not settled by this data"
+    elif small[0] > large[0]:
+        verdict = "Transfer matters most when data is small"
+    else:
+        verdict = "Transfer does not matter more when data is small"
     return (f"{verdict}: the best pretrained method minus scratch is {small[0]:+.3f} {metric_name(c['metric'])} "
-            f"at {_frac(lo)} of the data ({small[1]}) versus {large[0]:+.3f} at {_frac(hi)} ({large[1]}).")
+            f"at {_frac(lo)} of the data ({small[1]}) versus {large[0]:+.3f} at {_frac(hi)} ({large[1]})"
+            + (f", a difference within the gaps' combined 95% uncertainty (±{noise:.3f})." if abs(small[0] - large[0]) <= noise
+               else "."))
 
 
 # ---- charts -------------------------------------------------------------------------------------------------
