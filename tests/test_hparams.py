@@ -87,11 +87,16 @@ def test_lr_find_refuses_bad_options(flags, message, toy_data, tiny_model, tmp_p
     assert not (tmp_path / "o").exists()
 
 
+def _cli(command, tiny_model, toy_data, out, *flags) -> int:
+    """`tunelab COMMAND` on the tiny model and toy data."""
+    return main([command, "--model", tiny_model, "--train", toy_data["train"], "--eval", toy_data["eval"],
+                 "--max-length", "32", "--train.progress", "false", "--output", str(out), *flags])
+
+
 def test_lr_find_from_the_command_line(toy_data, tiny_model, tmp_path, capsys):
     out = tmp_path / "lrf"
-    code = main(["lr-find", "--model", tiny_model, "--train", toy_data["train"], "--eval", toy_data["eval"],
-                 "--max-length", "32", "--batch-size", "16", "--train.progress", "false", "--min-lr", "1e-4",
-                 "--max-lr", "10", "--steps", "12", "--output", str(out)])
+    code = _cli("lr-find", tiny_model, toy_data, out, "--batch-size", "16", "--min-lr", "1e-4", "--max-lr", "10",
+                "--steps", "12")
     assert code == 0
     suggested = json.loads((out / "lr_find.json").read_text())["suggestion"]["lr"]
     assert f"--lr {suggested:.1e}" in capsys.readouterr().out
@@ -137,9 +142,8 @@ def test_tune_writes_the_best_config_and_continues_a_stopped_search(toy_config, 
 
 def test_tune_from_the_command_line(toy_data, tiny_model, tmp_path, capsys):
     out = tmp_path / "tune"
-    code = main(["tune", "--model", tiny_model, "--train", toy_data["train"], "--eval", toy_data["eval"],
-                 "--max-length", "32", "--tuning", "head", "--epochs", "1", "--train.progress", "false",
-                 "--eval.probe", "false", "--trials", "1", "--output", str(out)])
+    code = _cli("tune", tiny_model, toy_data, out, "--tuning", "head", "--epochs", "1", "--eval.probe", "false",
+                "--trials", "1")
     assert code == 0
     printed = capsys.readouterr().out
     assert "trial 0: complete" in printed and "best: trial 0" in printed and str(out / "best.yaml") in printed

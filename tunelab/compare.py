@@ -20,6 +20,7 @@ from tunelab.errors import UserError
 from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
 from tunelab.tasks import TASKS
+from tunelab.text import text_table
 
 
 def compare(base: Config, methods: list[str], out: Path, method_sets: list[str],
@@ -120,12 +121,12 @@ def _baselines(base: Config, frac: float) -> list[dict]:
 
     task = TASKS[base.task]
     print(f"\n=== baselines at fraction {frac:g} ===", flush=True)
+    tok = load_tokenizer(base.model)
     per_fold = []
     for k in range(max(base.eval.folds, 1)):
         cfg = copy.deepcopy(base)
         cfg.data.train_fraction, cfg.eval.fold = frac, (k if base.eval.folds else None)
         splits = load_splits(cfg)
-        tok = load_tokenizer(cfg.model)
         train_items = task.encode(tok, splits.train, splits.space, cfg.data.max_length)
         eval_items = task.encode(tok, splits.eval, splits.space, cfg.data.max_length)
         per_fold.append(baselines(task, splits.space, train_items, eval_items, cfg.model, tok.pad_token_id or 0,
@@ -174,7 +175,4 @@ def table(result: dict) -> str:
         for b in (b for b in result["baselines"] if b["fraction"] == frac):
             cells.append([b["name"]] + ([n] if several else []) + [_fmt_stat(b["metrics"][main])]
                          + ["-"] * (len(head) - 2 - several))
-    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(text_table(cells))

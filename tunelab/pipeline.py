@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tunelab import config as config_mod
 from tunelab.config import Config
-from torch import nn
-
 from tunelab.data import Splits, load_splits
 from tunelab.distributed import setup, teardown
 from tunelab.errors import UserError

@@ -170,9 +170,9 @@ def read_examples(path: str | Path, cfg: DataConfig, need_label: bool = True, pa
     return rows
 
 
-def label_names(examples: list[Example], path: str, flat=lambda label: [label]) -> list[str]:
+def label_names(examples: list[Example], path: str) -> list[str]:
     """The sorted class names of the training data (numerically when every label is an integer)."""
-    names = sorted({name for e in examples for name in flat(e.label)})
+    names = sorted({e.label for e in examples})
     if all(n.lstrip("-").isdigit() for n in names):
         names = sorted(names, key=int)
     if len(names) < 2:

@@ -14,17 +14,21 @@ from tunelab.data.batching import collate, global_batches
 from tunelab.tasks import Space, Task
 
 
-@torch.no_grad()
-def features(model_cfg: ModelConfig, items: list[dict], pad_id: int, device, batch_size: int = 64) -> np.ndarray:
-    """Frozen pretrained features: one row per item, or one per kept word when items carry `_first`."""
+def frozen_encoder(model_cfg: ModelConfig, device) -> torch.nn.Module:
+    """The pretrained backbone without a head, in eval mode."""
     from transformers import AutoModel
     from transformers.utils import logging
 
     from tunelab.models import resolve
 
     logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(resolve(model_cfg.name), trust_remote_code=model_cfg.trust_remote_code,
-                                      use_safetensors=True).to(device).eval()
+    return AutoModel.from_pretrained(resolve(model_cfg.name), trust_remote_code=model_cfg.trust_remote_code,
+                                     use_safetensors=True).to(device).eval()
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, items: list[dict], pad_id: int, device, batch_size: int = 64) -> np.ndarray:
+    """Frozen pretrained features: one row per item, or one per kept word when items carry `_first`."""
     per_word = "_first" in items[0]
     rows: list = [None] * len(items)
     lengths = [len(it["input_ids"]) for it in items]
@@ -52,8 +56,9 @@ def baselines(task: Task, space: Space, train_items: list[dict], eval_items: lis
     name, preds = task.baseline([it["_gold"] for it in train_items], golds, space)
     found = {name: preds}
     if probe:
-        train_x = features(model_cfg, train_items, pad_id, device)
-        eval_x = features(model_cfg, eval_items, pad_id, device)
+        encoder = frozen_encoder(model_cfg, device)
+        train_x = features(encoder, train_items, pad_id, device)
+        eval_x = features(encoder, eval_items, pad_id, device)
         found["linear_probe"] = task.probe(train_x, train_items, eval_x, eval_items, space)
     out = {}
     for name, preds in found.items():

@@ -7,7 +7,18 @@ from pathlib import Path
 from tunelab.io import atomic_write_bytes
 
 
-def _save(fig, path: Path) -> None:
+def figure(size: tuple[float, float] = (6, 3.5)):
+    """(fig, ax) on the headless Agg backend: plots are written on servers and in CI, never shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def save_png(fig, path: Path) -> None:
+    """Write the figure as a PNG atomically and free it."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -17,12 +28,7 @@ def _save(fig, path: Path) -> None:
 
 
 def loss_curve(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure()
     train = [h for h in history if "loss" in h]
     ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", alpha=0.8)
     evals = [h for h in history if "eval_loss" in h]
@@ -32,16 +38,11 @@ def loss_curve(history: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("cross-entropy")
     ax.set_title(title)
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    fig, ax = figure((1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -51,4 +52,4 @@ def confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)

@@ -158,15 +158,10 @@ def _write(result: LRFindResult, cfg: Config, min_lr: float, max_lr: float, step
 
 
 def _plot(result: LRFindResult, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tunelab.evaluate.plots import _save
+    from tunelab.evaluate.plots import figure, save_png
 
     lrs = [p["lr"] for p in result.points]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure()
     ax.plot(lrs, [p["loss"] for p in result.points], alpha=0.3, label="loss")
     ax.plot(lrs, [p["smoothed"] for p in result.points], label="smoothed loss")
     at = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / result.suggested)))
@@ -179,4 +174,4 @@ def _plot(result: LRFindResult, path: Path, title: str) -> None:
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path)

@@ -25,6 +25,7 @@ from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_json, atomic_write_text
 from tunelab.tasks import TASKS
+from tunelab.text import text_table
 
 STUDY = "tunelab"  # fixed, so that a second `tune` on the same folder finds the first one's study
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -184,15 +185,10 @@ def write_reports(study: optuna.Study, base: Config, out: Path, metric: str) -> 
 
 
 def _plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tunelab.evaluate.plots import _save
+    from tunelab.evaluate.plots import figure, save_png
 
     rows, pick = summary["trials"], max if summary["direction"] == "maximize" else min
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure()
     done = [r for r in rows if r["state"] == "COMPLETE"]
     pruned = [r for r in rows if r["state"] == "PRUNED" and r["value"] is not None]
     ax.plot([r["number"] for r in done], [r["value"] for r in done], "o", label="completed")
@@ -203,7 +199,7 @@ def _plot(summary: dict, path: Path) -> None:
     ax.set_xlabel("trial")
     ax.set_ylabel(f"eval {summary['metric']}")
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _trial_line(t: FrozenTrial, metric: str) -> str:
@@ -218,9 +214,7 @@ def table(summary: dict) -> str:
     head = ["trial", "state", summary["metric"], "seconds", *keys]
     cells = [head] + [[str(r["number"]), r["state"].lower(), _fmt(r["value"]), _fmt(r["seconds"], "{:.1f}"),
                        *(_fmt(r["params"].get(k)) for k in keys)] for r in summary["trials"]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = text_table(cells, left_columns=0)
     best = summary["best"]
     if best is None:
         lines.append("no trial completed, so there is no best configuration yet")

@@ -103,6 +103,23 @@ def _label_list(value, path: Path, line: int, key: str) -> list[str]:
     return labels
 
 
+def _label_counts(preds, golds, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-label true positives, false positives and false negatives of label-set predictions."""
+    tp, fp, fn = np.zeros(n), np.zeros(n), np.zeros(n)
+    for p, g in zip(preds, golds):
+        tp[list(p & g)] += 1
+        fp[list(p - g)] += 1
+        fn[list(g - p)] += 1
+    return tp, fp, fn
+
+
+def _f1(tp, fp, fn):
+    """F1 = 2TP / (2TP + FP + FN), 0 where a label was never predicted nor present (sklearn's zero_division=0)."""
+    tp, fp, fn = (np.asarray(x, dtype=float) for x in (tp, fp, fn))
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
 class Multilabel(Task):
     """Any number of labels per text: one sigmoid per label, binary cross-entropy, a tunable threshold."""
 
@@ -141,32 +158,17 @@ class Multilabel(Task):
         return [frozenset(torch.nonzero(row >= space.threshold).flatten().tolist()) for row in probs]
 
     def score(self, preds, golds, space):
-        n = len(space.labels)
-        tp, fp, fn = np.zeros(n), np.zeros(n), np.zeros(n)
-        exact = 0
-        for p, g in zip(preds, golds):
-            for i in p & g:
-                tp[i] += 1
-            for i in p - g:
-                fp[i] += 1
-            for i in g - p:
-                fn[i] += 1
-            exact += p == g
-        def f1(t, f_p, f_n):
-            return np.divide(2 * t, 2 * t + f_p + f_n, out=np.zeros_like(t, dtype=float), where=(2 * t + f_p + f_n) > 0)
+        tp, fp, fn = _label_counts(preds, golds, len(space.labels))
         T, FP, FN = tp.sum(), fp.sum(), fn.sum()
-        return {"f1_micro": float(f1(np.array([T]), np.array([FP]), np.array([FN]))[0]),
-                "f1_macro": float(f1(tp, fp, fn).mean()), "exact_match": exact / max(len(golds), 1),
+        return {"f1_micro": float(_f1(T, FP, FN)), "f1_macro": float(_f1(tp, fp, fn).mean()),
+                "exact_match": sum(p == g for p, g in zip(preds, golds)) / max(len(golds), 1),
                 "precision_micro": float(T / (T + FP)) if T + FP else 0.0,
                 "recall_micro": float(T / (T + FN)) if T + FN else 0.0}
 
     def details(self, preds, golds, space):
-        per = {}
-        for i, name in enumerate(space.labels):
-            tp = sum(1 for p, g in zip(preds, golds) if i in p and i in g)
-            fp = sum(1 for p, g in zip(preds, golds) if i in p and i not in g)
-            fn = sum(1 for p, g in zip(preds, golds) if i not in p and i in g)
-            per[name] = {"f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0, "support": tp + fn}
+        tp, fp, fn = _label_counts(preds, golds, len(space.labels))
+        f1 = _f1(tp, fp, fn)
+        per = {name: {"f1": float(f1[i]), "support": int(tp[i] + fn[i])} for i, name in enumerate(space.labels)}
         return {"per_label": per, "threshold": space.threshold}
 
     def baseline(self, train_golds, golds, space):

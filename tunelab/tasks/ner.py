@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from tunelab.config import DataConfig
-from tunelab.data.load import Example, _decoded_lines, check_known_labels, json_records
+from tunelab.data.load import Example, _decoded_lines, check_known_labels, group_of, json_records
 from tunelab.errors import UserError
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import fit_logistic
@@ -75,7 +75,7 @@ def read_ner_jsonl(path: Path, cfg: DataConfig, need_label: bool) -> list[Exampl
                 raise UserError(f"missing '{key}' (one IOB2 tag per token)", str(path), i)
             tags = _tags(rec[key], path, i, len(tokens))
         rows.append(Example(" ".join(tokens), tags, where=f"{path}:{i}", tokens=list(tokens),
-                            group=str(rec[cfg.group_column]) if cfg.group_column and cfg.group_column in rec else None))
+                            group=group_of(rec, cfg, path, i)))
     return rows
 
 
@@ -110,6 +110,11 @@ def read_conll(path: Path, need_label: bool) -> list[Example]:
     return rows
 
 
+def _looks_like_conll(lines: list[str]) -> bool:
+    """A tab in the first lines means columns (token, tag): CoNLL, not one raw sentence per line."""
+    return any("\t" in line for line in lines[:50])
+
+
 class Ner(Task):
     name = "ner"
     label_key = "tags"
@@ -123,9 +128,8 @@ class Ner(Task):
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
             rows = read_ner_jsonl(p, cfg, need_label)
-        elif suffix == ".txt" and not need_label and not any("\t" in l for l in _decoded_lines(p)[:50]):
-            rows = [Example(l, None, where=f"{p}:{i}", tokens=segment(l))
-                    for i, l in enumerate(_decoded_lines(p), 1) if l.strip()]
+        elif suffix == ".txt" and not need_label and not _looks_like_conll(lines := _decoded_lines(p)):
+            rows = [Example(l, None, where=f"{p}:{i}", tokens=segment(l)) for i, l in enumerate(lines, 1) if l.strip()]
         elif suffix in CONLL_SUFFIXES:
             rows = read_conll(p, need_label)
         else:
