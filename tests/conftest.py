@@ -141,3 +141,96 @@ def toy_config(tiny_model, toy_data, tmp_path):
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 2, 8, 5e-3
     cfg.train.progress = False
     return cfg
+
+
+# --- language-model stages: a tiny Llama with a ChatML template, and small learnable chat data -------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ANSWERS = {"color": "blue", "animal": "cat", "fruit": "apple", "city": "paris", "number": "seven", "drink": "tea"}
+
+
+def make_chat_rows(n: int, seed: int) -> list[dict]:
+    """"name a <thing>" → a fixed answer, sometimes after a system message: learnable in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        thing = rng.choice(sorted(ANSWERS))
+        messages = [{"role": "system", "content": "be brief"}] if rng.random() < 0.3 else []
+        messages += [{"role": "user", "content": f"name a {thing}"},
+                     {"role": "assistant", "content": f"a {ANSWERS[thing]} of course"}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def make_preference_rows(n: int, seed: int) -> list[dict]:
+    """The right answer is preferred to another thing's answer."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        thing, other = rng.sample(sorted(ANSWERS), 2)
+        rows.append({"prompt": f"name a {thing}", "chosen": f"a {ANSWERS[thing]} of course",
+                     "rejected": f"a {ANSWERS[other]} of course"})
+    return rows
+
+
+def make_text_rows(n: int, seed: int) -> list[dict]:
+    return [{"text": r["text"]} for r in make_rows(n, seed)]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random 2-layer Llama (hidden 32, tied embeddings) with a small byte-level BPE tokenizer trained on the toy
+    words and a ChatML chat template whose end-of-turn token is the eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [r["text"] for r in make_rows(200, 0)] + [json.dumps(r) for r in make_chat_rows(200, 0)]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|im_end|>")
+    tok.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, initializer_range=0.1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+LM_ROWS = {"chat": make_chat_rows, "dpo": make_preference_rows, "reward": make_preference_rows,
+           "clm": make_text_rows, "mlm": make_text_rows}
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory) -> dict[str, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("lm-data")
+    return {task: {"train": str(write_jsonl(folder / f"{task}-train.jsonl", make(64, 1))),
+                   "eval": str(write_jsonl(folder / f"{task}-eval.jsonl", make(16, 2)))}
+            for task, make in LM_ROWS.items()}
+
+
+@pytest.fixture
+def lm_config(tiny_llama, tiny_model, lm_data, tmp_path):
+    """A factory: a fast config for a language-model stage (tiny Llama; tiny BERT for mlm)."""
+    from tunelab.config import Config
+
+    def make(task: str, tuning: str = "full"):
+        cfg = Config()
+        cfg.task = task
+        cfg.model.name = tiny_model if task == "mlm" else tiny_llama
+        cfg.data.train, cfg.data.eval, cfg.data.max_length = lm_data[task]["train"], lm_data[task]["eval"], 64
+        cfg.tuning.name = tuning
+        cfg.output = str(tmp_path / f"run-{task}-{tuning}")
+        cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 3, 8, 1e-2 if tuning != "lora" else 1e-1
+        cfg.train.progress = False
+        cfg.eval.bootstrap = 100
+        return cfg
+    return make

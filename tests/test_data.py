@@ -61,3 +61,93 @@ def test_global_batch_splits_into_disjoint_rank_shares():
     batch = list(range(10))
     shares = [split_global(batch, r, 2, 3) for r in range(2)]
     assert shares == [[[0, 1, 2], [3, 4]], [[5, 6, 7], [8, 9]]]
+
+
+# --- chat and preference data from PyPI packages: real files, small sizes ------------------------------------------
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _assert_chat(rows: list[dict]) -> None:
+    for r in rows:
+        roles = [m["role"] for m in r["messages"]]
+        assert len(roles) >= 2 and len(roles) % 2 == 0
+        assert roles == ["user", "assistant"] * (len(roles) // 2)
+        assert all(isinstance(m["content"], str) and m["content"].strip() for m in r["messages"])
+
+
+def _assert_written(info: dict, seed_again) -> tuple[list[dict], list[dict]]:
+    """Counts match the files, train and eval share nothing, and the same seed writes identical files."""
+    train, evaluation = _lines(info["train"]), _lines(info["eval"])
+    assert (len(train), len(evaluation)) == (info["train_examples"], info["eval_examples"])
+    keys = [json.dumps(r, sort_keys=True) for r in train + evaluation]
+    assert len(set(keys)) == len(keys)
+    again = seed_again()
+    for split in ("train", "eval"):
+        assert open(again[split], "rb").read() == open(info[split], "rb").read()
+    return train, evaluation
+
+
+def test_chitchat_writes_alternating_chats_split_by_conversation(tmp_path):
+    from tunelab.data.bundled import chitchat
+
+    info = chitchat(tmp_path / "a", 40, 10, seed=3, max_turns=5)
+    train, evaluation = _assert_written(info, lambda: chitchat(tmp_path / "b", 40, 10, seed=3, max_turns=5))
+    assert (len(train), len(evaluation)) == (40, 10) and info["available"] > 3000
+    _assert_chat(train + evaluation)
+    assert max(len(r["messages"]) for r in train + evaluation) == 4  # 5 turns cut to end on the assistant
+    chitchat(tmp_path / "c", 40, 10, seed=4)
+    assert _lines(tmp_path / "c" / "eval.jsonl") != evaluation  # another seed, another split
+
+
+def test_chitchat_preferences_pairs_differ_and_split_by_starter(tmp_path):
+    from tunelab.data.bundled import chitchat_preferences
+
+    info = chitchat_preferences(tmp_path / "a", 60, 20, seed=1)
+    train, evaluation = _assert_written(info, lambda: chitchat_preferences(tmp_path / "b", 60, 20, seed=1))
+    assert (len(train), len(evaluation)) == (60, 20) and 500 < info["available"] < 2000
+    for r in train + evaluation:
+        assert set(r) == {"prompt", "chosen", "rejected"}
+        assert all(r[k].strip() for k in r) and r["chosen"] != r["rejected"]
+        assert r["chosen"].startswith("A: ") and len(r["chosen"].split()) <= 64  # "A:", "B:", 30 words each, "…"
+    # each conversation is in one pair at most, and no conversation starter is in both splits
+    responses = [r[k] for r in train + evaluation for k in ("chosen", "rejected")]
+    assert len(set(responses)) == len(responses)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+
+
+def test_chatterbot_japanese_and_sizes_beyond_what_is_available(tmp_path):
+    from tunelab.data.bundled import chatterbot_japanese
+
+    info = chatterbot_japanese(tmp_path / "a", eval_size=10, seed=2)
+    train, evaluation = _assert_written(info, lambda: chatterbot_japanese(tmp_path / "b", eval_size=10, seed=2))
+    assert len(evaluation) == 10 and len(train) + 10 == info["available"] > 500
+    _assert_chat(train + evaluation)
+    everything = chatterbot_japanese(tmp_path / "c", eval_size=10_000)  # more than there is: all of it, in eval
+    assert (everything["train_examples"], everything["eval_examples"]) == (0, info["available"])
+
+
+def test_cli_writes_chitchat_preferences(tmp_path, capsys):
+    from tunelab.cli import main
+
+    out = tmp_path / "prefs"
+    assert main(["data", "chitchat-preferences", "--output", str(out), "--train-size", "5000", "--eval-size", "30",
+                 "--seed", "0"]) == 0
+    assert len(_lines(out / "eval.jsonl")) == 30 and 0 < len(_lines(out / "train.jsonl")) < 5000
+    assert "available" in capsys.readouterr().out
+
+
+def test_missing_data_package_names_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from tunelab.data.bundled import chitchat
+    from tunelab.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "chitchat_dataset" else real(name, *a))
+    with pytest.raises(UserError, match="pip install chitchat-dataset"):
+        chitchat(tmp_path, 10, 10)

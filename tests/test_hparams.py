@@ -52,7 +52,7 @@ def test_lr_find_keeps_the_groups_relative_rates(toy_config, tmp_path, monkeypat
 
     def fake_step(loop, ddp, optimizer, batch):
         seen.append(sorted({g["lr"] for g in optimizer.param_groups}))
-        return 1.0 + len(seen) / 100
+        return 1.0 + len(seen) / 100, {}
 
     monkeypatch.setattr(lr_find_mod, "_step", fake_step)
     lr_find(toy_config, min_lr=1e-5, max_lr=1e-1, steps=10, output=tmp_path / "lrf")

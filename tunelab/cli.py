@@ -94,6 +94,46 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --top-p, --seed: declared once, as fields of tunelab.generate.Sampling."""
+    import dataclasses
+
+    from tunelab.generate import Sampling
+
+    for f in dataclasses.fields(Sampling):
+        parser.add_argument(f.metadata["flag"], dest=f.name, type=type(f.default), default=f.default, metavar="V",
+                            help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
+
+
+def _sampling(args):
+    import dataclasses
+
+    from tunelab.generate import Sampling
+
+    return Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
+
+
+def cmd_generate(args) -> int:
+    from tunelab.generate import answer_prompts
+
+    try:
+        answer_prompts(args.model, args.prompt, _sampling(args), args.system, args.raw, args.output)
+    except KeyboardInterrupt:
+        print("\ntunelab: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tunelab.generate import chat_loop, load_generator
+
+    sampling = _sampling(args)
+    sampling.check()  # before the model loads: a bad flag should not cost a load
+    model, tokenizer = load_generator(args.model)
+    chat_loop(model, tokenizer, sampling, args.system)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from tunelab.predict import evaluate_file
 
@@ -158,6 +198,33 @@ def cmd_data_tweets(args) -> int:
     info = tweets(Path(args.output), args.train_size, args.eval_size, args.seed)
     print(f"wrote {info['train']} ({info['train_examples']} examples) and {info['eval']} "
           f"({info['eval_examples']}); usable per class: {info['available']}")
+    return 0
+
+
+def cmd_data_chitchat(args) -> int:
+    from tunelab.data.bundled import chitchat
+
+    info = chitchat(Path(args.output), args.train_size, args.eval_size, args.seed, args.max_turns)
+    print(f"wrote {info['train']} ({info['train_examples']} conversations) and {info['eval']} "
+          f"({info['eval_examples']}); usable: {info['available']}")
+    return 0
+
+
+def cmd_data_chitchat_preferences(args) -> int:
+    from tunelab.data.bundled import chitchat_preferences
+
+    info = chitchat_preferences(Path(args.output), args.train_size, args.eval_size, args.seed, args.min_gap)
+    print(f"wrote {info['train']} ({info['train_examples']} pairs) and {info['eval']} ({info['eval_examples']}, "
+          f"other conversation starters); available: {info['available']} pairs over {info['prompts']} starters")
+    return 0
+
+
+def cmd_data_chatterbot_ja(args) -> int:
+    from tunelab.data.bundled import chatterbot_japanese
+
+    info = chatterbot_japanese(Path(args.output), args.eval_size, args.seed)
+    print(f"wrote {info['train']} ({info['train_examples']} conversations) and {info['eval']} "
+          f"({info['eval_examples']}); usable: {info['available']}")
     return 0
 
 
@@ -226,6 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="Where to write the JSONL predictions (default RUN_DIR/predictions.jsonl).")
     pr.set_defaults(func=cmd_predict)
 
+    ge = sub.add_parser("generate", help="Answer prompts with a generator: a run, a model folder or an alias (smollm2).")
+    ge.add_argument("model", help="Run folder (its model/), bundled alias or model folder.")
+    ge.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
+    ge.add_argument("--system", help="System message put before each prompt.")
+    ge.add_argument("--raw", action="store_true",
+                    help="Feed the prompt as plain text to continue, without the chat template (base models).")
+    add_sampling_flags(ge)
+    ge.add_argument("--output", metavar="FILE.jsonl", help="Also write {prompt, answer, new_tokens, seconds} rows here.")
+    ge.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="Talk with a generator in the terminal; it keeps the conversation.")
+    ch.add_argument("model", help="Run folder (its model/), bundled alias or model folder.")
+    ch.add_argument("--system", help="System message at the start of the conversation.")
+    add_sampling_flags(ch)
+    ch.set_defaults(func=cmd_chat)
+
     ev = sub.add_parser("eval", help="Evaluate a finished run on a labelled file.")
     ev.add_argument("run_dir")
     ev.add_argument("--data", required=True)
@@ -253,6 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     jn.add_argument("--eval-size", type=int, default=100)
     jn.add_argument("--seed", type=int, default=0)
     jn.set_defaults(func=cmd_data_japanese_ner)
+    cc = dsub.add_parser("chitchat", help="Write chat JSONL ({messages}) from the bundled English chit-chat.")
+    cc.add_argument("--output", required=True)
+    cc.add_argument("--train-size", type=int, default=3000)
+    cc.add_argument("--eval-size", type=int, default=300)
+    cc.add_argument("--seed", type=int, default=0)
+    cc.add_argument("--max-turns", type=int, default=4, help="Turns kept per conversation (ends on the assistant).")
+    cc.set_defaults(func=cmd_data_chitchat)
+    cp = dsub.add_parser("chitchat-preferences",
+                         help="Write {prompt, chosen, rejected} JSONL from chit-chat ratings (a weak, noisy signal).")
+    cp.add_argument("--output", required=True)
+    cp.add_argument("--train-size", type=int, default=1000)
+    cp.add_argument("--eval-size", type=int, default=100)
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--min-gap", type=int, default=6, help="Least rating-sum difference (3-30 scale) within a pair.")
+    cp.set_defaults(func=cmd_data_chitchat_preferences)
+    cj = dsub.add_parser("chatterbot-ja", help="Write chat JSONL ({messages}) from chatterbot's Japanese dialogues.")
+    cj.add_argument("--output", required=True)
+    cj.add_argument("--eval-size", type=int, default=20)
+    cj.add_argument("--seed", type=int, default=0)
+    cj.set_defaults(func=cmd_data_chatterbot_ja)
     return p
 
 

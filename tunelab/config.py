@@ -47,18 +47,21 @@ class DataConfig:
     train_fraction: float = setting(1.0, "Train on this fraction of the training split (a nested, stratified sample: a learning-curve point).")
     max_length: int = setting(128, "Longest input in tokens; longer texts are truncated.", "--max-length")
     limit_train: int | None = setting(None, "Use at most this many training examples (a stratified sample); None uses all.")
+    overlong: str = setting("truncate", "chat, dpo, reward: examples longer than max_length are cut at the end (truncate) or left out (drop); both are counted.")
+    skip_invalid: bool = setting(False, "chat, dpo, reward: skip records with bad content (unknown role, empty text, identical responses) with a counted warning instead of stopping.")
+    mlm_probability: float = setting(0.15, "mlm: share of the tokens chosen for prediction (of those 80% masked, 10% random, 10% kept).")
 
 
 @dataclass
 class TuningConfig:
     name: str = setting("full", "How the weights adapt: scratch, head, partial, full or lora.", "--tuning")
     partial_layers: int = setting(2, "partial: how many of the top encoder blocks train (plus the head).")
-    layer_decay: float = setting(0.8, "full: each lower block's learning rate is this times the block above; embeddings lowest.")
+    layer_decay: float | None = setting(None, "full: each lower block's learning rate is this times the block above, embeddings lowest; None: 0.8 for encoder tasks, 1 (off) for language-model stages.")
     gradual_unfreeze: bool = setting(False, "full: start with only the head trainable and unfreeze one more block from the top each epoch.")
     lora_r: int = setting(8, "lora: rank of the low-rank update.")
     lora_alpha: int = setting(16, "lora: scaling numerator; the update is scaled by alpha / r.")
     lora_dropout: float = setting(0.1, "lora: dropout on the adapter input.")
-    lora_targets: list[str] = setting(["query", "value"], "lora: names of the linear modules that get adapters.")
+    lora_targets: list[str] = setting([], "lora: names of the linear modules that get adapters; empty: the attention query and value projections (query/value, q_proj/v_proj or c_attn).")
 
 
 @dataclass
@@ -76,6 +79,7 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "Save a resumable checkpoint every N optimizer steps (and always at each epoch end); 0 only at epoch ends.")
     early_stopping_patience: int = setting(0, "Stop after this many evaluations without improvement and restore the best weights; 0 disables.")
     metric: str = setting("auto", "Evaluation metric that decides the best weights and early stopping; auto uses the task's main one.")
+    beta: float = setting(0.1, "dpo: how strongly the policy is held near the reference model (larger: closer).")
     seed: int = setting(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.", "--seed")
     device: str = setting("auto", "cpu, cuda, or auto (cuda when available).")
     bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
@@ -94,7 +98,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    task: str = setting("classification", "What the model learns: classification, multilabel, regression or ner.", "--task")
+    task: str = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, chat, dpo, reward.", "--task")
     output: str = setting("runs/run", "Run folder to write (config, metrics, history, plots, model, checkpoints).", "--output")
     overwrite: bool = setting(False, "Replace an existing, non-empty run folder instead of refusing.", "--overwrite")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -229,6 +233,12 @@ def validate(cfg: Config) -> None:
                         f"({', '.join(task.metrics)}, loss)", "train.metric")
     if cfg.tuning.name not in METHODS:
         raise UserError(f"unknown tuning method '{cfg.tuning.name}' (known: {', '.join(METHODS)})", "--tuning")
+    if cfg.tuning.name not in task.tunings:
+        raise UserError(f"tuning method '{cfg.tuning.name}' does not apply to the {cfg.task} task "
+                        f"(use {', '.join(task.tunings)})", "--tuning")
+    if task.judged_by_start and cfg.eval.folds:
+        raise UserError(f"cross-validation is not offered for the {cfg.task} task; give --eval or data.eval_split",
+                        "--folds")
     if cfg.train.schedule not in ("linear", "cosine", "constant"):
         raise UserError(f"unknown schedule '{cfg.train.schedule}' (known: linear, cosine, constant)", "train.schedule")
     if not cfg.data.train:
@@ -247,6 +257,10 @@ def validate(cfg: Config) -> None:
         (not (cfg.eval.folds and cfg.data.eval), "--folds splits the training data into folds; drop --eval "
                                                  "(score a held-out file afterwards with `tunelab eval`)"),
         (0 < cfg.eval.threshold < 1, "eval.threshold must be between 0 and 1"),
+        (cfg.tuning.layer_decay is None or 0 < cfg.tuning.layer_decay <= 1, "tuning.layer_decay must be in (0, 1]"),
+        (cfg.train.beta > 0, "train.beta must be positive"),
+        (cfg.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
+        (0 < cfg.data.mlm_probability < 1, "data.mlm_probability must be between 0 and 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -61,12 +61,19 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     torch.manual_seed(cfg.train.seed)
     task = TASKS[cfg.task]
     splits = load_splits(cfg)
-    splits.space.threshold = cfg.eval.threshold
+    space = splits.space
+    space.threshold, space.beta, space.seed = cfg.eval.threshold, cfg.train.beta, cfg.train.seed
+    space.overlong, space.mlm_probability = cfg.data.overlong, cfg.data.mlm_probability
+    if cfg.tuning.layer_decay is None:
+        cfg.tuning.layer_decay = task.default_layer_decay
     tokenizer = load_tokenizer(cfg.model)
     method = METHODS[cfg.tuning.name]
-    model = method.prepare(build_model(cfg.model, task, splits.space, method.pretrained), cfg.tuning).to(device)
-    train_items = task.encode(tokenizer, splits.train, splits.space, cfg.data.max_length)
-    eval_items = task.encode(tokenizer, splits.eval, splits.space, cfg.data.max_length)
+    model = method.prepare(build_model(cfg.model, task, space, method.pretrained), cfg.tuning).to(device)
+    train_items = task.encode(tokenizer, splits.train, space, cfg.data.max_length)
+    eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
+    pad_id = tokenizer.pad_token_id or 0
+    task.prepare_items(model, train_items, pad_id, device)
+    task.prepare_items(model, eval_items, pad_id, device)
     return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items)
 
 
@@ -86,17 +93,22 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
     run = _prepare_run_dir(Path(cfg.output), cfg, resume, dist.main)
     trainable, total = count_params(job.model)  # before the loop: gradual unfreezing changes requires_grad
 
+    # Language-model stages are judged against the model they started from: score it before any step.
+    start = evaluate(job.task, job.model, job.eval_items, job.splits.space, job.pad_id, dist.device) \
+        if job.task.judged_by_start and dist.main else None
     loop = Loop(cfg, job.task, job.splits.space, job.model, job.method, job.train_items, job.eval_items, job.pad_id,
                 run, dist, on_step, on_eval)
     timing = fit(loop, resume=resume)
 
     metrics = final_metrics(job, dist.device)
+    metrics.update(job.task.summary(loop.history, metrics["eval"]))
     metrics["train"] = {**timing, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
                         "trainable_params": trainable, "total_params": total, "train_examples": len(job.train_items),
                         "eval_examples": len(job.eval_items), "world_size": dist.world}
     if dist.main:
         metrics["baseline"] = baselines(job.task, job.splits.space, job.train_items, job.eval_items, cfg.model,
-                                        job.pad_id, dist.device, cfg.eval.probe, cfg.eval.bootstrap, cfg.train.seed)
+                                        job.pad_id, dist.device, cfg.eval.probe, cfg.eval.bootstrap, cfg.train.seed,
+                                        start)
         model_dir, plain = export_model(run, job.model, job.method, job.tokenizer, job.task, job.splits.space)
         metrics["inference"] = {**measure_inference(plain, job.eval_items, job.pad_id, dist.device),
                                 "model_mb": folder_mb(model_dir)}
@@ -110,7 +122,7 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
 def final_metrics(job: Job, device) -> dict:
     """Eval metrics with bootstrap intervals; for multilabel also the threshold tuned on the eval set."""
     cfg, task, space = job.cfg, job.task, job.splits.space
-    outputs = predict_outputs(job.model, job.eval_items, job.pad_id, device)
+    outputs = predict_outputs(task, job.model, job.eval_items, job.pad_id, device)
     out = {"task": task.name, "metric": task.primary, "labels": space.labels,
            "split": {"folds": cfg.eval.folds, "fold": cfg.eval.fold, "train_fraction": cfg.data.train_fraction}}
     tuned = task.tune(outputs, job.eval_items, space) if cfg.eval.tune_threshold else {}

@@ -34,7 +34,7 @@ def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | No
     cfg, task, model, tokenizer, space = load_run(run_dir)
     examples = task.read(input_path, cfg.data, need_label=False)
     items = task.encode(tokenizer, examples, space, cfg.data.max_length)
-    outputs = predict_outputs(model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    outputs = predict_outputs(task, model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
     preds = task.decode(outputs, items, space)
     rows = [task.predict_row(e, p, o, space) for e, p, o in zip(examples, preds, outputs)]
     out = Path(output) if output else Path(run_dir) / "predictions.jsonl"

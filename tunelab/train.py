@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tunelab import checkpoint
 from tunelab.checkpoint import TrainState
 from tunelab.config import Config
-from tunelab.data.batching import collate, global_batches, split_global
+from tunelab.data.batching import global_batches, split_global
 from tunelab.distributed import Dist
 from tunelab.evaluate import evaluate
 from tunelab.io import atomic_write_jsonl
@@ -69,8 +69,8 @@ def _autocast_dtype(loop: Loop):
     return torch.bfloat16 if loop.cfg.train.bf16 and loop.dist.device.type == "cuda" else None
 
 
-def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
-    """One optimizer step over one global batch; returns the batch's mean training loss."""
+def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> tuple[float, dict]:
+    """One optimizer step over one global batch: the batch's mean training loss and the task's extra log fields."""
     t, d = loop.cfg.train, loop.dist
     micro = split_global(batch, d.rank, d.world, t.batch_size)
     if not micro:  # this process got no examples of a short last batch: contribute zero gradient
@@ -83,14 +83,17 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
     scale = weight * d.world / max(units, 1)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     total = torch.zeros((), device=d.device)
+    sums: dict[str, float] = {}
     for i, idx in enumerate(micro):
-        inputs = {k: v.to(d.device) for k, v in collate([loop.train_items[j] for j in idx], loop.pad_id).items()}
-        labels = inputs.pop("labels")
+        inputs = {k: v.to(d.device) for k, v in loop.task.collate([loop.train_items[j] for j in idx],
+                                                                  loop.pad_id).items()}
         sync = i == len(micro) - 1 or d.world == 1
         with ddp.no_sync() if not sync else contextlib.nullcontext():
             with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None):
-                logits = ddp(**inputs).logits.float()
-            loss = loop.task.loss(logits, labels) * scale
+                loss, extra = loop.task.forward(ddp, inputs, loop.space)
+            loss = loss * scale
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0.0) + v * weight
             if t.l1 > 0:  # one L1 term per step, shared out over the micro-batches in proportion to their size
                 l1 = sum(p.abs().sum() for p in params if p.ndim > 1)
                 loss = loss + t.l1 * l1 * len(idx) * weight * d.world / len(batch)
@@ -103,7 +106,11 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> float:
     if d.world > 1:
         torch.distributed.all_reduce(total)
         total /= d.world
-    return float(total)
+        if sums:
+            reduced = torch.tensor(list(sums.values()), device=d.device, dtype=torch.float64)
+            torch.distributed.all_reduce(reduced)
+            sums = dict(zip(sums, reduced.tolist()))
+    return float(total), loop.task.train_log(sums, units)
 
 
 def _evaluate(loop: Loop, state: TrainState) -> dict:
@@ -164,7 +171,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
         for b in range(state.batch_in_epoch, len(batches)):
             loop.method.train_mode(model)
             tic = time.perf_counter()
-            loss = _step(loop, ddp, optimizer, batches[b])
+            loss, extra = _step(loop, ddp, optimizer, batches[b])
             scheduler.step()
             dt = time.perf_counter() - tic
             step_seconds, seen = step_seconds + dt, seen + len(batches[b])
@@ -172,7 +179,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             state.step += 1
             state.epoch, state.batch_in_epoch = (epoch + 1, 0) if end_of_epoch else (epoch, b + 1)
             _log(loop, {"step": state.step, "epoch": epoch + (b + 1) / len(batches), "loss": loss,
-                        "lr": scheduler.get_last_lr()[-1], "samples_per_second": len(batches[b]) / dt})
+                        **extra, "lr": scheduler.get_last_lr()[-1], "samples_per_second": len(batches[b]) / dt})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{len(batches[b]) / dt:.1f}")
             if (t.eval_every and state.step % t.eval_every == 0) or (not t.eval_every and end_of_epoch):

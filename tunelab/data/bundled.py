@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 from pathlib import Path
 
@@ -74,3 +75,172 @@ def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0) -> dict:
     atomic_write_jsonl(output / "eval.jsonl", rows[:eval_size])
     return {"train": output / "train.jsonl", "eval": output / "eval.jsonl", "train_examples": len(rows) - eval_size,
             "eval_examples": eval_size, "source": str(source)}
+
+
+def _package_dir(module: str, what: str, install: str) -> Path:
+    """The folder of an installed package that ships data, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        from tunelab.errors import UserError
+
+        raise UserError(f"{what} needs the PyPI package '{install.split('==')[0]}' (pip install {install})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _write_splits(output: Path, train: list[dict], evaluation: list[dict], **extra) -> dict:
+    output = Path(output)
+    atomic_write_jsonl(output / "train.jsonl", train)
+    atomic_write_jsonl(output / "eval.jsonl", evaluation)
+    return {"train": str(output / "train.jsonl"), "eval": str(output / "eval.jsonl"),
+            "train_examples": len(train), "eval_examples": len(evaluation), **extra}
+
+
+def _split(rows: list[dict], train_size: int, eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle by seed; eval is taken first so it stays the same when only the train size changes."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[eval_size:eval_size + train_size], rows[:eval_size]
+
+
+def _chat(texts: list[str]) -> list[dict]:
+    """Alternating user/assistant messages (first = user), cut so that the assistant speaks last."""
+    texts = texts[:len(texts) // 2 * 2]
+    return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]
+
+
+def _unique(rows: list[dict]) -> list[dict]:
+    """Exact duplicates dropped (first kept), so that no record can land in both train and eval."""
+    seen: set[str] = set()
+    kept = []
+    for r in rows:
+        key = json.dumps(r, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
+def _chitchat_conversations() -> list[dict]:
+    folder = _package_dir("chitchat_dataset", "the chit-chat data", "chitchat-dataset==0.9.0")
+    return list(json.loads((folder / "dataset.json").read_text(encoding="utf-8")).values())
+
+
+def _turns(conversation: dict) -> list[str]:
+    """A chit-chat conversation's turns (one sender's consecutive utterances joined by a space, whitespace
+    collapsed), up to the first turn with no text."""
+    turns = []
+    for turn in conversation.get("messages") or []:
+        text = " ".join(" ".join(u.get("text") or "" for u in turn).split())
+        if not text:
+            break
+        turns.append(text)
+    return turns
+
+
+def chitchat(output: Path, train_size: int, eval_size: int, seed: int = 0, max_turns: int = 4) -> dict:
+    """Chat SFT data ({"messages": [...]}, OpenAI format) from the 7,168 English chit-chat conversations between
+    two people of BYU's Chit-Chat Challenge (chitchat-dataset, MIT licence).
+
+    The first turn's sender is the user, the other person the assistant. The first `max_turns` turns are kept and
+    cut to end with an assistant turn; a conversation with fewer than 2 such turns is dropped (3,150 of them have
+    one sender only: nobody answered). Exact duplicates are dropped, then conversations are split by seed, so each
+    is in train or eval, never both. If fewer are usable than asked for, all of them are written.
+    """
+    from tunelab.errors import UserError
+
+    if max_turns < 2:
+        raise UserError(f"max_turns must be at least 2 (a user turn and an assistant turn), got {max_turns}")
+    rows = [{"messages": _chat(_turns(c)[:max_turns])} for c in _chitchat_conversations()]
+    rows = _unique([r for r in rows if r["messages"]])
+    train, evaluation = _split(rows, train_size, eval_size, seed)
+    return _write_splits(output, train, evaluation, available=len(rows))
+
+
+def _transcript(turns: list[str], max_words: int = 30) -> str:
+    """The first two turns as "A: ...\nB: ...", each cut to `max_words` words (so at most ~60 in all)."""
+    lines = []
+    for who, text in zip("AB", turns[:2]):
+        words = text.split()
+        lines.append(f"{who}: " + " ".join(words[:max_words]) + (" …" if len(words) > max_words else ""))
+    return "\n".join(lines)
+
+
+def _pair_by_rating(rated: list[tuple[int, str]], min_gap: int, rng: random.Random) -> list[tuple[str, str]]:
+    """As many disjoint (higher, lower) pairs as the gap allows: the k lowest-rated paired in order with the k
+    highest-rated, k as large as possible (that matching is optimal for a threshold on the difference). Ties in
+    rating are ordered by seed, so the seed decides which of equally rated conversations are used."""
+    rated = list(rated)
+    rng.shuffle(rated)
+    rated.sort(key=lambda r: r[0])  # stable: ties keep their seeded order
+    n, k = len(rated), len(rated) // 2
+    while k and any(rated[n - k + i][0] - rated[i][0] < min_gap for i in range(k)):
+        k -= 1
+    return [(rated[n - k + i][1], rated[i][1]) for i in range(k) if rated[n - k + i][1] != rated[i][1]]
+
+
+def chitchat_preferences(output: Path, train_size: int, eval_size: int, seed: int = 0, min_gap: int = 6) -> dict:
+    """Preference pairs {"prompt", "chosen", "rejected"} from the chit-chat conversations' human ratings: a weak,
+    noisy signal, use it as such.
+
+    How the set is made. Each conversation was rated after the chat by a participant, 1-10 on interesting, upbeat
+    and witty; the score is their sum (3-30). Of 7,168 conversations 5,988 are rated, and exactly 5/5/5 is by far
+    the most frequent rating (2,920; sum 15 has 2,957, the next most frequent sum is 30 with 720): 1,594 of those
+    are conversations in which nobody answered, so 5/5/5 looks like the rating form's default, not an opinion, and
+    is skipped. Also skipped: no ratings, no prompt, fewer than 2 turns. Conversations are grouped by their prompt,
+    the conversation starter the two people were given (34 starters, 2,375 conversations). Within a starter a
+    higher-rated conversation is paired with one rated at least `min_gap` lower, each conversation in one pair at
+    most, as many pairs as possible (1,077 with min_gap 6). The record's prompt is the starter; chosen and rejected
+    are the first two turns of each conversation as a transcript ("A: ...\\nB: ...", each turn cut to 30 words).
+
+    Why the signal is weak: a rating judges a whole conversation (both people, often dozens of turns), not the two
+    turns shown; one participant gives it; and it tracks length (median 2 turns at score 3, 40 at score 30), so a
+    pair says as much "this conversation went on" as "this opening is better".
+
+    The split is by starter: eval takes whole starter groups in seeded order until it holds `eval_size` pairs (the
+    rest of the last group is left out), train the other starters, so no starter or conversation is in both. If
+    fewer pairs are available than asked for, all of them are written.
+    """
+    rng = random.Random(seed)
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for conversation in _chitchat_conversations():
+        ratings, prompt = conversation.get("ratings"), " ".join((conversation.get("prompt") or "").split())
+        turns = _turns(conversation)
+        if not ratings or not prompt or len(turns) < 2 or sorted(ratings.values()) == [5, 5, 5]:
+            continue
+        groups.setdefault(prompt, []).append((sum(int(v) for v in ratings.values()), _transcript(turns)))
+    pairs = {p: _pair_by_rating(rated, min_gap, rng) for p, rated in sorted(groups.items())}
+    prompts = sorted(pairs)
+    rng.shuffle(prompts)
+    train, evaluation = [], []
+    for p in prompts:
+        rows = [{"prompt": p, "chosen": chosen, "rejected": rejected} for chosen, rejected in pairs[p]]
+        (evaluation if len(evaluation) < eval_size else train).extend(rows)
+    rng.shuffle(train)
+    rng.shuffle(evaluation)
+    return _write_splits(output, train[:train_size], evaluation[:eval_size],
+                         available=sum(len(v) for v in pairs.values()), prompts=len(pairs))
+
+
+def chatterbot_japanese(output: Path, eval_size: int = 20, seed: int = 0) -> dict:
+    """Chat SFT data ({"messages": [...]}) from the Japanese part of chatterbot-corpus (BSD licence, per its PyPI
+    classifier): 19 YAML files of short scripted dialogues, 568 conversations, most of them one question and one
+    answer.
+
+    Each conversation's lines alternate user/assistant (first = user), cut to end with an assistant line; exact
+    duplicates are dropped; `eval_size` conversations go to eval by seed, the rest to train. The same question
+    sometimes has two different answers in separate conversations, which may fall one in each split.
+    """
+    import yaml
+
+    folder = _package_dir("chatterbot_corpus", "the Japanese chatterbot data", "chatterbot-corpus==1.3.3")
+    rows = []
+    for path in sorted((folder / "data" / "japanese").glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            texts = [" ".join(str(t).split()) for t in conversation]
+            texts = texts[:next((i for i, t in enumerate(texts) if not t), len(texts))]  # up to the first empty line
+            rows.append({"messages": _chat(texts)})
+    rows = _unique([r for r in rows if r["messages"]])
+    train, evaluation = _split(rows, len(rows), eval_size, seed)
+    return _write_splits(output, train, evaluation, available=len(rows))

@@ -48,14 +48,18 @@ def features(model: torch.nn.Module, items: list[dict], pad_id: int, device, bat
 
 
 def baselines(task: Task, space: Space, train_items: list[dict], eval_items: list[dict], model_cfg: ModelConfig,
-              pad_id: int, device, probe: bool, resamples: int, seed: int) -> dict:
-    """{name: metrics with their bootstrap intervals} for the trivial baseline and (optionally) the probe."""
+              pad_id: int, device, probe: bool, resamples: int, seed: int, start: dict | None = None) -> dict:
+    """{name: metrics with their bootstrap intervals} for the trivial baseline and (optionally) the probe; for
+    language-model stages, the model before training (`start`: its evaluate() result)."""
     from tunelab.evaluate.stats import bootstrap_ci
 
     golds = [it["_gold"] for it in eval_items]
-    name, preds = task.baseline([it["_gold"] for it in train_items], golds, space)
-    found = {name: preds}
-    if probe:
+    if task.judged_by_start:
+        found = {"before_training": start["_preds"]} if start else {}
+    else:
+        name, preds = task.baseline([it["_gold"] for it in train_items], golds, space)
+        found = {name: preds}
+    if probe and not task.judged_by_start:
         encoder = frozen_encoder(model_cfg, device)
         train_x = features(encoder, train_items, pad_id, device)
         eval_x = features(encoder, eval_items, pad_id, device)

@@ -42,7 +42,9 @@ def measure_inference(model: nn.Module, items: list[dict], pad_id: int, device, 
                       batch_size: int = 32) -> dict:
     """Median latency of one request (batch of 1) and throughput at `batch_size`, on eval examples."""
     model.eval()
-    sample = [{k: v for k, v in it.items() if k != "labels"} for it in items[: max(single, batch_size * 4)]]
+    sample = [{"input_ids": it["input_ids"], "attention_mask": it.get("attention_mask") or [1] * len(it["input_ids"]),
+               **({"token_type_ids": it["token_type_ids"]} if "token_type_ids" in it else {})}
+              for it in items[: max(single, batch_size * 4)]]
     if not sample:
         return {}
 

@@ -102,7 +102,7 @@ def _sweep(cfg: Config, min_lr: float, max_lr: float, steps: int) -> tuple[list[
             for g, r in zip(optimizer.param_groups, ratios):
                 g["lr"] = lr * r
             job.method.train_mode(job.model)
-            loss = _step(loop, job.model, optimizer, batch)
+            loss, _ = _step(loop, job.model, optimizer, batch)
             bar.update(1)
             if not math.isfinite(loss):
                 break

@@ -1,6 +1,7 @@
 """Tasks: what the model learns. Adding one is a module plus one line in this plain dict."""
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import Classification, Multilabel
+from tunelab.tasks.lm import DPO, CausalLM, ChatSFT, MaskedLM, RewardModel
 from tunelab.tasks.ner import Ner
 from tunelab.tasks.regression import Regression
 
@@ -9,6 +10,11 @@ TASKS: dict[str, Task] = {
     "multilabel": Multilabel(),
     "regression": Regression(),
     "ner": Ner(),
+    "clm": CausalLM(),
+    "mlm": MaskedLM(),
+    "chat": ChatSFT(),
+    "dpo": DPO(),
+    "reward": RewardModel(),
 }
 
 __all__ = ["TASKS", "Space", "Task"]

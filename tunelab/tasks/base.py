@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tunelab.config import DataConfig, ModelConfig
+from tunelab.data.batching import collate
 from tunelab.data.load import Example, read_examples
 
 
@@ -24,6 +25,10 @@ class Space:
     target_mean: float = 0.0
     target_std: float = 1.0
     threshold: float = 0.5
+    beta: float = 0.1  # dpo: the strength of the pull towards the reference model
+    overlong: str = "truncate"  # chat, dpo, reward: what happens to examples longer than max_length
+    mlm_probability: float = 0.15
+    seed: int = 0
 
     def label_mapping(self) -> dict:
         """The transformers config entries that name the outputs (saved in config.json)."""
@@ -37,6 +42,9 @@ class Task:
     metrics: tuple[str, ...] = ()  # scalar metrics `score` returns; the first is the main one
     lower_is_better = frozenset({"loss", "mse", "mae"})
     model_class = "AutoModelForSequenceClassification"
+    tunings: tuple[str, ...] = ("scratch", "head", "partial", "full", "lora")  # the methods that make sense here
+    judged_by_start = False  # language-model stages compare with the model before training, not a trivial answer
+    default_layer_decay = 0.8  # full tuning's per-block learning-rate decay when tuning.layer_decay is unset
 
     @property
     def primary(self) -> str:
@@ -108,7 +116,38 @@ class Task:
         """How many loss terms one example contributes (tokens for ner): the loss is averaged over these."""
         return 1
 
+    def prepare_items(self, model: nn.Module, items: list[dict], pad_id: int, device) -> None:
+        """Anything computed once with the starting model before training (dpo: the reference log-probabilities)."""
+
     # --- training and scoring ---------------------------------------------------------------------------------
+    def collate(self, items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """One padded batch of model inputs plus `labels`."""
+        return collate(items, pad_id)
+
+    def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
+        """(summed loss over the batch's units, sums for the training log such as correct tokens)."""
+        labels = batch.pop("labels")
+        return self.loss(model(**batch).logits.float(), labels), {}
+
+    def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
+        """Extra per-step log fields from the summed `forward` figures of one global batch."""
+        return {}
+
+    def outputs(self, model: nn.Module, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
+        """Per-example outputs for evaluation: (num_labels,) per text, or (tokens, num_labels) for token tasks."""
+        batch.pop("labels", None)
+        logits = model(**batch).logits.float().cpu()
+        return [logits[row, :n] if logits.dim() == 3 else logits[row] for row, n in enumerate(lengths)]
+
+    def eval_loss(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> float:
+        """The training loss on these items, averaged over the task's units."""
+        total, units = 0.0, 0
+        for out, item in zip(outputs, items):
+            labels = collate([{"input_ids": item["input_ids"], "labels": item["labels"]}], 0)["labels"]
+            total += float(self.loss(out.unsqueeze(0), labels))
+            units += self.units(item)
+        return total / max(units, 1)
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed loss over the batch's units."""
         raise NotImplementedError
@@ -135,6 +174,10 @@ class Task:
 
     def tune(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> dict:
         """Decision settings chosen on the eval set after training (multilabel threshold); may update space."""
+        return {}
+
+    def summary(self, history: list[dict], final: dict) -> dict:
+        """Extra headline figures for metrics.json from the training log and the final eval metrics."""
         return {}
 
     def finalize(self, model: nn.Module, space: Space) -> None:

@@ -1,0 +1,285 @@
+"""Language-model stages on a tiny random Llama (and a tiny BERT for mlm): chat loss sits on assistant tokens only,
+DPO starts at ln 2 with a frozen reference, resume is exact, exports load in plain transformers and peft, bad
+records are refused by file and line. (That every stage trains and round-trips is in test_contract.py.)"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tunelab.distributed import Dist
+from tunelab.pipeline import build_job, train
+from tunelab.train import Loop, fit
+
+
+def _history(run):
+    import json
+
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+# --- chat: which tokens carry the loss --------------------------------------------------------------------------
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_chat_loss_covers_assistant_tokens_through_the_end_of_turn_only(tiny_llama):
+    from tunelab.tasks.lm import IGNORE, render
+
+    tok = _tokenizer(tiny_llama)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a color"},
+                {"role": "assistant", "content": "a blue of course"}, {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "a red", "weight": 0}, {"role": "user", "content": "once more"},
+                {"role": "assistant", "content": "a cat"}]
+    ids, labels = render(tok, messages, trained=[2, 6])
+    assert len(ids) == len(labels)
+    kept = [t for t in labels if t != IGNORE]
+    # exactly the two trained answers, each followed by the end-of-turn token, and nothing else
+    assert tok.decode(kept) == "a blue of course<|im_end|>a cat<|im_end|>"
+    assert kept.count(tok.eos_token_id) == 2
+    assert ids[labels.index(kept[0]) - 1] != kept[0]  # the assistant header before it is not trained
+    text_ignored = tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE])
+    assert "name a color" in text_ignored and "a red" in text_ignored and "be brief" in text_ignored
+
+
+def test_chat_items_train_the_end_of_turn_and_prompt_completion_reads(lm_config, tmp_path):
+    cfg = lm_config("chat")
+    p = tmp_path / "pc.jsonl"
+    p.write_text('{"prompt": "name a fruit", "completion": "an apple"}\n' * 4)
+    cfg.data.train = str(p)
+    job = build_job(cfg, torch.device("cpu"))
+    eos = job.tokenizer.eos_token_id
+    for it in job.train_items:
+        trained = [t for t in it["labels"] if t != -100]
+        assert trained[-1] == eos and job.tokenizer.decode(trained) == "an apple<|im_end|>"
+
+
+def test_sft_resume_after_crash_equals_uninterrupted(lm_config, tmp_path):
+    from safetensors.torch import load_file
+
+    class Crash(Exception):
+        pass
+
+    cfg = lm_config("chat", "lora")
+    cfg.train.checkpoint_every, cfg.train.epochs = 4, 2
+    cfg.output = str(tmp_path / "straight")
+    straight = train(cfg)
+
+    def crash(step):
+        if step == 7:
+            raise Crash
+
+    cfg.output = str(tmp_path / "resumed")
+    with pytest.raises(Crash):
+        train(cfg, on_step=crash)
+    resumed = train(cfg, resume=True)
+    a, b = (load_file(str(r.run_dir / "model" / "model.safetensors")) for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.eval == resumed.eval
+    steps = [[(h["step"], h.get("loss"), h.get("mean_token_accuracy")) for h in _history(r.run_dir)]
+             for r in (straight, resumed)]
+    assert steps[0] == steps[1]  # history rewound to the checkpoint, then redone
+
+
+def test_chat_metrics_carry_the_openai_names(lm_config):
+    m = train(lm_config("chat", "lora")).metrics
+    for key in ("train_loss", "valid_loss", "train_mean_token_accuracy", "valid_mean_token_accuracy"):
+        assert isinstance(m[key], float), key
+    assert m["valid_loss"] == m["eval"]["loss"] and 0 <= m["valid_mean_token_accuracy"] <= 1
+
+
+# --- dpo ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_dpo_loss_is_ln2_when_policy_equals_reference(tuning, lm_config):
+    cfg = lm_config("dpo", tuning)
+    job = build_job(cfg, torch.device("cpu"))
+    job.model.eval()  # no dropout: the policy is exactly the starting model
+    batch = job.task.collate(job.train_items[:8], job.pad_id)
+    with torch.no_grad():
+        loss, _ = job.task.forward(job.model, batch, job.splits.space)
+    assert abs(float(loss) / 8 - math.log(2)) < 1e-5
+    # and with a real difference between the responses' probabilities, the loss is not ln 2
+    assert abs(job.train_items[0]["_ref"][0] - job.train_items[0]["_ref"][1]) > 1e-3
+
+
+def test_dpo_lora_reference_is_the_adapter_free_model(lm_config):
+    from tunelab.evaluate import predict_outputs
+
+    cfg = lm_config("dpo", "lora")
+    job = build_job(cfg, torch.device("cpu"))
+    run = cfg.output
+    import pathlib
+
+    pathlib.Path(run).mkdir(parents=True)
+    fit(Loop(cfg, job.task, job.splits.space, job.model, job.method, job.train_items, job.eval_items, job.pad_id,
+             pathlib.Path(run), Dist()))
+    trained = predict_outputs(job.task, job.model, job.eval_items, job.pad_id, torch.device("cpu"))
+    with job.model.disable_adapter():
+        base = predict_outputs(job.task, job.model, job.eval_items, job.pad_id, torch.device("cpu"))
+    refs = torch.tensor([it["_ref"] for it in job.eval_items])
+    assert torch.allclose(torch.stack(base), refs, atol=1e-4)  # the reference stayed frozen
+    assert not torch.allclose(torch.stack(trained), refs, atol=1e-2)  # while the policy moved
+
+
+# --- continued pre-training -------------------------------------------------------------------------------------
+
+def test_clm_packs_documents_with_eos_into_full_blocks(lm_config):
+    cfg = lm_config("clm")
+    cfg.data.max_length = 16
+    job = build_job(cfg, torch.device("cpu"))
+    lengths = [len(it["input_ids"]) for it in job.train_items]
+    assert all(n == 16 for n in lengths[:-1]) and 1 < lengths[-1] <= 16
+    stream = [t for it in job.train_items for t in it["input_ids"]]
+    assert stream.count(job.tokenizer.eos_token_id) == len(job.splits.train)  # one eos closes each document
+
+
+def test_mlm_head_is_tied_and_masks_about_15_percent(lm_config):
+    cfg = lm_config("mlm")
+    job = build_job(cfg, torch.device("cpu"))
+    model = job.model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tok = job.tokenizer
+    labelled = [(it["input_ids"][j], lab) for it in job.train_items for j, lab in enumerate(it["labels"]) if lab != -100]
+    ordinary = sum(len(it["input_ids"]) - 2 for it in job.train_items)
+    assert 0.08 < len(labelled) / ordinary < 0.25
+    masked = sum(i == tok.mask_token_id for i, _ in labelled) / len(labelled)
+    assert 0.6 < masked < 0.95
+    again = build_job(cfg, torch.device("cpu")).train_items
+    assert [it["input_ids"] for it in again] == [it["input_ids"] for it in job.train_items]  # static, seeded
+
+
+# --- exports --------------------------------------------------------------------------------------------------
+
+def test_chat_lora_export_loads_in_transformers_and_adapter_in_peft(lm_config):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import resolve
+
+    cfg = lm_config("chat", "lora")
+    result = train(cfg)
+    tok = _tokenizer(result.model_dir)
+    assert tok.chat_template  # the template travels with the model
+    text = tok.apply_chat_template([{"role": "user", "content": "name a city"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve(cfg.model.name))
+    adapted = PeftModel.from_pretrained(base, result.run_dir / "adapter").eval()
+    with torch.no_grad():
+        a, b = merged(ids).logits, adapted(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(resolve(cfg.model.name)).eval()(ids).logits
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, plain, atol=1e-3)
+
+
+def test_reward_export_scores_chosen_above_rejected(lm_config):
+    from transformers import AutoModelForSequenceClassification
+
+    result = train(lm_config("reward", "full"))
+    model = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
+    tok = _tokenizer(result.model_dir)
+
+    def score(answer):
+        text = tok.apply_chat_template([{"role": "user", "content": "name a fruit"},
+                                        {"role": "assistant", "content": answer}], tokenize=False)
+        with torch.no_grad():
+            return float(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+
+    assert result.metrics["eval"]["pairwise_accuracy"] > result.metrics["baseline"]["before_training"]["pairwise_accuracy"]
+    assert score("a apple of course") > score("a tea of course")
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+BAD_CHAT = {
+    "unknown role": ('{"messages": [{"role": "bot", "content": "hi"}]}', ":2: message 1: unknown role 'bot'"),
+    "missing content": ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}',
+                        ":2: message 1: missing content"),
+    "empty content": ('{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}',
+                      ":2: message 1: empty content"),
+    "no assistant": ('{"messages": [{"role": "user", "content": "hi"}]}', ":2: no assistant message"),
+    "bad weight": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", '
+                   '"weight": 2}]}', ":2: message 2: 'weight' must be 0 or 1"),
+    "neither format": ('{"text": "hello"}', ":2: expected 'messages'"),
+}
+BAD_PAIRS = {
+    "empty prompt": ('{"prompt": "", "chosen": "a", "rejected": "b"}', ":2: 'prompt': empty content"),
+    "empty chosen": ('{"prompt": "q", "chosen": "", "rejected": "b"}', ":2: 'chosen': empty content"),
+    "missing rejected": ('{"prompt": "q", "chosen": "a"}', ":2: missing 'rejected'"),
+    "identical": ('{"prompt": "q", "chosen": "same", "rejected": "same"}', ":2: chosen and rejected responses are identical"),
+    "openai two answers": ('{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": '
+                           '[{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}], '
+                           '"non_preferred_output": [{"role": "assistant", "content": "c"}]}',
+                           ":2: 'preferred_output' must hold exactly one assistant message"),
+}
+GOOD_CHAT = '{"messages": [{"role": "user", "content": "name a cat"}, {"role": "assistant", "content": "a cat"}]}'
+GOOD_PAIR = '{"prompt": "name a cat", "chosen": "a cat", "rejected": "a dog"}'
+
+
+def _train_cli(capsys, model, task, path, *extra):
+    from tunelab.cli import main
+
+    code = main(["train", "--task", task, "--model", model, "--train", str(path), "--output", str(path) + ".run",
+                 "--epochs", "1", "--train.progress", "false", "--eval.bootstrap", "0", *extra])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHAT))
+def test_bad_chat_record_names_file_and_line(case, capsys, tiny_llama, tmp_path):
+    line, expected = BAD_CHAT[case]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(GOOD_CHAT + "\n" + line + "\n")
+    code, out = _train_cli(capsys, tiny_llama, "chat", path)
+    assert code == 2 and f"chat.jsonl{expected}" in out.err and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAIRS))
+def test_bad_preference_record_names_file_and_line(case, capsys, tiny_llama, tmp_path):
+    line, expected = BAD_PAIRS[case]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_PAIR + "\n" + line + "\n")
+    code, out = _train_cli(capsys, tiny_llama, "dpo", path)
+    assert code == 2 and f"pairs.jsonl{expected}" in out.err
+
+
+def test_skip_invalid_counts_what_it_skips(capsys, tiny_llama, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text((GOOD_CHAT + "\n") * 8 + BAD_CHAT["unknown role"][0] + "\n" + BAD_CHAT["no assistant"][0] + "\n")
+    code, out = _train_cli(capsys, tiny_llama, "chat", path, "--data.skip_invalid", "true")
+    assert code == 0, out.err
+    assert "skipped 2 invalid records" in out.err and "chat.jsonl:9: message 1: unknown role" in out.err
+
+
+@pytest.mark.parametrize("policy,verb", [("truncate", "truncated"), ("drop", "dropped")])
+def test_overlong_conversations_are_truncated_or_dropped_and_counted(policy, verb, lm_config, capsys):
+    from tunelab.data.load import Example
+
+    cfg = lm_config("chat")
+    cfg.data.max_length, cfg.data.overlong = 24, policy
+    job = build_job(cfg, torch.device("cpu"))
+    capsys.readouterr()
+    long = [{"role": "user", "content": "name a color"}, {"role": "assistant", "content": "blue " * 40}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a cat"}]
+    items = job.task.encode(job.tokenizer, [Example("", long), Example("", short)], job.splits.space, 24)
+    err = capsys.readouterr().err
+    assert f"1 of 2 conversations are longer than max_length 24 tokens and were {verb}" in err
+    assert len(items) == (2 if policy == "truncate" else 1) and all(len(it["input_ids"]) <= 24 for it in items)
+
+
+def test_model_without_chat_template_is_refused(capsys, tiny_model, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text((GOOD_CHAT + "\n") * 8)
+    code, out = _train_cli(capsys, tiny_model, "chat", path)
+    assert code == 2 and "no chat template" in out.err
+
+
+def test_tuning_that_does_not_apply_is_refused(capsys, tiny_llama, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text((GOOD_CHAT + "\n") * 8)
+    code, out = _train_cli(capsys, tiny_llama, "chat", path, "--tuning", "head")
+    assert code == 2 and "does not apply to the chat task" in out.err

@@ -1,0 +1,235 @@
+"""Generate text with a causal language model: a run's `model/` folder or anything `tunelab.models.resolve` accepts.
+
+The same command takes a bundled alias (`smollm2`), a model folder or a finished run, so a model can be compared
+before and after fine-tuning on the same prompts with the same settings. Prompts are rendered with the tokenizer's
+own chat template (or fed as plain text with `--raw`); generation stops at the eos / end-of-turn token.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tunelab.config import setting
+from tunelab.errors import UserError
+from tunelab.io import atomic_write_jsonl
+
+# End-of-turn markers of common chat formats (ChatML, Llama 3, Gemma, Phi-3). A template's turn end is not always
+# the tokenizer's eos; stopping only at the eos would let a model write the user's next turn itself.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+@dataclass
+class Sampling:
+    """How answers are drawn. One field per CLI flag of `generate` and `chat`."""
+
+    max_new_tokens: int = setting(128, "Most tokens generated per answer.", "--max-new-tokens")
+    temperature: float = setting(0.0, "0 always takes the most likely token (greedy); higher values sample more freely.",
+                                 "--temperature")
+    top_p: float = setting(1.0, "Sample only from the most likely tokens that together hold this probability (nucleus).",
+                           "--top-p")
+    seed: int = setting(0, "Random seed set before every answer, so sampled answers can be reproduced.", "--seed")
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"must be at least 1, got {self.max_new_tokens}", "--max-new-tokens")
+        if self.temperature < 0:
+            raise UserError(f"must be 0 (greedy) or more, got {self.temperature}", "--temperature")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"must be in (0, 1], got {self.top_p}", "--top-p")
+
+
+@dataclass
+class Completion:
+    text: str  # the new text only: special tokens skipped, stripped
+    new_tokens: int  # generated tokens, the closing eos included
+    seconds: float
+
+
+def model_folder(name: str) -> Path:
+    """A run folder's `model/`, else whatever `resolve` makes of the name (bundled alias or model folder)."""
+    from tunelab.models import resolve
+
+    p = Path(name)
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if (p / "config.yaml").is_file() and not (p / "config.json").is_file():
+        raise UserError("a run folder without model/config.json (did the run finish?)", name)
+    try:
+        return resolve(name)
+    except UserError as e:  # resolve names the training flag (--model); here the model is the first argument
+        raise UserError(e.problem, "MODEL") from None
+
+
+def load_generator(model: str):
+    """(model, tokenizer) of a causal language model, on the GPU when there is one. Never runs code shipped with
+    the model: a folder that needs it is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.utils import logging
+
+    from tunelab.models import pick_device
+
+    logging.disable_progress_bar()
+    folder = model_folder(model)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the model config: {e}", str(folder)) from None
+    # Check the saved architecture, not the model type: BERT has a causal-LM class too, so AutoModelForCausalLM
+    # would happily load a BERT classifier's encoder under a fresh, random LM head.
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    archs = config.architectures or []
+    if not any(a in causal for a in archs):
+        raise UserError(f"not a causal language model ({', '.join(archs) or config.model_type}); generate and chat "
+                        "need one that predicts the next token (a chat or clm run, or a generator like smollm2)",
+                        str(folder))
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model: {e}", str(folder)) from None
+    return lm.to(pick_device("auto")).eval(), tokenizer
+
+
+def render(tokenizer, messages_or_text: str | list[dict]) -> str:
+    """The model's input as text: a string is taken as is (continuation); messages go through the chat template."""
+    if isinstance(messages_or_text, str):
+        return messages_or_text
+    if not tokenizer.chat_template:
+        raise UserError("the tokenizer has no chat template (a base model?); use --raw to continue plain text "
+                        "instead", tokenizer.name_or_path)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages_or_text, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # e.g. templates that refuse a system message
+        raise UserError(f"the chat template refused the conversation: {e}", tokenizer.name_or_path) from None
+
+
+def encode(tokenizer, messages_or_text: str | list[dict]) -> list[int]:
+    text = render(tokenizer, messages_or_text)
+    # Plain text gets the tokenizer's usual special tokens (a bos); a chat template writes its own.
+    ids = tokenizer(text, add_special_tokens=isinstance(messages_or_text, str))["input_ids"]
+    if not ids:
+        raise UserError("the prompt is empty", "--prompt")
+    return ids
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the model's and the tokenizer's eos, plus a known end-of-turn token."""
+    configured = model.generation_config.eos_token_id
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    ids.append(tokenizer.eos_token_id)
+    added = tokenizer.added_tokens_encoder
+    ids += [added[t] for t in END_OF_TURN if t in added]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def complete(model, tokenizer, messages_or_text: str | list[dict], max_new_tokens: int = Sampling.max_new_tokens,
+             temperature: float = Sampling.temperature, top_p: float = Sampling.top_p, seed: int = Sampling.seed,
+             streamer=None) -> Completion:
+    """One answer with its token count and time. `streamer` (e.g. transformers.TextStreamer) sees tokens as they come."""
+    import torch
+
+    Sampling(max_new_tokens, temperature, top_p, seed).check()
+    ids = encode(tokenizer, messages_or_text)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and len(ids) >= limit:
+        raise UserError(f"the prompt has {len(ids)} tokens; the model reads at most {limit}", "--prompt")
+    stops = stop_ids(model, tokenizer)
+    if temperature > 0:
+        # top_k=0 switches off transformers' default top-k of 50: only --temperature and --top-p shape sampling.
+        mode = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        # Neutral values override a model's sampling defaults, which greedy search would ignore with a warning.
+        mode = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
+    input_ids = torch.tensor([ids], device=model.device)
+    torch.manual_seed(seed)
+    tic = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id
+                             is not None else stops[0], streamer=streamer, **mode)
+    seconds = time.perf_counter() - tic
+    new = out[0, len(ids):].tolist()
+    return Completion(tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), seconds)
+
+
+def generate(model, tokenizer, messages_or_text: str | list[dict], max_new_tokens: int = Sampling.max_new_tokens,
+             temperature: float = Sampling.temperature, top_p: float = Sampling.top_p, seed: int = Sampling.seed,
+             streamer=None) -> str:
+    """The new text only. Temperature 0 is greedy; the seed is set before generating, so answers repeat."""
+    return complete(model, tokenizer, messages_or_text, max_new_tokens, temperature, top_p, seed, streamer).text
+
+
+def _streamer(tokenizer):
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def answer_prompts(model_name: str, prompts: list[str], sampling: Sampling, system: str | None = None,
+                   raw: bool = False, output: str | Path | None = None) -> list[dict]:
+    """Answer each prompt, streaming to stdout; rows {prompt, answer, new_tokens, seconds}, also written to
+    `output` (JSONL) when given."""
+    sampling.check()
+    if any(not p.strip() for p in prompts):
+        raise UserError("empty prompt", "--prompt")
+    if raw and system is not None:
+        raise UserError("a system message needs the chat template; leave out --raw or --system", "--system")
+    model, tokenizer = load_generator(model_name)
+    head = [{"role": "system", "content": system}] if system is not None else []
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"[{i + 1}/{len(prompts)}] {prompt}", flush=True)
+        request = prompt if raw else head + [{"role": "user", "content": prompt}]
+        c = complete(model, tokenizer, request, streamer=_streamer(tokenizer), **asdict(sampling))
+        print(f"({c.new_tokens} new tokens in {c.seconds:.2f} s)", file=sys.stderr, flush=True)
+        rows.append({"prompt": prompt, "answer": c.text, "new_tokens": c.new_tokens, "seconds": round(c.seconds, 3)})
+    if output:
+        atomic_write_jsonl(Path(output), rows)
+        print(f"wrote {output}")
+    return rows
+
+
+def chat_loop(model, tokenizer, sampling: Sampling, system: str | None = None) -> list[dict]:
+    """Answer user lines from stdin, each with the whole conversation so far, until EOF, an empty line, /exit or
+    Ctrl-C. `/reset` forgets the conversation (the system message stays). Returns the conversation."""
+    sampling.check()
+    head = [{"role": "system", "content": system}] if system is not None else []
+    render(tokenizer, head + [{"role": "user", "content": "?"}])  # no template, or one refusing --system: say so now
+    messages = list(head)
+    print("empty line, /exit or Ctrl-D ends; /reset forgets the conversation", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                break
+            if line in ("", "/exit"):
+                break
+            if line == "/reset":
+                messages = list(head)
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            messages = _fit(tokenizer, messages, head, model, sampling.max_new_tokens)
+            print("bot> ", end="", flush=True)
+            answer = generate(model, tokenizer, messages, streamer=_streamer(tokenizer), **asdict(sampling))
+            messages.append({"role": "assistant", "content": answer})
+    except KeyboardInterrupt:  # Ctrl-C ends the chat, it is no error
+        print()
+    return messages
+
+
+def _fit(tokenizer, messages: list[dict], head: list[dict], model, max_new_tokens: int) -> list[dict]:
+    """Drop the oldest exchanges until the conversation and the answer fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    while limit and len(messages) > len(head) + 1 and len(encode(tokenizer, messages)) + max_new_tokens > limit:
+        messages = head + messages[len(head) + 2:]
+        print("(oldest exchange dropped: the conversation outgrew the model's context)", file=sys.stderr)
+    return messages
