@@ -117,6 +117,21 @@ def test_chitchat_preferences_pairs_differ_and_split_by_starter(tmp_path):
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
 
 
+def test_chitchat_replies_prefer_the_real_next_turn_and_read_as_dpo_records(tmp_path):
+    from tunelab.config import DataConfig
+    from tunelab.data.bundled import chitchat_replies
+    from tunelab.tasks import TASKS
+
+    info = chitchat_replies(tmp_path / "a", 60, 20, seed=2)
+    train, evaluation = _assert_written(info, lambda: chitchat_replies(tmp_path / "b", 60, 20, seed=2))
+    assert (len(train), len(evaluation)) == (60, 20) and info["available"] > 2000
+    for r in train + evaluation:
+        assert [m["role"] for m in r["prompt"]] == ["user", "assistant", "user"]
+        assert r["chosen"] != r["rejected"] and len(r["chosen"].split()) <= 30
+    pairs = TASKS["dpo"].read(info["train"], DataConfig())  # valid input for the dpo and reward stages
+    assert len(pairs) == 60 and pairs[0].label["prompt"][-1]["role"] == "user"
+
+
 def test_chatterbot_japanese_and_sizes_beyond_what_is_available(tmp_path):
     from tunelab.data.bundled import chatterbot_japanese
 

@@ -28,7 +28,7 @@ def _tokenizer(folder):
 
 
 def test_chat_loss_covers_assistant_tokens_through_the_end_of_turn_only(tiny_llama):
-    from tunelab.tasks.lm import IGNORE, render
+    from tunelab.data.chat import IGNORE, render
 
     tok = _tokenizer(tiny_llama)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a color"},
@@ -283,3 +283,28 @@ def test_tuning_that_does_not_apply_is_refused(capsys, tiny_llama, tmp_path):
     path.write_text((GOOD_CHAT + "\n") * 8)
     code, out = _train_cli(capsys, tiny_llama, "chat", path, "--tuning", "head")
     assert code == 2 and "does not apply to the chat task" in out.err
+
+
+@pytest.mark.parametrize("task", ["chat", "dpo"])
+def test_eval_on_a_file_reproduces_the_runs_metrics_and_predict_points_to_generate(task, lm_config, capsys):
+    from tunelab.cli import main
+    from tunelab.predict import evaluate_file
+
+    cfg = lm_config(task, "lora")
+    result = train(cfg)
+    if task == "dpo":  # before any step the policy is the reference: every reward is exactly 0
+        start = result.metrics["baseline"]["before_training"]
+        assert start["reward_chosen"] == start["reward_rejected"] == start["reward_accuracy"] == 0
+    again = evaluate_file(result.run_dir, cfg.data.eval)
+    for k, v in result.metrics["eval"].items():
+        assert again[k] == pytest.approx(v, abs=1e-4), k
+    code = main(["predict", str(result.run_dir), "--input", cfg.data.eval])
+    assert code == 2 and "tunelab generate" in capsys.readouterr().err
+
+
+def test_compare_refuses_language_stages(capsys, tiny_llama, lm_data, tmp_path):
+    from tunelab.cli import main
+
+    code = main(["compare", "--task", "chat", "--model", tiny_llama, "--train", lm_data["chat"]["train"],
+                 "--tuning", "full,lora", "--output", str(tmp_path / "cmp")])
+    assert code == 2 and "compare is for labelled tasks" in capsys.readouterr().err

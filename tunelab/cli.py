@@ -9,6 +9,7 @@ from pathlib import Path
 from tunelab import config as config_mod
 from tunelab.config import Config, iter_fields
 from tunelab.errors import UserError
+from tunelab.text import text_table
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -65,12 +66,15 @@ def print_metrics(m: dict, run: Path) -> None:
             print(f"{k:<18}" + "".join(f"{_cv_cell(c):>32}" for c in cells))
         return
     names = list(m["baseline"])
-    print(f"{'metric':<18}{'model':>10}{'95% CI':>18}" + "".join(f"{n:>15}" for n in names))
+    rows = [["metric", "model", "95% CI", *names]]
     for k, v in m["eval"].items():
         ci = m["ci95"].get(k)
-        ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        base = "".join(f"{m['baseline'][n][k]:>15.4f}" if k in m["baseline"][n] else f"{'':>15}" for n in names)
-        print(f"{k:<18}{v:>10.4f}{ci_text:>18}{base}")
+        rows.append([k, f"{v:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "",
+                     *(f"{m['baseline'][n][k]:.4f}" if k in m["baseline"][n] else "" for n in names)])
+    print("\n".join(text_table(rows)))
+    if "valid_loss" in m:  # language models: the headline figures under the OpenAI fine-tuning API's names
+        print("  ".join(f"{k} {m[k]:.4f}" for k in ("train_loss", "valid_loss", "train_mean_token_accuracy",
+                                                     "valid_mean_token_accuracy") if m.get(k) is not None))
     if "threshold_search" in m:
         print(f"threshold {m['threshold_search']['threshold']:.2f} chosen on the eval set (optimistic); "
               f"at the default: f1_micro {m['eval_at_default_threshold']['f1_micro']:.4f}")
@@ -219,6 +223,15 @@ def cmd_data_chitchat_preferences(args) -> int:
     return 0
 
 
+def cmd_data_chitchat_replies(args) -> int:
+    from tunelab.data.bundled import chitchat_replies
+
+    info = chitchat_replies(Path(args.output), args.train_size, args.eval_size, args.seed, args.context)
+    print(f"wrote {info['train']} ({info['train_examples']} pairs) and {info['eval']} ({info['eval_examples']}, "
+          f"other conversation starters); available: {info['available']} pairs over {info['prompts']} starters")
+    return 0
+
+
 def cmd_data_chatterbot_ja(args) -> int:
     from tunelab.data.bundled import chatterbot_japanese
 
@@ -351,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--min-gap", type=int, default=6, help="Least rating-sum difference (3-30 scale) within a pair.")
     cp.set_defaults(func=cmd_data_chitchat_preferences)
+    cr = dsub.add_parser("chitchat-replies", help="Write {prompt, chosen, rejected} JSONL by a stated rule: the real "
+                         "reply over another conversation's reply at the same point.")
+    cr.add_argument("--output", required=True)
+    cr.add_argument("--train-size", type=int, default=1000)
+    cr.add_argument("--eval-size", type=int, default=100)
+    cr.add_argument("--seed", type=int, default=0)
+    cr.add_argument("--context", type=int, default=3, help="Turns of conversation in the prompt (odd: ends with the user).")
+    cr.set_defaults(func=cmd_data_chitchat_replies)
     cj = dsub.add_parser("chatterbot-ja", help="Write chat JSONL ({messages}) from chatterbot's Japanese dialogues.")
     cj.add_argument("--output", required=True)
     cj.add_argument("--eval-size", type=int, default=20)

@@ -52,6 +52,9 @@ def _check(base: Config, methods: list[str], fractions: list[float]) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"unknown tuning method(s) {unknown} (known: {', '.join(METHODS)})", "--tuning")
+    if base.task in TASKS and TASKS[base.task].judged_by_start:
+        raise UserError(f"compare is for labelled tasks; train the {base.task} stage with `tunelab train` per method "
+                        "(each run reports the model before training beside it)", "--task")
     if any(not 0 < f <= 1 for f in fractions):
         raise UserError(f"training fractions must be in (0, 1], got {fractions}", "--train-fractions")
     probe = copy.deepcopy(base)

@@ -154,7 +154,9 @@ def complete(model, tokenizer, messages_or_text: str | list[dict], max_new_token
                              is not None else stops[0], streamer=streamer, **mode)
     seconds = time.perf_counter() - tic
     new = out[0, len(ids):].tolist()
-    return Completion(tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), seconds)
+    # An answer cut by max_new_tokens may end inside a multi-byte character: drop that half character.
+    text = tokenizer.decode(new, skip_special_tokens=True).strip().rstrip("\ufffd")
+    return Completion(text, len(new), seconds)
 
 
 def generate(model, tokenizer, messages_or_text: str | list[dict], max_new_tokens: int = Sampling.max_new_tokens,

@@ -27,11 +27,19 @@ def load_run(run_dir: str | Path):
     task = TASKS[cfg.task]
     model = getattr(transformers, task.model_class).from_pretrained(run / "model", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    return cfg, task, model.eval(), tokenizer, task.space_of(model.config)
+    from tunelab.pipeline import configure_space
+
+    space = task.space_of(model.config)
+    if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
+        space = configure_space(space, cfg)
+    return cfg, task, model.eval(), tokenizer, space
 
 
 def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | None = None) -> Path:
     cfg, task, model, tokenizer, space = load_run(run_dir)
+    if task.judged_by_start:
+        raise UserError(f"a {cfg.task} run does not predict labels; use `tunelab generate {run_dir} --prompt ...` "
+                        "to talk to it, or `tunelab eval` to score it on a file", str(run_dir))
     examples = task.read(input_path, cfg.data, need_label=False)
     items = task.encode(tokenizer, examples, space, cfg.data.max_length)
     outputs = predict_outputs(task, model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
@@ -47,7 +55,12 @@ def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path
     examples = task.read(data_path, cfg.data)
     task.check(examples, space)
     items = task.encode(tokenizer, examples, space, cfg.data.max_length)
-    m = evaluate(task, model, items, space, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    pad_id = tokenizer.pad_token_id or 0
+    if task.uses_reference:  # dpo rewards are relative to the reference: the model the run started from
+        from tunelab.models import build_model
+
+        task.prepare_items(build_model(cfg.model, task, space, pretrained=True), items, pad_id, torch.device("cpu"))
+    m = evaluate(task, model, items, space, pad_id, torch.device("cpu"))
     metrics = {k: v for k, v in m.items() if not k.startswith("_")}
     metrics["ci95"] = bootstrap_ci(task, m["_preds"], [it["_gold"] for it in items], space, cfg.eval.bootstrap)
     metrics.update(m["_details"], examples=len(items), data=str(data_path))

@@ -223,6 +223,48 @@ def chitchat_preferences(output: Path, train_size: int, eval_size: int, seed: in
                          available=sum(len(v) for v in pairs.values()), prompts=len(pairs))
 
 
+def chitchat_replies(output: Path, train_size: int, eval_size: int, seed: int = 0, context: int = 3,
+                     max_words: int = 30) -> dict:
+    """Preference pairs by a stated rule: the reply a person actually gave is preferred to a reply from another
+    conversation at the same point under the same conversation starter.
+
+    Each conversation with more than `context` turns gives one record: the prompt is its first `context` turns as
+    messages (user first, alternating, so with an odd `context` the last one is the user's), `chosen` the next
+    turn as it was written, `rejected` the turn at the same position of another conversation, drawn by seed from
+    those with the same starter question (on topic, often fluent, but not an answer to this conversation). Turns
+    are cut to `max_words` words. What is learnable is coherence with the conversation so far; nobody rated
+    anything. Split by starter, like chitchat_preferences, so no starter or conversation is in train and eval.
+    """
+    from tunelab.errors import UserError
+
+    if context < 1 or context % 2 == 0:
+        raise UserError(f"context must be odd (the prompt ends with the user's turn), got {context}", "--context")
+    rng = random.Random(seed)
+    groups: dict[str, list[list[str]]] = {}
+    for conversation in _chitchat_conversations():
+        prompt = " ".join((conversation.get("prompt") or "").split())
+        turns = [" ".join(t.split()[:max_words]) for t in _turns(conversation)]
+        if prompt and len(turns) > context:
+            groups.setdefault(prompt, []).append(turns[:context + 1])
+    records: dict[str, list[dict]] = {}
+    for starter, conversations in sorted(groups.items()):
+        for i, turns in enumerate(conversations):
+            others = [c[context] for j, c in enumerate(conversations) if j != i and c[context] != turns[context]]
+            if others:
+                records.setdefault(starter, []).append({
+                    "prompt": [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns[:context])],
+                    "chosen": turns[context], "rejected": rng.choice(others)})
+    starters = sorted(records)
+    rng.shuffle(starters)
+    train, evaluation = [], []
+    for starter in starters:
+        (evaluation if len(evaluation) < eval_size else train).extend(records[starter])
+    rng.shuffle(train)
+    rng.shuffle(evaluation)
+    return _write_splits(output, train[:train_size], evaluation[:eval_size],
+                         available=sum(len(v) for v in records.values()), prompts=len(records))
+
+
 def chatterbot_japanese(output: Path, eval_size: int = 20, seed: int = 0) -> dict:
     """Chat SFT data ({"messages": [...]}) from the Japanese part of chatterbot-corpus (BSD licence, per its PyPI
     classifier): 19 YAML files of short scripted dialogues, 568 conversations, most of them one question and one

@@ -9,9 +9,11 @@ from tunelab.tasks import Space, Task
 
 
 @torch.no_grad()
-def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int, device, batch_size: int = 64,
-                    autocast_dtype=None) -> list[torch.Tensor]:
-    """Per-item outputs in input order (the task's `outputs`: logits for most tasks)."""
+def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int, device, autocast_dtype=None
+                    ) -> list[torch.Tensor]:
+    """Per-item outputs in input order (the task's `outputs`: logits for most tasks), `task.eval_batch_size` at a
+    time in a fixed order: the same items always meet the same batches, so outputs repeat bit for bit."""
+    batch_size = task.eval_batch_size
     was_training = model.training
     model.eval()
     out: list = [None] * len(items)

@@ -1,7 +1,8 @@
 """Tasks: what the model learns. Adding one is a module plus one line in this plain dict."""
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import Classification, Multilabel
-from tunelab.tasks.lm import DPO, CausalLM, ChatSFT, MaskedLM, RewardModel
+from tunelab.tasks.lm import CausalLM, ChatSFT, MaskedLM
+from tunelab.tasks.preference import DPO, RewardModel
 from tunelab.tasks.ner import Ner
 from tunelab.tasks.regression import Regression
 

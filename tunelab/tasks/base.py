@@ -44,6 +44,8 @@ class Task:
     model_class = "AutoModelForSequenceClassification"
     tunings: tuple[str, ...] = ("scratch", "head", "partial", "full", "lora")  # the methods that make sense here
     judged_by_start = False  # language-model stages compare with the model before training, not a trivial answer
+    eval_batch_size = 64  # examples per forward pass when evaluating (language models: logits are vocabulary-wide)
+    uses_reference = False  # dpo: scores need the starting model (prepare_items), not only the trained one
     default_layer_decay = 0.8  # full tuning's per-block learning-rate decay when tuning.layer_decay is unset
 
     @property
