@@ -49,3 +49,39 @@ def test_smollm2_converts_once_and_answers_like_the_original(monkeypatch, tmp_pa
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0][inputs["input_ids"].shape[1]:])
     assert "Paris" in answer, answer
+
+
+def test_a_chunk_that_does_not_match_the_checksum_is_refused_and_nothing_is_cached(monkeypatch, tmp_path):
+    import dataclasses
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    spec = dataclasses.replace(gguf.GGUF_MODELS["gemma3-270m"], sha256="0" * 64)
+    monkeypatch.setitem(gguf.GGUF_MODELS, "gemma3-270m", spec)
+    with pytest.raises(UserError, match="does not match its sha256"):
+        resolve("gemma3-270m")
+    assert not any(tmp_path.iterdir())  # neither the joined file nor a half-made folder stays
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gemma3_joins_its_chunks_converts_and_continues_text(monkeypatch, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.data.chat import IGNORE, render
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    folder = resolve("gemma3-270m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]
+    assert not list(folder.rglob("*.gguf"))  # the joined GGUF was only needed while converting
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    ids = tok("Paris is the capital of", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "France" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+    # the base model ships no chat template; the Gemma turn format is added, and chat SFT can locate its answers
+    messages = [{"role": "user", "content": "おはよう"}, {"role": "assistant", "content": "おはようございます"}]
+    _, labels = render(tok, messages, [1])
+    assert tok.decode([t for t in labels if t != IGNORE]) == "おはようございます<end_of_turn>"
