@@ -187,12 +187,21 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def _print_written(info: dict, unit: str, rest: str) -> None:
+    """One line about a train/eval pair of files written by tunelab.data.bundled; `rest` follows the eval count."""
+    print(f"wrote {info['train']} ({info['train_examples']} {unit}) and {info['eval']} ({info['eval_examples']}{rest}")
+
+
+def _print_pairs(info: dict) -> None:
+    _print_written(info, "pairs", f", other conversation starters); available: {info['available']} pairs over "
+                                  f"{info['prompts']} starters")
+
+
 def cmd_data_japanese_ner(args) -> int:
     from tunelab.data.bundled import japanese_ner
 
     info = japanese_ner(Path(args.output), args.eval_size, args.seed)
-    print(f"wrote {info['train']} ({info['train_examples']} sentences) and {info['eval']} ({info['eval_examples']}) "
-          f"from {info['source']}")
+    _print_written(info, "sentences", f") from {info['source']}")
     return 0
 
 
@@ -200,8 +209,7 @@ def cmd_data_tweets(args) -> int:
     from tunelab.data.bundled import tweets
 
     info = tweets(Path(args.output), args.train_size, args.eval_size, args.seed)
-    print(f"wrote {info['train']} ({info['train_examples']} examples) and {info['eval']} "
-          f"({info['eval_examples']}); usable per class: {info['available']}")
+    _print_written(info, "examples", f"); usable per class: {info['available']}")
     return 0
 
 
@@ -209,26 +217,21 @@ def cmd_data_chitchat(args) -> int:
     from tunelab.data.bundled import chitchat
 
     info = chitchat(Path(args.output), args.train_size, args.eval_size, args.seed, args.max_turns)
-    print(f"wrote {info['train']} ({info['train_examples']} conversations) and {info['eval']} "
-          f"({info['eval_examples']}); usable: {info['available']}")
+    _print_written(info, "conversations", f"); usable: {info['available']}")
     return 0
 
 
 def cmd_data_chitchat_preferences(args) -> int:
     from tunelab.data.bundled import chitchat_preferences
 
-    info = chitchat_preferences(Path(args.output), args.train_size, args.eval_size, args.seed, args.min_gap)
-    print(f"wrote {info['train']} ({info['train_examples']} pairs) and {info['eval']} ({info['eval_examples']}, "
-          f"other conversation starters); available: {info['available']} pairs over {info['prompts']} starters")
+    _print_pairs(chitchat_preferences(Path(args.output), args.train_size, args.eval_size, args.seed, args.min_gap))
     return 0
 
 
 def cmd_data_chitchat_replies(args) -> int:
     from tunelab.data.bundled import chitchat_replies
 
-    info = chitchat_replies(Path(args.output), args.train_size, args.eval_size, args.seed, args.context)
-    print(f"wrote {info['train']} ({info['train_examples']} pairs) and {info['eval']} ({info['eval_examples']}, "
-          f"other conversation starters); available: {info['available']} pairs over {info['prompts']} starters")
+    _print_pairs(chitchat_replies(Path(args.output), args.train_size, args.eval_size, args.seed, args.context))
     return 0
 
 
@@ -236,8 +239,7 @@ def cmd_data_chatterbot_ja(args) -> int:
     from tunelab.data.bundled import chatterbot_japanese
 
     info = chatterbot_japanese(Path(args.output), args.eval_size, args.seed)
-    print(f"wrote {info['train']} ({info['train_examples']} conversations) and {info['eval']} "
-          f"({info['eval_examples']}); usable: {info['available']}")
+    _print_written(info, "conversations", f"); usable: {info['available']}")
     return 0
 
 
