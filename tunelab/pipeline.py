@@ -65,11 +65,16 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     if cfg.tuning.layer_decay is None:
         cfg.tuning.layer_decay = task.default_layer_decay
     tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id or 0
     method = METHODS[cfg.tuning.name]
-    model = method.prepare(build_model(cfg.model, task, space, method.pretrained), cfg.tuning).to(device)
+    model = build_model(cfg.model, task, space, method.pretrained)
+    if task.model_class == "AutoModelForSequenceClassification":
+        # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
+        # know the id the batches are padded with.
+        model.config.pad_token_id = pad_id
+    model = method.prepare(model, cfg.tuning).to(device)
     train_items = task.encode(tokenizer, splits.train, space, cfg.data.max_length)
     eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
-    pad_id = tokenizer.pad_token_id or 0
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)
     return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items)

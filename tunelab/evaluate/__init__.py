@@ -36,6 +36,7 @@ def evaluate(task: Task, model: nn.Module, items: list[dict], space: Space, pad_
     preds = task.decode(outputs, items, space)
     golds = [it["_gold"] for it in items]
     metrics = task.score(preds, golds, space)
-    metrics["loss"] = task.eval_loss(outputs, items, space)
+    if "loss" not in metrics:  # language-model and preference scores already aggregate their own loss
+        metrics["loss"] = task.eval_loss(outputs, items, space)
     metrics["_preds"], metrics["_details"] = preds, task.details(preds, golds, space)
     return metrics

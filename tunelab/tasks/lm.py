@@ -75,9 +75,6 @@ class LanguageModeling(Task):
         stats = torch.stack(_token_stats(model(**batch).logits.float(), labels, self.shift), 1).float().cpu()
         return list(stats)
 
-    def eval_loss(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> float:
-        return self.score([tuple(o.tolist()) for o in outputs], [], space)["loss"]
-
     def decode(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> list:
         return [tuple(o.tolist()) for o in outputs]  # (summed loss, tokens, correct tokens) per example
 

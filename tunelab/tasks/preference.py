@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.config import DataConfig, ModelConfig
+from tunelab.config import DataConfig
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example
 from tunelab.errors import UserError
@@ -125,9 +125,6 @@ class Preference(Task):
     def decode(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> list:
         return self.rewards(outputs, items, space)  # (chosen reward, rejected reward) per pair
 
-    def eval_loss(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> float:
-        return self.score(self.decode(outputs, items, space), [], space)["loss"]
-
     def baseline(self, train_golds: list, golds: list, space: Space) -> tuple[str, list]:
         return "coin_flip", [(0.0, 0.0)] * len(golds)
 
@@ -155,8 +152,6 @@ class DPO(Preference):
         """The frozen reference: the starting model's log-probabilities of every response, computed once."""
         from tunelab.evaluate import predict_outputs
 
-        for it in items:
-            it.pop("_ref", None)
         for it, out in zip(items, predict_outputs(self, model, items, pad_id, device)):
             it["_ref"] = out.tolist()
 
@@ -194,15 +189,6 @@ class RewardModel(Preference):
 
     def model_kwargs(self, space: Space) -> dict:
         return {"num_labels": 1}
-
-    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool) -> nn.Module:
-        from transformers import AutoTokenizer
-
-        model = super().build(cfg, folder, space, pretrained)
-        # The score is read at each row's last token that is not padding: the model must know the pad id
-        # that batches are padded with (the tokenizer's, or 0 when it has none; see Job.pad_id).
-        model.config.pad_token_id = AutoTokenizer.from_pretrained(folder).pad_token_id or 0
-        return model
 
     def pair_scores(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         batch.pop("labels", None)
