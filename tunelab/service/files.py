@@ -1,0 +1,146 @@
+"""Uploaded training files: stored under a server-made id, checked at upload by the readers `tunelab train` uses.
+
+The client's file name is kept only as a label (its last path part, printable characters): it never becomes a
+path. A file is written under a temporary name, checked, then renamed into place and recorded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tunelab.config import DataConfig
+from tunelab.errors import UserError
+from tunelab.service.db import connect, new_id, now
+
+EXTENSIONS = (".jsonl", ".csv", ".txt")
+# The format a file's records have, and the task a job on it gets when the request names none.
+FORMAT_TASK = {"chat": "chat", "preference": "dpo", "text_label": "classification", "text_labels": "multilabel",
+               "text_target": "regression", "tokens_tags": "ner", "text": "clm"}
+
+
+def display_name(filename: str | None) -> str:
+    """The client's name reduced to a harmless label: last path part, printable, at most 255 characters."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip()
+    return base[:255] if base not in ("", ".", "..") else "upload"
+
+
+def detect_format(data: str, ext: str, name: str) -> str:
+    """The record format, from the extension and the first record (the readers then check every record)."""
+    if ext == ".txt":
+        return "text"
+    if ext == ".csv":
+        header = data.lstrip("\ufeff").split("\n", 1)[0]
+        return "text_label" if "label" in header.split(",") else "text"
+    for line, text in enumerate(data.split("\n"), 1):
+        if text.strip():
+            break
+    else:
+        raise UserError("the file is empty", name)
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg})", name, line) from None
+    if not isinstance(rec, dict):
+        raise UserError("each line must be a JSON object", name, line)
+    keys = set(rec)
+    if "messages" in keys or {"prompt", "completion"} <= keys:
+        return "chat"
+    if {"prompt", "chosen"} <= keys or {"input", "preferred_output"} <= keys:
+        return "preference"
+    if "tokens" in keys:
+        return "tokens_tags"
+    for key, fmt in (("label", "text_label"), ("labels", "text_labels"), ("target", "text_target")):
+        if key in keys:
+            return fmt
+    if "text" in keys:
+        return "text"
+    raise UserError("unknown record format: expected messages, prompt/completion, prompt/chosen/rejected, "
+                    "text with label, labels or target, tokens with tags, or text", name, line)
+
+
+def check(path: Path, task: str, name: str) -> int:
+    """Read every record with the task's own reader; the number of records, or the reader's error, re-addressed to
+    the name the client knows the file by."""
+    from tunelab.tasks import TASKS
+
+    try:
+        return len(TASKS[task].read(path, DataConfig(train=str(path))))
+    except UserError as e:
+        raise UserError(e.problem, name, e.line) from None
+
+
+def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str | None = None) -> dict:
+    if purpose != "fine-tune":
+        raise UserError(f"purpose must be 'fine-tune', got {purpose!r}", "purpose")
+    name = display_name(filename)
+    ext = Path(name).suffix.lower()
+    if ext not in EXTENSIONS:
+        raise UserError(f"unsupported file type {ext or '(none)'!r}: upload .jsonl, .csv or .txt", name)
+    if b"\x00" in data[:8192]:
+        raise UserError("a binary file, not text", name)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 text (byte {e.start})", name, line) from None
+    fmt = detect_format(text, ext, name)
+    if task is not None:
+        from tunelab.tasks import TASKS
+
+        if task not in TASKS:
+            raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", "task")
+    file_id = new_id("file")
+    folder = Path(home) / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    final, tmp = folder / f"{file_id}{ext}", folder / f".upload-{file_id}{ext}"
+    tmp.write_bytes(data)
+    try:
+        records = check(tmp, task or FORMAT_TASK[fmt], name)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    row = {"id": file_id, "filename": name, "bytes": len(data), "created_at": now(), "purpose": purpose,
+           "path": final.name, "format": fmt, "records": records}
+    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records) "
+                          "VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records)", row)
+    return row
+
+
+def get(home: Path, file_id: str) -> dict | None:
+    row = connect(home).execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+    return dict(row) if row else None
+
+
+def path_of(home: Path, row: dict) -> Path:
+    return Path(home) / "files" / row["path"]
+
+
+def public(row: dict) -> dict:
+    """The OpenAI file object (plus tunelab's `format` and `records`)."""
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
+            "format": row["format"], "records": row["records"]}
+
+
+def delete(home: Path, file_id: str) -> bool:
+    """Remove a file no unfinished job needs; False when there is no such file."""
+    con = connect(home)
+    row = get(home, file_id)
+    if row is None:
+        return False
+    busy = con.execute("SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?) AND status IN "
+                       "('validating_files', 'queued', 'running') LIMIT 1", (file_id, file_id)).fetchone()
+    if busy:
+        from tunelab.service.jobs import Conflict
+
+        raise Conflict(f"job {busy['id']} still needs this file; cancel it or wait until it ends", file_id)
+    con.execute("DELETE FROM files WHERE id = ?", (file_id,))
+    path_of(home, row).unlink(missing_ok=True)
+    return True
+
+
+def remove_partial_uploads(home: Path) -> None:
+    for tmp in (Path(home) / "files").glob(".upload-*"):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,191 @@
+"""Calling models through the API: chat completions for generators, labels and probabilities for classifiers.
+
+Loaded models are kept in a small LRU cache; one request at a time uses a given model (a lock per model).
+Uses tunelab.generate and tunelab.predict, never the training loop.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.service import jobs
+from tunelab.service.db import connect
+
+CACHED = 2  # models kept loaded
+MAX_TOKENS = 2048
+MAX_INPUTS = 256
+
+
+class Loaded:
+    def __init__(self, objects):
+        self.objects = objects
+        self.lock = threading.Lock()
+
+
+_cache: OrderedDict[str, Loaded] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _load(key: str, loader) -> Loaded:
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    loaded = Loaded(loader())
+    with _cache_lock:
+        _cache[key] = loaded
+        while len(_cache) > CACHED:
+            _cache.popitem(last=False)
+    return loaded
+
+
+def locate(home: Path, model: str) -> tuple[str, str | None]:
+    """(what to load, task): a fine-tuned model's run folder and its task, or a base model (task None)."""
+    if not isinstance(model, str) or not model:
+        raise UserError("'model' is required", "model")
+    if model.startswith("ft:"):
+        row = connect(home).execute("SELECT id, task FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
+                                    (model,)).fetchone()
+        if row is None:
+            raise LookupError(model)
+        return str(jobs.run_dir(home, row["id"])), row["task"]
+    try:
+        return jobs.model_source(home, model), None
+    except UserError:
+        raise LookupError(model) from None
+
+
+# ---- chat completions ----------------------------------------------------------------------------------------
+
+def _sampling(body: dict) -> dict:
+    from tunelab.generate import Sampling
+
+    if body.get("n", 1) != 1:
+        raise UserError("only n=1 is supported", "n")
+    if body.get("stop") is not None:
+        raise UserError("stop sequences are not supported; the answer ends at the model's end of turn", "stop")
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or Sampling.max_new_tokens
+    seed = body.get("seed")
+    out = {"max_new_tokens": limit, "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+           "seed": secrets.randbelow(2**31) if seed is None else seed}
+    for key, value in out.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"must be a number, got {value!r}", key)
+    if not 1 <= out["max_new_tokens"] <= MAX_TOKENS:
+        raise UserError(f"must be between 1 and {MAX_TOKENS}", "max_tokens")
+    out["max_new_tokens"], out["seed"] = int(out["max_new_tokens"]), int(out["seed"])
+    try:
+        Sampling(**out).check()
+    except UserError as e:
+        raise UserError(e.problem, {"--temperature": "temperature", "--top-p": "top_p"}.get(e.path, e.path)) from None
+    return out
+
+
+def chat(home: Path, body: dict):
+    """A chat.completion dict, or (stream=True) an iterator of server-sent-event lines."""
+    from tunelab.data.chat import parse_messages
+    from tunelab.generate import encode, load_generator
+
+    source, task = locate(home, body.get("model"))
+    if task is not None and task not in ("clm", "chat", "dpo"):
+        raise UserError(f"{body['model']} is a {task} model: call /v1/classifications", "model")
+    messages = parse_messages(body.get("messages"), "messages", None, need_assistant=False)
+    sampling = _sampling(body)
+    loaded = _load("generator:" + source, lambda: load_generator(source))
+    model, tokenizer = loaded.objects
+    prompt_tokens = len(encode(tokenizer, messages))
+    head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": body["model"]}
+    if body.get("stream"):
+        return _stream(loaded, messages, sampling, head, prompt_tokens, body)
+    with loaded.lock:
+        c = _complete(loaded, messages, sampling)
+    return {**head, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": _finish(c, sampling), "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": c.new_tokens,
+                      "total_tokens": prompt_tokens + c.new_tokens}}
+
+
+def _complete(loaded: Loaded, messages, sampling, streamer=None):
+    from tunelab.generate import complete
+
+    model, tokenizer = loaded.objects
+    return complete(model, tokenizer, messages, streamer=streamer, **sampling)
+
+
+def _finish(c, sampling) -> str:
+    return "length" if c.new_tokens >= sampling["max_new_tokens"] else "stop"
+
+
+def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, body):
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(loaded.objects[1], skip_prompt=True, skip_special_tokens=True, timeout=600)
+    result = {}
+
+    def work():
+        with loaded.lock:
+            try:
+                result["completion"] = _complete(loaded, messages, sampling, streamer)
+            except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
+                result["error"] = str(e)
+                streamer.end()
+
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}) + "\n\n"
+
+    def events():
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield chunk({"role": "assistant", "content": ""})
+        for text in streamer:
+            if text:
+                yield chunk({"content": text})
+        thread.join()
+        if "error" in result:
+            yield "data: " + json.dumps({"error": {"message": result["error"], "type": "server_error"}}) + "\n\n"
+        else:
+            c = result["completion"]
+            yield chunk({}, _finish(c, sampling))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": c.new_tokens,
+                    "total_tokens": prompt_tokens + c.new_tokens}}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    return events()
+
+
+# ---- classifiers ---------------------------------------------------------------------------------------------
+
+def classify(home: Path, body: dict) -> dict:
+    """Predictions of a fine-tuned classifier, regressor or tagger for one text or a list of texts."""
+    from tunelab.predict import load_run, predict_examples
+
+    source, task = locate(home, body.get("model"))
+    if task is None or task in ("clm", "mlm", "chat", "dpo", "reward"):
+        raise UserError(f"{body['model']} does not predict labels: use /v1/chat/completions for generators",
+                        "model")
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise UserError("'input' must be a non-empty string or a list of non-empty strings", "input")
+    if len(texts) > MAX_INPUTS:
+        raise UserError(f"at most {MAX_INPUTS} texts per request", "input")
+    loaded = _load("run:" + source, lambda: load_run(source))
+    cfg, task_obj = loaded.objects[0], loaded.objects[1]
+    with tempfile.TemporaryDirectory() as tmp:  # the task's own reader (segmentation for ner, …)
+        path = Path(tmp) / "input.jsonl"
+        path.write_text("".join(json.dumps({cfg.data.text_column: t}) + "\n" for t in texts), encoding="utf-8")
+        examples = task_obj.read(path, cfg.data, need_label=False)
+    with loaded.lock:
+        rows = predict_examples(loaded.objects, examples)
+    data = [{"object": "classification", "index": i, **{k: v for k, v in r.items() if k != "text"}}
+            for i, r in enumerate(rows)]
+    return {"object": "list", "model": body["model"], "task": task, "data": data}

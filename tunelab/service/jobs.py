@@ -1,0 +1,393 @@
+"""Fine-tuning jobs: the request checked into a record, its state machine, events, claiming and reaping.
+
+validating_files → queued → running → succeeded | failed | cancelled. A worker takes a queued job with one
+conditional UPDATE inside BEGIN IMMEDIATE, so two workers never take the same one. A running job whose worker
+died (its lock file is free) goes back to the queue and resumes from its checkpoint, until MAX_ATTEMPTS.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import secrets
+from pathlib import Path
+
+from tunelab import config as config_mod
+from tunelab.errors import UserError
+from tunelab.service import files
+from tunelab.service.db import connect, dumps, loads, new_id, now, transaction
+
+MAX_ATTEMPTS = 3
+UNFINISHED = ("validating_files", "queued", "running")
+# The learning rate that learning_rate_multiplier scales, by tuning (train.lr in `config` replaces it).
+BASE_LR = {"full": 5e-5, "partial": 1e-4, "lora": 5e-4, "head": 2e-3, "scratch": 1e-4}
+AUTO = {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 1.0, "beta": 0.1}
+LIMITS = {"n_epochs": (int, 1, 100), "batch_size": (int, 1, 1024), "learning_rate_multiplier": (float, 1e-4, 100.0),
+          "beta": (float, 1e-4, 100.0)}
+# Settings a request may not set through `config`: the service decides where data, models and runs live.
+RESERVED = {("data", "train"), ("data", "eval"), ("model", "name"), ("model", "trust_remote_code"),
+            ("train", "device"), ("train", "progress"), ("eval", "folds"), ("eval", "fold")}
+SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Conflict(UserError):
+    """A request that clashes with the current state (HTTP 409)."""
+
+
+# ---- models a job can start from -------------------------------------------------------------------------------
+
+def bundled_models() -> list[str]:
+    from tunelab.models import BUNDLED
+    from tunelab.models.gguf import GGUF_MODELS
+
+    return [*BUNDLED, *GGUF_MODELS]
+
+
+def local_models(home: Path) -> list[str]:
+    folder = Path(home) / "models"
+    return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file()) if folder.is_dir() else []
+
+
+def model_source(home: Path, name: str) -> str:
+    """What `model.name` gets for a base model: an alias, a folder under HOME/models, or a fine-tuned model's folder."""
+    if not isinstance(name, str) or not name:
+        raise UserError("'model' is required", "model")
+    if name.startswith("ft:"):
+        row = connect(home).execute("SELECT id FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
+                                    (name,)).fetchone()
+        if row is None:
+            raise UserError(f"no succeeded job made the model {name!r}", "model")
+        return str(run_dir(home, row["id"]) / "model")
+    if name in bundled_models():
+        return name
+    if name in local_models(home):
+        return str(Path(home) / "models" / name)
+    raise UserError(f"unknown model {name!r}: GET /v1/models lists the models this service has", "model")
+
+
+# ---- creating a job -------------------------------------------------------------------------------------------
+
+def _number(key: str, value, where: str):
+    kind, lo, hi = LIMITS[key]
+    if value == "auto" or value is None:
+        return AUTO[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise UserError(f"must be 'auto' or a{'n integer' if kind is int else ' number'}, got {value!r}", where)
+    if not lo <= value <= hi:
+        raise UserError(f"must be between {lo} and {hi}, got {value}", where)
+    return kind(value)
+
+
+def _method(body: dict) -> tuple[str, dict]:
+    """(method type, its raw hyperparameters): `method.<type>.hyperparameters` over the legacy top-level ones."""
+    method = body.get("method") or {"type": "supervised"}
+    if not isinstance(method, dict) or method.get("type") not in ("supervised", "dpo"):
+        kind = method.get("type") if isinstance(method, dict) else method
+        raise UserError(f"method.type must be 'supervised' or 'dpo', got {kind!r}", "method.type")
+    legacy = body.get("hyperparameters") or {}
+    inner = (method.get(method["type"]) or {}).get("hyperparameters") or {}
+    for where, hp in (("hyperparameters", legacy), (f"method.{method['type']}.hyperparameters", inner)):
+        if not isinstance(hp, dict):
+            raise UserError("must be an object", where)
+        unknown = set(hp) - set(LIMITS) - ({"beta"} if method["type"] == "dpo" else set())
+        if unknown or (method["type"] != "dpo" and "beta" in hp):
+            raise UserError(f"unknown hyperparameter {sorted(unknown or {'beta'})[0]!r}", where)
+    return method["type"], {**legacy, **inner}
+
+
+def _overrides(body: dict) -> dict:
+    extra = body.get("config") or {}
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise UserError("must be an object of sections, e.g. {\"data\": {\"max_length\": 64}}", "config")
+    for section, values in extra.items():
+        if section not in ("data", "tuning", "train", "eval"):
+            raise UserError(f"unknown section {section!r} (data, tuning, train or eval)", "config")
+        for key in values:
+            if (section, key) in RESERVED:
+                raise UserError(f"{section}.{key} is set by the service", "config")
+    return extra
+
+
+def _file(home: Path, body: dict, key: str, required: bool) -> dict | None:
+    file_id = body.get(key)
+    if file_id is None and not required:
+        return None
+    row = files.get(home, file_id) if isinstance(file_id, str) else None
+    if row is None or row["purpose"] != "fine-tune":
+        raise UserError(f"no uploaded fine-tune file {file_id!r}", key)
+    return row
+
+
+def create(home: Path, body: dict) -> dict:
+    """Check a POST /v1/fine_tuning/jobs body and record the job as validating_files."""
+    from tunelab.tasks import TASKS
+
+    if not isinstance(body, dict):
+        raise UserError("the request body must be a JSON object")
+    source = model_source(home, body.get("model"))
+    train_file = _file(home, body, "training_file", True)
+    valid_file = _file(home, body, "validation_file", False)
+    kind, raw = _method(body)
+    hp = {k: _number(k, raw.get(k), f"hyperparameters.{k}") for k in ("n_epochs", "batch_size",
+                                                                      "learning_rate_multiplier")}
+    beta = _number("beta", raw.get("beta"), "method.dpo.hyperparameters.beta") if kind == "dpo" else None
+    task = body.get("task") or ("dpo" if kind == "dpo" else files.FORMAT_TASK[train_file["format"]])
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", "task")
+    if kind == "dpo" and task != "dpo":
+        raise UserError(f"method.type 'dpo' trains the dpo task, not {task!r}", "task")
+    tuning = body.get("tuning") or "full"
+    suffix = body.get("suffix")
+    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.match(suffix)):
+        raise UserError("at most 64 letters, digits, '-' or '_'", "suffix")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise UserError(f"must be an integer in [0, 2^31), got {seed!r}", "seed")
+    metadata = body.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items())):
+        raise UserError("at most 16 string keys (≤ 64 characters) with string values (≤ 512)", "metadata")
+    overrides = _overrides(body)
+
+    job_id = new_id("ftjob")
+    row = {"id": job_id, "created_at": now(), "model": body["model"], "training_file": train_file["id"],
+           "validation_file": valid_file["id"] if valid_file else None, "task": task, "tuning": tuning,
+           "hyperparameters": dumps({**hp, **({"beta": beta} if beta is not None else {})}),
+           "method": dumps({"type": kind}), "seed": seed, "suffix": suffix, "metadata": dumps(metadata),
+           "request": dumps({"config": overrides, "source": source})}
+    cfg = training_config(home, row)  # refuses bad settings now, with the request's names, not in a worker later
+    cfg.output = "unused"
+    try:
+        config_mod.validate(cfg)
+    except UserError as e:
+        raise UserError(e.problem, "config") from None
+    con = connect(home)
+    with transaction(con):
+        row["seq"] = (con.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
+        con.execute("INSERT INTO jobs (id, seq, created_at, model, training_file, validation_file, request, task, "
+                    "tuning, hyperparameters, method, seed, suffix, metadata, status) VALUES (:id, :seq, "
+                    ":created_at, :model, :training_file, :validation_file, :request, :task, :tuning, "
+                    ":hyperparameters, :method, :seed, :suffix, :metadata, 'validating_files')", row)
+        add_event(con, job_id, f"Validating training file: {train_file['id']}"
+                  + (f" and validation file: {valid_file['id']}" if valid_file else ""))
+    return get(home, job_id)
+
+
+def training_config(home: Path, job: dict) -> config_mod.Config:
+    """The `tunelab train` config a job runs with."""
+    request = loads(job["request"])
+    hp = loads(job["hyperparameters"])
+    extra = request["config"]
+    train_file = files.get(home, job["training_file"])
+    valid_file = files.get(home, job["validation_file"]) if job["validation_file"] else None
+    lr = extra.get("train", {}).get("lr", BASE_LR.get(job["tuning"], 5e-5))
+    d = {"task": job["task"], "output": str(run_dir(home, job["id"])), "overwrite": True,
+         "model": {"name": request["source"]},
+         "data": {**extra.get("data", {}), "train": str(files.path_of(home, train_file)),
+                  "eval": str(files.path_of(home, valid_file)) if valid_file else None},
+         "tuning": {**extra.get("tuning", {}), "name": job["tuning"]},
+         "train": {"keep_checkpoints": 3, **extra.get("train", {}), "epochs": hp["n_epochs"],
+                   "batch_size": hp["batch_size"], "lr": lr * hp["learning_rate_multiplier"], "seed": job["seed"],
+                   "progress": False, **({"beta": hp["beta"]} if "beta" in hp else {})},
+         "eval": extra.get("eval", {})}
+    return config_mod.from_dict(d, "config")
+
+
+def run_dir(home: Path, job_id: str) -> Path:
+    return Path(home) / "jobs" / job_id / "run"
+
+
+def model_name(job: dict) -> str:
+    base = job["model"].split(":")[1] if job["model"].startswith("ft:") else job["model"]
+    return ":".join(["ft", base, *([job["suffix"]] if job["suffix"] else []), job["id"].split("-", 1)[1][:12]])
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+def get(home: Path, job_id: str) -> dict | None:
+    row = connect(home).execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return dict(row) if row else None
+
+
+def public(job: dict) -> dict:
+    """The OpenAI fine_tuning.job object, plus tunelab's task, tuning, attempts and started_at."""
+    hp = loads(job["hyperparameters"])
+    method = loads(job["method"])
+    inner = {"hyperparameters": hp}
+    return {"id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"], "model": job["model"],
+            "status": job["status"], "training_file": job["training_file"],
+            "validation_file": job["validation_file"],
+            "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+            "method": {"type": method["type"], method["type"]: inner}, "seed": job["seed"],
+            "error": loads(job["error"]), "fine_tuned_model": job["fine_tuned_model"],
+            "finished_at": job["finished_at"], "result_files": loads(job["result_files"], []),
+            "trained_tokens": job["trained_tokens"], "estimated_finish": None, "integrations": [],
+            "organization_id": "tunelab", "user_provided_suffix": job["suffix"], "metadata": loads(job["metadata"]),
+            "task": job["task"], "tuning": job["tuning"], "attempts": job["attempts"],
+            "started_at": job["started_at"]}
+
+
+def listing(home: Path, after: str | None, limit: int) -> tuple[list[dict], bool]:
+    con = connect(home)
+    after_seq = None
+    if after:
+        row = con.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
+        if row is None:
+            raise UserError(f"no job {after!r}", "after")
+        after_seq = row["seq"]
+    rows = con.execute("SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                       (after_seq if after_seq is not None else 2**62, limit + 1)).fetchall()
+    return [public(dict(r)) for r in rows[:limit]], len(rows) > limit
+
+
+def add_event(con, job_id: str, message: str, level: str = "info", kind: str = "message", data=None) -> None:
+    con.execute("INSERT INTO events (job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, now(), level, kind, message, dumps(data) if data is not None else None))
+
+
+def events(home: Path, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+    after_seq = 2**62
+    if after:
+        m = re.fullmatch(r"ftevent-(\d+)", after)
+        if not m:
+            raise UserError(f"not an event id: {after!r}", "after")
+        after_seq = int(m.group(1))
+    rows = connect(home).execute("SELECT * FROM events WHERE job_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                                 (job_id, after_seq, limit + 1)).fetchall()
+    out = [{"id": f"ftevent-{r['seq']}", "object": "fine_tuning.job.event", "created_at": r["created_at"],
+            "level": r["level"], "type": r["type"], "message": r["message"], "data": loads(r["data"])}
+           for r in rows[:limit]]
+    return out, len(rows) > limit
+
+
+# ---- state changes ------------------------------------------------------------------------------------------
+
+def finish(con, job_id: str, status: str, message: str, level: str = "info", error: dict | None = None,
+           **fields) -> None:
+    """Set a terminal state with finished_at (the caller holds the transaction and has checked the current state)."""
+    sets = {"status": status, "finished_at": now(), "error": dumps(error) if error else None,
+            "cancel_requested": 0, **fields}
+    con.execute(f"UPDATE jobs SET {', '.join(f'{k} = :{k}' for k in sets)} WHERE id = :id", {**sets, "id": job_id})
+    add_event(con, job_id, message, level)
+
+
+def cancel(home: Path, job_id: str) -> dict:
+    con = connect(home)
+    with transaction(con):
+        job = get(home, job_id)
+        if job is None:
+            raise LookupError(job_id)
+        if job["status"] in ("validating_files", "queued"):
+            finish(con, job_id, "cancelled", "The job was cancelled before it started")
+        elif job["status"] == "running":
+            con.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            add_event(con, job_id, "Cancellation requested")
+        else:
+            raise Conflict(f"the job has already {job['status']}", job_id)
+    return get(home, job_id)
+
+
+def validate_pending(home: Path) -> None:
+    """Check the files of every job in validating_files with its task's reader: queued, or failed with the line."""
+    con = connect(home)
+    for job in con.execute("SELECT * FROM jobs WHERE status = 'validating_files' ORDER BY seq").fetchall():
+        error = None
+        for key in ("training_file", "validation_file"):
+            row = files.get(home, job[key]) if job[key] else None
+            if job[key] and row is None:
+                error = {"code": f"invalid_{key}", "message": f"the file {job[key]} was deleted", "param": key}
+                break
+            if row:
+                try:
+                    files.check(files.path_of(home, row), job["task"], row["filename"])
+                except UserError as e:
+                    error = {"code": f"invalid_{key}", "message": str(e), "param": key}
+                    break
+        with transaction(con):
+            if con.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()[0] != "validating_files":
+                continue  # cancelled meanwhile
+            if error:
+                finish(con, job["id"], "failed", f"File validation failed: {error['message']}", "error", error)
+            else:
+                con.execute("UPDATE jobs SET status = 'queued' WHERE id = ?", (job["id"],))
+                add_event(con, job["id"], "Files validated, moving job to queued state")
+
+
+def claim(home: Path, worker_id: str) -> dict | None:
+    """Take the oldest queued job for this worker, or None. Atomic across processes."""
+    con = connect(home)
+    with transaction(con):
+        row = con.execute("SELECT id, attempts FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+        if row is None:
+            return None
+        con.execute("UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, heartbeat_at = ?, "
+                    "started_at = COALESCE(started_at, ?) WHERE id = ? AND status = 'queued'",
+                    (worker_id, now(), now(), row["id"]))
+        attempt = row["attempts"] + 1
+        add_event(con, row["id"], "Fine-tuning job started" if attempt == 1 else
+                  f"Fine-tuning job restarted (attempt {attempt} of {MAX_ATTEMPTS})")
+    return get(home, row["id"])
+
+
+def owns(con, job_id: str, worker_id: str, attempt: int) -> bool:
+    return con.execute("SELECT 1 FROM jobs WHERE id = ? AND worker_id = ? AND attempts = ? AND status = 'running'",
+                       (job_id, worker_id, attempt)).fetchone() is not None
+
+
+def release(con, job: dict, why: str) -> None:
+    """A running job lost its worker or its training process: queue it again, or fail it after MAX_ATTEMPTS."""
+    if job["cancel_requested"]:
+        finish(con, job["id"], "cancelled", "The job was cancelled")
+    elif job["attempts"] >= MAX_ATTEMPTS:
+        finish(con, job["id"], "failed", f"{why}; gave up after {MAX_ATTEMPTS} attempts", "error",
+               {"code": "worker_lost", "message": f"{why} in each of {MAX_ATTEMPTS} attempts", "param": None},
+               worker_id=None)
+    else:
+        con.execute("UPDATE jobs SET status = 'queued', worker_id = NULL WHERE id = ?", (job["id"],))
+        add_event(con, job["id"], f"{why}; the job is queued again and resumes from its last checkpoint "
+                                  f"(attempt {job['attempts']} of {MAX_ATTEMPTS} used)", "warn")
+
+
+def give_back(con, job_id: str, message: str | None = None) -> None:
+    """Put a claimed job back in the queue without counting the attempt (its worker stopped on purpose)."""
+    con.execute("UPDATE jobs SET status = 'queued', worker_id = NULL, attempts = attempts - 1 WHERE id = ?",
+                (job_id,))
+    if message:
+        add_event(con, job_id, message, "warn")
+
+
+# ---- worker liveness ------------------------------------------------------------------------------------------
+
+def worker_lock(home: Path, worker_id: str) -> Path:
+    return Path(home) / "workers" / f"{worker_id}.lock"
+
+
+def worker_alive(home: Path, worker_id: str | None) -> bool:
+    """Whether the worker process still holds its lock (the kernel frees it at death, SIGKILL included)."""
+    if not worker_id:
+        return False
+    try:
+        fd = os.open(worker_lock(home, worker_id), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing also drops the lock if we just took it
+    return False
+
+
+def reap(home: Path) -> None:
+    """Queue again (or fail) every running job whose worker is gone."""
+    con = connect(home)
+    for job in con.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
+        if worker_alive(home, job["worker_id"]):
+            continue
+        with transaction(con):
+            current = get(home, job["id"])
+            if current["status"] == "running" and current["worker_id"] == job["worker_id"]:
+                release(con, current, "The worker running this job stopped")

@@ -1,0 +1,320 @@
+"""A worker: claims queued jobs and runs each as `python -m tunelab train CONFIG` in a child process.
+
+The worker holds HOME/workers/<id>.lock for its whole life (liveness for `jobs.reap`) and each job's own lock,
+which the training child inherits, so a job never has two training processes. The child gets PR_SET_PDEATHSIG:
+when the worker dies, the kernel kills its training process too. While the child runs, the worker follows the
+run's history.jsonl (step and evaluation rows become metric events), announces checkpoints, and stops the child
+within a second of a cancel.
+"""
+from __future__ import annotations
+
+import ctypes
+import csv
+import fcntl
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunelab import config as config_mod
+from tunelab.service import files, jobs
+from tunelab.service.db import connect, dumps, new_id, now, transaction
+
+POLL = 0.5  # seconds between looks at the queue, the child, history.jsonl and the cancel flag
+GENERATORS = ("clm", "chat", "dpo")  # tasks whose finished model answers prompts: sample generations are shown
+SAMPLE_PROMPTS = 3
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def spawn(args: list[str], log: Path, pass_fds=()) -> subprocess.Popen:
+    """A `python -m tunelab …` child that dies with this process, its output appended to `log`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "tunelab", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, pass_fds=pass_fds,
+                                preexec_fn=_die_with_parent)
+
+
+def hold_lock(path: Path, wait: float = 0.0) -> int:
+    """An open descriptor holding an exclusive flock on `path`; waits up to `wait` seconds, else raises TimeoutError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise TimeoutError(str(path)) from None
+            time.sleep(0.2)
+
+
+class Stopping:
+    """Set by SIGTERM/SIGINT: the worker puts its job back in the queue (no attempt counted) and exits."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):
+            cls.requested = True
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def run_worker(home: Path) -> None:
+    """Claim and run jobs until SIGTERM or SIGINT."""
+    home = Path(home)
+    Stopping.install()
+    worker_id = new_id("wrk")
+    lock = hold_lock(jobs.worker_lock(home, worker_id))
+    connect(home).execute("INSERT INTO workers (id, pid, started_at) VALUES (?, ?, ?)",
+                          (worker_id, os.getpid(), now()))
+    print(f"tunelab worker {worker_id} (pid {os.getpid()}) serving {home}", flush=True)
+    try:
+        while not Stopping.requested:
+            jobs.reap(home)
+            job = jobs.claim(home, worker_id)
+            if job is None:
+                time.sleep(POLL)
+                continue
+            Run(home, job, worker_id).run()
+    finally:
+        connect(home).execute("UPDATE workers SET stopped_at = ? WHERE id = ?", (now(), worker_id))
+        os.close(lock)
+
+
+class Run:
+    """One attempt at one job."""
+
+    def __init__(self, home: Path, job: dict, worker_id: str):
+        self.home, self.job, self.worker_id = home, job, worker_id
+        self.id, self.attempt = job["id"], job["attempts"]
+        self.folder = home / "jobs" / self.id
+        self.run_dir = jobs.run_dir(home, self.id)
+        self.con = connect(home)
+        self.total = loads_hp(job)["n_epochs"]
+        self.history_at = 0  # bytes of history.jsonl already turned into events
+        self.checkpoints: set[str] = set()
+
+    def event(self, message: str, level: str = "info", kind: str = "message", data=None) -> None:
+        jobs.add_event(self.con, self.id, message, level, kind, data)
+
+    def run(self) -> None:
+        try:
+            job_lock = hold_lock(self.folder / "lock", wait=30)
+        except TimeoutError:  # an earlier training process still runs: it will die with its worker; try later
+            with transaction(self.con):
+                if jobs.owns(self.con, self.id, self.worker_id, self.attempt):
+                    jobs.give_back(self.con, self.id)
+            return
+        try:
+            self._train(job_lock)
+        finally:
+            os.close(job_lock)
+
+    def _train(self, job_lock: int) -> None:
+        cfg_path = self.folder / "config.yaml"
+        resume = (self.run_dir / "checkpoints" / "latest").is_file()
+        if resume:
+            self.checkpoints = set(self._checkpoint_names())
+            self.event(f"Resuming from the checkpoint at step {self._latest_step()}")
+            args = ["train", "--resume", str(self.run_dir)]
+        else:
+            config_mod.save_yaml(jobs.training_config(self.home, self.job), cfg_path)
+            args = ["train", str(cfg_path)]
+        child = spawn(args, self.folder / "train.log", pass_fds=(job_lock,))
+        cancelled = lost = False
+        while child.poll() is None:
+            time.sleep(POLL)
+            self._follow()
+            state = "stopping" if Stopping.requested else self._heartbeat()
+            if state != "running":
+                cancelled, lost = state == "cancel", state == "lost"
+                _stop(child)
+                break
+        self._follow()
+        if lost:
+            return  # the job is no longer ours: whoever has it now records what happens
+        with transaction(self.con):
+            if not jobs.owns(self.con, self.id, self.worker_id, self.attempt):
+                return
+            if Stopping.requested and not cancelled:
+                jobs.give_back(self.con, self.id, "The worker was stopped; the job is queued again and resumes "
+                                                  "from its last checkpoint")
+            elif cancelled:
+                jobs.finish(self.con, self.id, "cancelled", f"The job was cancelled at step {self._last_step()}")
+            elif child.returncode == 0 and (self.run_dir / "metrics.json").is_file():
+                self._succeed()
+            elif child.returncode < 0:
+                job = jobs.get(self.home, self.id)
+                jobs.release(self.con, job, f"The training process was killed by signal {-child.returncode}")
+            else:
+                error = self._error(child.returncode)
+                jobs.finish(self.con, self.id, "failed", f"Training failed: {error['message']}", "error", error)
+
+    def _heartbeat(self) -> str:
+        row = self.con.execute("SELECT status, worker_id, attempts, cancel_requested FROM jobs WHERE id = ?",
+                               (self.id,)).fetchone()
+        if row["status"] != "running" or row["worker_id"] != self.worker_id or row["attempts"] != self.attempt:
+            return "lost"
+        if row["cancel_requested"]:
+            return "cancel"
+        self.con.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time(), self.id))
+        return "running"
+
+    # ---- progress ----------------------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """New history rows → metric events; new checkpoint folders → message events."""
+        path = self.run_dir / "history.jsonl"
+        if path.is_file():
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.history_at:  # rewritten by a resume: read it afresh
+                    self.history_at = 0
+                f.seek(self.history_at)
+                data = f.read()
+            complete = data[:data.rfind(b"\n") + 1]
+            self.history_at += len(complete)
+            for line in complete.decode("utf-8").splitlines():
+                self._metric_event(json.loads(line))
+        for name in self._checkpoint_names():
+            if name not in self.checkpoints:
+                self.checkpoints.add(name)
+                self.event(f"Checkpoint saved at step {int(name.split('-')[1])}")
+
+    def _metric_event(self, row: dict) -> None:
+        step = row["step"]
+        if "loss" in row:
+            per_epoch = round(step / row["epoch"]) if row["epoch"] else 0
+            data = {"step": step, "total_steps": per_epoch * self.total, "epoch": row["epoch"],
+                    "train_loss": row["loss"], "learning_rate": row["lr"],
+                    **{f"train_{k}": v for k, v in row.items()
+                       if k not in ("step", "epoch", "loss", "lr", "samples_per_second")}}
+            self.event(f"Step {step}/{data['total_steps']}: training loss={row['loss']:.4f}", kind="metrics",
+                       data=data)
+        else:
+            data = {"step": step, **{"valid_" + k[5:]: v for k, v in row.items() if k.startswith("eval_")}}
+            shown = ", ".join(f"{k[6:]}={v:.4f}" for k, v in data.items() if k != "step" and isinstance(v, float))
+            self.event(f"Step {step}: validation {shown}", kind="metrics", data=data)
+
+    def _checkpoint_names(self) -> list[str]:
+        folder = self.run_dir / "checkpoints"
+        return sorted(p.name for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+
+    def _latest_step(self) -> int:
+        return int((self.run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
+
+    def _last_step(self) -> int:
+        row = self.con.execute("SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq DESC "
+                               "LIMIT 1", (self.id,)).fetchone()
+        return json.loads(row["data"])["step"] if row else 0
+
+    # ---- the end ---------------------------------------------------------------------------------------------
+
+    def _succeed(self) -> None:
+        metrics = json.loads((self.run_dir / "metrics.json").read_text())
+        if self.job["task"] in GENERATORS:
+            self._samples()
+        results = self._results_file()
+        name = jobs.model_name(self.job)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics["eval"].items() if isinstance(v, float))
+        self.event(f"Final evaluation: {shown}")
+        jobs.finish(self.con, self.id, "succeeded", f"The job has successfully completed; new model: {name}",
+                    fine_tuned_model=name, trained_tokens=metrics["train"].get("tokens_seen"),
+                    result_files=dumps([results]))
+
+    def _results_file(self) -> str:
+        """The step metrics as CSV (OpenAI's result file), stored as a file of purpose fine-tune-results."""
+        rows = [json.loads(line) for line in (self.run_dir / "history.jsonl").read_text().splitlines()]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        file_id = new_id("file")
+        path = self.home / "files" / f"{file_id}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(buf.getvalue(), encoding="utf-8")
+        self.con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records) "
+                         "VALUES (?, ?, ?, ?, 'fine-tune-results', ?, 'results', ?)",
+                         (file_id, "step_metrics.csv", path.stat().st_size, now(), path.name, len(rows)))
+        return file_id
+
+    def _samples(self) -> None:
+        """Answers of the fine-tuned model to the first validation (else training) prompts, for the dashboard."""
+        prompts = sample_prompts(self.home, self.job)
+        if not prompts:
+            return
+        raw = ["--raw"] if self.job["task"] == "clm" else []
+        out = self.run_dir / "samples.jsonl"
+        child = spawn(["generate", str(self.run_dir), *[a for p in prompts for a in ("--prompt", p)], *raw,
+                       "--max-new-tokens", "48", "--output", str(out)], self.folder / "samples.log")
+        if child.wait() != 0:
+            self.event("Sample generations failed (see samples.log in the job folder)", "warn")
+
+    def _error(self, code: int) -> dict:
+        """The job's error from the training log: the CLI's `tunelab: error:` line, else the traceback's last line."""
+        log = (self.folder / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
+        said = [line[len("tunelab: error: "):] for line in log if line.startswith("tunelab: error: ")]
+        message = said[-1] if said else next((line for line in reversed(log) if line.strip()), f"exit code {code}")
+        for key in ("training_file", "validation_file"):
+            row = files.get(self.home, self.job[key]) if self.job[key] else None
+            if row and str(files.path_of(self.home, row)) in message:
+                message = message.replace(str(files.path_of(self.home, row)), row["filename"])
+                return {"code": f"invalid_{key}", "message": message, "param": key}
+        return {"code": "invalid_request" if said else "training_error", "message": message, "param": None}
+
+
+def loads_hp(job: dict) -> dict:
+    return json.loads(job["hyperparameters"])
+
+
+def sample_prompts(home: Path, job: dict) -> list[str]:
+    """Up to SAMPLE_PROMPTS prompts: the first user turn of chat or preference records, or a text's first words."""
+    row = files.get(home, job["validation_file"] or job["training_file"])
+    prompts = []
+    for line in files.path_of(home, row).read_text(encoding="utf-8").splitlines():
+        if len(prompts) == SAMPLE_PROMPTS:
+            break
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = {"text": line}
+        text = _first_user_text(rec)
+        if text:
+            prompts.append(text[:500])
+    return prompts
+
+
+def _first_user_text(rec) -> str | None:
+    if not isinstance(rec, dict):
+        return None
+    if isinstance(rec.get("prompt"), str):
+        return rec["prompt"]
+    messages = rec.get("messages") or rec.get("prompt") or (rec.get("input") or {}).get("messages") or []
+    for m in messages if isinstance(messages, list) else []:
+        if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+            return m["content"]
+    text = rec.get("text")
+    return " ".join(text.split()[:8]) if isinstance(text, str) else None
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 3 seconds."""
+    child.terminate()
+    try:
+        child.wait(3)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
