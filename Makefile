@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,7 +28,12 @@ demo: venv
 		--method-set lora:train.lr=5e-4 --method-set full:train.lr=8e-5
 	@echo "open $(DEMO)/compare/report.html"
 
-test: venv
+# The dashboard test drives Debian's chromium through Playwright (no browser download): install it when missing.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| (echo "the dashboard test needs Debian's chromium: apt-get install -y chromium" && false)
+
+test: venv browser
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q --durations=10
 
 clean:

@@ -240,3 +240,39 @@ def lm_config(tiny_llama, tiny_model, lm_data, tmp_path):
         cfg.eval.bootstrap = 100
         return cfg
     return make
+
+
+@pytest.fixture(scope="session")
+def slow_data(tmp_path_factory) -> Path:
+    """Enough toy rows that a tiny-BERT job at batch size 2 trains for some seconds per epoch."""
+    return write_jsonl(tmp_path_factory.mktemp("service-data") / "slow.jsonl", make_rows(600, 3))
+
+
+@pytest.fixture
+def make_service(tmp_path_factory, tiny_model, tiny_llama, slow_data):
+    """Start `tunelab serve` processes (own home, key and port); all are stopped at the end of the test."""
+    from servicekit import Service
+
+    started = []
+
+    def make(workers: int = 1, start: bool = True, **kw) -> Service:
+        svc = Service(tmp_path_factory.mktemp("service"), {"tiny-bert": tiny_model, "tiny-llama": tiny_llama},
+                      slow_data, workers, **kw)
+        started.append(svc)
+        return svc.start() if start else svc
+
+    yield make
+    for svc in started:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_model, tiny_llama, slow_data):
+    """One `tunelab serve` with one worker shared by a test module."""
+    from servicekit import Service
+
+    svc = Service(tmp_path_factory.mktemp("service"), {"tiny-bert": tiny_model, "tiny-llama": tiny_llama},
+                  slow_data)
+    svc.start()
+    yield svc
+    svc.stop()

@@ -14,7 +14,7 @@ from tunelab.methods import METHODS
 from tunelab.models import layer_depth, num_blocks
 from tunelab.pipeline import build_job, train
 from tunelab.tasks import TASKS
-from tunelab.train import Loop, fit
+from tunelab.loop import Loop, fit
 
 
 def build(cfg):

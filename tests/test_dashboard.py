@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -79,7 +81,7 @@ def test_dashboard_in_browser(page, service, tmp_path):
                             f"(job status was {status!r} when the first points showed)")
 
     # (4) Succeeded: the whole curve and the confusion matrix, one row per label (rows gold, columns predicted).
-    job = service.wait(job_id, "succeeded", 180)
+    job = service.wait(job_id, "succeeded", 300)
     metrics = api_get(service, f"/v1/fine_tuning/jobs/{job_id}/metrics")
     steps = sum(1 for h in metrics["history"] if isinstance(h.get("loss"), (int, float)) and math.isfinite(h["loss"]))
     page.wait_for_function(f"({LOSS_POINTS})() === {steps}", timeout=15_000)

@@ -10,7 +10,7 @@ import torch
 
 from tunelab.distributed import Dist
 from tunelab.pipeline import build_job, train
-from tunelab.train import Loop, fit
+from tunelab.loop import Loop, fit
 
 
 def _history(run):

@@ -2,9 +2,15 @@
 from tunelab.config import Config
 from tunelab.errors import UserError
 
-# Imported eagerly: `tunelab.train` must be this function, not the `tunelab/train.py` loop module that the
-# pipeline imports (Python binds a submodule to its parent's attribute when it is first loaded).
-from tunelab.pipeline import TrainResult, train  # noqa: E402
-
 __version__ = "0.1.0"
 __all__ = ["Config", "UserError", "train", "TrainResult"]
+
+
+def __getattr__(name: str):
+    """`tunelab.train` and `tunelab.TrainResult`, imported on first use: the service's API process imports
+    tunelab without ever loading the training loop."""
+    if name in ("train", "TrainResult"):
+        from tunelab import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'tunelab' has no attribute {name!r}")

@@ -269,7 +269,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tunelab.service.server import serve
+    from tunelab.serve.server import serve
 
     if args.workers < 0:
         raise UserError("must be 0 or more", "--workers")
@@ -278,14 +278,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from tunelab.service.worker import run_worker
+    from tunelab.serve.worker import run_worker
 
     run_worker(Path(args.home))
     return 0
 
 
 def cmd_keys(args) -> int:
-    from tunelab.service import keys
+    from tunelab.serve import keys
 
     home = Path(args.home)
     if args.keys_command == "create":
@@ -297,9 +297,9 @@ def cmd_keys(args) -> int:
     else:
         rows = keys.listing(home)
         stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"  # noqa: E731
-        print(text_table([["id", "name", "starts", "created", "last used", "revoked"]] + [
+        print("\n".join(text_table([["id", "name", "starts", "created", "last used", "revoked"]] + [
             [r["id"], r["name"], r["prefix"] + "…", stamp(r["created_at"]), stamp(r["last_used_at"]),
-             stamp(r["revoked_at"])] for r in rows]) if rows else "no keys yet: tunelab keys create --home DIR --name N")
+             stamp(r["revoked_at"])] for r in rows])) if rows else "no keys yet: tunelab keys create --home DIR --name N")
     return 0
 
 

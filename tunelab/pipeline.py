@@ -24,7 +24,7 @@ from tunelab.methods import METHODS
 from tunelab.methods.base import Method
 from tunelab.models import build_model, count_params, load_tokenizer
 from tunelab.tasks import TASKS, Task
-from tunelab.train import Loop, fit
+from tunelab.loop import Loop, fit
 
 
 @dataclass

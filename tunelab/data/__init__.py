@@ -4,13 +4,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sklearn.model_selection import train_test_split
 
 from tunelab.config import Config
 from tunelab.data.load import Example
 from tunelab.errors import UserError
-from tunelab.tasks import TASKS, Space
+
+if TYPE_CHECKING:  # tasks import data.batching: a top-level import of tasks here would be circular
+    from tunelab.tasks import Space
 
 
 @dataclass
@@ -85,6 +88,8 @@ def fraction(rows: list[Example], strata: list | None, frac: float, seed: int) -
 
 def load_splits(cfg: Config) -> Splits:
     """Training and evaluation examples plus the output space; bad input raises UserError before any work."""
+    from tunelab.tasks import TASKS
+
     task, d, seed = TASKS[cfg.task], cfg.data, cfg.train.seed
     train = task.read(d.train, d)
     task.space(train, d.train)  # refuse unusable training data (one class, no entities) before splitting it

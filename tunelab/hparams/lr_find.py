@@ -27,7 +27,7 @@ from tunelab.distributed import Dist
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_json
 from tunelab.models import pick_device
-from tunelab.train import Loop, _step
+from tunelab.loop import Loop, _step
 
 BETA = 0.98  # exponential moving average of the loss, bias-corrected (fastai's choice)
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum (fastai's rule)

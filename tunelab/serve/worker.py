@@ -18,11 +18,12 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from tunelab import config as config_mod
-from tunelab.service import files, jobs
-from tunelab.service.db import connect, dumps, new_id, now, transaction
+from tunelab.serve import files, jobs
+from tunelab.serve.db import connect, dumps, new_id, now, transaction
 
 POLL = 0.5  # seconds between looks at the queue, the child, history.jsonl and the cancel flag
 GENERATORS = ("clm", "chat", "dpo")  # tasks whose finished model answers prompts: sample generations are shown
@@ -88,7 +89,14 @@ def run_worker(home: Path) -> None:
             if job is None:
                 time.sleep(POLL)
                 continue
-            Run(home, job, worker_id).run()
+            try:
+                Run(home, job, worker_id).run()
+            except Exception as e:  # noqa: BLE001 - a bug here must not strand the job as running
+                traceback.print_exc()
+                con = connect(home)
+                with transaction(con):
+                    if jobs.owns(con, job["id"], worker_id, job["attempts"]):
+                        jobs.release(con, jobs.get(home, job["id"]), f"The worker failed ({type(e).__name__}: {e})")
     finally:
         connect(home).execute("UPDATE workers SET stopped_at = ? WHERE id = ?", (now(), worker_id))
         os.close(lock)
@@ -104,7 +112,9 @@ class Run:
         self.run_dir = jobs.run_dir(home, self.id)
         self.con = connect(home)
         self.total = loads_hp(job)["n_epochs"]
-        self.history_at = 0  # bytes of history.jsonl already turned into events
+        self.history_at, self.history_inode = 0, None  # how far history.jsonl has been read, and which file
+        self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
+        self.resumed_at = 0  # steps up to here were reported by an earlier attempt
         self.checkpoints: set[str] = set()
 
     def event(self, message: str, level: str = "info", kind: str = "message", data=None) -> None:
@@ -128,7 +138,8 @@ class Run:
         resume = (self.run_dir / "checkpoints" / "latest").is_file()
         if resume:
             self.checkpoints = set(self._checkpoint_names())
-            self.event(f"Resuming from the checkpoint at step {self._latest_step()}")
+            self.resumed_at = self._latest_step()
+            self.event(f"Resuming from the checkpoint at step {self.resumed_at}")
             args = ["train", "--resume", str(self.run_dir)]
         else:
             config_mod.save_yaml(jobs.training_config(self.home, self.job), cfg_path)
@@ -180,14 +191,22 @@ class Run:
         path = self.run_dir / "history.jsonl"
         if path.is_file():
             with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.history_at:  # rewritten by a resume: read it afresh
-                    self.history_at = 0
+                stat = os.fstat(f.fileno())
+                if stat.st_ino != self.history_inode or stat.st_size < self.history_at:
+                    self.history_at, self.history_inode = 0, stat.st_ino  # replaced (a resume rewinds it): reread
                 f.seek(self.history_at)
                 data = f.read()
             complete = data[:data.rfind(b"\n") + 1]
             self.history_at += len(complete)
-            for line in complete.decode("utf-8").splitlines():
-                self._metric_event(json.loads(line))
+            for line in complete.decode("utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                key = ("loss" not in row, row.get("step", 0))
+                if key[1] > self.resumed_at and key not in self.emitted:
+                    self.emitted.add(key)
+                    self._metric_event(row)
         for name in self._checkpoint_names():
             if name not in self.checkpoints:
                 self.checkpoints.add(name)

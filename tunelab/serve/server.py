@@ -9,7 +9,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from tunelab.service.worker import spawn
+from tunelab.serve.worker import spawn
 
 RESTART_EVERY = 1.0  # seconds between checks that every worker still runs
 
@@ -17,7 +17,7 @@ RESTART_EVERY = 1.0  # seconds between checks that every worker still runs
 def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float) -> None:
     import uvicorn
 
-    from tunelab.service.app import create_app
+    from tunelab.serve.app import create_app
 
     home = Path(home)
     (home / "logs").mkdir(parents=True, exist_ok=True)

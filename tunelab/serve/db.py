@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import secrets
 import sqlite3
 import threading
@@ -84,8 +85,19 @@ def loads(text: str | None, default=None):
     return json.loads(text) if text else default
 
 
+def finite(obj):
+    """`obj` with NaN and infinities as None: strict JSON (what browsers and FastAPI's responses accept)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False)
+    return json.dumps(finite(obj), ensure_ascii=False)
 
 
 def integrity(home: Path) -> str:

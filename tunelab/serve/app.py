@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from tunelab.errors import UserError
-from tunelab.service import files, inference, jobs, keys
-from tunelab.service.db import connect
+from tunelab.serve import files, inference, jobs, keys
+from tunelab.serve.db import connect, finite
 
 HERE = Path(__file__).parent
 HOUSEKEEPING = 1.0  # seconds between checks for new jobs to validate and jobs whose worker died
@@ -230,9 +230,10 @@ def create_app(home: str | Path, max_upload_mb: float = 100) -> FastAPI:
         run = jobs.run_dir(home, _job(job_id)["id"])
         metrics = run / "metrics.json"
         samples = run / "samples.jsonl"
-        return {"history": _history(run), "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
-                "samples": [{"prompt": r["prompt"], "answer": r["answer"]} for r in _jsonl(samples)]
-                if samples.is_file() else None}
+        return finite({"history": _history(run),
+                       "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
+                       "samples": [{"prompt": r["prompt"], "answer": r["answer"]} for r in _jsonl(samples)]
+                       if samples.is_file() else None})
 
     # ---- models and inference ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tunelab.config import DataConfig
 from tunelab.errors import UserError
-from tunelab.service.db import connect, new_id, now
+from tunelab.serve.db import connect, new_id, now
 
 EXTENSIONS = (".jsonl", ".csv", ".txt")
 # The format a file's records have, and the task a job on it gets when the request names none.
@@ -133,7 +133,7 @@ def delete(home: Path, file_id: str) -> bool:
     busy = con.execute("SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?) AND status IN "
                        "('validating_files', 'queued', 'running') LIMIT 1", (file_id, file_id)).fetchone()
     if busy:
-        from tunelab.service.jobs import Conflict
+        from tunelab.serve.jobs import Conflict
 
         raise Conflict(f"job {busy['id']} still needs this file; cancel it or wait until it ends", file_id)
     con.execute("DELETE FROM files WHERE id = ?", (file_id,))

@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.service.db import connect, new_id, now
+from tunelab.serve.db import connect, new_id, now
 
 PREFIX = "tl-"
 

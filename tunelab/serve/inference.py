@@ -14,8 +14,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.service import jobs
-from tunelab.service.db import connect
+from tunelab.serve import jobs
+from tunelab.serve.db import connect
 
 CACHED = 2  # models kept loaded
 MAX_TOKENS = 2048

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tunelab import config as config_mod
 from tunelab.errors import UserError
-from tunelab.service import files
-from tunelab.service.db import connect, dumps, loads, new_id, now, transaction
+from tunelab.serve import files
+from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 
 MAX_ATTEMPTS = 3
 UNFINISHED = ("validating_files", "queued", "running")

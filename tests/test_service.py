@@ -1,0 +1,247 @@
+"""`tunelab serve` through the official `openai` client: files, jobs, events, checkpoints, models, inference;
+keys and authentication; uploads that must be refused."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import openai
+import pytest
+from conftest import make_chat_rows, make_rows, write_jsonl
+from servicekit import wait_until
+
+
+def test_openai_client_trains_a_classifier_and_calls_it(service, tmp_path):
+    client = service.client()
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(240, 1))
+    valid = write_jsonl(tmp_path / "valid.jsonl", make_rows(60, 2))
+    with open(train, "rb") as f:
+        uploaded = client.files.create(file=f, purpose="fine-tune")
+    assert (uploaded.filename, uploaded.purpose, uploaded.bytes) == ("train.jsonl", "fine-tune", train.stat().st_size)
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
+    assert client.files.content(uploaded.id).read() == train.read_bytes()
+    valid_id = service.upload(valid)
+
+    job = client.fine_tuning.jobs.create(
+        model="tiny-bert", training_file=uploaded.id, validation_file=valid_id, seed=3, suffix="toy",
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 4, "batch_size": 16, "learning_rate_multiplier": 20}}},
+        extra_body={"tuning": "full", "config": {"data": {"max_length": 32}}})
+    assert job.status == "validating_files" and job.fine_tuned_model is None and job.finished_at is None
+    assert job.hyperparameters.n_epochs == 4 and job.seed == 3
+    seen = set()
+    wait_until(lambda: seen.add(client.fine_tuning.jobs.retrieve(job.id).status) or
+               client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed"), 120,
+               lambda: service.tail(job.id))
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded", done.error
+    assert seen <= {"validating_files", "queued", "running", "succeeded"}
+    assert done.fine_tuned_model.startswith("ft:tiny-bert:toy:") and done.finished_at >= done.created_at
+    assert done.trained_tokens > 0 and len(done.result_files) == 1
+    assert b"step" in client.files.content(done.result_files[0]).read().splitlines()[0]
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    metrics = [e for e in events if e.type == "metrics" and "train_loss" in (e.data or {})]
+    valid_events = [e for e in events if e.type == "metrics" and "valid_accuracy" in (e.data or {})]
+    assert len(metrics) == 4 * 15 and len(valid_events) == 4
+    assert metrics[0].data["total_steps"] == 60 and {e.level for e in events} == {"info"}
+    first, last = valid_events[-1].data, valid_events[0].data  # newest first
+    assert last["valid_loss"] < first["valid_loss"] and last["valid_accuracy"] > 0.6  # it learned
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [60, 45, 30]  # one per epoch, the last 3 kept
+    assert checkpoints[0].metrics.valid_loss == pytest.approx(last["valid_loss"])
+    assert checkpoints[0].fine_tuned_model_checkpoint == done.fine_tuned_model + ":ckpt-step-60"
+
+    assert done.fine_tuned_model in [m.id for m in client.models.list()]
+    status, out = service.request("POST", "/v1/classifications",
+                                  {"model": done.fine_tuned_model, "input": ["good great love", "awful sad hate"]})
+    assert status == 200, out
+    assert [d["label"] for d in out["data"]] == ["positive", "negative"]
+    assert sum(out["data"][0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    status, out = service.request("POST", "/v1/chat/completions", {"model": done.fine_tuned_model, "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert status == 400 and "/v1/classifications" in out["error"]["message"]
+
+
+def test_openai_client_chat_sft_then_completions_streamed_and_not(service, tmp_path):
+    client = service.client()
+    file_id = service.upload(write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(96, 1)))
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=file_id, seed=0,
+                                         hyperparameters={"n_epochs": 3, "batch_size": 8},
+                                         extra_body={"task": "chat", "config": {"data": {"max_length": 64},
+                                                                                "train": {"lr": 1e-2}}})
+    assert job.method.type == "supervised"
+    done = service.wait(job.id, ("succeeded", "failed"), 180)
+    assert done["status"] == "succeeded", done["error"]
+    losses = [e["data"]["train_loss"] for e in service.events(job.id) if e["type"] == "metrics"
+              and "train_loss" in e["data"]]
+    assert sum(losses[-3:]) < sum(losses[:3]) / 2  # the training loss fell
+    samples = service.request("GET", f"/v1/fine_tuning/jobs/{job.id}/metrics")[1]["samples"]
+    assert len(samples) == 3 and all(s["prompt"].startswith("name a") for s in samples)
+
+    model = done["fine_tuned_model"]
+    ask = [{"role": "user", "content": "name a color"}]
+    answer = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=12)
+    assert answer.choices[0].message.role == "assistant" and answer.usage.completion_tokens <= 12
+    assert "blue" in answer.choices[0].message.content
+    stream = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=12, stream=True)
+    chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(chunks) > 2 and "".join(chunks).strip() == answer.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="ft:nope:1", messages=ask)
+    with pytest.raises(openai.BadRequestError, match="unknown role"):
+        client.chat.completions.create(model=model, messages=[{"role": "robot", "content": "x"}])
+
+
+def test_jobs_list_pages_and_cancel_and_bad_requests(service, tmp_path):
+    client = service.client()
+    file_id = service.upload(service.slow_data)  # long enough that none ends before it is cancelled
+    queued = [client.fine_tuning.jobs.create(model="tiny-bert", training_file=file_id,
+                                             hyperparameters={"n_epochs": 5, "batch_size": 2}).id for _ in range(3)]
+    for job_id in queued:
+        assert client.fine_tuning.jobs.cancel(job_id).status in ("cancelled",)
+    first = client.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in first.data] == queued[::-1][:2] and first.has_more
+    rest = client.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
+    assert rest.data[0].id == queued[0]
+    with pytest.raises(openai.ConflictError, match="already cancelled"):
+        client.fine_tuning.jobs.cancel(queued[0])
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-nope")
+
+    bad = [({"model": "gpt-9", "training_file": file_id}, "model", "unknown model"),
+           ({"model": "tiny-bert", "training_file": "file-nope"}, "training_file", "no uploaded"),
+           ({"model": "tiny-bert", "training_file": file_id, "hyperparameters": {"n_epochs": 0}},
+            "hyperparameters.n_epochs", "between"),
+           ({"model": "tiny-bert", "training_file": file_id, "method": {"type": "reinforcement"}}, "method.type", ""),
+           ({"model": "tiny-bert", "training_file": file_id, "suffix": "a b"}, "suffix", ""),
+           ({"model": "tiny-bert", "training_file": file_id, "tuning": "magic"}, "config", "tuning"),
+           ({"model": "tiny-bert", "training_file": file_id, "config": {"data": {"train": "/etc/passwd"}}},
+            "config", "set by the service")]
+    for body, param, words in bad:
+        status, out = service.request("POST", "/v1/fine_tuning/jobs", body)
+        assert status == 400 and out["error"]["param"] == param and words in out["error"]["message"], (body, out)
+
+
+def test_a_file_that_fails_its_task_fails_the_job_with_the_line(service, tmp_path):
+    rows = make_rows(20, 5)
+    rows[6] = {"text": "no label here"}
+    file_id = service.upload(write_jsonl(tmp_path / "mixed.jsonl", [{"text": "x"}] + rows))  # looks like clm
+    job = service.create(model="tiny-bert", training_file=file_id, task="classification")
+    failed = service.wait(job["id"], "failed", 30)
+    assert failed["error"]["code"] == "invalid_training_file" and failed["error"]["param"] == "training_file"
+    assert failed["error"]["message"].startswith("mixed.jsonl:1:")  # named as uploaded, with the line
+    assert failed["finished_at"] and failed["fine_tuned_model"] is None
+
+
+def test_every_route_but_health_needs_a_valid_key(service):
+    routes = [("GET", "/"), ("GET", "/v1/models"), ("GET", "/v1/files"), ("POST", "/v1/files"),
+              ("GET", "/v1/fine_tuning/jobs"), ("POST", "/v1/fine_tuning/jobs"), ("POST", "/v1/chat/completions"),
+              ("POST", "/v1/classifications"), ("GET", "/v1/fine_tuning/jobs/x/events"), ("GET", "/docs")]
+    for method, path in routes:
+        for key in (False, "tl-wrong", "not-even-the-prefix"):
+            status, body = service.request(method, path, auth=key)
+            assert status == 401, (method, path, key)
+            if path == "/":
+                assert 'data-testid="sign-in"' in body and "ftjob" not in body
+            else:
+                assert body["error"]["code"] == "invalid_api_key"
+    assert service.request("GET", "/health", auth=False) == (200, {"status": "ok"})
+    assert service.request("GET", "/v1/models")[0] == 200
+    assert service.request("GET", "/", auth=False, headers={"Cookie": f"tunelab_key={service.key}"})[0] == 200
+    assert service.request("GET", "/v1/models", auth=False, headers={"Cookie": f"tunelab_key={service.key}"})[0] == 401
+
+
+def test_keys_are_shown_once_stored_hashed_never_logged_and_revocable(service):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "tunelab", "keys", *args, "--home", str(service.home)],
+                              capture_output=True, text=True)
+
+    made = cli("create", "--name", "ci bot")
+    assert made.returncode == 0
+    key = made.stdout.strip().splitlines()[-1]
+    key_id = made.stdout.split()[1]
+    assert key.startswith("tl-") and len(key) > 40
+    assert service.request("GET", "/v1/models", auth=key)[0] == 200
+    listed = cli("list").stdout
+    assert "ci bot" in listed and key_id in listed and key not in listed and key[:7] in listed
+    raw = b"".join(p.read_bytes() for p in service.home.glob("tunelab.db*"))
+    assert key.encode() not in raw and service.key.encode() not in raw
+    assert cli("revoke", key_id).returncode == 0
+    assert service.request("GET", "/v1/models", auth=key)[0] == 401
+    again = cli("revoke", key_id)
+    assert again.returncode == 2 and "already revoked" in again.stderr
+    logs = b"".join(p.read_bytes() for p in service.home.rglob("*.log"))
+    assert key.encode() not in logs and service.key.encode() not in logs
+
+
+def _multipart(name: str, data: bytes, purpose: str = "fine-tune") -> tuple[bytes, str]:
+    boundary = "tunelabboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_upload_abuse_is_refused_and_names_never_become_paths(make_service, tmp_path):
+    svc = make_service(max_upload_mb=0.05)
+    good = write_jsonl(tmp_path / "ok.jsonl", make_rows(10, 1)).read_bytes()
+
+    def upload(name, data, purpose="fine-tune"):
+        body, kind = _multipart(name, data, purpose)
+        return svc.request("POST", "/v1/files", data=body, headers={"Content-Type": kind})
+
+    status, out = upload("../../../../tmp/evil.jsonl", good)
+    assert status == 200 and out["filename"] == "evil.jsonl"
+    stored = list((svc.home / "files").iterdir())
+    assert [p.name for p in stored] == [out["id"] + ".jsonl"]  # the server's id, inside HOME/files
+    assert not (svc.home.parent / "evil.jsonl").exists()
+    for name in ("..", "a/../../b.jsonl", "..\\..\\c.jsonl", "/etc/passwd.jsonl"):
+        status, out = upload(name, good)
+        assert status in (200, 400) and "/" not in out.get("filename", "") and "\\" not in out.get("filename", "")
+    assert all(p.parent == svc.home / "files" for p in (svc.home / "files").rglob("*"))
+
+    big = good * 200  # > 0.05 MB
+    status, out = upload("big.jsonl", big)
+    assert status == 413 and out["error"]["code"] == "file_too_large"
+    cases = [("model.exe", good, "unsupported file type"), ("bin.jsonl", b"\x00\x01\x02" * 10, "binary"),
+             ("latin.jsonl", '{"text": "caf\xe9", "label": "a"}\n'.encode("latin-1"), "not UTF-8"),
+             ("empty.jsonl", b"", "empty"),
+             ("broken.jsonl", good + b'{"text": "x", "label": \n', "broken.jsonl:11: "),
+             ("chat.jsonl", b'{"messages": [{"role": "robot", "content": "hi"}]}\n', "chat.jsonl:1: ")]
+    for name, data, words in cases:
+        status, out = upload(name, data)
+        assert status == 400 and words in out["error"]["message"], (name, out)
+    status, out = upload("ok.jsonl", good, purpose="assistants")
+    assert status == 400 and "purpose" in out["error"]["message"]
+    assert len(svc.request("GET", "/v1/files")[1]["data"]) == 4  # only the accepted ones were recorded
+    assert not list((svc.home / "files").glob(".upload-*"))
+
+
+def test_a_file_a_job_needs_cannot_be_deleted_until_the_job_ends(service, tmp_path):
+    file_id = service.upload(write_jsonl(tmp_path / "d.jsonl", make_rows(30, 6)))
+    job = service.create(model="tiny-bert", training_file=file_id, hyperparameters={"n_epochs": 1})
+    status, out = service.request("DELETE", f"/v1/files/{file_id}")
+    assert status == 409 and job["id"] in out["error"]["message"]
+    service.request("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    service.wait(job["id"], "cancelled", 30)
+    assert service.request("DELETE", f"/v1/files/{file_id}") == (200, {"id": file_id, "object": "file",
+                                                                       "deleted": True})
+    assert service.request("GET", f"/v1/files/{file_id}")[0] == 404
+
+
+def test_the_api_process_never_imports_the_training_loop(tmp_path):
+    code = ("import sys; from tunelab.serve.app import create_app; import tunelab.serve.inference, "
+            "tunelab.predict, tunelab.generate, tunelab.serve.server; create_app(sys.argv[1]); "
+            "bad = [m for m in ('tunelab.loop', 'tunelab.pipeline') if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_database_is_wal_and_sound(service):
+    con = sqlite3.connect(service.home / "tunelab.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
