@@ -36,6 +36,7 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(make_service):
     svc = make_service()
     job_id = svc.slow_job()
     wait_until(lambda: _checkpointed(svc, job_id), 90, lambda: svc.tail(job_id))
+    assert svc.job(job_id)["estimated_finish"] > time.time()
     [worker] = svc.worker_pids()
     os.kill(worker, signal.SIGKILL)
     wait_until(lambda: not svc.training_pids(job_id), 10, "the training process outlived its worker")

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     suffix TEXT, metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT, finished_at INTEGER,
     started_at INTEGER, trained_tokens INTEGER, result_files TEXT NOT NULL DEFAULT '[]',
     worker_id TEXT, attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
-    heartbeat_at REAL);
+    heartbeat_at REAL, estimated_finish INTEGER);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_model ON jobs(fine_tuned_model);
 CREATE TABLE IF NOT EXISTS events (

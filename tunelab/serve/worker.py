@@ -115,6 +115,7 @@ class Run:
         self.history_at, self.history_inode = 0, None  # how far history.jsonl has been read, and which file
         self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
         self.resumed_at = 0  # steps up to here were reported by an earlier attempt
+        self.started = self.estimated_at = time.monotonic()
         self.checkpoints: set[str] = set()
 
     def event(self, message: str, level: str = "info", kind: str = "message", data=None) -> None:
@@ -222,10 +223,20 @@ class Run:
                        if k not in ("step", "epoch", "loss", "lr", "samples_per_second")}}
             self.event(f"Step {step}/{data['total_steps']}: training loss={row['loss']:.4f}", kind="metrics",
                        data=data)
+            self._estimate(step, data["total_steps"])
         else:
             data = {"step": step, **{"valid_" + k[5:]: v for k, v in row.items() if k.startswith("eval_")}}
             shown = ", ".join(f"{k[6:]}={v:.4f}" for k, v in data.items() if k != "step" and isinstance(v, float))
             self.event(f"Step {step}: validation {shown}", kind="metrics", data=data)
+
+    def _estimate(self, step: int, total: int) -> None:
+        """estimated_finish from this attempt's pace, refreshed every few seconds."""
+        if time.monotonic() - self.estimated_at < 5 or step <= self.resumed_at:
+            return
+        self.estimated_at = time.monotonic()
+        per_step = (self.estimated_at - self.started) / (step - self.resumed_at)
+        self.con.execute("UPDATE jobs SET estimated_finish = ? WHERE id = ?",
+                         (int(time.time() + per_step * max(0, total - step)), self.id))
 
     def _checkpoint_names(self) -> list[str]:
         folder = self.run_dir / "checkpoints"
