@@ -2,13 +2,15 @@
 keys and authentication; uploads that must be refused."""
 from __future__ import annotations
 
+import math
 import sqlite3
 import subprocess
 import sys
 
 import openai
 import pytest
-from conftest import make_chat_rows, make_rows, write_jsonl
+import yaml
+from conftest import make_chat_rows, make_preference_rows, make_rows, write_jsonl
 from servicekit import wait_until
 
 
@@ -93,6 +95,26 @@ def test_openai_client_chat_sft_then_completions_streamed_and_not(service, tmp_p
         client.chat.completions.create(model="ft:nope:1", messages=ask)
     with pytest.raises(openai.BadRequestError, match="unknown role"):
         client.chat.completions.create(model=model, messages=[{"role": "robot", "content": "x"}])
+
+
+def test_dpo_method_trains_the_dpo_task_with_its_beta(service, tmp_path):
+    client = service.client()
+    file_id = service.upload(write_jsonl(tmp_path / "pairs.jsonl", make_preference_rows(48, 1)))
+    assert client.files.retrieve(file_id).to_dict()["format"] == "preference"
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=file_id, seed=0,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2, "batch_size": 8}}},
+        extra_body={"config": {"train": {"lr": 1e-2}, "data": {"max_length": 64}}})
+    done = service.wait(job.id, ("succeeded", "failed"), 120)
+    assert done["status"] == "succeeded" and done["task"] == "dpo" and done["method"]["type"] == "dpo", done
+    run = yaml.safe_load((service.home / "jobs" / job.id / "run" / "config.yaml").read_text())
+    assert run["train"]["beta"] == 0.2 and run["train"]["epochs"] == 2 and run["task"] == "dpo"
+    steps = [e["data"] for e in service.events(job.id) if e["type"] == "metrics" and "train_loss" in e["data"]]
+    assert abs(steps[0]["train_loss"] - math.log(2)) < 1e-3  # policy = reference at the first step
+    assert any(k.startswith("train_reward") for k in steps[0])
+    status, out = service.request("POST", "/v1/fine_tuning/jobs", {
+        "model": "tiny-llama", "training_file": file_id, "task": "chat", "method": {"type": "dpo"}})
+    assert status == 400 and out["error"]["param"] == "task"
 
 
 def test_jobs_list_pages_and_cancel_and_bad_requests(service, tmp_path):

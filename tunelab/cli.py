@@ -294,12 +294,14 @@ def cmd_keys(args) -> int:
     elif args.keys_command == "revoke":
         keys.revoke(home, args.id)
         print(f"revoked {args.id}")
+    elif rows := keys.listing(home):
+        def stamp(t):
+            return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+        header = ["id", "name", "starts", "created", "last used", "revoked"]
+        print("\n".join(text_table([header] + [[r["id"], r["name"], r["prefix"] + "…", stamp(r["created_at"]),
+                                                stamp(r["last_used_at"]), stamp(r["revoked_at"])] for r in rows])))
     else:
-        rows = keys.listing(home)
-        stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"  # noqa: E731
-        print("\n".join(text_table([["id", "name", "starts", "created", "last used", "revoked"]] + [
-            [r["id"], r["name"], r["prefix"] + "…", stamp(r["created_at"]), stamp(r["last_used_at"]),
-             stamp(r["revoked_at"])] for r in rows])) if rows else "no keys yet: tunelab keys create --home DIR --name N")
+        print("no keys yet: tunelab keys create --home DIR --name NAME")
     return 0
 
 

@@ -161,11 +161,15 @@ def list_files(purpose: str | None = None, limit: int = 20, after: str | None = 
     return _page(rows, after, limit, "file")
 
 
-def _file(home: Path, file_id: str) -> dict:
-    row = files.get(home, file_id)
+def _found(row: dict | None, name: str) -> dict:
+    """`row`, or a 404 naming what was asked for."""
     if row is None:
-        raise LookupError(file_id)
+        raise LookupError(name)
     return row
+
+
+def _file(home: Path, file_id: str) -> dict:
+    return _found(files.get(home, file_id), file_id)
 
 
 @router.get("/v1/files/{file_id}")
@@ -189,10 +193,7 @@ def delete_file(file_id: str, home: Path = Home):
 # ---- fine-tuning jobs --------------------------------------------------------------------------------------
 
 def _job(home: Path, job_id: str) -> dict:
-    job = jobs.get(home, job_id)
-    if job is None:
-        raise LookupError(job_id)
-    return job
+    return _found(jobs.get(home, job_id), job_id)
 
 
 @router.post("/v1/fine_tuning/jobs")

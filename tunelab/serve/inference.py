@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.serve import jobs
-from tunelab.serve.db import connect
 
 CACHED = 2  # models kept loaded
 MAX_TOKENS = 2048
@@ -50,11 +49,10 @@ def locate(home: Path, model: str) -> tuple[str, str | None]:
     if not isinstance(model, str) or not model:
         raise UserError("'model' is required", "model")
     if model.startswith("ft:"):
-        row = connect(home).execute("SELECT id, task FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
-                                    (model,)).fetchone()
-        if row is None:
+        job = jobs.tuned(home, model)
+        if job is None:
             raise LookupError(model)
-        return str(jobs.run_dir(home, row["id"])), row["task"]
+        return str(jobs.run_dir(home, job["id"])), job["task"]
     try:
         return jobs.model_source(home, model), None
     except UserError:

@@ -48,16 +48,22 @@ def local_models(home: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file()) if folder.is_dir() else []
 
 
+def tuned(home: Path, name: str) -> dict | None:
+    """The succeeded job that made the fine-tuned model `name`."""
+    row = connect(home).execute("SELECT * FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
+                                (name,)).fetchone()
+    return dict(row) if row else None
+
+
 def model_source(home: Path, name: str) -> str:
     """What `model.name` gets for a base model: an alias, a folder under HOME/models, or a fine-tuned model's folder."""
     if not isinstance(name, str) or not name:
         raise UserError("'model' is required", "model")
     if name.startswith("ft:"):
-        row = connect(home).execute("SELECT id FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
-                                    (name,)).fetchone()
-        if row is None:
+        job = tuned(home, name)
+        if job is None:
             raise UserError(f"no succeeded job made the model {name!r}", "model")
-        return str(run_dir(home, row["id"]) / "model")
+        return str(run_dir(home, job["id"]) / "model")
     if name in bundled_models():
         return name
     if name in local_models(home):
