@@ -150,3 +150,17 @@ def test_several_workers_share_the_queue_one_job_each(make_service, tmp_path):
         assert len(started) == 1
         workers.add(connect(svc.home).execute("SELECT worker_id FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
     assert len(workers) >= 2  # the queue was shared out
+
+
+def test_a_stopped_server_gives_its_job_back_without_counting_an_attempt(make_service):
+    svc = make_service()
+    job_id = svc.slow_job()
+    wait_until(lambda: _checkpointed(svc, job_id), 90, lambda: svc.tail(job_id))
+    svc.stop()  # SIGTERM: uvicorn shuts down and terminates its workers, which put their job back
+    row = connect(svc.home).execute("SELECT status, attempts, worker_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert tuple(row) == ("queued", 0, None)
+    assert not svc.training_pids(job_id)
+    svc.start()
+    wait_until(lambda: svc.job(job_id)["status"] == "running", 30, "the job did not start again")
+    assert svc.job(job_id)["attempts"] == 1
+    assert any("worker was stopped" in e["message"] and e["level"] == "warn" for e in svc.events(job_id))

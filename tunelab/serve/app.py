@@ -51,8 +51,8 @@ def _list(data: list, has_more: bool) -> dict:
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
-def create_app(home: str | Path, max_upload_mb: float = 100) -> FastAPI:
-    """The app for one service home; a housekeeping thread runs while it serves."""
+def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None) -> FastAPI:
+    """The app for one service home; a housekeeping thread runs while it serves, `on_shutdown()` at the end."""
     home = Path(home)
     stop = threading.Event()
 
@@ -69,6 +69,8 @@ def create_app(home: str | Path, max_upload_mb: float = 100) -> FastAPI:
         threading.Thread(target=housekeeping, daemon=True, name="housekeeping").start()
         yield
         stop.set()
+        if on_shutdown:
+            on_shutdown()
 
     app = FastAPI(title="tunelab", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible fine-tuning service; see docs/service.md")

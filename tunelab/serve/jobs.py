@@ -124,6 +124,21 @@ def _file(home: Path, body: dict, key: str, required: bool) -> dict | None:
     return row
 
 
+def _labels(body: dict) -> dict:
+    """suffix, seed (drawn when absent, as OpenAI does) and metadata, checked."""
+    suffix, seed, metadata = body.get("suffix"), body.get("seed"), body.get("metadata")
+    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.match(suffix)):
+        raise UserError("at most 64 letters, digits, '-' or '_'", "suffix")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise UserError(f"must be an integer in [0, 2^31), got {seed!r}", "seed")
+    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items())):
+        raise UserError("at most 16 string keys (≤ 64 characters) with string values (≤ 512)", "metadata")
+    return {"suffix": suffix, "seed": seed, "metadata": dumps(metadata)}
+
+
 def create(home: Path, body: dict) -> dict:
     """Check a POST /v1/fine_tuning/jobs body and record the job as validating_files."""
     from tunelab.tasks import TASKS
@@ -142,27 +157,13 @@ def create(home: Path, body: dict) -> dict:
         raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", "task")
     if kind == "dpo" and task != "dpo":
         raise UserError(f"method.type 'dpo' trains the dpo task, not {task!r}", "task")
-    tuning = body.get("tuning") or "full"
-    suffix = body.get("suffix")
-    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.match(suffix)):
-        raise UserError("at most 64 letters, digits, '-' or '_'", "suffix")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise UserError(f"must be an integer in [0, 2^31), got {seed!r}", "seed")
-    metadata = body.get("metadata")
-    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items())):
-        raise UserError("at most 16 string keys (≤ 64 characters) with string values (≤ 512)", "metadata")
-    overrides = _overrides(body)
-
     job_id = new_id("ftjob")
     row = {"id": job_id, "created_at": now(), "model": body["model"], "training_file": train_file["id"],
-           "validation_file": valid_file["id"] if valid_file else None, "task": task, "tuning": tuning,
+           "validation_file": valid_file["id"] if valid_file else None, "task": task,
+           "tuning": body.get("tuning") or "full",
            "hyperparameters": dumps({**hp, **({"beta": beta} if beta is not None else {})}),
-           "method": dumps({"type": kind}), "seed": seed, "suffix": suffix, "metadata": dumps(metadata),
-           "request": dumps({"config": overrides, "source": source})}
+           "method": dumps({"type": kind}), **_labels(body),
+           "request": dumps({"config": _overrides(body), "source": source})}
     cfg = training_config(home, row)  # refuses bad settings now, with the request's names, not in a worker later
     cfg.output = "unused"
     try:

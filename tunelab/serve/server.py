@@ -33,14 +33,18 @@ def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float) 
     threading.Thread(target=supervise, daemon=True, name="supervisor").start()
     print(f"tunelab serve: http://{host}:{port}/ (dashboard), API at /v1, {workers} worker(s), home {home}",
           flush=True)
-    try:
-        uvicorn.run(create_app(home, max_upload_mb), host=host, port=port, log_level="info")
-    finally:
+    def stop_workers() -> None:  # at application shutdown: uvicorn re-raises SIGTERM afterwards, ending the process
         stop.set()
         for proc in procs:
-            proc.terminate()
+            proc.terminate()  # each worker puts its job back in the queue, no attempt counted
         for proc in procs:
             proc.wait()
+
+    try:
+        uvicorn.run(create_app(home, max_upload_mb, stop_workers), host=host, port=port, log_level="info")
+    finally:
+        if not stop.is_set():
+            stop_workers()
 
 
 def _worker(home: Path, i: int) -> subprocess.Popen:

@@ -117,6 +117,7 @@ class Run:
         self.resumed_at = 0  # steps up to here were reported by an earlier attempt
         self.started = self.estimated_at = time.monotonic()
         self.checkpoints: set[str] = set()
+        self.results: str | None = None  # the id of the step-metrics file, once training succeeded
 
     def event(self, message: str, level: str = "info", kind: str = "message", data=None) -> None:
         jobs.add_event(self.con, self.id, message, level, kind, data)
@@ -158,6 +159,10 @@ class Run:
         self._follow()
         if lost:
             return  # the job is no longer ours: whoever has it now records what happens
+        trained = not (cancelled or Stopping.requested) and child.returncode == 0 and \
+            (self.run_dir / "metrics.json").is_file()
+        if trained:  # before taking the write lock: sample generation takes seconds
+            self._prepare_results()
         with transaction(self.con):
             if not jobs.owns(self.con, self.id, self.worker_id, self.attempt):
                 return
@@ -166,7 +171,7 @@ class Run:
                                                   "from its last checkpoint")
             elif cancelled:
                 jobs.finish(self.con, self.id, "cancelled", f"The job was cancelled at step {self._last_step()}")
-            elif child.returncode == 0 and (self.run_dir / "metrics.json").is_file():
+            elif trained:
                 self._succeed()
             elif child.returncode < 0:
                 job = jobs.get(self.home, self.id)
@@ -252,17 +257,20 @@ class Run:
 
     # ---- the end ---------------------------------------------------------------------------------------------
 
-    def _succeed(self) -> None:
-        metrics = json.loads((self.run_dir / "metrics.json").read_text())
+    def _prepare_results(self) -> None:
+        """Sample generations (generators) and the step-metrics result file, made outside any transaction."""
         if self.job["task"] in GENERATORS:
             self._samples()
-        results = self._results_file()
+        self.results = self._results_file()
+
+    def _succeed(self) -> None:
+        metrics = json.loads((self.run_dir / "metrics.json").read_text())
         name = jobs.model_name(self.job)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics["eval"].items() if isinstance(v, float))
         self.event(f"Final evaluation: {shown}")
         jobs.finish(self.con, self.id, "succeeded", f"The job has successfully completed; new model: {name}",
                     fine_tuned_model=name, trained_tokens=metrics["train"].get("tokens_seen"),
-                    result_files=dumps([results]))
+                    result_files=dumps([self.results]))
 
     def _results_file(self) -> str:
         """The step metrics as CSV (OpenAI's result file), stored as a file of purpose fine-tune-results."""
