@@ -91,6 +91,10 @@ def test_openai_client_chat_sft_then_completions_streamed_and_not(service, tmp_p
     stream = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=12, stream=True)
     chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len(chunks) > 2 and "".join(chunks).strip() == answer.choices[0].message.content
+    for bad, param in (({"temperature": -1}, "temperature"), ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"),
+                       ({"stop": ["x"]}, "stop"), ({"top_p": 0}, "top_p")):
+        status, out = service.request("POST", "/v1/chat/completions", {"model": model, "messages": ask, **bad})
+        assert status == 400 and out["error"]["param"] == param, (bad, out)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ft:nope:1", messages=ask)
     with pytest.raises(openai.BadRequestError, match="unknown role"):

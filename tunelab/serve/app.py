@@ -10,6 +10,7 @@ import contextlib
 import json
 import threading
 import time
+import traceback
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -58,9 +59,11 @@ def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None) -
 
     def housekeeping() -> None:
         while not stop.wait(HOUSEKEEPING):
-            with contextlib.suppress(Exception):  # a locked or busy database: try again next round
+            try:
                 jobs.validate_pending(home)
                 jobs.reap(home)
+            except Exception:  # noqa: BLE001 - e.g. a database busy past its timeout: logged, tried next round
+                traceback.print_exc()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -32,7 +32,7 @@ def detect_format(data: str, ext: str, name: str) -> str:
         return "text"
     if ext == ".csv":
         header = data.lstrip("\ufeff").split("\n", 1)[0]
-        return "text_label" if "label" in header.split(",") else "text"
+        return "text_label" if "label" in [h.strip().strip('"') for h in header.split(",")] else "text"
     for line, text in enumerate(data.split("\n"), 1):
         if text.strip():
             break

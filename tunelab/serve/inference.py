@@ -68,10 +68,12 @@ def _sampling(body: dict) -> dict:
         raise UserError("only n=1 is supported", "n")
     if body.get("stop") is not None:
         raise UserError("stop sequences are not supported; the answer ends at the model's end of turn", "stop")
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or Sampling.max_new_tokens
-    seed = body.get("seed")
-    out = {"max_new_tokens": limit, "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
-           "seed": secrets.randbelow(2**31) if seed is None else seed}
+    def given(key, default):  # OpenAI clients send null for "the default"
+        return default if body.get(key) is None else body[key]
+
+    limit = given("max_completion_tokens", given("max_tokens", Sampling.max_new_tokens))
+    out = {"max_new_tokens": limit, "temperature": given("temperature", 1.0), "top_p": given("top_p", 1.0),
+           "seed": given("seed", secrets.randbelow(2**31))}
     for key, value in out.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"must be a number, got {value!r}", key)
