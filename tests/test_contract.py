@@ -43,10 +43,30 @@ LABELLED = [(t, m) for t, m in COMBOS if not TASKS[t].judged_by_start]
 LANGUAGE = [(t, m) for t, m in COMBOS if TASKS[t].judged_by_start]
 
 
+@pytest.fixture(scope="module")
+def teacher(tiny_model, task_data, tmp_path_factory):
+    """A finished classification run on the same data: distill's teacher."""
+    from tunelab.config import Config
+
+    cfg = Config()
+    cfg.model.name, cfg.output = tiny_model, str(tmp_path_factory.mktemp("teacher") / "run")
+    cfg.data.train, cfg.data.eval = task_data["classification"]["train"], task_data["classification"]["eval"]
+    cfg.data.max_length = 32
+    cfg.train.epochs, cfg.train.lr, cfg.train.progress, cfg.eval.bootstrap = 2, 5e-3, False, 0
+    return str(train(cfg).run_dir)
+
+
+def use(cfg, name: str, teacher: str):
+    cfg.tuning.name = name
+    if name == "distill":
+        cfg.tuning.teacher = teacher
+    return cfg
+
+
 @pytest.mark.parametrize("task,name", LABELLED)
-def test_loss_is_finite_and_falls(task, name, task_config, tmp_path):
-    cfg = task_config(task)
-    cfg.tuning.name, cfg.train.epochs = name, EPOCHS[task]
+def test_loss_is_finite_and_falls(task, name, task_config, teacher, tmp_path):
+    cfg = use(task_config(task), name, teacher)
+    cfg.train.epochs = EPOCHS[task]
     cfg.train.lr = LR.get(name, 5e-3)
     *_, history, _ = run_loop(cfg, tmp_path)
     losses = [h["loss"] for h in history if "loss" in h]
@@ -128,15 +148,15 @@ def test_language_stage_trains_and_beats_its_start(task, name, lm_config):
 
 
 @pytest.mark.parametrize("task,name", COMBOS)
-def test_save_then_load_gives_identical_outputs(task, name, task_config, lm_config, tmp_path):
+def test_save_then_load_gives_identical_outputs(task, name, task_config, lm_config, teacher, tmp_path):
     import transformers
 
-    cfg = lm_config(task, name) if TASKS[task].judged_by_start else task_config(task)
-    cfg.tuning.name, cfg.train.epochs = name, 1
+    cfg = use(lm_config(task, name) if TASKS[task].judged_by_start else task_config(task), name, teacher)
+    cfg.train.epochs = 1
     model, method, tok, items, _, _, job = run_loop(cfg, tmp_path)
     folder, _ = export_model(tmp_path / "run", model, method, tok, job.task, job.splits.space)
     loaded = getattr(transformers, job.task.model_class).from_pretrained(folder).eval()
-    batch = {k: v for k, v in job.task.collate(items[:16], job.pad_id).items() if k not in ("labels", "ref")}
+    batch = {k: v for k, v in job.task.collate(items[:16], job.pad_id).items() if k not in ("labels", "ref", "teacher_logits")}
     model.eval()
     with torch.no_grad():
         expected, got = model(**batch).logits, loaded(**batch).logits

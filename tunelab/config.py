@@ -45,6 +45,7 @@ class DataConfig:
     label_column: str | None = setting(None, "Column or JSON key holding the label; None uses the task's (label, labels, target or tags).")
     group_column: str | None = setting(None, "Column or JSON key of a group id: cross-validation folds never split a group.")
     train_fraction: float = setting(1.0, "Train on this fraction of the training split (a nested, stratified sample: a learning-curve point).")
+    transfer: str | None = setting(None, "distill: unlabelled texts (JSONL with text, or .txt lines) that the teacher labels softly; the student learns them too.", "--transfer")
     max_length: int = setting(128, "Longest input in tokens; longer texts are truncated.", "--max-length")
     limit_train: int | None = setting(None, "Use at most this many training examples (a stratified sample); None uses all.")
     overlong: str = setting("truncate", "chat, dpo, reward: examples longer than max_length are cut at the end (truncate) or left out (drop); both are counted.")
@@ -54,13 +55,17 @@ class DataConfig:
 
 @dataclass
 class TuningConfig:
-    name: str = setting("full", "How the weights adapt: scratch, head, partial, full or lora.", "--tuning")
+    name: str = setting("full", "How the weights adapt: scratch, head, partial, full, lora, or distill (learn a teacher run's soft targets).", "--tuning")
     partial_layers: int = setting(2, "partial: how many of the top encoder blocks train (plus the head).")
     layer_decay: float | None = setting(None, "full: each lower block's learning rate is this times the block above, embeddings lowest; None: 0.8 for encoder tasks, 1 (off) for language-model stages.")
     gradual_unfreeze: bool = setting(False, "full: start with only the head trainable and unfreeze one more block from the top each epoch.")
     lora_r: int = setting(8, "lora: rank of the low-rank update.")
     lora_alpha: int = setting(16, "lora: scaling numerator; the update is scaled by alpha / r.")
     lora_dropout: float = setting(0.1, "lora: dropout on the adapter input.")
+    teacher: str | None = setting(None, "distill: the finished classification run whose soft targets the student learns.", "--teacher")
+    kd_temperature: float = setting(2.0, "distill: T that softens both distributions; the KL term is scaled by T^2 (Hinton et al. 2015).")
+    kd_alpha: float = setting(0.5, "distill: weight of the KL term; 1 - alpha weighs cross-entropy on the gold labels.")
+    student_layers: int = setting(0, "distill: build the student from the teacher itself with this many layers, initialised from evenly spaced teacher layers (every other one for half, as DistilBERT); 0 uses --model.")
     lora_targets: list[str] = setting([], "lora: names of the linear modules that get adapters; empty: the attention query and value projections (query/value, q_proj/v_proj or c_attn).")
 
 
@@ -248,6 +253,12 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.lr > 0, "train.lr must be positive"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+        (cfg.tuning.kd_temperature > 0, "tuning.kd_temperature must be positive"),
+        (0 <= cfg.tuning.kd_alpha <= 1, "tuning.kd_alpha must be between 0 and 1"),
+        (cfg.tuning.student_layers >= 0, "tuning.student_layers must be 0 or more"),
+        ((cfg.tuning.name == "distill") == bool(cfg.tuning.teacher),
+         "--tuning distill needs --teacher RUN_DIR, and --teacher only applies to it"),
+        (not cfg.data.transfer or cfg.tuning.name == "distill", "--transfer only applies to --tuning distill"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
         (0 < cfg.data.eval_split < 1, "data.eval_split must be between 0 and 1"),

@@ -22,7 +22,8 @@ from tunelab.export import export_model, folder_mb, measure_inference
 from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
 from tunelab.methods.base import Method
-from tunelab.models import build_model, count_params, load_tokenizer
+from tunelab.methods.distill import IGNORE, Teacher
+from tunelab.models import build_model, count_params, load_tokenizer, set_dropout
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
 
@@ -50,6 +51,7 @@ class Job:
     model: nn.Module
     train_items: list[dict]
     eval_items: list[dict]
+    transfer_items: list[dict] = field(default_factory=list)  # distill: unlabelled texts, the teacher's targets only
 
     @property
     def pad_id(self) -> int:
@@ -67,7 +69,15 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id or 0
     method = METHODS[cfg.tuning.name]
-    model = build_model(cfg.model, task, space, method.pretrained)
+    teacher = Teacher(cfg.tuning.teacher) if method.uses_teacher else None
+    if teacher and cfg.tuning.student_layers:  # the student is the teacher, shortened: its tokenizer too
+        cfg.model.name = str(teacher.run / "model")
+    if teacher and cfg.tuning.student_layers:
+        model = teacher.student(cfg.tuning.student_layers)
+        if cfg.model.dropout is not None:
+            set_dropout(model, cfg.model.dropout)
+    else:
+        model = build_model(cfg.model, task, space, method.pretrained)
     if task.model_class == "AutoModelForSequenceClassification":
         # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
         # know the id the batches are padded with.
@@ -77,7 +87,20 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)
-    return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items)
+    transfer_items = distill_items(cfg, teacher, task, space, tokenizer, splits.train, train_items) if teacher else []
+    return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items, transfer_items)
+
+
+def distill_items(cfg: Config, teacher: Teacher, task: Task, space, tokenizer, train, train_items) -> list[dict]:
+    """Attach the teacher's logits to every training item; the transfer texts as items of their own."""
+    teacher.check_labels(space.labels)
+    transfer = task.read(cfg.data.transfer, cfg.data, need_label=False) if cfg.data.transfer else []
+    transfer_items = task.encode(tokenizer, transfer, space, cfg.data.max_length) if transfer else []
+    for item in transfer_items:
+        item["labels"] = IGNORE
+    for item, logits in zip(train_items + transfer_items, teacher.logits(train + transfer)):
+        item["_teacher"] = logits
+    return transfer_items
 
 
 def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, on_eval=None) -> TrainResult:
@@ -99,14 +122,15 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
     # Language-model stages are judged against the model they started from: score it before any step.
     start = evaluate(job.task, job.model, job.eval_items, job.splits.space, job.pad_id, dist.device) \
         if job.task.judged_by_start and dist.main else None
-    loop = Loop(cfg, job.task, job.splits.space, job.model, job.method, job.train_items, job.eval_items, job.pad_id,
-                run, dist, on_step, on_eval)
+    loop = Loop(cfg, job.task, job.splits.space, job.model, job.method, job.train_items + job.transfer_items,
+                job.eval_items, job.pad_id, run, dist, on_step, on_eval)
     timing = fit(loop, resume=resume)
 
     metrics = final_metrics(job, dist.device)
     metrics.update(job.task.summary(loop.history, metrics["eval"]))
     metrics["train"] = {**timing, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
                         "trainable_params": trainable, "total_params": total, "train_examples": len(job.train_items),
+                        "transfer_examples": len(job.transfer_items),
                         "eval_examples": len(job.eval_items), "world_size": dist.world}
     if dist.main:
         metrics["baseline"] = baselines(job.task, job.splits.space, job.train_items, job.eval_items, cfg.model,

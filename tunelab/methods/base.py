@@ -27,6 +27,7 @@ class Method:
     """How the weights adapt. Subclasses override only what differs."""
 
     pretrained = True  # start from the pretrained weights (scratch does not)
+    uses_teacher = False  # learns a teacher run's soft targets (distill)
 
     def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         """Freeze, wrap or otherwise ready the model; returns the model to train."""

@@ -29,11 +29,14 @@ class Space:
     overlong: str = "truncate"  # chat, dpo, reward: what happens to examples longer than max_length
     mlm_probability: float = 0.15
     seed: int = 0
+    kd_temperature: float = 2.0  # distill: T and the weight of the soft term
+    kd_alpha: float = 0.5
 
     def configure(self, cfg) -> "Space":
         """Take the settings that encoding and scoring read (threshold, dpo beta, masking, length) from a Config."""
         self.threshold, self.beta, self.seed = cfg.eval.threshold, cfg.train.beta, cfg.train.seed
         self.overlong, self.mlm_probability = cfg.data.overlong, cfg.data.mlm_probability
+        self.kd_temperature, self.kd_alpha = cfg.tuning.kd_temperature, cfg.tuning.kd_alpha
         return self
 
     def label_mapping(self) -> dict:
@@ -129,13 +132,22 @@ class Task:
 
     # --- training and scoring ---------------------------------------------------------------------------------
     def collate(self, items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-        """One padded batch of model inputs plus `labels`."""
-        return collate(items, pad_id)
+        """One padded batch of model inputs plus `labels` (and a distilling student's `teacher_logits`)."""
+        batch = collate(items, pad_id)
+        if "_teacher" in items[0]:
+            batch["teacher_logits"] = torch.tensor([it["_teacher"] for it in items])
+        return batch
 
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
         """(summed loss over the batch's units, sums for the training log such as correct tokens)."""
         labels = batch.pop("labels")
-        return self.loss(model(**batch).logits.float(), labels), {}
+        teacher = batch.pop("teacher_logits", None)
+        logits = model(**batch).logits.float()
+        if teacher is not None:  # distill: the teacher's soft targets beside the gold labels
+            from tunelab.methods.distill import kd_loss
+
+            return kd_loss(logits, teacher, labels, space.kd_temperature, space.kd_alpha), {}
+        return self.loss(logits, labels), {}
 
     def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
         """Extra per-step log fields from the summed `forward` figures of one global batch."""
@@ -144,6 +156,7 @@ class Task:
     def outputs(self, model: nn.Module, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
         """Per-example outputs for evaluation: (num_labels,) per text, or (tokens, num_labels) for token tasks."""
         batch.pop("labels", None)
+        batch.pop("teacher_logits", None)
         logits = model(**batch).logits.float().cpu()
         return [logits[row, :n] if logits.dim() == 3 else logits[row] for row, n in enumerate(lengths)]
 

@@ -46,6 +46,7 @@ class Classification(Task):
     name = "classification"
     label_key = "label"
     metrics = ("f1_macro", "accuracy", "precision_macro", "recall_macro")
+    tunings = (*Task.tunings, "distill")
 
     def parse_label(self, value, path, line, key):
         return class_label(value, path, line, key)
