@@ -94,8 +94,24 @@ def _cv_cell(s: dict) -> str:
 def cmd_predict(args) -> int:
     from tunelab.predict import predict
 
-    out = predict(args.run_dir, args.input, args.output)
+    out = predict(args.run_dir, args.input, args.output, args.runtime)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tunelab.predict import compress
+
+    result = compress(args.run_dir, args.int8, args.onnx)
+    rows = [["variant", "agreement", "max |Δp|", "MiB", "ms / request", "examples / s"]]
+    for name in ("fp32", "int8", "onnx"):
+        if name in result:
+            r = result[name]
+            rows.append([name, f"{r['agreement']:.4f}" if "agreement" in r else "-",
+                         f"{r['max_abs_difference']:.4f}" if "max_abs_difference" in r else "-",
+                         f"{r['model_mb']:.1f}", f"{r['latency_ms']:.1f}", f"{r['throughput']:.1f}"])
+    print("\n".join(text_table(rows)))
+    print(f"checked on {result['examples']} examples of {result['data']}; wrote {Path(args.run_dir) / 'compression.json'}")
     return 0
 
 
@@ -344,7 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir")
     pr.add_argument("--input", required=True, help="JSONL, CSV or .txt (one text per line).")
     pr.add_argument("--output", help="Where to write the JSONL predictions (default RUN_DIR/predictions.jsonl).")
+    pr.add_argument("--runtime", default="torch", choices=("torch", "int8", "onnx"),
+                    help="torch (fp32), int8 (dynamic quantization) or onnx (RUN/onnx/model.onnx, ONNX Runtime).")
     pr.set_defaults(func=cmd_predict)
+    ex = sub.add_parser("export", help="Make int8 and ONNX variants of a classifier run and check them against fp32.")
+    ex.add_argument("run_dir")
+    ex.add_argument("--int8", action="store_true", help="Dynamic int8 quantization (applied at load time).")
+    ex.add_argument("--onnx", action="store_true", help="Write RUN/onnx/model.onnx for ONNX Runtime.")
+    ex.set_defaults(func=cmd_export)
 
     ge = sub.add_parser("generate", help="Answer prompts with a generator: a run, a model folder or an alias (smollm2).")
     ge.add_argument("model", help="Run folder (its model/), bundled alias or model folder.")

@@ -13,8 +13,9 @@ from tunelab.io import atomic_write_json, atomic_write_jsonl
 from tunelab.tasks import TASKS
 
 
-def load_run(run_dir: str | Path):
-    """(config, task, model, tokenizer, space) of a complete run folder."""
+def load_run(run_dir: str | Path, runtime: str = "torch"):
+    """(config, task, model, tokenizer, space) of a complete run folder; `runtime` int8 quantizes the model, onnx
+    answers with RUN/onnx/model.onnx through ONNX Runtime (see tunelab.export.compress)."""
     import transformers
     from transformers import AutoTokenizer
     from transformers.utils import logging
@@ -30,11 +31,27 @@ def load_run(run_dir: str | Path):
     space = task.space_of(model.config)
     if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
         space = space.configure(cfg)
-    return cfg, task, model.eval(), tokenizer, space
+    return cfg, task, _runtime(model.eval(), run, runtime, task), tokenizer, space
 
 
-def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | None = None) -> Path:
-    cfg, task, model, tokenizer, space = load_run(run_dir)
+def _runtime(model, run: Path, runtime: str, task):
+    from tunelab.export.compress import OnnxClassifier, check_runtime, quantize_int8
+
+    check_runtime(runtime)
+    if runtime == "torch":
+        return model
+    if task.judged_by_start or task.name == "ner":
+        raise UserError(f"the {runtime} runtime is for sequence classifiers, not {task.name} runs", "--runtime")
+    if runtime == "int8":
+        return quantize_int8(model)
+    if not (run / "onnx" / "model.onnx").is_file():
+        raise UserError("no onnx/model.onnx in the run: make it with `tunelab export RUN --onnx`", str(run))
+    return OnnxClassifier(run / "onnx" / "model.onnx")
+
+
+def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | None = None,
+            runtime: str = "torch") -> Path:
+    cfg, task, model, tokenizer, space = load_run(run_dir, runtime)
     if task.judged_by_start:
         raise UserError(f"a {cfg.task} run does not predict labels; use `tunelab generate {run_dir} --prompt ...` "
                         "to talk to it, or `tunelab eval` to score it on a file", str(run_dir))
@@ -70,3 +87,46 @@ def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path
     out = Path(output) if output else Path(run_dir) / f"eval-{Path(data_path).stem}.json"
     atomic_write_json(out, metrics)
     return metrics
+
+
+def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
+    """Make and check the int8 and/or ONNX variants of a classifier run against its fp32 model on the run's eval
+    examples: agreement of the predicted labels, the largest probability difference, size and speed.
+    Written to RUN/compression.json."""
+    from tunelab.export import measure_inference
+    from tunelab.export.compress import export_onnx, state_mb
+
+    run = Path(run_dir)
+    cfg, task, model, tokenizer, space = load_run(run)
+    if not (int8 or onnx):
+        raise UserError("choose --int8, --onnx or both", "tunelab export")
+    if task.name not in ("classification", "multilabel"):
+        raise UserError(f"compression is checked on classifiers, not {task.name} runs", str(run))
+    if onnx:
+        export_onnx(model, tokenizer, run / "onnx" / "model.onnx")
+    examples = task.read(cfg.data.eval or cfg.data.train, cfg.data, need_label=False)[:512]
+    items = task.encode(tokenizer, examples, space, cfg.data.max_length)
+    pad = tokenizer.pad_token_id or 0
+
+    def probs(m):
+        out = torch.stack(predict_outputs(task, m, items, pad, torch.device("cpu")))
+        return torch.sigmoid(out) if task.name == "multilabel" else torch.softmax(out, -1)
+
+    def figures(m, mb: float) -> dict:
+        p = probs(m)
+        same = (p.argmax(-1) == base.argmax(-1)) if task.name == "classification" else \
+            ((p > space.threshold) == (base > space.threshold)).all(-1)  # every label's decision the same
+        return {"agreement": float(same.float().mean()), "max_abs_difference": float((p - base).abs().max()),
+                "model_mb": mb,
+                **measure_inference(m, items, pad, torch.device("cpu"))}
+
+    base = probs(model)
+    result = {"examples": len(items), "data": str(cfg.data.eval or cfg.data.train),
+              "fp32": {"model_mb": state_mb(model), **measure_inference(model, items, pad, torch.device("cpu"))}}
+    if int8:
+        quantized = load_run(run, "int8")[2]
+        result["int8"] = figures(quantized, state_mb(quantized))
+    if onnx:
+        result["onnx"] = figures(load_run(run, "onnx")[2], (run / "onnx" / "model.onnx").stat().st_size / 2**20)
+    atomic_write_json(run / "compression.json", result)
+    return result

@@ -1,0 +1,71 @@
+"""int8 and ONNX variants of a classifier run: checked against fp32, and usable by `tunelab predict`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_rows, write_jsonl
+
+import tunelab
+from tunelab.errors import UserError
+from tunelab.predict import compress, predict
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("compress")
+    cfg = {"model": {"name": tiny_model}, "output": str(folder / "run"),
+           "data": {"train": str(write_jsonl(folder / "train.jsonl", make_rows(150, 21))),
+                    "eval": str(write_jsonl(folder / "eval.jsonl", make_rows(60, 22))), "max_length": 32},
+           "train": {"epochs": 3, "batch_size": 8, "lr": 5e-3, "progress": False},
+           "eval": {"bootstrap": 0, "probe": False}}
+    return tunelab.train(cfg).run_dir
+
+
+def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tunelab", "export", str(classifier), "--int8", "--onnx"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "int8" in done.stdout and "onnx" in done.stdout
+    result = json.loads((classifier / "compression.json").read_text())
+    assert result["examples"] == 60
+    assert result["int8"]["agreement"] >= 0.99 and result["int8"]["max_abs_difference"] < 0.05
+    assert result["onnx"]["agreement"] == 1.0 and result["onnx"]["max_abs_difference"] < 1e-4
+    assert result["int8"]["model_mb"] < result["fp32"]["model_mb"]
+    assert (classifier / "onnx" / "model.onnx").is_file()
+
+    texts = write_jsonl(tmp_path / "in.jsonl", make_rows(40, 23))
+    rows = {}
+    for runtime in ("torch", "int8", "onnx"):
+        out = predict(classifier, texts, tmp_path / f"{runtime}.jsonl", runtime)
+        rows[runtime] = [json.loads(line) for line in out.read_text().splitlines()]
+    for runtime in ("int8", "onnx"):
+        same = sum(a["label"] == b["label"] for a, b in zip(rows["torch"], rows[runtime])) / 40
+        assert same >= 0.95, runtime
+        gap = max(abs(a["probabilities"][k] - b["probabilities"][k])
+                  for a, b in zip(rows["torch"], rows[runtime]) for k in a["probabilities"])
+        assert gap < (1e-4 if runtime == "onnx" else 0.05), (runtime, gap)
+
+
+def test_compression_refuses_what_it_cannot_do(classifier, task_config, tmp_path):
+    texts = write_jsonl(tmp_path / "in.jsonl", make_rows(5, 24))
+    fresh = tunelab.train(task_config("classification")).run_dir
+    with pytest.raises(UserError, match="tunelab export RUN --onnx"):
+        predict(fresh, texts, runtime="onnx")
+    with pytest.raises(UserError, match="choose --int8, --onnx or both"):
+        compress(fresh, False, False)
+    regression = tunelab.train({**_as_dict(task_config("regression")), "output": str(tmp_path / "reg")}).run_dir
+    with pytest.raises(UserError, match="not regression runs"):
+        compress(regression, True, False)
+    assert predict(regression, texts, tmp_path / "reg.jsonl", runtime="int8").is_file()  # int8 applies to any head
+    done = subprocess.run([sys.executable, "-m", "tunelab", "predict", str(fresh), "--input", str(texts),
+                           "--runtime", "onnx"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "tunelab export" in done.stderr
+
+
+def _as_dict(cfg):
+    from tunelab import config as config_mod
+
+    return config_mod.to_dict(cfg)
