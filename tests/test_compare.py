@@ -77,3 +77,22 @@ def test_compare_with_folds_reports_fold_means_and_t_intervals(tiny_model, toy_d
     assert all((tmp_path / "cv" / "head" / f"fold-{k}" / "metrics.json").is_file() for k in range(2))
     probe = next(b for b in result["baselines"] if b["name"] == "linear_probe")
     assert probe["metrics"]["f1_macro"]["std"] is not None  # summarised over the same two folds
+
+
+def test_compare_reports_a_distilled_student_against_its_teacher(tiny_model, toy_data, tmp_path, capsys):
+    common = ["--model", tiny_model, "--train", toy_data["train"], "--eval", toy_data["eval"], "--epochs", "3",
+              "--batch-size", "8", "--max-length", "32", "--lr", "5e-3", "--train.progress", "false",
+              "--eval.bootstrap", "0", "--eval.probe", "false"]
+    assert main(["train", *common, "--output", str(tmp_path / "teacher")]) == 0
+    args = ["compare", *common, "--tuning", "full,distill", "--teacher", str(tmp_path / "teacher"),
+            "--tuning.student_layers", "1", "--output", str(tmp_path / "cmp")]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
+    full, distill = rows
+    assert "teacher" not in full and "teacher: null" in (tmp_path / "cmp" / "full.config.yaml").read_text()
+    t = distill["teacher"]
+    teacher = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert t["f1_macro"] == teacher["eval"]["f1_macro"]
+    assert t["retained_pct"] == pytest.approx(100 * distill["metrics"]["f1_macro"]["value"] / t["f1_macro"])
+    assert t["params_ratio"] < 1 and t["size_ratio"] < 1  # one of the teacher's two layers
+    assert f"keeps {t['retained_pct']:.1f}% of its f1_macro" in capsys.readouterr().out

@@ -58,8 +58,15 @@ def _check(base: Config, methods: list[str], fractions: list[float]) -> None:
     if any(not 0 < f <= 1 for f in fractions):
         raise UserError(f"training fractions must be in (0, 1], got {fractions}", "--train-fractions")
     probe = copy.deepcopy(base)
-    probe.tuning.name = methods[0]
+    _use(probe, methods[0])
     config_mod.validate(probe)
+
+
+def _use(cfg: Config, method: str) -> None:
+    """Set the method; the teacher and transfer texts (given once for the whole comparison) belong to distill only."""
+    cfg.tuning.name = method
+    if method != "distill":
+        cfg.tuning.teacher, cfg.data.transfer = None, None
 
 
 def _run_name(method: str, frac: float, fractions: list[float]) -> str:
@@ -68,7 +75,8 @@ def _run_name(method: str, frac: float, fractions: list[float]) -> str:
 
 def _run_config(base: Config, method: str, frac: float, out: Path, fractions: list[float], sets) -> Config:
     cfg = copy.deepcopy(base)
-    cfg.tuning.name, cfg.data.train_fraction = method, frac
+    _use(cfg, method)
+    cfg.data.train_fraction = frac
     cfg.output, cfg.overwrite = str(out / _run_name(method, frac, fractions)), True
     cfg.eval.probe = False  # the probe does not depend on the method: computed once per split below
     for key, value in sets:
@@ -112,7 +120,20 @@ def _row(method: str, frac: float, m: dict, cfg: Config) -> dict:
             "train_s": t["seconds"], "samples_per_s": t["samples_per_second"], "trainable": int(t["trainable_params"]),
             "total_params": int(t["total_params"]), "peak_mb": t["peak_rss_mb"], "model_mb": i.get("model_mb"),
             "latency_ms": i.get("latency_ms"), "throughput": i.get("throughput"), "history": history,
-            "run": str(run)}
+            "run": str(run), **({"teacher": _teacher(cfg, m)} if method == "distill" and not cv else {})}
+
+
+def _teacher(cfg: Config, student: dict) -> dict:
+    """The distilled student against its teacher: quality retained and what it costs, as ratios."""
+    t = json.loads((Path(cfg.tuning.teacher) / "metrics.json").read_text(encoding="utf-8"))
+    main = TASKS[cfg.task].primary
+    ti, si = t.get("inference", {}), student.get("inference", {})
+    return {"run": cfg.tuning.teacher, main: t["eval"][main],
+            "retained_pct": 100 * student["eval"][main] / t["eval"][main] if t["eval"][main] else None,
+            "params_ratio": student["train"]["total_params"] / t["train"]["total_params"],
+            "size_ratio": si["model_mb"] / ti["model_mb"] if ti.get("model_mb") else None,
+            "latency_speedup": ti["latency_ms"] / si["latency_ms"] if si.get("latency_ms") else None,
+            "throughput_speedup": si["throughput"] / ti["throughput"] if ti.get("throughput") else None}
 
 
 def _baselines(base: Config, frac: float) -> list[dict]:
@@ -178,4 +199,12 @@ def table(result: dict) -> str:
         for b in (b for b in result["baselines"] if b["fraction"] == frac):
             cells.append([b["name"]] + ([n] if several else []) + [_fmt_stat(b["metrics"][main])]
                          + ["-"] * (len(head) - 2 - several))
-    return "\n".join(text_table(cells))
+    lines = text_table(cells)
+    for r in (r for r in result["rows"] if "teacher" in r):
+        t, size = r["teacher"], f" ({r['train_examples']} examples)" if several else ""
+        lines.append(f"distill{size} vs teacher "
+                     f"{t['run']}: keeps {t['retained_pct']:.1f}% of its {main} ({t[main]:.4f}); "
+                     f"{t['params_ratio']:.2f}× its parameters, {t['size_ratio'] or 0:.2f}× its size, "
+                     f"{t['latency_speedup'] or 0:.2f}× faster per request, {t['throughput_speedup'] or 0:.2f}× "
+                     "its batch throughput")
+    return "\n".join(lines)
