@@ -34,7 +34,7 @@ def test_openai_client_trains_a_classifier_and_calls_it(service, tmp_path):
     assert job.hyperparameters.n_epochs == 4 and job.seed == 3
     seen = set()
     wait_until(lambda: seen.add(client.fine_tuning.jobs.retrieve(job.id).status) or
-               client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed"), 120,
+               client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed"), 300,
                lambda: service.tail(job.id))
     done = client.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded", done.error
@@ -75,7 +75,7 @@ def test_openai_client_chat_sft_then_completions_streamed_and_not(service, tmp_p
                                          extra_body={"task": "chat", "config": {"data": {"max_length": 64},
                                                                                 "train": {"lr": 1e-2}}})
     assert job.method.type == "supervised"
-    done = service.wait(job.id, ("succeeded", "failed"), 180)
+    done = service.wait(job.id, ("succeeded", "failed"), 300)
     assert done["status"] == "succeeded", done["error"]
     losses = [e["data"]["train_loss"] for e in service.events(job.id) if e["type"] == "metrics"
               and "train_loss" in e["data"]]
@@ -109,7 +109,7 @@ def test_dpo_method_trains_the_dpo_task_with_its_beta(service, tmp_path):
         model="tiny-llama", training_file=file_id, seed=0,
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2, "batch_size": 8}}},
         extra_body={"config": {"train": {"lr": 1e-2}, "data": {"max_length": 64}}})
-    done = service.wait(job.id, ("succeeded", "failed"), 120)
+    done = service.wait(job.id, ("succeeded", "failed"), 300)
     assert done["status"] == "succeeded" and done["task"] == "dpo" and done["method"]["type"] == "dpo", done
     run = yaml.safe_load((service.home / "jobs" / job.id / "run" / "config.yaml").read_text())
     assert run["train"]["beta"] == 0.2 and run["train"]["epochs"] == 2 and run["task"] == "dpo"
@@ -156,7 +156,7 @@ def test_a_file_that_fails_its_task_fails_the_job_with_the_line(service, tmp_pat
     rows[6] = {"text": "no label here"}
     file_id = service.upload(write_jsonl(tmp_path / "mixed.jsonl", [{"text": "x"}] + rows))  # looks like clm
     job = service.create(model="tiny-bert", training_file=file_id, task="classification")
-    failed = service.wait(job["id"], "failed", 30)
+    failed = service.wait(job["id"], "failed", 90)
     assert failed["error"]["code"] == "invalid_training_file" and failed["error"]["param"] == "training_file"
     assert failed["error"]["message"].startswith("mixed.jsonl:1:")  # named as uploaded, with the line
     assert failed["finished_at"] and failed["fine_tuned_model"] is None
@@ -252,7 +252,7 @@ def test_a_file_a_job_needs_cannot_be_deleted_until_the_job_ends(service, tmp_pa
     status, out = service.request("DELETE", f"/v1/files/{file_id}")
     assert status == 409 and job["id"] in out["error"]["message"]
     service.request("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel")
-    service.wait(job["id"], "cancelled", 30)
+    service.wait(job["id"], "cancelled", 90)
     assert service.request("DELETE", f"/v1/files/{file_id}") == (200, {"id": file_id, "object": "file",
                                                                        "deleted": True})
     assert service.request("GET", f"/v1/files/{file_id}")[0] == 404
