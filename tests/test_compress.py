@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_rows, write_jsonl
+from conftest import make_rows, train_classifier, write_jsonl
 
 import tunelab
 from tunelab.errors import UserError
@@ -15,13 +15,7 @@ from tunelab.predict import compress, predict
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, tiny_model):
-    folder = tmp_path_factory.mktemp("compress")
-    cfg = {"model": {"name": tiny_model}, "output": str(folder / "run"),
-           "data": {"train": str(write_jsonl(folder / "train.jsonl", make_rows(150, 21))),
-                    "eval": str(write_jsonl(folder / "eval.jsonl", make_rows(60, 22))), "max_length": 32},
-           "train": {"epochs": 3, "batch_size": 8, "lr": 5e-3, "progress": False},
-           "eval": {"bootstrap": 0, "probe": False}}
-    return tunelab.train(cfg).run_dir
+    return train_classifier(tmp_path_factory.mktemp("compress"), tiny_model, 150, 21).run_dir
 
 
 def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_rows, write_jsonl
+from conftest import make_rows, train_classifier, write_jsonl
 
 import tunelab
 from tunelab.errors import UserError
@@ -71,13 +71,7 @@ def test_student_layers_are_evenly_spaced_teacher_layers_copied_exactly():
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, tiny_model):
     """A tiny BERT teacher trained on plenty of toy rows: it knows the task well."""
-    folder = tmp_path_factory.mktemp("teacher")
-    cfg = {"model": {"name": tiny_model}, "output": str(folder / "run"),
-           "data": {"train": str(write_jsonl(folder / "train.jsonl", make_rows(300, 11))),
-                    "eval": str(write_jsonl(folder / "eval.jsonl", make_rows(60, 12))), "max_length": 32},
-           "train": {"epochs": 3, "batch_size": 8, "lr": 5e-3, "progress": False},
-           "eval": {"bootstrap": 0, "probe": False}}
-    result = tunelab.train(cfg)
+    result = train_classifier(tmp_path_factory.mktemp("teacher"), tiny_model, 300, 11)
     assert result.eval["f1_macro"] > 0.9
     return result.run_dir
 
