@@ -289,3 +289,27 @@ def train_classifier(folder: Path, tiny_model: str, train_rows: int, seed: int):
            "train": {"epochs": 3, "batch_size": 8, "lr": 5e-3, "progress": False},
            "eval": {"bootstrap": 0, "probe": False}}
     return tunelab.train(cfg)
+
+
+def one_and_two_processes(cfg, tmp_path: Path, port: int) -> tuple[Path, Path]:
+    """Train `cfg` for one epoch twice: one process at batch 8 (run folder `one`), and torchrun with 2 processes
+    (gloo, CPU) at batch 4 each (`two`): the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from tunelab.config import save_yaml
+
+    cfg.train.epochs = 1
+    cfg.train.batch_size, cfg.output = 8, str(tmp_path / "one")
+    save_yaml(cfg, tmp_path / "one.yaml")
+    cfg.train.batch_size, cfg.output = 4, str(tmp_path / "two")
+    save_yaml(cfg, tmp_path / "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(tmp_path / "one.yaml")], check=True, env=env,
+                   capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "tunelab", "train", str(tmp_path / "two.yaml")],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "one", tmp_path / "two"

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_and_two_processes
 import torch
 from safetensors.torch import load_file
 
@@ -75,21 +73,7 @@ def test_two_process_ddp_equals_one_process(toy_config, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU), batch 4 per process == one process with batch 8."""
     toy_config.model.dropout = 0.0
     toy_config.tuning.name = "full"
-    toy_config.train.epochs = 1
-    from tunelab.config import save_yaml
-
-    toy_config.train.batch_size, toy_config.output = 8, str(tmp_path / "one")
-    save_yaml(toy_config, tmp_path / "one.yaml")
-    toy_config.train.batch_size, toy_config.output = 4, str(tmp_path / "two")
-    save_yaml(toy_config, tmp_path / "two.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "tunelab", "train", str(tmp_path / "one.yaml")], check=True, env=env,
-                   capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "tunelab", "train", str(tmp_path / "two.yaml")],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = one_and_two_processes(toy_config, tmp_path, 29517)
     assert json.loads((two / "metrics.json").read_text())["train"]["world_size"] == 2
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     assert_weights_close(one, two, toy_config.train.lr)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import one_and_two_processes
 
 from tunelab.distributed import Dist
 from tunelab.pipeline import build_job, train
@@ -315,27 +316,11 @@ def test_two_process_ddp_equals_one_process_for_language_stages(task, lm_config,
     """torchrun --nproc_per_node 2 (gloo, CPU), batch 4 per process == one process with batch 8: token-level
     losses are divided by the global batch's labelled tokens, pairs by the global batch's pairs."""
     import json
-    import os
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
-    from tunelab.config import save_yaml
-
     cfg = lm_config(task, "full")
-    cfg.train.epochs = 1
-    cfg.train.batch_size, cfg.output = 8, str(tmp_path / "one")
-    save_yaml(cfg, tmp_path / "one.yaml")
-    cfg.train.batch_size, cfg.output = 4, str(tmp_path / "two")
-    save_yaml(cfg, tmp_path / "two.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "tunelab", "train", str(tmp_path / "one.yaml")], check=True, env=env,
-                   capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29519", "-m", "tunelab", "train", str(tmp_path / "two.yaml")],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_and_two_processes(cfg, tmp_path, 29519)
     rows = [[json.loads(line) for line in (tmp_path / r / "history.jsonl").read_text().splitlines()]
             for r in ("one", "two")]
     steps = [[h for h in r if "loss" in h] for r in rows]

@@ -321,6 +321,18 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _data_parser(dsub, name: str, help: str, func, eval_size: int, train_size: int | None = None):
+    """A `tunelab data NAME` builder: --output, --train-size (where the corpus is sampled), --eval-size, --seed."""
+    parser = dsub.add_parser(name, help=help)
+    parser.add_argument("--output", required=True)
+    if train_size is not None:
+        parser.add_argument("--train-size", type=int, default=train_size)
+    parser.add_argument("--eval-size", type=int, default=eval_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Adapt pretrained models to your task, measured.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -422,45 +434,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="Data utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    tw = dsub.add_parser("tweets", help="Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.")
-    tw.add_argument("--output", required=True)
-    tw.add_argument("--train-size", type=int, default=3000)
-    tw.add_argument("--eval-size", type=int, default=900)
-    tw.add_argument("--seed", type=int, default=0)
-    tw.set_defaults(func=cmd_data_tweets)
-    jn = dsub.add_parser("japanese-ner", help="Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER corpus.")
-    jn.add_argument("--output", required=True)
-    jn.add_argument("--eval-size", type=int, default=100)
-    jn.add_argument("--seed", type=int, default=0)
-    jn.set_defaults(func=cmd_data_japanese_ner)
-    cc = dsub.add_parser("chitchat", help="Write chat JSONL ({messages}) from the bundled English chit-chat.")
-    cc.add_argument("--output", required=True)
-    cc.add_argument("--train-size", type=int, default=3000)
-    cc.add_argument("--eval-size", type=int, default=300)
-    cc.add_argument("--seed", type=int, default=0)
+    _data_parser(dsub, "tweets", "Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.",
+                 cmd_data_tweets, 900, train_size=3000)
+    _data_parser(dsub, "japanese-ner", "Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER corpus.",
+                 cmd_data_japanese_ner, 100)
+    cc = _data_parser(dsub, "chitchat", "Write chat JSONL ({messages}) from the bundled English chit-chat.",
+                      cmd_data_chitchat, 300, train_size=3000)
     cc.add_argument("--max-turns", type=int, default=4, help="Turns kept per conversation (ends on the assistant).")
-    cc.set_defaults(func=cmd_data_chitchat)
-    cp = dsub.add_parser("chitchat-preferences",
-                         help="Write {prompt, chosen, rejected} JSONL from chit-chat ratings (a weak, noisy signal).")
-    cp.add_argument("--output", required=True)
-    cp.add_argument("--train-size", type=int, default=1000)
-    cp.add_argument("--eval-size", type=int, default=100)
-    cp.add_argument("--seed", type=int, default=0)
+    cp = _data_parser(dsub, "chitchat-preferences", "Write {prompt, chosen, rejected} JSONL from chit-chat ratings "
+                      "(a weak, noisy signal).", cmd_data_chitchat_preferences, 100, train_size=1000)
     cp.add_argument("--min-gap", type=int, default=6, help="Least rating-sum difference (3-30 scale) within a pair.")
-    cp.set_defaults(func=cmd_data_chitchat_preferences)
-    cr = dsub.add_parser("chitchat-replies", help="Write {prompt, chosen, rejected} JSONL by a stated rule: the real "
-                         "reply over another conversation's reply at the same point.")
-    cr.add_argument("--output", required=True)
-    cr.add_argument("--train-size", type=int, default=1000)
-    cr.add_argument("--eval-size", type=int, default=100)
-    cr.add_argument("--seed", type=int, default=0)
+    cr = _data_parser(dsub, "chitchat-replies", "Write {prompt, chosen, rejected} JSONL by a stated rule: the real "
+                      "reply over another conversation's reply at the same point.", cmd_data_chitchat_replies, 100,
+                      train_size=1000)
     cr.add_argument("--context", type=int, default=3, help="Turns of conversation in the prompt (odd: ends with the user).")
-    cr.set_defaults(func=cmd_data_chitchat_replies)
-    cj = dsub.add_parser("chatterbot-ja", help="Write chat JSONL ({messages}) from chatterbot's Japanese dialogues.")
-    cj.add_argument("--output", required=True)
-    cj.add_argument("--eval-size", type=int, default=20)
-    cj.add_argument("--seed", type=int, default=0)
-    cj.set_defaults(func=cmd_data_chatterbot_ja)
+    _data_parser(dsub, "chatterbot-ja", "Write chat JSONL ({messages}) from chatterbot's Japanese dialogues.",
+                 cmd_data_chatterbot_ja, 20)
     return p
 
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader or a kill never sees half a file, only the old one or the new one."""
+"""Atomic file writes (a reader or a kill never sees half a file, only the old one or the new one), and reading
+the complete rows of a JSONL file that is being appended to."""
 from __future__ import annotations
 
 import json
@@ -57,3 +58,18 @@ def atomic_dir(final: Path, fill) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_jsonl_prefix(path: Path) -> list[dict]:
+    """The complete rows of a JSONL file that may be being appended to (a run's history): reading stops at a line
+    cut by a kill or still being written. A missing file has no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

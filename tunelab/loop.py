@@ -23,7 +23,7 @@ from tunelab.config import Config
 from tunelab.data.batching import global_batches, split_global
 from tunelab.distributed import Dist
 from tunelab.evaluate import evaluate
-from tunelab.io import atomic_write_jsonl
+from tunelab.io import atomic_write_jsonl, read_jsonl_prefix
 from tunelab.methods.base import Method
 from tunelab.tasks import Space, Task
 
@@ -157,7 +157,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     last = checkpoint.latest(loop.run) if resume else None
     if last is not None:
         state = checkpoint.load(last, model, optimizer, scheduler)
-        loop.history = [h for h in _read_history(loop.run) if h["step"] <= state.step]
+        loop.history = [h for h in read_jsonl_prefix(loop.run / "history.jsonl") if h["step"] <= state.step]
         if d.main:
             atomic_write_jsonl(loop.run / "history.jsonl", loop.history)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if d.world > 1 else model
@@ -203,16 +203,3 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             "steps": state.step,
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best}
-
-
-def _read_history(run: Path) -> list[dict]:
-    path = run / "history.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill mid-write
-            break
-    return rows

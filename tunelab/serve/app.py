@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from tunelab.errors import UserError
+from tunelab.io import read_jsonl_prefix
 from tunelab.serve import files, inference, jobs, keys
 from tunelab.serve.db import connect, finite
 
@@ -242,7 +243,7 @@ def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10, home
 def checkpoints(home: Path, job: dict) -> list[dict]:
     """The run's kept resumable checkpoints, newest first, with the metrics logged at their step."""
     run = jobs.run_dir(home, job["id"])
-    history = _history(run)
+    history = read_jsonl_prefix(run / "history.jsonl")
     out = []
     for state in sorted((run / "checkpoints").glob("step-*/state.json"), reverse=True):
         step = int(state.parent.name.split("-")[1])
@@ -263,8 +264,9 @@ def job_metrics(job_id: str, home: Path = Home):
     """tunelab's addition for the dashboard: the run's history, its metrics.json and sample generations."""
     run = jobs.run_dir(home, _job(home, job_id)["id"])
     metrics, samples = run / "metrics.json", run / "samples.jsonl"
-    return finite({"history": _history(run), "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
-                   "samples": [{"prompt": r["prompt"], "answer": r["answer"]} for r in _jsonl(samples)]
+    return finite({"history": read_jsonl_prefix(run / "history.jsonl"),
+                   "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
+                   "samples": [{"prompt": r["prompt"], "answer": r["answer"]} for r in read_jsonl_prefix(samples)]
                    if samples.is_file() else None})
 
 
@@ -314,19 +316,3 @@ def _page(rows: list[dict], after: str | None, limit: int, what: str) -> dict:
         rows = rows[ids.index(after) + 1:]
     limit = _limit(limit)
     return _list(rows[:limit], len(rows) > limit)
-
-
-def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a file being written
-            break
-    return rows
-
-
-def _history(run: Path) -> list[dict]:
-    path = run / "history.jsonl"
-    return _jsonl(path) if path.is_file() else []
-

@@ -230,7 +230,8 @@ def public(job: dict) -> dict:
             "method": {"type": method["type"], method["type"]: inner}, "seed": job["seed"],
             "error": loads(job["error"]), "fine_tuned_model": job["fine_tuned_model"],
             "finished_at": job["finished_at"], "result_files": loads(job["result_files"], []),
-            "trained_tokens": job["trained_tokens"], "estimated_finish": job["estimated_finish"] if job["status"] == "running" else None, "integrations": [],
+            "trained_tokens": job["trained_tokens"],
+            "estimated_finish": job["estimated_finish"] if job["status"] == "running" else None, "integrations": [],
             "organization_id": "tunelab", "user_provided_suffix": job["suffix"], "metadata": loads(job["metadata"]),
             "task": job["task"], "tuning": job["tuning"], "attempts": job["attempts"],
             "started_at": job["started_at"]}

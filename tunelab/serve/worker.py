@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tunelab import config as config_mod
 from tunelab.serve import files, jobs
-from tunelab.serve.db import connect, dumps, new_id, now, transaction
+from tunelab.io import read_jsonl_prefix
+from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 
 POLL = 0.5  # seconds between looks at the queue, the child, history.jsonl and the cancel flag
 GENERATORS = ("clm", "chat", "dpo")  # tasks whose finished model answers prompts: sample generations are shown
@@ -111,7 +112,7 @@ class Run:
         self.folder = home / "jobs" / self.id
         self.run_dir = jobs.run_dir(home, self.id)
         self.con = connect(home)
-        self.total = loads_hp(job)["n_epochs"]
+        self.total = loads(job["hyperparameters"])["n_epochs"]
         self.history_at, self.history_inode = 0, None  # how far history.jsonl has been read, and which file
         self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
         self.resumed_at = 0  # steps up to here were reported by an earlier attempt
@@ -274,7 +275,7 @@ class Run:
 
     def _results_file(self) -> str:
         """The step metrics as CSV (OpenAI's result file), stored as a file of purpose fine-tune-results."""
-        rows = [json.loads(line) for line in (self.run_dir / "history.jsonl").read_text().splitlines()]
+        rows = read_jsonl_prefix(self.run_dir / "history.jsonl")
         keys = list(dict.fromkeys(k for r in rows for k in r))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, keys)
@@ -312,10 +313,6 @@ class Run:
                 message = message.replace(str(files.path_of(self.home, row)), row["filename"])
                 return {"code": f"invalid_{key}", "message": message, "param": key}
         return {"code": "invalid_request" if said else "training_error", "message": message, "param": None}
-
-
-def loads_hp(job: dict) -> dict:
-    return json.loads(job["hyperparameters"])
 
 
 def sample_prompts(home: Path, job: dict) -> list[str]:
