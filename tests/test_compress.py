@@ -25,7 +25,10 @@ def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_pat
     assert "int8" in done.stdout and "onnx" in done.stdout
     result = json.loads((classifier / "compression.json").read_text())
     assert result["examples"] == 60
-    assert result["int8"]["agreement"] >= 0.99 and result["int8"]["max_abs_difference"] < 0.05
+    # a toy model has near ties among 60 examples: a label may flip where fp32's top two are within int8's error
+    assert result["int8"]["agreement"] >= 0.95 and result["int8"]["max_abs_difference"] < 0.02
+    assert 0.5 <= result["int8_smoothing"]["alpha"] <= 0.95
+    assert (classifier / "int8" / "smoothing.safetensors").is_file()
     assert result["onnx"]["agreement"] == 1.0 and result["onnx"]["max_abs_difference"] < 1e-4
     assert result["int8"]["model_mb"] < result["fp32"]["model_mb"]
     assert (classifier / "onnx" / "model.onnx").is_file()
@@ -36,11 +39,12 @@ def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_pat
         out = predict(classifier, texts, tmp_path / f"{runtime}.jsonl", runtime)
         rows[runtime] = [json.loads(line) for line in out.read_text().splitlines()]
     for runtime in ("int8", "onnx"):
-        same = sum(a["label"] == b["label"] for a, b in zip(rows["torch"], rows[runtime])) / 40
-        assert same >= 0.95, runtime
         gap = max(abs(a["probabilities"][k] - b["probabilities"][k])
                   for a, b in zip(rows["torch"], rows[runtime]) for k in a["probabilities"])
-        assert gap < (1e-4 if runtime == "onnx" else 0.05), (runtime, gap)
+        assert gap < (1e-4 if runtime == "onnx" else 0.02), (runtime, gap)
+        for a, b in zip(rows["torch"], rows[runtime]):  # a different label only where fp32 nearly ties
+            first, second = sorted(a["probabilities"].values())[-2:][::-1]
+            assert a["label"] == b["label"] or first - second <= 2 * gap, (runtime, a, b)
 
 
 def test_compression_refuses_what_it_cannot_do(classifier, task_config, tmp_path):

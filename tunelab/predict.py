@@ -43,10 +43,19 @@ def _runtime(model, run: Path, runtime: str, task):
     if task.judged_by_start or task.name == "ner":
         raise UserError(f"the {runtime} runtime is for sequence classifiers, not {task.name} runs", "--runtime")
     if runtime == "int8":
-        return quantize_int8(model)
+        return quantize_int8(model, _smoothing(run))
     if not (run / "onnx" / "model.onnx").is_file():
         raise UserError("no onnx/model.onnx in the run: make it with `tunelab export RUN --onnx`", str(run))
     return OnnxClassifier(run / "onnx" / "model.onnx")
+
+
+SMOOTHING = Path("int8") / "smoothing.safetensors"  # the int8 input scales that `tunelab export --int8` calibrates
+
+
+def _smoothing(run: Path) -> dict | None:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / SMOOTHING)) if (run / SMOOTHING).is_file() else None
 
 
 def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | None = None,
@@ -108,8 +117,8 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
     items = task.encode(tokenizer, examples, space, cfg.data.max_length)
     pad = tokenizer.pad_token_id or 0
 
-    def probs(m):
-        out = torch.stack(predict_outputs(task, m, items, pad, torch.device("cpu")))
+    def probs(m, on=items):
+        out = torch.stack(predict_outputs(task, m, on, pad, torch.device("cpu")))
         return torch.sigmoid(out) if task.name == "multilabel" else torch.softmax(out, -1)
 
     def figures(m, mb: float) -> dict:
@@ -124,9 +133,31 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
     result = {"examples": len(items), "data": str(cfg.data.eval or cfg.data.train),
               "fp32": {"model_mb": state_mb(model), **measure_inference(model, items, pad, torch.device("cpu"))}}
     if int8:
+        result["int8_smoothing"] = _calibrate(run, cfg, task, model, tokenizer, space, probs)
         quantized = load_run(run, "int8")[2]
         result["int8"] = figures(quantized, state_mb(quantized))
     if onnx:
         result["onnx"] = figures(load_run(run, "onnx")[2], (run / "onnx" / "model.onnx").stat().st_size / 2**20)
     atomic_write_json(run / "compression.json", result)
     return result
+
+
+def _calibrate(run: Path, cfg, task, model, tokenizer, space, probs) -> dict:
+    """Choose and save the int8 smoothing on up to 1,024 training texts (not the texts the variant is checked on):
+    the input maxima need enough texts to meet the rare large values."""
+    from safetensors.torch import save
+
+    from tunelab.export.compress import calibrate_int8
+    from tunelab.io import atomic_write_bytes
+
+    texts = task.read(cfg.data.train, cfg.data, need_label=False)[:1024]
+    calibration = task.encode(tokenizer, texts, space, cfg.data.max_length)
+
+    def log_probs(m):  # per class, or per label (yes, no) for multilabel
+        p = probs(m, calibration).clamp(1e-7, 1 - 1e-7)
+        return (torch.stack([p, 1 - p], -1) if task.name == "multilabel" else p).log()
+
+    alpha, scales, kl = calibrate_int8(model, log_probs)
+    (run / SMOOTHING).parent.mkdir(exist_ok=True)
+    atomic_write_bytes(run / SMOOTHING, save({k: v.contiguous() for k, v in scales.items()}))
+    return {"alpha": alpha, "calibration_examples": len(calibration), "kl_by_alpha": kl}
