@@ -45,21 +45,28 @@ LANGUAGE = [(t, m) for t, m in COMBOS if TASKS[t].judged_by_start]
 
 @pytest.fixture(scope="module")
 def teacher(tiny_model, task_data, tmp_path_factory):
-    """A finished classification run on the same data: distill's teacher."""
+    """distill's teacher for a task: a finished run of that task on the same data, trained on first use."""
     from tunelab.config import Config
 
-    cfg = Config()
-    cfg.model.name, cfg.output = tiny_model, str(tmp_path_factory.mktemp("teacher") / "run")
-    cfg.data.train, cfg.data.eval = task_data["classification"]["train"], task_data["classification"]["eval"]
-    cfg.data.max_length = 32
-    cfg.train.epochs, cfg.train.lr, cfg.train.progress, cfg.eval.bootstrap = 2, 5e-3, False, 0
-    return str(train(cfg).run_dir)
+    runs = {}
+
+    def of(task: str) -> str:
+        if task not in runs:
+            cfg = Config()
+            cfg.task, cfg.model.name = task, tiny_model
+            cfg.output = str(tmp_path_factory.mktemp(f"teacher-{task}") / "run")
+            cfg.data.train, cfg.data.eval = task_data[task]["train"], task_data[task]["eval"]
+            cfg.data.max_length = 32
+            cfg.train.epochs, cfg.train.lr, cfg.train.progress, cfg.eval.bootstrap = 2, 5e-3, False, 0
+            runs[task] = str(train(cfg).run_dir)
+        return runs[task]
+    return of
 
 
-def use(cfg, name: str, teacher: str):
+def use(cfg, name: str, teacher):
     cfg.tuning.name = name
     if name == "distill":
-        cfg.tuning.teacher = teacher
+        cfg.tuning.teacher = teacher(cfg.task)
     return cfg
 
 
@@ -156,7 +163,7 @@ def test_save_then_load_gives_identical_outputs(task, name, task_config, lm_conf
     model, method, tok, items, _, _, job = run_loop(cfg, tmp_path)
     folder, _ = export_model(tmp_path / "run", model, method, tok, job.task, job.splits.space)
     loaded = getattr(transformers, job.task.model_class).from_pretrained(folder).eval()
-    batch = {k: v for k, v in job.task.collate(items[:16], job.pad_id).items() if k not in ("labels", "ref", "teacher_logits")}
+    batch = {k: v for k, v in job.task.collate(items[:16], job.pad_id).items() if k not in ("labels", "ref", "teacher_logits", "labelled")}
     model.eval()
     with torch.no_grad():
         expected, got = model(**batch).logits, loaded(**batch).logits

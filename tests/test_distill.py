@@ -9,12 +9,20 @@ from conftest import make_rows, train_classifier, write_jsonl
 
 import tunelab
 from tunelab.errors import UserError
-from tunelab.methods.distill import IGNORE, evenly_spaced, kd_loss, keep_layers, soft_targets
+from tunelab.methods.distill import evenly_spaced, keep_layers, soft_targets
 
 
 def _softmax(xs, t):
     e = [math.exp(x / t) for x in xs]
     return [v / sum(e) for v in e]
+
+
+def _distill_loss(task, student, teacher, labels, labelled, t, alpha, **space):
+    from tunelab.tasks import TASKS
+    from tunelab.tasks.base import Space
+
+    return float(TASKS[task].distill_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels),
+                                          torch.tensor(labelled), Space(kd_temperature=t, kd_alpha=alpha, **space)))
 
 
 def test_kd_loss_matches_a_hand_computed_value():
@@ -23,14 +31,32 @@ def test_kd_loss_matches_a_hand_computed_value():
     kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     ce = -math.log(_softmax(student, 1.0)[1])
     want = alpha * t * t * kl + (1 - alpha) * ce
-    got = kd_loss(torch.tensor([student]), torch.tensor([teacher]), torch.tensor([1]), t, alpha)
-    assert float(got) == pytest.approx(want, rel=1e-6)
+    assert _distill_loss("classification", [student], [teacher], [1], [True], t, alpha) == pytest.approx(want, rel=1e-6)
     # an unlabelled (transfer) row adds only its soft term; the loss is a sum over rows
-    two = kd_loss(torch.tensor([student, student]), torch.tensor([teacher, teacher]), torch.tensor([1, IGNORE]),
-                  t, alpha)
-    assert float(two) == pytest.approx(want + alpha * t * t * kl, rel=1e-6)
-    assert float(kd_loss(torch.tensor([teacher]), torch.tensor([teacher]), torch.tensor([IGNORE]), t, 1.0)) == \
-        pytest.approx(0, abs=1e-7)  # a student equal to its teacher has nothing left to learn
+    two = _distill_loss("classification", [student, student], [teacher, teacher], [1, 0], [True, False], t, alpha)
+    assert two == pytest.approx(want + alpha * t * t * kl, rel=1e-6)
+    assert _distill_loss("classification", [teacher], [teacher], [0], [False], t, 1.0) == \
+        pytest.approx(0, abs=1e-6)  # a student equal to its teacher has nothing left to learn
+
+
+def test_multilabel_and_regression_soft_terms_match_hand_computed_values():
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
+    student, teacher, t, alpha = [0.5, -1.0], [2.0, -3.0], 2.0, 0.4
+    kl = 0.0
+    for s_, t_ in zip(student, teacher):
+        p, q = sig(t_ / t), sig(s_ / t)
+        kl += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    gold = [1.0, 0.0]
+    bce = -(math.log(sig(student[0])) + math.log(1 - sig(student[1]))) / 2
+    want = alpha * t * t * kl / 2 + (1 - alpha) * bce
+    assert _distill_loss("multilabel", [student], [teacher], [gold], [True], t, alpha) == pytest.approx(want, rel=1e-6)
+    # regression: the teacher answers in the target's units, the student in standardised ones
+    got = _distill_loss("regression", [[0.5]], [[7.0]], [1.0], [True], t, alpha, target_mean=5.0, target_std=2.0)
+    assert got == pytest.approx(alpha * (0.5 - 1.0) ** 2 + (1 - alpha) * (0.5 - 1.0) ** 2)
+    assert _distill_loss("regression", [[0.5]], [[9.0]], [0.0], [False], t, alpha, target_mean=5.0,
+                         target_std=2.0) == pytest.approx(alpha * (0.5 - 2.0) ** 2)  # unlabelled: soft term only
 
 
 def test_temperature_softens_the_teachers_distribution():
@@ -138,5 +164,82 @@ def test_distill_refuses_what_it_cannot_do(tmp_path, tiny_model, teacher_run, ta
     with pytest.raises(UserError, match="differ from the teacher"):
         _student(tmp_path, tiny_model, "d", two, 1, eval_file=two, teacher=str(teacher_run))
     regression = tunelab.train(task_config("regression")).run_dir
-    with pytest.raises(UserError, match="must be a classification run"):
+    with pytest.raises(UserError, match="a classification student needs a classification teacher"):
         _student(tmp_path, tiny_model, "e", labelled, 1, teacher=str(regression))
+    with pytest.raises(UserError, match="prune_vocab only applies to --tuning distill"):
+        _student(tmp_path, tiny_model, "f", labelled, 1, prune_vocab=True)
+
+
+def test_vocabulary_pruning_keeps_the_pieces_the_texts_use_and_their_embeddings(tiny_model):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from tunelab.methods.distill import prune_vocabulary
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = BertForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    before = model.get_input_embeddings().weight.detach().clone()
+    texts = ["The delivery was wonderful, thanks!", "terrible service again"]
+    small = prune_vocabulary(model, tok, texts)
+    assert 1_000 < len(small) < len(tok) / 4 and model.config.vocab_size == len(small)
+    assert model.get_input_embeddings().weight.shape == (len(small), before.shape[1])
+    for text in texts:  # the same pieces, renumbered, with the same embedding rows and the special tokens around
+        old, new = tok(text)["input_ids"], small(text)["input_ids"]
+        assert tok.convert_ids_to_tokens(old) == small.convert_ids_to_tokens(new)
+        assert new[0] == small.cls_token_id and new[-1] == small.sep_token_id
+        assert torch.equal(model.get_input_embeddings().weight[new], before[old])
+    unseen = small.tokenize("zebra")  # a word the texts never used splits into kept pieces, never [UNK]
+    assert unseen != ["zebra"] and small.unk_token not in unseen and "".join(unseen).replace("##", "") == "zebra"
+    assert small.pad_token_id == model.config.pad_token_id == model.get_input_embeddings().padding_idx
+    assert model(**small(texts, padding=True, return_tensors="pt")).logits.shape == (2, 2)
+
+
+def test_a_pruned_student_exports_and_predicts_with_its_own_vocabulary(tmp_path, tiny_model, teacher_run):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tunelab.predict import predict
+
+    labelled = write_jsonl(tmp_path / "train.jsonl", make_rows(60, 19))
+    result = _student(tmp_path, tiny_model, "pruned", labelled, 2, teacher=str(teacher_run), student_layers=1,
+                      prune_vocab=True)
+    vocab = AutoConfig.from_pretrained(result.model_dir).vocab_size
+    assert vocab == len(AutoTokenizer.from_pretrained(result.model_dir)) < 30_522 / 4
+    assert result.eval["f1_macro"] > 0.6
+    out = predict(result.run_dir, write_jsonl(tmp_path / "in.jsonl", make_rows(10, 20)))
+    assert len(out.read_text().splitlines()) == 10
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_multilabel_and_regression_students_learn_from_their_teacher(task, task_config, tmp_path):
+    """A one-layer student of a two-layer teacher, with 200 unlabelled texts the teacher answers for it."""
+    from conftest import TASK_ROWS
+
+    teacher_cfg = task_config(task)
+    teacher_cfg.train.epochs = 4
+    teacher = tunelab.train(teacher_cfg)
+    student_cfg = task_config(task)
+    student_cfg.output = str(tmp_path / "student")
+    student_cfg.tuning.name, student_cfg.tuning.teacher = "distill", str(teacher.run_dir)
+    student_cfg.tuning.student_layers, student_cfg.tuning.kd_alpha, student_cfg.train.epochs = 1, 0.7, 3
+    student_cfg.data.transfer = str(write_jsonl(tmp_path / "transfer.jsonl",
+                                                [{"text": r["text"]} for r in TASK_ROWS[task](200, 31)]))
+    student = tunelab.train(student_cfg)
+    main = {"multilabel": "f1_micro", "regression": "r2"}[task]
+    assert student.metrics["train"]["transfer_examples"] == 200
+    assert student.eval[main] >= 0.9 * teacher.eval[main], (student.eval, teacher.eval)
+    baseline = next(iter(student.metrics["baseline"].values()))[main]
+    assert student.eval[main] > baseline + 0.2
+
+
+def test_a_generator_fine_tuned_as_a_classifier_teaches_a_small_encoder(tmp_path, tiny_model, tiny_llama):
+    """Another architecture and tokenizer (byte-level BPE Llama → WordPiece BERT): soft targets are per text."""
+    (tmp_path / "llama").mkdir()
+    teacher = train_classifier(tmp_path / "llama", tiny_llama, 300, 41)
+    labelled = write_jsonl(tmp_path / "few.jsonl", make_rows(16, 42))
+    transfer = write_jsonl(tmp_path / "transfer.jsonl", [{"text": r["text"]} for r in make_rows(300, 43)])
+    student = _student(tmp_path, tiny_model, "student", labelled, 3, teacher=str(teacher.run_dir),
+                       transfer=transfer, kd_alpha=0.7)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(teacher.model_dir).model_type == "llama" and teacher.eval["f1_macro"] > 0.9
+    assert AutoConfig.from_pretrained(student.model_dir).model_type == "bert"
+    assert student.eval["f1_macro"] >= 0.9 * teacher.eval["f1_macro"], (student.eval, teacher.eval)

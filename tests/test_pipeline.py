@@ -89,3 +89,23 @@ def test_l1_penalty_shrinks_weights(toy_config, tmp_path):
         w = load_file(str(tunelab.train(toy_config).model_dir / "model.safetensors"))
         norms.append(sum(v.abs().sum().item() for k, v in w.items() if v.ndim > 1 and "embeddings" not in k))
     assert norms[1] < norms[0]
+
+
+def test_a_run_trained_on_relative_paths_is_usable_from_any_directory(toy_config, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from tunelab.config import load_yaml
+
+    work = tmp_path / "project"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(toy_config.data.train, work / "data" / "train.jsonl")
+    shutil.copy(toy_config.data.eval, work / "data" / "eval.jsonl")
+    monkeypatch.chdir(work)
+    toy_config.data.train, toy_config.data.eval, toy_config.output = "data/train.jsonl", "data/eval.jsonl", "run"
+    toy_config.train.epochs = 1
+    tunelab.train(toy_config)
+    saved = load_yaml(work / "run" / "config.yaml")
+    assert saved.data.train == str(work / "data" / "train.jsonl") and saved.data.eval == str(work / "data" / "eval.jsonl")
+    monkeypatch.chdir(tmp_path)  # elsewhere: export reads the run's training and eval files by their saved paths
+    assert main(["export", str(work / "run"), "--int8"]) == 0
+    assert "checked on 30 examples of " + str(work / "data" / "eval.jsonl") in capsys.readouterr().out

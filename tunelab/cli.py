@@ -225,8 +225,10 @@ def cmd_data_japanese_ner(args) -> int:
 def cmd_data_tweets(args) -> int:
     from tunelab.data.bundled import tweets
 
-    info = tweets(Path(args.output), args.train_size, args.eval_size, args.seed)
+    info = tweets(Path(args.output), args.train_size, args.eval_size, args.seed, transfer_size=args.transfer_size)
     _print_written(info, "examples", f"); usable per class: {info['available']}")
+    if "transfer" in info:
+        print(f"wrote {info['transfer']} ({info['transfer_examples']} texts without labels, none in train or eval)")
     return 0
 
 
@@ -434,8 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="Data utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    _data_parser(dsub, "tweets", "Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.",
-                 cmd_data_tweets, 900, train_size=3000)
+    tw = _data_parser(dsub, "tweets", "Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.",
+                      cmd_data_tweets, 900, train_size=3000)
+    tw.add_argument("--transfer-size", type=int, default=0,
+                    help="Also write transfer.jsonl: this many other tweets, texts only (for --tuning distill).")
     _data_parser(dsub, "japanese-ner", "Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER corpus.",
                  cmd_data_japanese_ner, 100)
     cc = _data_parser(dsub, "chitchat", "Write chat JSONL ({messages}) from the bundled English chit-chat.",

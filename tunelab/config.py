@@ -62,10 +62,11 @@ class TuningConfig:
     lora_r: int = setting(8, "lora: rank of the low-rank update.")
     lora_alpha: int = setting(16, "lora: scaling numerator; the update is scaled by alpha / r.")
     lora_dropout: float = setting(0.1, "lora: dropout on the adapter input.")
-    teacher: str | None = setting(None, "distill: the finished classification run whose soft targets the student learns.", "--teacher")
+    teacher: str | None = setting(None, "distill: the finished run (classification, multilabel or regression, the student's task) whose soft targets the student learns.", "--teacher")
     kd_temperature: float = setting(2.0, "distill: T that softens both distributions; the KL term is scaled by T^2 (Hinton et al. 2015).")
     kd_alpha: float = setting(0.5, "distill: weight of the KL term; 1 - alpha weighs cross-entropy on the gold labels.")
     student_layers: int = setting(0, "distill: build the student from the teacher itself with this many layers, initialised from evenly spaced teacher layers (every other one for half, as DistilBERT); 0 uses --model.")
+    prune_vocab: bool = setting(False, "distill: keep only the vocabulary the training and transfer texts use (plus every single character) and shrink the student's embeddings to it; WordPiece tokenizers.")
     lora_targets: list[str] = setting([], "lora: names of the linear modules that get adapters; empty: the attention query and value projections (query/value, q_proj/v_proj or c_attn).")
 
 
@@ -226,6 +227,19 @@ def save_yaml(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy whose files (the data, a teacher run, a local model folder) are named by absolute paths: a run's
+    config.yaml then works from any directory (`tunelab export RUN`, `eval`, `--resume`)."""
+    out = from_dict(to_dict(cfg))
+    for section, key in (("data", "train"), ("data", "eval"), ("data", "transfer"), ("tuning", "teacher")):
+        value = getattr(getattr(out, section), key)
+        if value:
+            setattr(getattr(out, section), key, str(Path(value).absolute()))
+    if out.model.name and Path(out.model.name).exists():
+        out.model.name = str(Path(out.model.name).absolute())
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Checks that need more than one field or a registry; run before any file is written."""
     from tunelab.methods import METHODS
@@ -259,6 +273,7 @@ def validate(cfg: Config) -> None:
         ((cfg.tuning.name == "distill") == bool(cfg.tuning.teacher),
          "--tuning distill needs --teacher RUN_DIR, and --teacher only applies to it"),
         (not cfg.data.transfer or cfg.tuning.name == "distill", "--transfer only applies to --tuning distill"),
+        (not cfg.tuning.prune_vocab or cfg.tuning.name == "distill", "tuning.prune_vocab only applies to --tuning distill"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
         (0 < cfg.data.eval_split < 1, "data.eval_split must be between 0 and 1"),

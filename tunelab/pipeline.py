@@ -22,7 +22,7 @@ from tunelab.export import export_model, folder_mb, measure_inference
 from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
 from tunelab.methods.base import Method
-from tunelab.methods.distill import IGNORE, Teacher
+from tunelab.methods.distill import Teacher, prune_vocabulary
 from tunelab.models import build_model, count_params, load_tokenizer, set_dropout
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
@@ -66,18 +66,25 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     space = splits.space.configure(cfg)
     if cfg.tuning.layer_decay is None:
         cfg.tuning.layer_decay = task.default_layer_decay
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id or 0
     method = METHODS[cfg.tuning.name]
     teacher = Teacher(cfg.tuning.teacher) if method.uses_teacher else None
+    if teacher:
+        teacher.check(task, space)
     if teacher and cfg.tuning.student_layers:  # the student is the teacher, shortened: its tokenizer too
         cfg.model.name = str(teacher.run / "model")
+    tokenizer = load_tokenizer(cfg.model)
     if teacher and cfg.tuning.student_layers:
         model = teacher.student(cfg.tuning.student_layers)
+        task.unfinalize(model, space)
         if cfg.model.dropout is not None:
             set_dropout(model, cfg.model.dropout)
     else:
         model = build_model(cfg.model, task, space, method.pretrained)
+    transfer = task.read(cfg.data.transfer, cfg.data, need_label=False) if teacher and cfg.data.transfer else []
+    if cfg.tuning.prune_vocab:
+        texts = [t for e in splits.train + transfer for t in (e.text, e.text_pair) if t]
+        tokenizer = prune_vocabulary(model, tokenizer, texts)
+    pad_id = tokenizer.pad_token_id or 0
     if task.model_class == "AutoModelForSequenceClassification":
         # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
         # know the id the batches are padded with.
@@ -87,17 +94,18 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)
-    transfer_items = distill_items(cfg, teacher, task, space, tokenizer, splits.train, train_items) if teacher else []
+    transfer_items = distill_items(cfg, teacher, task, space, tokenizer, splits.train, train_items, transfer) \
+        if teacher else []
     return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items, transfer_items)
 
 
-def distill_items(cfg: Config, teacher: Teacher, task: Task, space, tokenizer, train, train_items) -> list[dict]:
-    """Attach the teacher's logits to every training item; the transfer texts as items of their own."""
-    teacher.check_labels(space.labels)
-    transfer = task.read(cfg.data.transfer, cfg.data, need_label=False) if cfg.data.transfer else []
+def distill_items(cfg: Config, teacher: Teacher, task: Task, space, tokenizer, train, train_items,
+                  transfer) -> list[dict]:
+    """Attach the teacher's outputs to every training item; the transfer texts as items of their own, with a
+    placeholder label of the right shape that the `_unlabelled` mark keeps out of the loss."""
     transfer_items = task.encode(tokenizer, transfer, space, cfg.data.max_length) if transfer else []
     for item in transfer_items:
-        item["labels"] = IGNORE
+        item["labels"], item["_unlabelled"] = train_items[0]["labels"], True
     for item, logits in zip(train_items + transfer_items, teacher.logits(train + transfer)):
         item["_teacher"] = logits
     return transfer_items
@@ -196,7 +204,7 @@ def _prepare_run_dir(run: Path, cfg: Config, resume: bool, main: bool) -> Path:
         (run / "metrics.json").unlink(missing_ok=True)  # a resumed run is not complete until it ends
         if not resume:
             (run / "history.jsonl").unlink(missing_ok=True)
-        config_mod.save_yaml(cfg, run / "config.yaml")
+        config_mod.save_yaml(config_mod.with_absolute_paths(cfg), run / "config.yaml")
     return run
 
 

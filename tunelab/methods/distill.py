@@ -2,7 +2,9 @@
 
 loss = α · T² · KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 − α) · cross-entropy(student, gold)
 
-The T² keeps the soft term's gradients on the scale of the hard term's as T changes (the paper's §2). Soft
+The T² keeps the soft term's gradients on the scale of the hard term's as T changes (the paper's §2). Multilabel
+students match each label's sigmoid(teacher / T) the same way (against binary cross-entropy); regression students
+the teacher's number (mean squared error in the standardised units they train in; T does not apply). Soft
 targets are per example, so the teacher may have another tokenizer and architecture: it reads the raw texts with
 its own. They are computed once and cached under $TUNELAB_CACHE/teacher-logits, keyed by the teacher's weights,
 its max length and the texts. Unlabelled transfer texts (`--transfer`) get only the soft term.
@@ -17,28 +19,33 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_bytes
 from tunelab.methods.full import Full
 
-IGNORE = -100  # the gold label of a transfer text: cross-entropy skips it
-
 
 class Distill(Full):
     uses_teacher = True
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
-            alpha: float) -> torch.Tensor:
-    """The summed distillation loss of a batch: (batch, classes) logits, labels with IGNORE for unlabelled rows."""
+def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), summed over the batch's rows (classification)."""
     soft_teacher = torch.log_softmax(teacher.float() / temperature, -1)
     soft_student = torch.log_softmax(student.float() / temperature, -1)
-    kl = nn.functional.kl_div(soft_student, soft_teacher, log_target=True, reduction="sum")
-    ce = nn.functional.cross_entropy(student.float(), labels, ignore_index=IGNORE, reduction="sum")
-    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+    return temperature ** 2 * nn.functional.kl_div(soft_student, soft_teacher, log_target=True, reduction="sum")
+
+
+def sigmoid_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · the KL divergence of each label's yes/no distribution, sigmoid(teacher / T) against sigmoid(student
+    / T), averaged over the labels and summed over the rows (multilabel: the same scale as its BCE loss)."""
+    t, s = teacher.float() / temperature, student.float() / temperature
+    p = torch.sigmoid(t)
+    kl = p * (nn.functional.logsigmoid(t) - nn.functional.logsigmoid(s)) + \
+        (1 - p) * (nn.functional.logsigmoid(-t) - nn.functional.logsigmoid(-s))
+    return temperature ** 2 * kl.mean(-1).sum()
 
 
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -78,8 +85,65 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     return model
 
 
+def prune_vocabulary(model: nn.Module, tokenizer, texts: list[str]):
+    """Keep only the vocabulary that `texts` use, every single character (with and without the word-piece
+    prefix, so that any later word still splits into known pieces) and the special tokens; shrink the model's input
+    embeddings to match. Returns the matching tokenizer. For WordPiece tokenizers (BERT's family), whose pieces do
+    not depend on each other (BPE's merges do). The student then trains on the smaller vocabulary: words it has not
+    seen split into smaller pieces, the same way at training and at inference."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "WordPiece":
+        raise UserError(f"vocabulary pruning needs a WordPiece tokenizer (BERT's family); this one is "
+                        f"{spec['model']['type']}", "tuning.prune_vocab")
+    vocab, prefix = spec["model"]["vocab"], spec["model"].get("continuing_subword_prefix", "##")
+    keep = set(tokenizer.all_special_ids) | {t["id"] for t in spec.get("added_tokens", [])}
+    keep |= {i for token, i in vocab.items() if len(token.removeprefix(prefix)) == 1}
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        keep.update(ids)
+    keep = sorted(keep)
+    new_id = {old: new for new, old in enumerate(keep)}
+    spec["model"]["vocab"] = {token: new_id[i] for token, i in vocab.items() if i in new_id}
+    for token in spec.get("added_tokens", []):
+        token["id"] = new_id[token["id"]]
+    _renumber_post_processor(spec.get("post_processor"), new_id)
+
+    old = model.get_input_embeddings()
+    embeddings = nn.Embedding(len(keep), old.embedding_dim, padding_idx=new_id.get(old.padding_idx))
+    with torch.no_grad():
+        embeddings.weight.copy_(old.weight[keep])
+    model.set_input_embeddings(embeddings)
+    model.config.vocab_size = len(keep)
+    if model.config.pad_token_id is not None:
+        model.config.pad_token_id = new_id[model.config.pad_token_id]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        Path(tmp, "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+        Path(tmp, "vocab.txt").unlink(missing_ok=True)  # the slow tokenizer's copy of the old vocabulary
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def _renumber_post_processor(post: dict | None, new_id: dict[int, int]) -> None:
+    """The special-token ids that the tokenizer's post-processor inserts ([CLS], [SEP]), renumbered in place."""
+    if post is None:
+        return
+    if post["type"] == "TemplateProcessing":
+        for token in post["special_tokens"].values():
+            token["ids"] = [new_id[i] for i in token["ids"]]
+    elif post["type"] in ("BertProcessing", "RobertaProcessing"):
+        post["sep"][1], post["cls"][1] = new_id[post["sep"][1]], new_id[post["cls"][1]]
+    elif post["type"] == "Sequence":
+        for part in post["processors"]:
+            _renumber_post_processor(part, new_id)
+    elif post["type"] != "ByteLevel":
+        raise UserError(f"cannot renumber a {post['type']} post-processor", "tuning.prune_vocab")
+
+
 class Teacher:
-    """A finished classification run that labels texts softly."""
+    """A finished classifier run (classification, multilabel or regression) that labels texts softly."""
 
     def __init__(self, run_dir: str):
         from tunelab.predict import load_run
@@ -87,12 +151,14 @@ class Teacher:
         run = Path(run_dir)
         self.run = run
         self.cfg, self.task, self.model, self.tokenizer, self.space = load_run(run)
-        if self.task.name != "classification":
-            raise UserError(f"the teacher must be a classification run, not {self.task.name}", "--teacher")
 
-    def check_labels(self, labels: list[str]) -> None:
-        if labels != self.space.labels:
-            raise UserError(f"the student's labels {labels} differ from the teacher's {self.space.labels}",
+    def check(self, task, space) -> None:
+        """The teacher must answer the student's question: the same task, the same labels in the same order."""
+        if self.task.name != task.name:
+            raise UserError(f"the teacher is a {self.task.name} run; a {task.name} student needs a {task.name} "
+                            "teacher", "--teacher")
+        if space.labels != self.space.labels:
+            raise UserError(f"the student's labels {space.labels} differ from the teacher's {self.space.labels}",
                             "--teacher")
 
     def student(self, n_layers: int) -> nn.Module:
@@ -103,7 +169,8 @@ class Teacher:
         return keep_layers(model, evenly_spaced(model.config.num_hidden_layers, n_layers))
 
     def logits(self, examples) -> list[list[float]]:
-        """The teacher's logits for each example (its text and text pair), cached on disk."""
+        """The teacher's outputs for each example (its text and text pair), cached on disk: logits, or the number
+        in the target's units for regression."""
         from tunelab.evaluate import predict_outputs
         from tunelab.models.gguf import cache_root
 
@@ -118,10 +185,7 @@ class Teacher:
         out = torch.stack(predict_outputs(self.task, self.model, items, self.tokenizer.pad_token_id or 0,
                                           torch.device("cpu")))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"logits": out.contiguous()}, str(tmp))
-        atomic_write_bytes(path, tmp.read_bytes())
-        tmp.unlink()
+        atomic_write_bytes(path, save({"logits": out.contiguous()}))
         return out.tolist()
 
 

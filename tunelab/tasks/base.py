@@ -136,18 +136,27 @@ class Task:
         batch = collate(items, pad_id)
         if "_teacher" in items[0]:
             batch["teacher_logits"] = torch.tensor([it["_teacher"] for it in items])
+            batch["labelled"] = torch.tensor([not it.get("_unlabelled") for it in items])
         return batch
 
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
         """(summed loss over the batch's units, sums for the training log such as correct tokens)."""
         labels = batch.pop("labels")
-        teacher = batch.pop("teacher_logits", None)
+        teacher, labelled = batch.pop("teacher_logits", None), batch.pop("labelled", None)
         logits = model(**batch).logits.float()
-        if teacher is not None:  # distill: the teacher's soft targets beside the gold labels
-            from tunelab.methods.distill import kd_loss
-
-            return kd_loss(logits, teacher, labels, space.kd_temperature, space.kd_alpha), {}
+        if teacher is not None:
+            return self.distill_loss(logits, teacher, labels, labelled, space), {}
         return self.loss(logits, labels), {}
+
+    def distill_loss(self, logits, teacher, labels, labelled, space: Space) -> torch.Tensor:
+        """α · the soft term against the teacher's outputs on every row + (1 − α) · the task's loss on the rows
+        with a gold label (transfer texts have none)."""
+        hard = self.loss(logits[labelled], labels[labelled]) if labelled.any() else logits.new_zeros(())
+        return space.kd_alpha * self.soft_loss(logits, teacher.float(), space) + (1 - space.kd_alpha) * hard
+
+    def soft_loss(self, logits: torch.Tensor, teacher: torch.Tensor, space: Space) -> torch.Tensor:
+        """distill: the summed distance of the student's outputs from the teacher's (tasks in `distill` tunings)."""
+        raise NotImplementedError
 
     def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
         """Extra per-step log fields from the summed `forward` figures of one global batch."""
@@ -155,8 +164,8 @@ class Task:
 
     def outputs(self, model: nn.Module, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
         """Per-example outputs for evaluation: (num_labels,) per text, or (tokens, num_labels) for token tasks."""
-        batch.pop("labels", None)
-        batch.pop("teacher_logits", None)
+        for key in ("labels", "teacher_logits", "labelled"):
+            batch.pop(key, None)
         logits = model(**batch).logits.float().cpu()
         return [logits[row, :n] if logits.dim() == 3 else logits[row] for row, n in enumerate(lengths)]
 
@@ -204,6 +213,9 @@ class Task:
     def finalize(self, model: nn.Module, space: Space) -> None:
         """Last touches on the exported copy so it works in plain transformers (e.g. regression scaling)."""
         model.config.update({"tunelab_task": self.name})
+
+    def unfinalize(self, model: nn.Module, space: Space) -> None:
+        """Undo `finalize` on an exported model that trains again (a student cut from its teacher)."""
 
     def space_of(self, config) -> Space:
         """The output space of an exported model, from its config.json."""

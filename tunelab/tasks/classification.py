@@ -10,6 +10,7 @@ from torch import nn
 
 from tunelab.data.load import check_known_labels, class_label, label_names
 from tunelab.errors import UserError
+from tunelab.methods.distill import sigmoid_kl, softmax_kl
 from tunelab.tasks.base import Space, Task
 
 
@@ -69,6 +70,9 @@ class Classification(Task):
     def loss(self, logits, labels):
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
 
+    def soft_loss(self, logits, teacher, space):
+        return softmax_kl(logits, teacher, space.kd_temperature)
+
     def decode(self, outputs, items, space):
         return torch.stack(outputs).argmax(-1).tolist()
 
@@ -127,6 +131,7 @@ class Multilabel(Task):
     name = "multilabel"
     label_key = "labels"
     metrics = ("f1_micro", "f1_macro", "exact_match", "precision_micro", "recall_micro")
+    tunings = (*Task.tunings, "distill")
 
     def parse_label(self, value, path, line, key):
         return _label_list(value, path, line, key)
@@ -153,6 +158,9 @@ class Multilabel(Task):
         # Mean over the labels of one example, summed over examples: the loop averages over examples.
         per = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
         return per.mean(-1).sum()
+
+    def soft_loss(self, logits, teacher, space):
+        return sigmoid_kl(logits, teacher, space.kd_temperature)
 
     def decode(self, outputs, items, space):
         probs = torch.sigmoid(torch.stack(outputs).float())

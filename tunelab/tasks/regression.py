@@ -30,6 +30,7 @@ class Regression(Task):
     name = "regression"
     label_key = "target"
     metrics = ("r2", "mse", "mae")
+    tunings = (*Task.tunings, "distill")
 
     def parse_label(self, value, path, line, key):
         if isinstance(value, str):
@@ -58,6 +59,10 @@ class Regression(Task):
     def loss(self, logits, labels):
         return nn.functional.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
 
+    def soft_loss(self, logits, teacher, space):
+        # The teacher's exported model answers in the target's units; the student trains standardised.
+        return self.loss(logits, (teacher.squeeze(-1) - space.target_mean) / space.target_std)
+
     def decode(self, outputs, items, space):
         values = torch.stack(outputs).float().squeeze(-1) * space.target_std + space.target_mean
         return values.tolist()
@@ -80,19 +85,29 @@ class Regression(Task):
     def finalize(self, model, space):
         """Fold y = std * z + mean into the last linear layer of the head (the one with a single output)."""
         super().finalize(model, space)
-        prefix = getattr(model, "base_model_prefix", "")
-        heads = [m for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and m.out_features == 1 and not n.startswith(prefix + ".")]
-        if not heads:
-            raise RuntimeError("regression head not found: cannot fold the target scaling into the model")
-        last = heads[-1]
-        with torch.no_grad():
-            last.weight.mul_(space.target_std)
-            if last.bias is not None:
-                last.bias.mul_(space.target_std).add_(space.target_mean)
+        _scale_head(model, space.target_std, space.target_mean)
+
+    def unfinalize(self, model, space):
+        """z = (y - mean) / std: an exported model (a distillation student cut from its teacher) back in the
+        standardised units training uses."""
+        _scale_head(model, 1 / space.target_std, -space.target_mean / space.target_std)
 
     def space_of(self, config):
         return Space()  # the exported model already predicts in the original units
 
     def predict_row(self, example, pred, output, space):
         return {"text": example.text, "prediction": round(float(pred), 6)}
+
+
+def _scale_head(model: nn.Module, scale: float, shift: float) -> None:
+    """Make the head's last linear layer (the one with a single output) answer scale * y + shift instead of y."""
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [m for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m.out_features == 1 and not n.startswith(prefix + ".")]
+    if not heads:
+        raise RuntimeError("regression head not found: cannot fold the target scaling into the model")
+    last = heads[-1]
+    with torch.no_grad():
+        last.weight.mul_(scale)
+        if last.bias is not None:
+            last.bias.mul_(scale).add_(shift)
