@@ -65,8 +65,9 @@ def quantize_int8(model: nn.Module, scales: dict[str, torch.Tensor] | None = Non
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
-def input_maxima(model: nn.Module, run_batches) -> dict[str, torch.Tensor]:
-    """The largest absolute input of every Linear layer per input channel, over what `run_batches()` feeds it."""
+def input_maxima(model: nn.Module, run_batches) -> tuple[dict[str, torch.Tensor], object]:
+    """(the largest absolute input of every Linear layer per input channel over what `run_batches()` feeds it,
+    what `run_batches()` returned)."""
     maxima: dict[str, torch.Tensor] = {}
 
     def watch(name):
@@ -77,11 +78,11 @@ def input_maxima(model: nn.Module, run_batches) -> dict[str, torch.Tensor]:
 
     hooks = [m.register_forward_hook(watch(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     try:
-        run_batches()
+        result = run_batches()
     finally:
         for h in hooks:
             h.remove()
-    return maxima
+    return maxima, result
 
 
 def smoothing_scales(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -96,8 +97,7 @@ def smoothing_scales(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: f
 def calibrate_int8(model: nn.Module, outputs) -> tuple[float, dict[str, torch.Tensor], dict[float, float]]:
     """(α, scales, KL per α tried): the smoothing whose int8 model's outputs, `outputs(m)` as log-probabilities
     on the calibration texts, are closest to the fp32 model's."""
-    reference = outputs(model)
-    maxima = input_maxima(model, lambda: outputs(model))
+    maxima, reference = input_maxima(model, lambda: outputs(model))
     kl = {}
     for alpha in ALPHAS:
         q = outputs(quantize_int8(model, smoothing_scales(model, maxima, alpha)))
