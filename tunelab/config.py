@@ -39,6 +39,7 @@ class ModelConfig:
 class DataConfig:
     train: str = setting("", "Training data: JSONL, CSV with a header, or a folder with one sub-folder of .txt files per class.", "--train")
     eval: str | None = setting(None, "Evaluation data in the same formats; when absent, --eval-split of the training data is held out.", "--eval")
+    encoding: str = setting("utf-8", "Text encoding of the data files: utf-8 (a byte-order mark is fine), auto (detect UTF-8, UTF-16, Shift_JIS/CP932 or EUC-JP), or a Python codec name such as cp932.", "--encoding")
     eval_split: float = setting(0.1, "Fraction of the training data held out (stratified) when no --eval file is given.", "--eval-split")
     text_column: str = setting("text", "Column or JSON key holding the text.")
     text_pair_column: str = setting("text_pair", "Column or JSON key holding the optional second text of a pair.")

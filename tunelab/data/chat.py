@@ -66,7 +66,7 @@ def read_records(path: str | Path, cfg: DataConfig, parse) -> list[Example]:
     if p.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
         raise UserError("this task reads JSONL (one JSON object per line)", str(p))
     rows, skipped = [], []
-    for i, rec in json_records(p):
+    for i, rec in json_records(p, cfg.encoding):
         try:
             rows.append(Example("", parse(rec, p, i), where=f"{p}:{i}"))
         except UserError as e:

@@ -32,9 +32,28 @@ def where_parts(where: str) -> tuple[str, int | None]:
     return (file, int(line)) if file and line.isdigit() else (where, None)
 
 
-def _decoded_lines(path: Path) -> list[str]:
-    """The file's lines as text; the first line that is not UTF-8 is named in the error."""
+def _decoded_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """The file's lines as text. UTF-8 (a byte-order mark is dropped) unless `encoding` names another codec, or is
+    `auto`: the encoding is detected (tunelab.data.encoding). A UTF-8 file that is not UTF-8 fails on its first bad
+    line, with the encoding it looks like and how to read it."""
+    from tunelab.data import encoding as enc
+
     raw = path.read_bytes()
+    if encoding == "auto":
+        codec = enc.detect(raw)
+        if codec is None:
+            raise UserError("cannot tell the text encoding (not UTF-8, UTF-16, Shift_JIS or EUC-JP); "
+                            "name it with --encoding CODEC", str(path))
+        return raw.decode(codec).lstrip("\ufeff").split("\n")
+    if encoding not in ("utf-8", "utf8"):
+        try:
+            return raw.decode(encoding).split("\n")
+        except LookupError:
+            raise UserError(f"unknown encoding {encoding!r}", "--encoding") from None
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UserError(f"not {encoding} text (byte 0x{raw[e.start]:02x}); try --encoding auto", str(path),
+                            line) from None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     lines = raw.split(b"\n")
@@ -43,8 +62,11 @@ def _decoded_lines(path: Path) -> list[str]:
         try:
             out.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise UserError(f"not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
-                            "re-save the file as UTF-8", str(path), i) from None
+            codec = enc.detect(raw)
+            fix = f"it looks like {enc.name(codec)}: read it with --encoding auto, or re-save it as UTF-8" \
+                if codec else "re-save the file as UTF-8"
+            raise UserError(f"not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); {fix}",
+                            str(path), i) from None
     return out
 
 
@@ -63,9 +85,9 @@ def _text(value, path: Path, line: int, key: str) -> str:
     return value
 
 
-def json_records(path: Path):
+def json_records(path: Path, encoding: str = "utf-8"):
     """(line number, object) for each non-blank line of a JSONL file; a bad line is named in the error."""
-    for i, line in enumerate(_decoded_lines(path), 1):
+    for i, line in enumerate(_decoded_lines(path, encoding), 1):
         if not line.strip():
             continue
         try:
@@ -81,7 +103,7 @@ def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class
                default_key: str = "label") -> list[Example]:
     key = cfg.label_column or default_key
     rows = []
-    for i, rec in json_records(path):
+    for i, rec in json_records(path, cfg.encoding):
         if cfg.text_column not in rec:
             raise UserError(f"missing text field '{cfg.text_column}'", str(path), i)
         label = None
@@ -107,7 +129,7 @@ def group_of(rec: dict, cfg: DataConfig, path: Path, line: int) -> str | None:
 def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
              default_key: str = "label") -> list[Example]:
     key = cfg.label_column or default_key
-    text = "\n".join(_decoded_lines(path))
+    text = "\n".join(_decoded_lines(path, cfg.encoding))
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     try:
@@ -136,12 +158,12 @@ def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_l
     return rows
 
 
-def read_folder(path: Path) -> list[Example]:
+def read_folder(path: Path, encoding: str = "utf-8") -> list[Example]:
     rows = []
     classes = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     for d in classes:
         for f in sorted(d.glob("*.txt")):
-            text = "\n".join(_decoded_lines(f)).strip()
+            text = "\n".join(_decoded_lines(f, encoding)).strip()
             if text:
                 rows.append(Example(text, d.name, None, str(f)))
     if not classes:
@@ -156,13 +178,13 @@ def read_examples(path: str | Path, cfg: DataConfig, need_label: bool = True, pa
     if not p.exists():
         raise UserError("file not found", str(p))
     if p.is_dir() and folders:
-        rows = read_folder(p)
+        rows = read_folder(p, cfg.encoding)
     elif p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         rows = read_jsonl(p, cfg, need_label, parse, default_key)
     elif p.suffix.lower() in (".csv", ".tsv"):
         rows = read_csv(p, cfg, need_label, parse, default_key)
     elif p.suffix.lower() == ".txt" and not need_label:
-        rows = [Example(line, None, None, f"{p}:{i}") for i, line in enumerate(_decoded_lines(p), 1) if line.strip()]
+        rows = [Example(line, None, None, f"{p}:{i}") for i, line in enumerate(_decoded_lines(p, cfg.encoding), 1) if line.strip()]
     else:
         raise UserError("unknown data format (use .jsonl, .csv, .tsv or a folder per class)", str(p))
     if not rows:

@@ -60,7 +60,7 @@ def _tags(value, path: Path, line: int, n_tokens: int) -> list[str]:
 def read_ner_jsonl(path: Path, cfg: DataConfig, need_label: bool) -> list[Example]:
     key = cfg.label_column or "tags"
     rows = []
-    for i, rec in json_records(path):
+    for i, rec in json_records(path, cfg.encoding):
         if "tokens" in rec:
             tokens = rec["tokens"]
             if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
@@ -79,10 +79,10 @@ def read_ner_jsonl(path: Path, cfg: DataConfig, need_label: bool) -> list[Exampl
     return rows
 
 
-def read_conll(path: Path, need_label: bool) -> list[Example]:
+def read_conll(path: Path, need_label: bool, encoding: str = "utf-8") -> list[Example]:
     """CoNLL-style: one token per line, the tag in the last column, a blank line between sentences."""
     rows, tokens, tags, start = [], [], [], 0
-    lines = _decoded_lines(path)
+    lines = _decoded_lines(path, encoding)
 
     def flush():
         if tokens:
@@ -128,10 +128,10 @@ class Ner(Task):
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
             rows = read_ner_jsonl(p, cfg, need_label)
-        elif suffix == ".txt" and not need_label and not _looks_like_conll(lines := _decoded_lines(p)):
+        elif suffix == ".txt" and not need_label and not _looks_like_conll(lines := _decoded_lines(p, cfg.encoding)):
             rows = [Example(l, None, where=f"{p}:{i}", tokens=segment(l)) for i, l in enumerate(lines, 1) if l.strip()]
         elif suffix in CONLL_SUFFIXES:
-            rows = read_conll(p, need_label)
+            rows = read_conll(p, need_label, cfg.encoding)
         else:
             raise UserError("unknown ner data format (use .jsonl with tokens/tags, or a CoNLL file)", str(p))
         if not rows:
