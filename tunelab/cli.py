@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -232,6 +233,18 @@ def cmd_data_tweets(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    from tunelab.config import DataConfig
+    from tunelab.data.check import check, render
+
+    cfg = DataConfig(max_length=args.max_length, encoding=args.encoding, text_column=args.text_column,
+                     label_column=args.label_column)
+    report = check(args.file, args.task, args.eval, args.model, cfg, epochs=args.epochs, batch_size=args.batch_size,
+                   label_errors=not args.no_label_errors)
+    print(json.dumps(report.to_json(), ensure_ascii=False, indent=1) if args.json else render(report))
+    return report.exit_code
+
+
 def cmd_data_chitchat(args) -> int:
     from tunelab.data.bundled import chitchat
 
@@ -436,6 +449,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="Data utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True)
+    ck = dsub.add_parser("check", help="Report what is wrong with a data file before training on it: format problems "
+                         "(file:line), encoding, duplicates, leakage, labels, noise, lengths, likely label errors. "
+                         "Exit code 0 clean, 1 warnings, 2 errors.")
+    ck.add_argument("file")
+    ck.add_argument("--task", default=None, help="The task the file is for (default: from its records).")
+    ck.add_argument("--eval", default=None, help="An eval/test file: checked too, and for leakage from the file.")
+    ck.add_argument("--model", default=None, help="Count lengths in this model's tokens (default minilm) and "
+                    "estimate training time from a few measured steps.")
+    ck.add_argument("--max-length", type=int, default=128, help="The --max-length training would use.")
+    ck.add_argument("--encoding", default="utf-8", help="utf-8, auto (detect), or a Python codec such as cp932.")
+    ck.add_argument("--text-column", default="text")
+    ck.add_argument("--label-column", default=None)
+    ck.add_argument("--epochs", type=int, default=3, help="For the training-time estimate.")
+    ck.add_argument("--batch-size", type=int, default=16, help="For the training-time estimate.")
+    ck.add_argument("--no-label-errors", action="store_true", help="Skip the cross-validated label-error search.")
+    ck.add_argument("--json", action="store_true", help="The report as JSON, every finding and line.")
+    ck.set_defaults(func=cmd_data_check)
     tw = _data_parser(dsub, "tweets", "Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.",
                       cmd_data_tweets, 900, train_size=3000)
     tw.add_argument("--transfer-size", type=int, default=0,

@@ -5,18 +5,16 @@ path. A file is written under a temporary name, checked, then renamed into place
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from tunelab.config import DataConfig
+from tunelab.data.formats import FORMAT_TASK, detect_format
 from tunelab.errors import UserError
 from tunelab.serve.db import connect, new_id, now
 
 EXTENSIONS = (".jsonl", ".csv", ".txt")
 # The format a file's records have, and the task a job on it gets when the request names none.
-FORMAT_TASK = {"chat": "chat", "preference": "dpo", "text_label": "classification", "text_labels": "multilabel",
-               "text_target": "regression", "tokens_tags": "ner", "text": "clm"}
 
 
 def display_name(filename: str | None) -> str:
@@ -24,40 +22,6 @@ def display_name(filename: str | None) -> str:
     base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(c for c in base if c.isprintable()).strip()
     return base[:255] if base not in ("", ".", "..") else "upload"
-
-
-def detect_format(data: str, ext: str, name: str) -> str:
-    """The record format, from the extension and the first record (the readers then check every record)."""
-    if ext == ".txt":
-        return "text"
-    if ext == ".csv":
-        header = data.lstrip("\ufeff").split("\n", 1)[0]
-        return "text_label" if "label" in [h.strip().strip('"') for h in header.split(",")] else "text"
-    for line, text in enumerate(data.split("\n"), 1):
-        if text.strip():
-            break
-    else:
-        raise UserError("the file is empty", name)
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"not valid JSON ({e.msg})", name, line) from None
-    if not isinstance(rec, dict):
-        raise UserError("each line must be a JSON object", name, line)
-    keys = set(rec)
-    if "messages" in keys or {"prompt", "completion"} <= keys:
-        return "chat"
-    if {"prompt", "chosen"} <= keys or {"input", "preferred_output"} <= keys:
-        return "preference"
-    if "tokens" in keys:
-        return "tokens_tags"
-    for key, fmt in (("label", "text_label"), ("labels", "text_labels"), ("target", "text_target")):
-        if key in keys:
-            return fmt
-    if "text" in keys:
-        return "text"
-    raise UserError("unknown record format: expected messages, prompt/completion, prompt/chosen/rejected, "
-                    "text with label, labels or target, tokens with tags, or text", name, line)
 
 
 def check(path: Path, task: str, name: str) -> int:

@@ -1,0 +1,495 @@
+"""`tunelab data check`: what is wrong with a data file, found before any compute is spent on it.
+
+Every record is read by the reader `tunelab train` uses for the task, so check and train never disagree about what
+is valid: a bad record is noted and blanked in a scratch copy, and the file is read again, until the reader
+accepts the rest. Then the examples are looked at as a whole: duplicates (exact after Unicode NFKC, case and
+whitespace folding; near by MinHash over character 5-grams, which needs no word segmenter and so works for
+Japanese too, each pair confirmed by its true Jaccard similarity), duplicates with conflicting labels, leakage into
+an eval file, the label distribution and labels that look like misspellings of others, spam and noise, lengths in
+the model's tokens, likely label errors (confident learning, `cleanlab`, on cross-validated probabilities of a
+character n-gram classifier) and, with `--model`, a training-time estimate from a few measured steps.
+
+Findings are errors (the file cannot be trained on as it is: exit code 2), warnings (exit code 1) or notes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tempfile
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.config import DataConfig
+from tunelab.data import encoding as enc
+from tunelab.data.load import Example, where_parts
+from tunelab.errors import UserError
+
+LISTED = 10  # lines listed per finding in the table; --json lists them all
+MAX_PROBLEMS = 1000  # format problems collected before giving up on a file
+LABELLED = ("classification", "multilabel", "regression")
+STRONG = 0.1  # out-of-fold probability of the given label under which a label error is reported as likely
+NEAR = 0.8  # Jaccard similarity of character 5-grams from which two texts are near duplicates
+
+CODES = [  # (words in the reader's message, short code)
+    ("not UTF-8", "encoding"), ("invalid JSON", "bad-json"), ("must be a JSON object", "not-an-object"),
+    ("missing text field", "missing-text"), ("missing label field", "missing-label"),
+    ("fields but the header has", "field-count"), ("unknown role", "unknown-role"),
+    ("missing content", "missing-content"), ("no assistant message", "no-assistant"), ("empty", "empty"),
+    ("must be a number", "not-a-number"), ("must be a finite number", "not-a-number"),
+    ("lists a label twice", "repeated-label"), ("must be a", "wrong-type"), ("identical", "identical-responses"),
+]
+
+
+@dataclass
+class Finding:
+    level: str  # "error", "warning" or "note"
+    code: str
+    message: str
+    lines: list[int] = field(default_factory=list)
+    file: str = ""
+
+
+@dataclass
+class Report:
+    file: str
+    task: str
+    encoding: str
+    examples: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        levels = {f.level for f in self.findings}
+        return 2 if "error" in levels else 1 if "warning" in levels else 0
+
+    def add(self, level: str, code: str, message: str, lines=(), file: str | None = None) -> None:
+        self.findings.append(Finding(level, code, message, sorted(set(lines)), file or self.file))
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "exit_code": self.exit_code}
+
+
+def code_of(problem: str) -> str:
+    return next((code for words, code in CODES if words in problem), "invalid-record")
+
+
+# --- reading every record ---------------------------------------------------------------------------------------
+def read_all(path: Path, task, cfg: DataConfig, report: Report) -> list[Example]:
+    """The file's valid examples; each format problem becomes an error finding (with its line)."""
+    if not path.is_file():
+        report.add("error", "not-found", "file not found" if not path.exists() else "not a file")
+        return []
+    raw = path.read_bytes()
+    codec = enc.detect(raw)
+    report.encoding = enc.name(codec) if codec else "unknown"
+    if cfg.encoding == "auto" and codec is None:
+        report.add("error", "encoding", "cannot tell the text encoding (not UTF-8, UTF-16, Shift_JIS or EUC-JP); "
+                                        "name it with --encoding CODEC")
+        return []
+    chosen = codec if cfg.encoding == "auto" else cfg.encoding
+    if chosen in ("utf-8", "utf8") and codec not in ("utf-8", "utf-8-sig"):
+        looks = f"it looks like {enc.name(codec)}: read it with --encoding auto" if codec else \
+            "and its encoding is not one tunelab can tell: name it with --encoding CODEC"
+        report.add("error", "encoding", f"not UTF-8 text; {looks}, or re-save it as UTF-8")
+        return []
+    try:
+        text = raw.decode("utf-8-sig" if chosen in ("utf-8", "utf8") else chosen)
+    except (UnicodeDecodeError, LookupError) as e:
+        report.add("error", "encoding", f"cannot read it as {chosen}: {e}")
+        return []
+    if codec not in ("utf-8", "utf-8-sig", None):
+        report.add("note", "encoding", f"read as {enc.name(codec)} (--encoding {cfg.encoding})")
+    lines = text.split("\n")
+    problems: dict[int, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / path.name
+        utf8 = dataclasses.replace(cfg, encoding="utf-8")
+        while True:
+            scratch.write_text("\n".join(lines), encoding="utf-8")
+            try:
+                examples = task.read(scratch, utf8)
+                break
+            except UserError as e:
+                fatal = e.line is None or not 1 <= e.line <= len(lines) or e.line in problems or \
+                    len(problems) >= MAX_PROBLEMS or (e.line == 1 and path.suffix.lower() in (".csv", ".tsv"))
+                if not fatal:  # note it, blank the record, read the rest again
+                    problems[e.line] = e.problem
+                    lines[e.line - 1] = ""
+                    continue
+                if e.line not in problems and not (problems and e.line is None):  # not "no examples" after blanking
+                    report.add("error", code_of(e.problem), e.problem, [e.line] if e.line else [])
+                examples = []
+                break
+    for line, problem in sorted(problems.items()):
+        report.add("error", code_of(problem), problem, [line])
+    for e in examples:  # the scratch copy's name back to the user's
+        e.where = e.where.replace(str(scratch), str(path))
+    return examples
+
+
+# --- looking at the examples as a whole -------------------------------------------------------------------------
+def text_of(e: Example) -> str:
+    """What a person reads of one example: its text (and pair), or a conversation's message contents."""
+    if e.text:
+        return e.text if e.text_pair is None else f"{e.text}\n{e.text_pair}"
+    if isinstance(e.label, list) and e.label and isinstance(e.label[0], dict):
+        return "\n".join(str(m.get("content", "")) for m in e.label)
+    if isinstance(e.label, dict):
+        return json.dumps(e.label, ensure_ascii=False, sort_keys=True)
+    return e.text or ""
+
+
+def normal(text: str) -> str:
+    """NFKC, case-folded, whitespace collapsed: what exact duplicates are compared on."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def line_of(e: Example) -> int:
+    return where_parts(e.where)[1] or 0
+
+
+def label_key(label):
+    return tuple(sorted(label)) if isinstance(label, list) else label
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    t = normal(text)
+    return {t[i:i + n] for i in range(max(len(t) - n + 1, 1))}
+
+
+def minhashes(texts: list[str]):
+    from datasketch import MinHash
+
+    out = []
+    for t in texts:
+        m = MinHash(num_perm=64, seed=1)
+        m.update_batch([s.encode("utf-8") for s in shingles(t)])
+        out.append(m)
+    return out
+
+
+def near_pairs(texts: list[str], others: list[str] | None = None) -> list[tuple[int, int, float]]:
+    """(i, j, Jaccard) of near-duplicate texts: within `texts` (i < j), or between `texts` (i) and `others` (j).
+    MinHash LSH proposes candidates; each is confirmed by the true Jaccard similarity of the 5-gram sets."""
+    from datasketch import MinHashLSH
+
+    sets = [shingles(t) for t in texts]
+    hashes = minhashes(texts)
+    lsh = MinHashLSH(threshold=NEAR, num_perm=64)
+    for i, m in enumerate(hashes):
+        lsh.insert(i, m)
+    pairs = []
+    queries = hashes if others is None else minhashes(others)
+    query_sets = sets if others is None else [shingles(t) for t in others]
+    for j, m in enumerate(queries):
+        for i in lsh.query(m):
+            if others is None and i >= j:
+                continue
+            a, b = sets[i], query_sets[j]
+            jaccard = len(a & b) / max(len(a | b), 1)
+            if jaccard >= NEAR:
+                pairs.append((i, j, jaccard))
+    return pairs
+
+
+def groups(pairs, n: int) -> list[list[int]]:
+    """Connected groups of indices joined by pairs (union-find)."""
+    parent = list(range(n))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i, j, *_ in pairs:
+        parent[root(i)] = root(j)
+    out = defaultdict(list)
+    for i in range(n):
+        out[root(i)].append(i)
+    return [sorted(g) for g in out.values() if len(g) > 1]
+
+
+def check_duplicates(examples: list[Example], report: Report) -> None:
+    texts = [text_of(e) for e in examples]
+    by_text = defaultdict(list)
+    for i, t in enumerate(texts):
+        by_text[normal(t)].append(i)
+    exact = [g for g in by_text.values() if len(g) > 1]
+    for g in exact:
+        labels = {label_key(examples[i].label) for i in g}
+        lines = [line_of(examples[i]) for i in g]
+        if len(labels) > 1 and examples[g[0]].label is not None:
+            report.add("warning", "conflicting-labels", f"the same text with different labels "
+                       f"({', '.join(map(str, sorted(labels, key=str)))}): {_quote(texts[g[0]])}", lines)
+        else:
+            report.add("warning", "exact-duplicate", f"{len(g)} copies of {_quote(texts[g[0]])}", lines)
+    firsts = sorted(g[0] for g in by_text.values())  # near duplicates among texts that are not exact copies
+    pairs = near_pairs([texts[i] for i in firsts])
+    for g in groups(pairs, len(firsts)):
+        members = [firsts[i] for i in g]
+        labels = {label_key(examples[i].label) for i in members}
+        lines = [line_of(examples[i]) for i in members]
+        if len(labels) > 1 and examples[members[0]].label is not None:
+            report.add("warning", "near-duplicate-conflict", f"{len(members)} nearly identical texts with "
+                       f"different labels ({', '.join(map(str, sorted(labels, key=str)))}), e.g. "
+                       f"{_quote(texts[members[0]])}", lines)
+        else:
+            report.add("warning", "near-duplicate", f"{len(members)} nearly identical texts (≥ {NEAR:.0%} of "
+                       f"5-character pieces shared), e.g. {_quote(texts[members[0]])}", lines)
+
+
+def check_leakage(train: list[Example], evaluation: list[Example], eval_path: str, report: Report) -> None:
+    seen = {normal(text_of(e)) for e in train}
+    exact = [e for e in evaluation if normal(text_of(e)) in seen]
+    if exact:
+        report.add("warning", "leak-exact", f"{_n(len(exact), 'eval example')} also in the training file: the "
+                   "eval score would reward memorising them", [line_of(e) for e in exact], eval_path)
+    rest = [e for e in evaluation if normal(text_of(e)) not in seen]
+    pairs = near_pairs([text_of(e) for e in train], [text_of(e) for e in rest])
+    near = sorted({j for _, j, _ in pairs})
+    if near:
+        report.add("warning", "leak-near", f"{_n(len(near), 'eval example')} nearly identical to training examples",
+                   [line_of(rest[j]) for j in near], eval_path)
+
+
+def check_labels(examples: list[Example], task: str, report: Report) -> None:
+    if task not in ("classification", "multilabel"):
+        if task == "regression":
+            values = sorted(e.label for e in examples)
+            report.stats["target"] = {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
+        return
+    counts = Counter(n for e in examples for n in (e.label if task == "multilabel" else [e.label]))
+    report.stats["labels"] = dict(counts.most_common())
+    most, least = counts.most_common()[0], counts.most_common()[-1]
+    if len(counts) > 1 and most[1] >= 10 * least[1]:
+        report.add("warning", "imbalance", f"'{most[0]}' has {most[1]} examples, {most[1] / least[1]:.0f}× "
+                   f"'{least[0]}' ({least[1]}): consider more data for the rare classes, or judge by macro-F1")
+    import difflib
+
+    for rare, n in counts.items():
+        for common, m in counts.items():
+            if m < 5 * n or rare == common:
+                continue
+            same = normal(rare) == normal(common)
+            if same or difflib.SequenceMatcher(None, rare.casefold(), common.casefold()).ratio() >= 0.8:
+                lines = [line_of(e) for e in examples if rare in (e.label if task == "multilabel" else [e.label])]
+                report.add("warning", "label-typo", f"label '{rare}' ({n}) looks like a misspelling of "
+                           f"'{common}' ({m})", lines)
+                break
+
+
+SPAM = [("url-only", re.compile(r"^\s*(?:(?:https?://|www\.)\S+\s*)+$"), "only a URL"),
+        ("repeated-characters", re.compile(r"(\S)\1{9,}"), "a character repeated 10 times or more")]
+
+
+def check_noise(examples: list[Example], report: Report) -> None:
+    texts = [text_of(e) for e in examples]
+    for code, pattern, what in SPAM:
+        hits = [line_of(e) for e, t in zip(examples, texts) if pattern.search(t)]
+        if hits:
+            report.add("warning", code, f"{_n(len(hits), 'text')} with {what}", hits)
+    short = [line_of(e) for e, t in zip(examples, texts) if len(normal(t)) < 3]
+    if short:
+        report.add("warning", "too-short", f"{_n(len(short), 'text')} shorter than 3 characters", short)
+    # boilerplate: the same sentence or line (15+ characters) in many texts, e.g. a signature or a template
+    where = defaultdict(set)
+    for i, t in enumerate(texts):
+        t = unicodedata.normalize("NFKC", t)
+        words = t.split()
+        sentences = re.split(r"\n|[。！？]+|[.!?]+(?=\s|$)", t)  # a URL's dots do not end a sentence
+        pieces = sentences + [" ".join(words[:5]), " ".join(words[-5:])]  # and each text's opening and ending
+        for piece in pieces:
+            piece = " ".join(piece.split())
+            if len(piece) >= 15:
+                where[piece].add(i)
+    floor = max(3, len(texts) // 200)  # 0.5% of the texts, at least 3
+    for piece, rows in sorted(where.items(), key=lambda kv: -len(kv[1])):
+        if len(rows) >= floor and len(rows) < len(texts):
+            report.add("warning", "boilerplate", f"{_quote(piece)} appears in {len(rows)} texts: a template or "
+                       "signature, not content",
+                       [line_of(examples[i]) for i in rows])
+
+
+def check_lengths(examples: list[Example], tokenizer, model_name: str, max_length: int, report: Report) -> None:
+    texts = [e.text or text_of(e) for e in examples]
+    pairs = [e.text_pair for e in examples]
+    both = all(p is not None for p in pairs)
+    ids = tokenizer(texts, pairs if both else None, add_special_tokens=True)["input_ids"]
+    lengths = sorted(len(x) for x in ids)
+    pick = lambda q: lengths[min(int(q * len(lengths)), len(lengths) - 1)]  # noqa: E731
+    report.stats["tokens"] = {"model": model_name, "min": lengths[0], "median": pick(0.5), "p95": pick(0.95),
+                              "max": lengths[-1], "total": sum(lengths), "max_length": max_length}
+    over = [line_of(e) for e, x in zip(examples, ids) if len(x) > max_length]
+    if over:
+        report.add("warning", "truncated", f"{len(over)} texts are longer than --max-length {max_length} tokens "
+                   f"of {model_name} and would be cut (longest: {lengths[-1]})", over)
+
+
+def check_label_errors(examples: list[Example], report: Report, folds: int = 5) -> None:
+    """Confident learning (Northcutt et al. 2021, via cleanlab) on out-of-fold probabilities of a TF-IDF
+    character n-gram logistic regression: examples whose given label the others say is unlikely."""
+    counts = Counter(e.label for e in examples)
+    labels = sorted(n for n, c in counts.items() if c >= folds)
+    if len(labels) < len(counts):
+        report.add("note", "label-errors-skipped", f"classes with fewer than {folds} examples are left out of the "
+                   f"label-error search: {', '.join(sorted(set(counts) - set(labels)))}")
+    examples = [e for e in examples if e.label in labels]
+    if len(labels) < 2:
+        return
+    import numpy as np
+    from cleanlab.filter import find_label_issues
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+
+    y = np.array([labels.index(e.label) for e in examples])
+    model = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=2),
+                          LogisticRegression(max_iter=2000, C=4.0))
+    probs = cross_val_predict(model, [normal(text_of(e)) for e in examples], y, method="predict_proba",
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=0))
+    issues = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
+    accuracy = float((probs.argmax(1) == y).mean())
+    report.stats["label_error_probe"] = {"accuracy": accuracy, "folds": folds}
+    strong = [i for i in issues if probs[i][y[i]] < STRONG]
+    if strong:
+        listed = [f"{line_of(examples[i])}: '{examples[i].label}' → '{labels[probs[i].argmax()]}' "
+                  f"(p = {probs[i][y[i]]:.2f})" for i in strong[:LISTED]]
+        report.add("warning", "label-error", f"{_n(len(strong), 'example')} whose label the rest of the data finds "
+                   f"very unlikely (p < {STRONG}; the probe classifier is {accuracy:.0%} accurate out of fold; most "
+                   f"doubtful first: {'; '.join(listed)})", [line_of(examples[i]) for i in strong])
+    if len(issues) > len(strong):
+        report.add("note", "label-doubt", f"{len(issues) - len(strong)} more examples whose label is doubtful but "
+                   f"not very unlikely (confident learning; --json lists them)",
+                   [line_of(examples[i]) for i in issues if probs[i][y[i]] >= STRONG])
+
+
+def estimate_time(examples: list[Example], task, model_name: str, max_length: int, batch_size: int, epochs: int,
+                  report: Report, steps: int = 3) -> None:
+    """Seconds per example of a few real training steps (forward, backward, AdamW) on this data, times the
+    examples and epochs: what `tunelab train` would spend, give or take evaluation."""
+    import time
+
+    import torch
+
+    from tunelab.config import ModelConfig
+    from tunelab.models import build_model, load_tokenizer
+
+    sample = examples[:batch_size * (steps + 1)]
+    space = task.space(examples, report.file)
+    tokenizer = load_tokenizer(ModelConfig(name=model_name))
+    model = build_model(ModelConfig(name=model_name), task, space, True)
+    model.config.pad_token_id = tokenizer.pad_token_id or 0
+    items = task.encode(tokenizer, sample, space, max_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    seconds = []
+    for start in range(0, len(items), batch_size):
+        batch = task.collate(items[start:start + batch_size], tokenizer.pad_token_id or 0)
+        tic = time.perf_counter()
+        loss, _ = task.forward(model, batch, space)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seconds.append((time.perf_counter() - tic) / len(items[start:start + batch_size]))
+    per = sorted(seconds[1:] or seconds)[len(seconds[1:] or seconds) // 2]  # the first step warms up
+    report.stats["estimate"] = {"model": model_name, "seconds_per_example": per, "batch_size": batch_size,
+                                "epochs": epochs, "training_seconds": per * len(examples) * epochs,
+                                "measured_steps": len(seconds)}
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _quote(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[:width - 1] + "…")
+
+
+# --- the whole check ----------------------------------------------------------------------------------------------
+def check(path: str | Path, task_name: str | None = None, eval_path: str | None = None, model: str | None = None,
+          cfg: DataConfig | None = None, epochs: int = 3, batch_size: int = 16, label_errors: bool = True) -> Report:
+    from tunelab.data.formats import FORMAT_TASK, detect_format
+    from tunelab.tasks import TASKS
+
+    cfg = cfg or DataConfig()
+    path = Path(path)
+    if task_name is None:
+        try:
+            head = path.read_bytes()[:65536]
+            codec = enc.detect(head) or "utf-8"
+            task_name = FORMAT_TASK[detect_format(head.decode(codec, errors="replace"), path.suffix.lower(),
+                                                  str(path))]
+        except (OSError, UserError):
+            task_name = "classification"
+    if task_name not in TASKS:
+        raise UserError(f"unknown task {task_name!r} (one of {', '.join(TASKS)})", "--task")
+    task = TASKS[task_name]
+    report = Report(str(path), task_name, "")
+    examples = read_all(path, task, cfg, report)
+    report.examples = len(examples)
+    if not examples:
+        return report
+    check_duplicates(examples, report)
+    if task_name in LABELLED:
+        check_labels(examples, task_name, report)
+    check_noise(examples, report)
+    if eval_path:
+        eval_report = Report(str(eval_path), task_name, "")
+        evaluation = read_all(Path(eval_path), task, cfg, eval_report)
+        report.findings += eval_report.findings
+        if evaluation:
+            check_leakage(examples, evaluation, str(eval_path), report)
+    if task_name not in ("chat", "dpo"):
+        from tunelab.config import ModelConfig
+        from tunelab.models import load_tokenizer
+
+        name = model or ModelConfig().name
+        check_lengths(examples, load_tokenizer(ModelConfig(name=name)), name, cfg.max_length, report)
+    if label_errors and task_name == "classification":
+        check_label_errors(examples, report)
+    if model and task_name in LABELLED:
+        estimate_time(examples, task, model, cfg.max_length, batch_size, epochs, report)
+    return report
+
+
+def render(report: Report) -> str:
+    """The report as a person reads it: what was read, then one line per finding (worst first), then figures."""
+    lines = [f"{report.file}: {report.examples} examples read as {report.task} data ({report.encoding})"]
+    order = {"error": 0, "warning": 1, "note": 2}
+    findings = sorted(report.findings, key=lambda f: order[f.level])
+    shown_format = 0
+    hidden_format = 0
+    for f in findings:
+        if f.level == "error" and len(f.lines) == 1 and f.code not in ("not-found",):
+            shown_format += 1
+            if shown_format > 20:
+                hidden_format += 1
+                continue
+        where = f.file if f.file != report.file else Path(f.file).name
+        at = ", ".join(str(n) for n in f.lines[:LISTED]) + (f" (+{len(f.lines) - LISTED} more)"
+                                                            if len(f.lines) > LISTED else "")
+        lines.append(f"{f.level:7}  {f.code:24} {where}{':' + at if at else ''}  {f.message}")
+    if hidden_format:
+        lines.append(f"error    … and {hidden_format} more format problems (--json lists them all)")
+    stats = report.stats
+    if "labels" in stats:
+        total = sum(stats["labels"].values())
+        lines.append("labels: " + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in stats["labels"].items()))
+    if "tokens" in stats:
+        t = stats["tokens"]
+        lines.append(f"tokens ({t['model']}): median {t['median']}, 95% ≤ {t['p95']}, max {t['max']}; "
+                     f"--max-length {t['max_length']}")
+    if "estimate" in stats:
+        e = stats["estimate"]
+        lines.append(f"training time ({e['model']}, batch {e['batch_size']}, {e['epochs']} epochs): about "
+                     f"{e['training_seconds'] / 60:.1f} min on this machine ({e['seconds_per_example'] * 1000:.0f} ms "
+                     f"per example over {e['measured_steps']} measured steps)")
+    verdict = {0: "clean", 1: "warnings", 2: "errors: fix them before training"}[report.exit_code]
+    lines.append(f"result: {verdict} (exit code {report.exit_code})")
+    return "\n".join(lines)
