@@ -245,6 +245,19 @@ def cmd_data_check(args) -> int:
     return report.exit_code
 
 
+def cmd_data_clean(args) -> int:
+    from tunelab.config import DataConfig
+    from tunelab.data.clean import FIXES, clean
+
+    cfg = DataConfig(max_length=args.max_length, encoding=args.encoding, text_column=args.text_column,
+                     label_column=args.label_column)
+    result = clean(args.file, args.output, args.task, args.eval, cfg, **{k: getattr(args, k) for k in FIXES})
+    print(f"kept {result['kept']} of {result['records']} records in {result['output']}; dropped {result['dropped']}, "
+          f"changed {result['changed']}" + "".join(f"\n  {n:5}  {why}" for why, n in sorted(result["by_reason"].items())))
+    print(f"every dropped or changed record, whole: {result['log']}")
+    return 0
+
+
 def cmd_data_chitchat(args) -> int:
     from tunelab.data.bundled import chitchat
 
@@ -466,6 +479,24 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--no-label-errors", action="store_true", help="Skip the cross-validated label-error search.")
     ck.add_argument("--json", action="store_true", help="The report as JSON, every finding and line.")
     ck.set_defaults(func=cmd_data_check)
+    cl = dsub.add_parser("clean", help="Apply chosen fixes from `tunelab data check` to a copy of a data file, "
+                         "logging every dropped or changed record.")
+    cl.add_argument("file")
+    cl.add_argument("-o", "--output", required=True, help="The cleaned copy (JSONL or CSV, as the input).")
+    cl.add_argument("--task", default=None)
+    cl.add_argument("--eval", default=None, help="The eval/test file, for --drop-leaked.")
+    cl.add_argument("--max-length", type=int, default=128)
+    cl.add_argument("--encoding", default="utf-8")
+    cl.add_argument("--text-column", default="text")
+    cl.add_argument("--label-column", default=None)
+    from tunelab.data.clean import FIXES
+
+    for fix, what in FIXES.items():
+        if fix == "label_errors":
+            cl.add_argument("--drop-label-errors", dest=fix, type=float, default=None, metavar="P", help=what)
+        else:
+            cl.add_argument("--" + fix.replace("_", "-"), action="store_true", help=what[0].upper() + what[1:] + ".")
+    cl.set_defaults(func=cmd_data_clean)
     tw = _data_parser(dsub, "tweets", "Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.",
                       cmd_data_tweets, 900, train_size=3000)
     tw.add_argument("--transfer-size", type=int, default=0,

@@ -245,12 +245,16 @@ def check_duplicates(examples: list[Example], report: Report) -> None:
 def check_leakage(train: list[Example], evaluation: list[Example], eval_path: str, report: Report) -> None:
     seen = {normal(text_of(e)) for e in train}
     exact = [e for e in evaluation if normal(text_of(e)) in seen]
+    eval_texts = {normal(text_of(e)) for e in evaluation}
+    leaked = {line_of(e) for e in train if normal(text_of(e)) in eval_texts}
     if exact:
         report.add("warning", "leak-exact", f"{_n(len(exact), 'eval example')} also in the training file: the "
                    "eval score would reward memorising them", [line_of(e) for e in exact], eval_path)
     rest = [e for e in evaluation if normal(text_of(e)) not in seen]
     pairs = near_pairs([text_of(e) for e in train], [text_of(e) for e in rest])
     near = sorted({j for _, j, _ in pairs})
+    leaked |= {line_of(train[i]) for i, _, _ in pairs}
+    report.stats["leaked_training_lines"] = sorted(leaked)  # what `tunelab data clean --drop-leaked` drops
     if near:
         report.add("warning", "leak-near", f"{_n(len(near), 'eval example')} nearly identical to training examples",
                    [line_of(rest[j]) for j in near], eval_path)
@@ -309,6 +313,7 @@ def check_noise(examples: list[Example], report: Report) -> None:
     floor = max(3, len(texts) // 200)  # 0.5% of the texts, at least 3
     for piece, rows in sorted(where.items(), key=lambda kv: -len(kv[1])):
         if len(rows) >= floor and len(rows) < len(texts):
+            report.stats.setdefault("boilerplate", []).append(piece)
             report.add("warning", "boilerplate", f"{_quote(piece)} appears in {len(rows)} texts: a template or "
                        "signature, not content",
                        [line_of(examples[i]) for i in rows])
@@ -355,6 +360,9 @@ def check_label_errors(examples: list[Example], report: Report, folds: int = 5) 
     issues = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
     accuracy = float((probs.argmax(1) == y).mean())
     report.stats["label_error_probe"] = {"accuracy": accuracy, "folds": folds}
+    report.stats["label_errors"] = [{"line": line_of(examples[i]), "label": examples[i].label,
+                                     "suggested": labels[probs[i].argmax()], "p_label": float(probs[i][y[i]])}
+                                    for i in issues]
     strong = [i for i in issues if probs[i][y[i]] < STRONG]
     if strong:
         listed = [f"{line_of(examples[i])}: '{examples[i].label}' → '{labels[probs[i].argmax()]}' "
