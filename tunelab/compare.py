@@ -49,7 +49,7 @@ def compare(base: Config, methods: list[str], out: Path, method_sets: list[str],
 
 
 def _check(base: Config, methods: list[str], fractions: list[float]) -> None:
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if _method(m)[0] not in METHODS]
     if unknown or not methods:
         raise UserError(f"unknown tuning method(s) {unknown} (known: {', '.join(METHODS)})", "--tuning")
     if base.task in TASKS and TASKS[base.task].judged_by_start:
@@ -62,11 +62,23 @@ def _check(base: Config, methods: list[str], fractions: list[float]) -> None:
     config_mod.validate(probe)
 
 
+AUGMENT = "+augment"  # `--tuning full,full+augment`: the same method without and with train.augment
+DEFAULT_AUGMENT = "swap,delete,insert,neighbour"
+
+
 def _use(cfg: Config, method: str) -> None:
-    """Set the method; the teacher and transfer texts (given once for the whole comparison) belong to distill only."""
-    cfg.tuning.name = method
-    if method != "distill":
+    """Set the method; the teacher and transfer texts (given once for the whole comparison) belong to distill only;
+    augmentation (`--augment`, or all four operations) to the METHOD+augment arms only."""
+    name, augmented = _method(method)
+    cfg.tuning.name = name
+    if name != "distill":
         cfg.tuning.teacher, cfg.data.transfer = None, None
+    cfg.train.augment = (cfg.train.augment or DEFAULT_AUGMENT) if augmented else ""
+
+
+def _method(arm: str) -> tuple[str, bool]:
+    """(method, augmented) of a comparison arm such as `full+augment`."""
+    return (arm[:-len(AUGMENT)], True) if arm.endswith(AUGMENT) else (arm, False)
 
 
 def _run_name(method: str, frac: float, fractions: list[float]) -> str:
@@ -120,7 +132,7 @@ def _row(method: str, frac: float, m: dict, cfg: Config) -> dict:
             "train_s": t["seconds"], "samples_per_s": t["samples_per_second"], "trainable": int(t["trainable_params"]),
             "total_params": int(t["total_params"]), "peak_mb": t["peak_rss_mb"], "model_mb": i.get("model_mb"),
             "latency_ms": i.get("latency_ms"), "throughput": i.get("throughput"), "history": history,
-            "run": str(run), **({"teacher": _teacher(cfg, m)} if method == "distill" and not cv else {})}
+            "run": str(run), **({"teacher": _teacher(cfg, m)} if _method(method)[0] == "distill" and not cv else {})}
 
 
 def _teacher(cfg: Config, student: dict) -> dict:
@@ -171,7 +183,7 @@ def _parse_method_sets(items: list[str], methods: list[str]) -> dict[str, list[t
     out: dict[str, list[tuple[str, str]]] = {}
     for item in items:
         method, _, kv = item.partition(":")
-        if method not in METHODS or "=" not in kv:
+        if _method(method)[0] not in METHODS or "=" not in kv:
             raise UserError(f"--method-set needs METHOD:KEY=VALUE with a known method, got '{item}'", "--method-set")
         key, value = kv.split("=", 1)
         out.setdefault(method, []).append((key.strip(), value))

@@ -91,6 +91,9 @@ class TrainConfig:
     seed: int = setting(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.", "--seed")
     device: str = setting("auto", "cpu, cuda, or auto (cuda when available).")
     bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
+    augment: str = setting("", "Text augmentation of the training split: comma-separated swap, delete, insert, neighbour (replacement by nearest neighbours in the model's input embeddings); Japanese is split into MeCab words. Empty: off.", "--augment")
+    augment_rate: float = setting(0.1, "augment: the share of a text's words each augmented copy changes.")
+    augment_copies: int = setting(1, "augment: augmented copies added per training example.")
     progress: bool = setting(True, "Show a progress bar with loss and samples/s.")
 
 
@@ -276,6 +279,10 @@ def validate(cfg: Config) -> None:
         (not cfg.data.transfer or cfg.tuning.name == "distill", "--transfer only applies to --tuning distill"),
         (not cfg.tuning.prune_vocab or cfg.tuning.name == "distill", "tuning.prune_vocab only applies to --tuning distill"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (not cfg.train.augment or cfg.task in ("classification", "multilabel", "regression"),
+         "train.augment applies to classification, multilabel and regression (text with a label per text)"),
+        (0 < cfg.train.augment_rate < 1 and cfg.train.augment_copies >= 1,
+         "train.augment_rate must be between 0 and 1 and train.augment_copies at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
         (0 < cfg.data.eval_split < 1, "data.eval_split must be between 0 and 1"),
         (cfg.data.max_length >= 8, "data.max_length must be at least 8"),

@@ -22,6 +22,7 @@ from tunelab.export import export_model, folder_mb, measure_inference
 from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
 from tunelab.methods.base import Method
+from tunelab.data.augment import augment_examples, parse_ops
 from tunelab.methods.distill import Teacher, prune_vocabulary
 from tunelab.models import build_model, count_params, load_tokenizer, set_dropout
 from tunelab.tasks import TASKS, Task
@@ -52,6 +53,7 @@ class Job:
     train_items: list[dict]
     eval_items: list[dict]
     transfer_items: list[dict] = field(default_factory=list)  # distill: unlabelled texts, the teacher's targets only
+    augmented: int = 0  # how many of train_items are augmented copies (train.augment)
 
     @property
     def pad_id(self) -> int:
@@ -89,14 +91,18 @@ def build_job(cfg: Config, device: torch.device) -> Job:
         # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
         # know the id the batches are padded with.
         model.config.pad_token_id = pad_id
+    train = splits.train + (augment_examples(splits.train, parse_ops(cfg.train.augment), cfg.train.augment_rate,
+                                             cfg.train.augment_copies, cfg.train.seed, tokenizer,
+                                             model.get_input_embeddings().weight) if cfg.train.augment else [])
     model = method.prepare(model, cfg.tuning).to(device)
-    train_items = task.encode(tokenizer, splits.train, space, cfg.data.max_length)
+    train_items = task.encode(tokenizer, train, space, cfg.data.max_length)
     eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)
-    transfer_items = distill_items(cfg, teacher, task, space, tokenizer, splits.train, train_items, transfer) \
+    transfer_items = distill_items(cfg, teacher, task, space, tokenizer, train, train_items, transfer) \
         if teacher else []
-    return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items, transfer_items)
+    return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items, transfer_items,
+               len(train) - len(splits.train))
 
 
 def distill_items(cfg: Config, teacher: Teacher, task: Task, space, tokenizer, train, train_items,
@@ -137,8 +143,8 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
     metrics = final_metrics(job, dist.device)
     metrics.update(job.task.summary(loop.history, metrics["eval"]))
     metrics["train"] = {**timing, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
-                        "trainable_params": trainable, "total_params": total, "train_examples": len(job.train_items),
-                        "transfer_examples": len(job.transfer_items),
+                        "trainable_params": trainable, "total_params": total, "train_examples": len(job.train_items) - job.augmented,
+                        "augmented_examples": job.augmented, "transfer_examples": len(job.transfer_items),
                         "eval_examples": len(job.eval_items), "world_size": dist.world}
     if dist.main:
         metrics["baseline"] = baselines(job.task, job.splits.space, job.train_items, job.eval_items, cfg.model,
