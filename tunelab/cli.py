@@ -218,7 +218,7 @@ def _print_pairs(info: dict) -> None:
 def cmd_data_japanese_ner(args) -> int:
     from tunelab.data.bundled import japanese_ner
 
-    info = japanese_ner(Path(args.output), args.eval_size, args.seed)
+    info = japanese_ner(Path(args.output), args.eval_size, args.seed, sentence_labels=args.sentence_labels)
     _print_written(info, "sentences", f") from {info['source']}")
     return 0
 
@@ -501,8 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                       cmd_data_tweets, 900, train_size=3000)
     tw.add_argument("--transfer-size", type=int, default=0,
                     help="Also write transfer.jsonl: this many other tweets, texts only (for --tuning distill).")
-    _data_parser(dsub, "japanese-ner", "Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER corpus.",
-                 cmd_data_japanese_ner, 100)
+    jn = _data_parser(dsub, "japanese-ner", "Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER "
+                      "corpus.", cmd_data_japanese_ner, 100)
+    jn.add_argument("--sentence-labels", action="store_true", help="Write {text, labels} instead: each sentence "
+                    "as written and the entity types it mentions (a multilabel task).")
     cc = _data_parser(dsub, "chitchat", "Write chat JSONL ({messages}) from the bundled English chit-chat.",
                       cmd_data_chitchat, 300, train_size=3000)
     cc.add_argument("--max-turns", type=int, default=4, help="Turns kept per conversation (ends on the assistant).")

