@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tunelab.config import Config, DataConfig
 from tunelab.data import load_splits
@@ -166,3 +167,18 @@ def test_missing_data_package_names_the_install_command(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "chitchat_dataset" else real(name, *a))
     with pytest.raises(UserError, match="pip install chitchat-dataset"):
         chitchat(tmp_path, 10, 10)
+
+
+def test_japanese_ner_sentence_labels_are_the_entity_types_each_sentence_mentions(tmp_path):
+    from tunelab.data.bundled import japanese_ner
+
+    tagged = japanese_ner(tmp_path / "ner", eval_size=100, seed=0)
+    labelled = japanese_ner(tmp_path / "labels", eval_size=100, seed=0, sentence_labels=True)
+    assert labelled["train_examples"] == tagged["train_examples"] == 400
+    for split in ("train", "eval"):
+        ner = [json.loads(line) for line in Path(tagged[split]).read_text(encoding="utf-8").splitlines()]
+        sent = [json.loads(line) for line in Path(labelled[split]).read_text(encoding="utf-8").splitlines()]
+        for a, b in zip(ner, sent):  # the same sentences, in the same order
+            assert b["text"] == "".join(a["tokens"])
+            assert b["labels"] == sorted({t[2:] for t in a["tags"] if t != "O"})
+    assert any(not r["labels"] for r in sent) and any(len(r["labels"]) > 1 for r in sent)
