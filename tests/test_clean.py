@@ -105,3 +105,16 @@ def test_the_cli(tmp_path, messy):
     done = subprocess.run([sys.executable, "-m", "tunelab", "data", "clean", str(train), "-o", str(tmp_path / "d.jsonl")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "choose what to fix" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_shift_jis_csv_round_trips_to_utf8_with_encoding_auto(tmp_path):
+    from tunelab.config import DataConfig
+    from tunelab.data.load import read_examples
+
+    rows = [("この商品はとても良かったです。", "positive"), ("配送が遅く、箱も壊れていました。", "negative"),
+            ("この商品はとても良かったです。", "positive"), ("普通です。", "neutral")]
+    path = tmp_path / "excel.csv"
+    path.write_bytes(("text,label\r\n" + "".join(f"{t},{label}\r\n" for t, label in rows)).encode("cp932"))
+    clean(path, tmp_path / "out.csv", "classification", cfg=DataConfig(encoding="auto"), drop_duplicates=True)
+    out = read_examples(tmp_path / "out.csv", DataConfig())  # UTF-8 now: the default reads it
+    assert [(e.text, e.label) for e in out] == [rows[0], rows[1], rows[3]]
