@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tunelab.config import DataConfig
 from tunelab.data import encoding as enc
-from tunelab.data.load import Example, where_parts
+from tunelab.data.load import Example, _decoded_lines, where_parts
 from tunelab.errors import UserError
 
 LISTED = 10  # lines listed per finding in the table; --json lists them all
@@ -83,27 +83,15 @@ def read_all(path: Path, task, cfg: DataConfig, report: Report) -> list[Example]
     if not path.is_file():
         report.add("error", "not-found", "file not found" if not path.exists() else "not a file")
         return []
-    raw = path.read_bytes()
-    codec = enc.detect(raw)
+    codec = enc.detect(path.read_bytes())
     report.encoding = enc.name(codec) if codec else "unknown"
-    if cfg.encoding == "auto" and codec is None:
-        report.add("error", "encoding", "cannot tell the text encoding (not UTF-8, UTF-16, Shift_JIS or EUC-JP); "
-                                        "name it with --encoding CODEC")
-        return []
-    chosen = codec if cfg.encoding == "auto" else cfg.encoding
-    if chosen in ("utf-8", "utf8") and codec not in ("utf-8", "utf-8-sig"):
-        looks = f"it looks like {enc.name(codec)}: read it with --encoding auto" if codec else \
-            "and its encoding is not one tunelab can tell: name it with --encoding CODEC"
-        report.add("error", "encoding", f"not UTF-8 text; {looks}, or re-save it as UTF-8")
-        return []
     try:
-        text = raw.decode("utf-8-sig" if chosen in ("utf-8", "utf8") else chosen)
-    except (UnicodeDecodeError, LookupError) as e:
-        report.add("error", "encoding", f"cannot read it as {chosen}: {e}")
+        lines = _decoded_lines(path, cfg.encoding)  # training's own decoding, and its message when it fails
+    except UserError as e:
+        report.add("error", "encoding", e.problem, [e.line] if e.line else [])
         return []
     if codec not in ("utf-8", "utf-8-sig", None):
         report.add("note", "encoding", f"read as {enc.name(codec)} (--encoding {cfg.encoding})")
-    lines = text.split("\n")
     problems: dict[int, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / path.name

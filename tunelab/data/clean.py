@@ -14,8 +14,8 @@ import unicodedata
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data import encoding as enc
 from tunelab.data.check import Report, check
+from tunelab.data.load import _decoded_lines
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_jsonl, atomic_write_text
 
@@ -137,9 +137,7 @@ def _drops(report: Report, chosen: dict) -> dict[int, tuple[str, str]]:
 def _records(path: Path, cfg: DataConfig) -> tuple[list[tuple[int, object]], list[str] | None]:
     """(line, record) of every non-blank record, and the CSV header (None for JSONL): records as the file has
     them (a JSONL line that is not JSON stays its text, for the log)."""
-    raw = path.read_bytes()
-    codec = enc.detect(raw) if cfg.encoding == "auto" else cfg.encoding
-    text = raw.decode("utf-8-sig" if codec in ("utf-8", "utf8") else codec)
+    text = "\n".join(_decoded_lines(path, cfg.encoding))
     if path.suffix.lower() in (".csv", ".tsv"):
         reader = csv.reader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = [h.strip() for h in next(reader)]
