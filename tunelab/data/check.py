@@ -302,8 +302,8 @@ def check_noise(examples: list[Example], report: Report) -> None:
     for piece, rows in sorted(where.items(), key=lambda kv: -len(kv[1])):
         if len(rows) >= floor and len(rows) < len(texts):
             report.stats.setdefault("boilerplate", []).append(piece)
-            report.add("warning", "boilerplate", f"{_quote(piece)} appears in {len(rows)} texts: a template or "
-                       "signature, not content",
+            report.add("warning", "boilerplate", f"{_quote(piece)} appears in {len(rows)} texts: boilerplate (a "
+                       "template or signature) or a stock phrase",
                        [line_of(examples[i]) for i in rows])
 
 
@@ -426,7 +426,7 @@ def check(path: str | Path, task_name: str | None = None, eval_path: str | None 
     if task_name not in TASKS:
         raise UserError(f"unknown task {task_name!r} (one of {', '.join(TASKS)})", "--task")
     task = TASKS[task_name]
-    report = Report(str(path), task_name, "")
+    report = Report(str(path), task_name, "not read")
     examples = read_all(path, task, cfg, report)
     report.examples = len(examples)
     if not examples:
