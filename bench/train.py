@@ -17,8 +17,10 @@ Medians over rounds are printed, with the ratio tunelab / Trainer, the machine a
 WORK IN PROGRESS (issue 8): do not quote its ratios yet. In a first run (1,000 tweets, 2 epochs) the Trainer arm
 ended at chance accuracy (0.32-0.34) for all three methods while tunelab reached 0.69 (full): under what should be
 the same recipe, Trainer's loss falls only from 1.10 to 0.97 in 57 steps (grad norm 0.5-1.3; BENCH_LOG=steps
-prints its log). Until the two recipes are shown to be the same (loss scale, head initialisation, parameter groups,
-schedule), a throughput ratio compares different work.
+prints its log). A first lead: on 300 tweets, 3 epochs, the same Trainer reaches 0.578 accuracy with random
+sampling and 0.378 with `group_by_length` (1 run each), so the length grouping, not the optimiser recipe, is what
+stalls it here; tunelab also buckets by length (chunks of 50 batches) and learns. Until that is understood, a
+throughput ratio compares different work.
 """
 from __future__ import annotations
 
