@@ -134,10 +134,10 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
               "fp32": {"model_mb": state_mb(model), **measure_inference(model, items, pad, torch.device("cpu"))}}
     if int8:
         result["int8_smoothing"] = _calibrate(run, cfg, task, model, tokenizer, space, probs)
-        quantized = load_run(run, "int8")[2]
+        quantized = _runtime(model, run, "int8", task)  # the loaded fp32 model stays as it is (a copy is quantized)
         result["int8"] = figures(quantized, state_mb(quantized))
     if onnx:
-        result["onnx"] = figures(load_run(run, "onnx")[2], (run / "onnx" / "model.onnx").stat().st_size / 2**20)
+        result["onnx"] = figures(_runtime(model, run, "onnx", task), (run / "onnx" / "model.onnx").stat().st_size / 2**20)
     atomic_write_json(run / "compression.json", result)
     return result
 
