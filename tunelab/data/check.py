@@ -149,13 +149,13 @@ def shingles(text: str, n: int = 5) -> set[str]:
     return {t[i:i + n] for i in range(max(len(t) - n + 1, 1))}
 
 
-def minhashes(texts: list[str]):
+def minhashes(sets: list[set[str]]):
     from datasketch import MinHash
 
     out = []
-    for t in texts:
+    for pieces in sets:
         m = MinHash(num_perm=64, seed=1)
-        m.update_batch([s.encode("utf-8") for s in shingles(t)])
+        m.update_batch([s.encode("utf-8") for s in pieces])
         out.append(m)
     return out
 
@@ -166,13 +166,13 @@ def near_pairs(texts: list[str], others: list[str] | None = None) -> list[tuple[
     from datasketch import MinHashLSH
 
     sets = [shingles(t) for t in texts]
-    hashes = minhashes(texts)
+    hashes = minhashes(sets)
     lsh = MinHashLSH(threshold=NEAR, num_perm=64)
     for i, m in enumerate(hashes):
         lsh.insert(i, m)
     pairs = []
-    queries = hashes if others is None else minhashes(others)
     query_sets = sets if others is None else [shingles(t) for t in others]
+    queries = hashes if others is None else minhashes(query_sets)
     for j, m in enumerate(queries):
         for i in lsh.query(m):
             if others is None and i >= j:
@@ -231,14 +231,15 @@ def check_duplicates(examples: list[Example], report: Report) -> None:
 
 
 def check_leakage(train: list[Example], evaluation: list[Example], eval_path: str, report: Report) -> None:
-    seen = {normal(text_of(e)) for e in train}
-    exact = [e for e in evaluation if normal(text_of(e)) in seen]
-    eval_texts = {normal(text_of(e)) for e in evaluation}
-    leaked = {line_of(e) for e in train if normal(text_of(e)) in eval_texts}
+    train_keys = [normal(text_of(e)) for e in train]
+    eval_keys = [normal(text_of(e)) for e in evaluation]
+    seen, eval_texts = set(train_keys), set(eval_keys)
+    exact = [e for e, k in zip(evaluation, eval_keys) if k in seen]
+    leaked = {line_of(e) for e, k in zip(train, train_keys) if k in eval_texts}
     if exact:
         report.add("warning", "leak-exact", f"{_n(len(exact), 'eval example')} also in the training file: the "
                    "eval score would reward memorising them", [line_of(e) for e in exact], eval_path)
-    rest = [e for e in evaluation if normal(text_of(e)) not in seen]
+    rest = [e for e, k in zip(evaluation, eval_keys) if k not in seen]
     pairs = near_pairs([text_of(e) for e in train], [text_of(e) for e in rest])
     near = sorted({j for _, j, _ in pairs})
     leaked |= {line_of(train[i]) for i, _, _ in pairs}
@@ -364,8 +365,8 @@ def check_label_errors(examples: list[Example], report: Report, folds: int = 5) 
                    [line_of(examples[i]) for i in issues if probs[i][y[i]] >= STRONG])
 
 
-def estimate_time(examples: list[Example], task, model_name: str, max_length: int, batch_size: int, epochs: int,
-                  report: Report, steps: int = 3) -> None:
+def estimate_time(examples: list[Example], task, model_name: str, tokenizer, max_length: int, batch_size: int,
+                  epochs: int, report: Report, steps: int = 3) -> None:
     """Seconds per example of a few real training steps (forward, backward, AdamW) on this data, times the
     examples and epochs: what `tunelab train` would spend, give or take evaluation."""
     import time
@@ -373,11 +374,10 @@ def estimate_time(examples: list[Example], task, model_name: str, max_length: in
     import torch
 
     from tunelab.config import ModelConfig
-    from tunelab.models import build_model, load_tokenizer
+    from tunelab.models import build_model
 
     sample = examples[:batch_size * (steps + 1)]
     space = task.space(examples, report.file)
-    tokenizer = load_tokenizer(ModelConfig(name=model_name))
     model = build_model(ModelConfig(name=model_name), task, space, True)
     model.config.pad_token_id = tokenizer.pad_token_id or 0
     items = task.encode(tokenizer, sample, space, max_length)
@@ -446,11 +446,12 @@ def check(path: str | Path, task_name: str | None = None, eval_path: str | None 
         from tunelab.models import load_tokenizer
 
         name = model or ModelConfig().name
-        check_lengths(examples, load_tokenizer(ModelConfig(name=name)), name, cfg.max_length, report)
+        tokenizer = load_tokenizer(ModelConfig(name=name))
+        check_lengths(examples, tokenizer, name, cfg.max_length, report)
     if label_errors and task_name == "classification":
         check_label_errors(examples, report)
     if model and task_name in LABELLED:
-        estimate_time(examples, task, model, cfg.max_length, batch_size, epochs, report)
+        estimate_time(examples, task, model, tokenizer, cfg.max_length, batch_size, epochs, report)  # model's tokens
     return report
 
 
