@@ -233,25 +233,46 @@ def cmd_data_tweets(args) -> int:
     return 0
 
 
-def cmd_data_check(args) -> int:
+def _data_file_parser(dsub, name: str, help: str, func, eval_help: str):
+    """`tunelab data check|clean FILE`: the file, its task, an eval file and how to read them (the DataConfig
+    fields `_data_file_config` builds)."""
     from tunelab.config import DataConfig
+
+    parser = dsub.add_parser(name, help=help)
+    parser.add_argument("file")
+    parser.add_argument("--task", default=None, help="The task the file is for (default: from its records).")
+    parser.add_argument("--eval", default=None, help=eval_help)
+    parser.add_argument("--max-length", type=int, default=DataConfig.max_length, help="The --max-length training "
+                        "would use.")
+    parser.add_argument("--encoding", default=DataConfig.encoding, help="utf-8, auto (detect), or a Python codec "
+                        "such as cp932.")
+    parser.add_argument("--text-column", default=DataConfig.text_column)
+    parser.add_argument("--label-column", default=DataConfig.label_column)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _data_file_config(args):
+    from tunelab.config import DataConfig
+
+    return DataConfig(max_length=args.max_length, encoding=args.encoding, text_column=args.text_column,
+                      label_column=args.label_column)
+
+
+def cmd_data_check(args) -> int:
     from tunelab.data.check import check, render
 
-    cfg = DataConfig(max_length=args.max_length, encoding=args.encoding, text_column=args.text_column,
-                     label_column=args.label_column)
-    report = check(args.file, args.task, args.eval, args.model, cfg, epochs=args.epochs, batch_size=args.batch_size,
-                   label_errors=not args.no_label_errors)
+    report = check(args.file, args.task, args.eval, args.model, _data_file_config(args), epochs=args.epochs,
+                   batch_size=args.batch_size, label_errors=not args.no_label_errors)
     print(json.dumps(report.to_json(), ensure_ascii=False, indent=1) if args.json else render(report))
     return report.exit_code
 
 
 def cmd_data_clean(args) -> int:
-    from tunelab.config import DataConfig
     from tunelab.data.clean import FIXES, clean
 
-    cfg = DataConfig(max_length=args.max_length, encoding=args.encoding, text_column=args.text_column,
-                     label_column=args.label_column)
-    result = clean(args.file, args.output, args.task, args.eval, cfg, **{k: getattr(args, k) for k in FIXES})
+    result = clean(args.file, args.output, args.task, args.eval, _data_file_config(args),
+                   **{k: getattr(args, k) for k in FIXES})
     print(f"kept {result['kept']} of {result['records']} records in {result['output']}; dropped {result['dropped']}, "
           f"changed {result['changed']}" + "".join(f"\n  {n:5}  {why}" for why, n in sorted(result["by_reason"].items())))
     print(f"every dropped or changed record, whole: {result['log']}")
@@ -462,33 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="Data utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    ck = dsub.add_parser("check", help="Report what is wrong with a data file before training on it: format problems "
-                         "(file:line), encoding, duplicates, leakage, labels, noise, lengths, likely label errors. "
-                         "Exit code 0 clean, 1 warnings, 2 errors.")
-    ck.add_argument("file")
-    ck.add_argument("--task", default=None, help="The task the file is for (default: from its records).")
-    ck.add_argument("--eval", default=None, help="An eval/test file: checked too, and for leakage from the file.")
+    ck = _data_file_parser(dsub, "check", "Report what is wrong with a data file before training on it: format "
+                           "problems (file:line), encoding, duplicates, leakage, labels, noise, lengths, likely label "
+                           "errors. Exit code 0 clean, 1 warnings, 2 errors.", cmd_data_check,
+                           "An eval/test file: checked too, and for leakage from the file.")
     ck.add_argument("--model", default=None, help="Count lengths in this model's tokens (default minilm) and "
                     "estimate training time from a few measured steps.")
-    ck.add_argument("--max-length", type=int, default=128, help="The --max-length training would use.")
-    ck.add_argument("--encoding", default="utf-8", help="utf-8, auto (detect), or a Python codec such as cp932.")
-    ck.add_argument("--text-column", default="text")
-    ck.add_argument("--label-column", default=None)
     ck.add_argument("--epochs", type=int, default=3, help="For the training-time estimate.")
     ck.add_argument("--batch-size", type=int, default=16, help="For the training-time estimate.")
     ck.add_argument("--no-label-errors", action="store_true", help="Skip the cross-validated label-error search.")
     ck.add_argument("--json", action="store_true", help="The report as JSON, every finding and line.")
-    ck.set_defaults(func=cmd_data_check)
-    cl = dsub.add_parser("clean", help="Apply chosen fixes from `tunelab data check` to a copy of a data file, "
-                         "logging every dropped or changed record.")
-    cl.add_argument("file")
+    cl = _data_file_parser(dsub, "clean", "Apply chosen fixes from `tunelab data check` to a copy of a data file, "
+                           "logging every dropped or changed record.", cmd_data_clean,
+                           "The eval/test file, for --drop-leaked.")
     cl.add_argument("-o", "--output", required=True, help="The cleaned copy (JSONL or CSV, as the input).")
-    cl.add_argument("--task", default=None)
-    cl.add_argument("--eval", default=None, help="The eval/test file, for --drop-leaked.")
-    cl.add_argument("--max-length", type=int, default=128)
-    cl.add_argument("--encoding", default="utf-8")
-    cl.add_argument("--text-column", default="text")
-    cl.add_argument("--label-column", default=None)
     from tunelab.data.clean import FIXES
 
     for fix, what in FIXES.items():
@@ -496,7 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
             cl.add_argument("--drop-label-errors", dest=fix, type=float, default=None, metavar="P", help=what)
         else:
             cl.add_argument("--" + fix.replace("_", "-"), action="store_true", help=what[0].upper() + what[1:] + ".")
-    cl.set_defaults(func=cmd_data_clean)
     tw = _data_parser(dsub, "tweets", "Write balanced train/eval JSONL from the bundled tweet-sentiment corpus.",
                       cmd_data_tweets, 900, train_size=3000)
     tw.add_argument("--transfer-size", type=int, default=0,
