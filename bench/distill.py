@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from common import machine  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command): issue 6's goal on the bundled tweets
     ("data/transfer.jsonl", "data tweets --output {d}/data --train-size 2000 --eval-size 600 --seed 0 "
@@ -45,14 +46,6 @@ def make(folder: Path) -> None:
         args = command.format(d=folder).split()
         print("tunelab " + " ".join(args), flush=True)
         subprocess.run([sys.executable, "-m", "tunelab", *args], check=True)
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    return (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
 
 
 def main(argv=None) -> int:

@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from common import machine  # bench/common.py, beside this script
 
 LR = {"full": 5e-5, "lora": 5e-4, "head": 2e-3}
 
@@ -103,14 +104,6 @@ def run_trainer(method: str, data: Path, out: Path, args) -> dict:
     accuracy = float((np.argmax(logits, -1) == np.array([e["labels"] for e in evaluation])).mean())
     return {"seconds": seconds, "tokens": sum(len(e["input_ids"]) for e in train) * args.epochs,
             "accuracy": accuracy, "peak_rss_mb": peak_rss_mb()}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def main() -> int:
