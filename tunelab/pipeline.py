@@ -74,14 +74,13 @@ def build_job(cfg: Config, device: torch.device) -> Job:
         teacher.check(task, space)
     if teacher and cfg.tuning.student_layers:  # the student is the teacher, shortened: its tokenizer too
         cfg.model.name = str(teacher.run / "model")
-    tokenizer = load_tokenizer(cfg.model)
-    if teacher and cfg.tuning.student_layers:
         model = teacher.student(cfg.tuning.student_layers)
         task.unfinalize(model, space)
         if cfg.model.dropout is not None:
             set_dropout(model, cfg.model.dropout)
     else:
         model = build_model(cfg.model, task, space, method.pretrained)
+    tokenizer = load_tokenizer(cfg.model)
     transfer = task.read(cfg.data.transfer, cfg.data, need_label=False) if teacher and cfg.data.transfer else []
     if cfg.tuning.prune_vocab:
         texts = [t for e in splits.train + transfer for t in (e.text, e.text_pair) if t]

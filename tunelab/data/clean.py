@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 from tunelab.config import DataConfig
@@ -85,12 +86,10 @@ def clean(path: str | Path, out: str | Path, task: str | None = None, eval_path:
         writer.writerows([r.get(h, "") for h in header] for r in kept)
         atomic_write_text(out, buf.getvalue())
     atomic_write_jsonl(log_path, log)
-    counts: dict[str, int] = {}
-    for entry in log:
-        counts[f"{entry['action']} {entry['reason']}"] = counts.get(f"{entry['action']} {entry['reason']}", 0) + 1
+    counts = Counter(f"{entry['action']} {entry['reason']}" for entry in log)
     return {"input": str(path), "output": str(out), "log": str(log_path), "records": len(records), "kept": len(kept),
             "dropped": sum(e["action"] == "dropped" for e in log), "changed": sum(e["action"] == "changed" for e in log),
-            "by_reason": counts}
+            "by_reason": dict(counts)}
 
 
 def _refuse_unreadable(report: Report, drop_invalid: bool) -> None:
