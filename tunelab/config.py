@@ -58,6 +58,7 @@ class DataConfig:
 class TuningConfig:
     name: str = setting("full", "How the weights adapt: scratch, head, partial, full, lora, or distill (learn a teacher run's soft targets).", "--tuning")
     partial_layers: int = setting(2, "partial: how many of the top encoder blocks train (plus the head).")
+    cache_features: bool = setting(True, "head: run the frozen backbone once over the training data and replay its outputs every epoch (same losses up to float rounding).")
     layer_decay: float | None = setting(None, "full: each lower block's learning rate is this times the block above, embeddings lowest; None: 0.8 for encoder tasks, 1 (off) for language-model stages.")
     gradual_unfreeze: bool = setting(False, "full: start with only the head trainable and unfreeze one more block from the top each epoch.")
     lora_r: int = setting(8, "lora: rank of the low-rank update.")

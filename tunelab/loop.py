@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tunelab import checkpoint
+from tunelab import checkpoint, speed
 from tunelab.checkpoint import TrainState
 from tunelab.config import Config
 from tunelab.data.batching import global_batches, split_global
@@ -25,6 +25,7 @@ from tunelab.distributed import Dist
 from tunelab.evaluate import evaluate
 from tunelab.io import atomic_write_jsonl, read_jsonl_prefix
 from tunelab.methods.base import Method
+from tunelab.methods.features import FrozenFeatures, cache_features, model_inputs
 from tunelab.tasks import Space, Task
 
 
@@ -69,8 +70,10 @@ def _autocast_dtype(loop: Loop):
     return torch.bfloat16 if loop.cfg.train.bf16 and loop.dist.device.type == "cuda" else None
 
 
-def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> tuple[float, dict]:
-    """One optimizer step over one global batch: the batch's mean training loss and the task's extra log fields."""
+def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: FrozenFeatures | None = None
+          ) -> tuple[float, dict]:
+    """One optimizer step over one global batch: the batch's mean training loss and the task's extra log fields.
+    `features` answers for the frozen backbone where the method replays its outputs."""
     t, d = loop.cfg.train, loop.dist
     micro = split_global(batch, d.rank, d.world, t.batch_size)
     if not micro:  # this process got no examples of a short last batch: contribute zero gradient
@@ -88,7 +91,8 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int]) -> tuple[floa
         inputs = {k: v.to(d.device) for k, v in loop.task.collate([loop.train_items[j] for j in idx],
                                                                   loop.pad_id).items()}
         sync = i == len(micro) - 1 or d.world == 1
-        with ddp.no_sync() if not sync else contextlib.nullcontext():
+        with (ddp.no_sync() if not sync else contextlib.nullcontext(),
+              features.serving(loop.model, idx) if features else contextlib.nullcontext()):
             with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None):
                 loss, extra = loop.task.forward(ddp, inputs, loop.space)
             loss = loss * scale
@@ -145,7 +149,10 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     """Train in place; returns timing and state figures for metrics.json."""
     cfg, t, d, model = loop.cfg, loop.cfg.train, loop.dist, loop.model
     groups = loop.method.param_groups(model, t, cfg.tuning)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=t.lr)
+    # The fused AdamW (one kernel over all tensors) is the same update as the default one: the default's per-tensor
+    # loop took 24% of a MiniLM full-tuning step on 2 CPU cores (bench/NOTES.md), fused 4%.
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=t.lr,
+                                  fused=d.device.type in ("cpu", "cuda"))
     global_batch = t.batch_size * t.grad_accum * d.world
     lengths = [len(it["input_ids"]) for it in loop.train_items]
     steps_per_epoch = math.ceil(len(lengths) / global_batch)
@@ -165,41 +172,52 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     bar = tqdm(total=total_steps, initial=state.step, disable=not (t.progress and d.main), unit="step",
                dynamic_ncols=True, mininterval=2.0)
     started, seen, tokens, step_seconds = time.perf_counter(), 0, 0, 0.0
-    for epoch in range(state.epoch, t.epochs):
-        loop.method.on_epoch_start(model, epoch, cfg.tuning)
-        batches = global_batches(lengths, global_batch, t.seed, epoch)
-        for b in range(state.batch_in_epoch, len(batches)):
-            loop.method.train_mode(model)
-            tic = time.perf_counter()
-            loss, extra = _step(loop, ddp, optimizer, batches[b])
-            scheduler.step()
-            dt = time.perf_counter() - tic
-            step_seconds, seen = step_seconds + dt, seen + len(batches[b])
-            tokens += sum(lengths[j] for j in batches[b])
-            end_of_epoch = b == len(batches) - 1
-            state.step += 1
-            state.epoch, state.batch_in_epoch = (epoch + 1, 0) if end_of_epoch else (epoch, b + 1)
-            _log(loop, {"step": state.step, "epoch": epoch + (b + 1) / len(batches), "loss": loss,
-                        **extra, "lr": scheduler.get_last_lr()[-1], "samples_per_second": len(batches[b]) / dt})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{len(batches[b]) / dt:.1f}")
-            if (t.eval_every and state.step % t.eval_every == 0) or (not t.eval_every and end_of_epoch):
-                _log(loop, _evaluate(loop, state))
-            if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or end_of_epoch or state.stopped_early:
-                if d.main:
-                    checkpoint.save(loop.run, model, optimizer, scheduler, state, t.keep_checkpoints)
-                d.barrier()
-            if loop.on_step:
-                loop.on_step(state.step)
+    sequence = not loop.task.judged_by_start  # classifier-style tasks (language-model stages have other models)
+    probe = model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device)
+    # The embedding gradient buffer is reused only in one process: DDP's hooks watch autograd's own gradients.
+    with (speed.reused_embedding_grads(model) if d.world == 1 else contextlib.nullcontext(),
+          speed.first_token_only(model, probe) if sequence else contextlib.nullcontext() as first_token):
+        features = None
+        if loop.method.replays_features and cfg.tuning.cache_features and sequence:
+            features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
+            step_seconds = time.perf_counter() - started  # the cache is part of the training's time
+        for epoch in range(state.epoch, t.epochs):
+            loop.method.on_epoch_start(model, epoch, cfg.tuning)
+            batches = global_batches(lengths, global_batch, t.seed, epoch)
+            for b in range(state.batch_in_epoch, len(batches)):
+                loop.method.train_mode(model)
+                tic = time.perf_counter()
+                loss, extra = _step(loop, ddp, optimizer, batches[b], features)
+                scheduler.step()
+                dt = time.perf_counter() - tic
+                step_seconds, seen = step_seconds + dt, seen + len(batches[b])
+                tokens += sum(lengths[j] for j in batches[b])
+                end_of_epoch = b == len(batches) - 1
+                state.step += 1
+                state.epoch, state.batch_in_epoch = (epoch + 1, 0) if end_of_epoch else (epoch, b + 1)
+                _log(loop, {"step": state.step, "epoch": epoch + (b + 1) / len(batches), "loss": loss,
+                            **extra, "lr": scheduler.get_last_lr()[-1], "samples_per_second": len(batches[b]) / dt,
+                            "train_seconds": step_seconds})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{len(batches[b]) / dt:.1f}")
+                if (t.eval_every and state.step % t.eval_every == 0) or (not t.eval_every and end_of_epoch):
+                    _log(loop, _evaluate(loop, state))
+                if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or end_of_epoch or state.stopped_early:
+                    if d.main:
+                        checkpoint.save(loop.run, model, optimizer, scheduler, state, t.keep_checkpoints)
+                    d.barrier()
+                if loop.on_step:
+                    loop.on_step(state.step)
+                if state.stopped_early:
+                    break
             if state.stopped_early:
                 break
-        if state.stopped_early:
-            break
     bar.close()
     if t.early_stopping_patience > 0:
         checkpoint.load_best(loop.run, model)  # the best weights (by t.metric) replace the last ones
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "step_seconds": step_seconds, "samples_seen": seen, "tokens_seen": tokens,
-            "steps": state.step,
+            "steps": state.step, "cached_features": features.kept if features else None,
+            "first_token_only": bool(first_token),
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best}

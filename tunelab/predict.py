@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from tunelab import config as config_mod
+from tunelab import speed
 from tunelab.errors import UserError
 from tunelab.evaluate import evaluate, predict_outputs
 from tunelab.evaluate.stats import bootstrap_ci
@@ -31,6 +32,9 @@ def load_run(run_dir: str | Path, runtime: str = "torch"):
     space = task.space_of(model.config)
     if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
         space = space.configure(cfg)
+    else:  # a sequence classifier's last layer need only compute the first position (exact; checked on a probe)
+        probe = tokenizer(["a first example", "and a second, longer example text"], padding=True, return_tensors="pt")
+        speed.cut_to_first_token(model.eval(), dict(probe))
     return cfg, task, _runtime(model.eval(), run, runtime, task), tokenizer, space
 
 

@@ -28,6 +28,7 @@ class Method:
 
     pretrained = True  # start from the pretrained weights (scratch does not)
     uses_teacher = False  # learns a teacher run's soft targets (distill)
+    replays_features = False  # the backbone is frozen in eval mode: its outputs can be computed once (head)
 
     def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         """Freeze, wrap or otherwise ready the model; returns the model to train."""

@@ -17,6 +17,8 @@ class Scratch(Method):
 class Head(Method):
     """Transfer learning: the pretrained backbone is frozen (and kept in eval mode); only the new head trains."""
 
+    replays_features = True
+
     def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         top = num_blocks(model) + 1
         freeze_all_but(model, lambda n: layer_depth(model, n) == top and _is_head(model, n))

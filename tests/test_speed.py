@@ -1,0 +1,115 @@
+"""Exact speed-ups change the time a step takes, never what it computes."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import tunelab
+from tunelab import speed
+
+
+def _losses(run: Path) -> list[float]:
+    return [h["loss"] for h in map(json.loads, (run / "history.jsonl").read_text().splitlines()) if "loss" in h]
+
+
+@pytest.mark.parametrize("task, kept", [("classification", "pooled"), ("ner", "hidden")])
+def test_head_on_cached_features_trains_as_if_the_backbone_ran_every_step(task_config, tmp_path, task, kept):
+    runs = {}
+    for cache in (True, False):
+        cfg = task_config(task)
+        cfg.tuning.name, cfg.tuning.cache_features = "head", cache
+        cfg.output, cfg.eval.bootstrap = str(tmp_path / f"run-{cache}"), 0
+        runs[cache] = tunelab.train(cfg)
+    # BERT's sequence classifier reads only the pooled output; a token classifier reads every hidden state
+    assert runs[True].metrics["train"]["cached_features"] == kept
+    assert runs[False].metrics["train"]["cached_features"] is None
+    cached, direct = _losses(tmp_path / "run-True"), _losses(tmp_path / "run-False")
+    assert len(cached) == len(direct) == 24
+    assert max(abs(a - b) for a, b in zip(cached, direct)) < 1e-5, (cached, direct)
+    assert direct[-1] < direct[0] - 0.05  # the head did learn: equal curves are not two flat lines
+    a, b = (load_file(str(tmp_path / f"run-{c}" / "model" / "model.safetensors")) for c in (True, False))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_reused_embedding_gradient_equals_pytorchs_and_keeps_its_buffer(monkeypatch):
+    monkeypatch.setattr(speed, "LARGE", 0)  # the test table is small
+    torch.manual_seed(0)
+    reference = nn.Embedding(50, 8, padding_idx=0)
+    fast = copy.deepcopy(reference)
+    micro_batches = [torch.tensor([[0, 3, 3, 7], [5, 0, 3, 49]]), torch.tensor([[1, 1, 2, 0]])]  # repeats, padding
+    weights = [torch.randn(*x.shape, 8) for x in micro_batches]
+    buffers = []
+    with speed.reused_embedding_grads(fast):
+        for _ in range(3):  # three steps of two accumulated micro-batches
+            for model in (reference, fast):
+                for x, w in zip(micro_batches, weights):
+                    (model(x) * w).sum().backward()
+            assert torch.allclose(fast.weight.grad, reference.weight.grad, atol=1e-6)
+            assert not fast.weight.grad[0].any()  # the padding row gets no gradient, as in PyTorch
+            buffers.append(fast.weight.grad.data_ptr())
+            for model in (reference, fast):
+                model.zero_grad(set_to_none=True)
+        with torch.no_grad():  # no autograd, no custom backward: the plain lookup
+            assert torch.equal(fast(micro_batches[0]), reference(micro_batches[0]))
+    assert len(set(buffers)) == 1  # one buffer for the whole run
+    assert "forward" not in vars(fast)  # the module is itself again after the block
+
+
+def test_reused_embedding_gradient_leaves_frozen_and_subclassed_tables_alone(monkeypatch):
+    monkeypatch.setattr(speed, "LARGE", 0)
+
+    class Scaled(nn.Embedding):  # like Gemma's scaled word embeddings: its own forward must survive
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    frozen, scaled, plain = nn.Embedding(10, 4), Scaled(10, 4), nn.Embedding(10, 4)
+    frozen.weight.requires_grad = False
+    with speed.reused_embedding_grads(nn.ModuleList([frozen, scaled, plain])):
+        assert [("forward" in vars(m)) for m in (frozen, scaled, plain)] == [False, False, True]
+
+
+def _tiny_classifier(tiny_model: str, cls_name: str = "AutoModelForSequenceClassification"):
+    import transformers
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name).from_pretrained(tiny_model, num_labels=3, hidden_dropout_prob=0.0,
+                                                            attention_probs_dropout_prob=0.0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    batch = tok(["good film", "a bad and boring film it was", "fine"], padding=True, return_tensors="pt")
+    return model, dict(batch)
+
+
+def test_first_token_only_gives_a_sequence_classifier_the_same_logits_and_gradients(tiny_model):
+    model, batch = _tiny_classifier(tiny_model)
+    labels = torch.tensor([0, 1, 2])
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()  # dropout is 0 here, so train mode is deterministic and both passes are comparable
+    logits, reference = grads()
+    with speed.first_token_only(model, batch) as applied:
+        assert applied
+        assert "forward" in vars(model.bert.encoder.layer[-1])
+        short_logits, short = grads()
+    assert "forward" not in vars(model.bert.encoder.layer[-1])
+    assert torch.allclose(short_logits, logits, atol=1e-5)
+    assert reference.keys() == short.keys()  # every weight still gets its gradient (the last layer's too)
+    assert all(torch.allclose(short[n], reference[n], atol=1e-5) for n in reference)
+
+
+def test_first_token_only_leaves_a_token_classifier_alone(tiny_model):
+    model, batch = _tiny_classifier(tiny_model, "AutoModelForTokenClassification")
+    with speed.first_token_only(model, batch) as applied:
+        assert not applied  # its head reads every position: the probe's logits differ in shape
+        assert "forward" not in vars(model.bert.encoder.layer[-1])
