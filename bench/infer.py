@@ -1,0 +1,145 @@
+"""Inference: tunelab's predictor against plain transformers fp32 with dynamic padding, the same model, interleaved.
+
+    python bench/infer.py RUN [--rounds 5] [--single 200]
+    python bench/infer.py --make DIR    # first makes DIR/run: MiniLM fully tuned on 1,000 tweets for 1 epoch,
+                                        # exported with --onnx (steps already done are skipped), then measures it
+
+Both answer the run's eval texts from raw text to label, tokenizing included, in this one process:
+- baseline: the run's model/ folder loaded by `AutoModelForSequenceClassification` (fp32, eval, inference mode),
+  texts tokenized 32 at a time in their given order with dynamic padding (`padding=True`), argmax of the logits;
+- tunelab: `tunelab.predict.load_run(RUN, runtime)` + `predict_examples` (what `tunelab predict` runs: it batches
+  by length and writes label and probabilities per row), with runtime torch and onnx (`tunelab export RUN --onnx`).
+Measured per round, rounds interleaving baseline, torch, onnx: batch throughput over all eval texts (examples/s),
+and `--single` one-text requests (p50 and p95 latency, ms). Medians over rounds are printed with the ratios to the
+baseline, the agreement of each runtime's labels with the baseline's on every eval text, the machine and its load.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import machine  # bench/common.py, beside this script
+
+RECIPE = [  # (what it makes, tunelab command)
+    ("data/eval.jsonl", "data tweets --output {d}/data --train-size 1000 --eval-size 600 --seed 0"),
+    ("run/model", "train --task classification --train {d}/data/train.jsonl --eval {d}/data/eval.jsonl --model minilm "
+                  "--tuning full --epochs 1 --batch-size 16 --lr 5e-5 --eval.bootstrap 0 --eval.probe false "
+                  "--train.progress false --output {d}/run"),
+    ("run/onnx/model.onnx", "export {d}/run --onnx"),
+]
+
+
+def make(folder: Path) -> None:
+    for made, command in RECIPE:
+        if (folder / made).exists():
+            print(f"have {folder / made}")
+            continue
+        args = command.format(d=folder).split()
+        print("tunelab " + " ".join(args), flush=True)
+        subprocess.run([sys.executable, "-m", "tunelab", *args], check=True)
+
+
+class Baseline:
+    """Plain transformers: tokenizer + AutoModelForSequenceClassification, batches in the given order."""
+
+    def __init__(self, model_dir: Path, max_length: int):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str], batch_size: int = 32) -> list[str]:
+        import torch
+
+        labels = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                ids = self.model(**enc).logits.argmax(-1).tolist()
+                labels += [self.model.config.id2label[j] for j in ids]
+        return labels
+
+
+class Tunelab:
+    def __init__(self, run: Path, runtime: str):
+        from tunelab.predict import load_run
+
+        self.loaded = load_run(run, runtime)
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        from tunelab.data.load import Example
+        from tunelab.predict import predict_examples
+
+        return [row["label"] for row in predict_examples(self.loaded, [Example(text=t, label=None) for t in texts])]
+
+
+def timed(fn, texts: list[str], single: int) -> dict:
+    fn(texts[:4])  # warm-up
+    tic = time.perf_counter()
+    fn(texts)
+    throughput = len(texts) / (time.perf_counter() - tic)
+    latencies = []
+    for text in texts[:single]:
+        tic = time.perf_counter()
+        fn([text])
+        latencies.append((time.perf_counter() - tic) * 1000)
+    q = statistics.quantiles(latencies, n=20)
+    return {"throughput": throughput, "p50": statistics.median(latencies), "p95": q[18]}
+
+
+def main(argv=None) -> int:
+    import json
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", nargs="?", type=Path)
+    p.add_argument("--make", type=Path, help="make DIR/run first (see above), then measure it")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--single", type=int, default=200, help="one-text requests timed per round")
+    args = p.parse_args(argv)
+    if args.make:
+        make(args.make)
+        args.run = args.make / "run"
+    if not args.run:
+        p.error("give RUN, or --make DIR")
+    from tunelab.config import load_yaml
+
+    cfg = load_yaml(args.run / "config.yaml")
+    texts = [json.loads(line)["text"] for line in Path(cfg.data.eval).read_text(encoding="utf-8").splitlines()]
+    arms = {"transformers fp32": Baseline(args.run / "model", cfg.data.max_length),
+            "tunelab torch": Tunelab(args.run, "torch")}
+    if (args.run / "onnx" / "model.onnx").is_file():
+        arms["tunelab onnx"] = Tunelab(args.run, "onnx")
+    labels = {name: fn(texts) for name, fn in arms.items()}
+    reference = labels["transformers fp32"]
+    load_before = os.getloadavg()[0]
+    figures: dict[str, list[dict]] = {name: [] for name in arms}
+    for r in range(args.rounds):
+        for name, fn in arms.items():
+            figures[name].append(timed(fn, texts, args.single))
+            f = figures[name][-1]
+            print(f"round {r + 1} {name:18} {f['throughput']:7.1f} ex/s  p50 {f['p50']:6.2f} ms  p95 "
+                  f"{f['p95']:6.2f} ms", flush=True)
+    load_after = os.getloadavg()[0]
+
+    print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
+    print(f"{len(texts)} eval texts of {cfg.data.eval}; medians of {args.rounds} interleaved rounds "
+          f"({args.single} single requests each)")
+    base = {k: statistics.median(f[k] for f in figures["transformers fp32"]) for k in ("throughput", "p50", "p95")}
+    print(f"{'':18} {'ex/s':>7} {'p50 ms':>7} {'p95 ms':>7}  {'batch ×':>7} {'p50 ×':>6}  {'agrees':>7}")
+    for name in arms:
+        m = {k: statistics.median(f[k] for f in figures[name]) for k in ("throughput", "p50", "p95")}
+        agree = sum(a == b for a, b in zip(labels[name], reference)) / len(reference)
+        print(f"{name:18} {m['throughput']:7.1f} {m['p50']:7.2f} {m['p95']:7.2f}  "
+              f"{m['throughput'] / base['throughput']:6.2f}× {m['p50'] / base['p50']:5.2f}×  {agree:7.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
