@@ -15,13 +15,15 @@ report:
   training time (evaluations excluded; tunelab: the sum of its step times, which excludes checkpoints too;
   Trainer: `train_runtime` less the time of its evaluations);
 - time to accuracy: training seconds until eval accuracy first reaches 98% of the same round's Trainer final
-  accuracy;
+  accuracy (the median is over the rounds where tunelab reached it; "(k/n)" says in how many it did);
 - the final eval accuracy; peak RSS at the end of training (tunelab: at its last step, before its final report,
   plots and export, which the Trainer arm does not do; the whole process's peak is printed beside it);
 - roofline: the model's matrix-multiply FLOPs per real token (linear layers and attention scores at each
   example's own length; a training step is 3× the forward for full, 2× for LoRA, whose frozen weights need no
   weight gradient, and 1× for a frozen backbone) times real tokens/s, over the best fp32 GEMM rate measured in
-  this process on this machine before the runs. A head run with cached features ran the forward once per
+  this process on this machine before the runs. Both sides are counted with the FLOPs of the whole model as
+  Trainer runs it: tunelab's last layer computes only the [CLS] position of a sequence classifier (~14% fewer
+  FLOPs), so its figure is the rate of useful work, not of arithmetic done. A head run with cached features ran the forward once per
   example, not once per epoch, and is counted so.
 Medians over rounds are printed, with the ratios tunelab / Trainer, the machine and its load before and after.
 """
@@ -245,10 +247,12 @@ def main() -> int:
         def med(rows, key):
             values = [x[key] for x in rows if x[key] is not None]
             return statistics.median(values) if values else float("nan")
+        reached = sum(x["to_target"] is not None for x in a)
         print(f"{method:6} {med(a, 'tokens_per_s'):13.0f} {med(b, 'tokens_per_s'):8.0f} "
               f"{med(a, 'tokens_per_s') / med(b, 'tokens_per_s'):5.2f}×  {med(a, 'roofline'):8.0%} "
-              f"{med(b, 'roofline'):8.0%}  {med(a, 'to_target'):13.1f}s {med(b, 'to_target'):7.1f}s "
-              f"{med(b, 'to_target') / med(a, 'to_target'):5.2f}×  {med(a, 'accuracy'):11.4f} "
+              f"{med(b, 'roofline'):8.0%}  {med(a, 'to_target'):8.1f}s ({reached}/{len(a)}) "
+              f"{med(b, 'to_target'):7.1f}s {med(b, 'to_target') / med(a, 'to_target'):5.2f}×  "
+              f"{med(a, 'accuracy'):11.4f} "
               f"{med(b, 'accuracy'):8.4f}  {med(a, 'peak_rss_mb'):9.0f}MB {med(b, 'peak_rss_mb'):6.0f}MB")
     return 0
 
