@@ -179,7 +179,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
           speed.first_token_only(model, probe) if sequence else contextlib.nullcontext() as first_token):
         features = None
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
-            features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
+            # in training-sized batches (64 at a time was no faster: 34,750 vs 35,237 real tokens/s)
+            features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device, t.batch_size)
             step_seconds = time.perf_counter() - started  # the cache is part of the training's time
         for epoch in range(state.epoch, t.epochs):
             loop.method.on_epoch_start(model, epoch, cfg.tuning)

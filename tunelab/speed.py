@@ -1,4 +1,7 @@
-"""Exact speed-ups of the training step: the same computation, less time (bench/NOTES.md has the profiles).
+"""Exact speed-ups: the same computation, less time (bench/NOTES.md has the profiles behind them).
+
+`cut_to_first_token` / `first_token_only`: a sequence classifier's last encoder layer computes only the position
+its head reads (training, `tunelab predict`, the ONNX export).
 
 `reused_embedding_grads`: a trainable embedding table's gradient is written into one buffer kept for the whole
 run. PyTorch's own embedding backward allocates a fresh dense gradient every step; MiniLM's 30,522 × 384 table is
@@ -17,7 +20,7 @@ LARGE = 8 << 20  # bytes: smaller tables gain nothing worth the indirection
 
 
 class _Lookup(torch.autograd.Function):
-    """F.embedding whose weight gradient is accumulated into `owner.grad_buffer` (handed to weight.grad)."""
+    """F.embedding whose weight gradient is added into the module's kept buffer (handed to weight.grad)."""
 
     @staticmethod
     def forward(ctx, ids, weight, module):

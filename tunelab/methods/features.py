@@ -60,7 +60,7 @@ class FrozenFeatures(nn.Module):
 
 @torch.no_grad()  # not inference_mode: the cached tensors feed the head's autograd later
 def cache_features(task, model: nn.Module, items: list[dict], pad_id: int, device,
-                   batch_size: int = 64) -> FrozenFeatures | None:
+                   batch_size: int = 16) -> FrozenFeatures | None:
     """The frozen base model's outputs for `items`; None when the head needs every token's hidden state and they
     would exceed BUDGET, or the model has no separable base model."""
     from tunelab.data.batching import global_batches
