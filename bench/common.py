@@ -1,8 +1,10 @@
-"""What every benchmark prints beside its figures: the machine they were measured on."""
+"""What the benchmarks share: the machine they were measured on, its GEMM peak, and making a recipe's runs."""
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -32,3 +34,14 @@ def gemm_peak(seconds: float = 1.0) -> float:
             reps += 1
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - tic))
     return best
+
+
+def make(folder: Path, recipe: list[tuple[str, str]]) -> None:
+    """Run a recipe's tunelab commands into `folder`, skipping each step whose output (the path beside it) exists."""
+    for made, command in recipe:
+        if (folder / made).exists():
+            print(f"have {folder / made}")
+            continue
+        args = command.format(d=folder).split()
+        print("tunelab " + " ".join(args), flush=True)
+        subprocess.run([sys.executable, "-m", "tunelab", *args], check=True)

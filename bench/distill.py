@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from common import machine  # bench/common.py, beside this script
+from common import machine, make  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command): issue 6's goal on the bundled tweets
     ("data/transfer.jsonl", "data tweets --output {d}/data --train-size 2000 --eval-size 600 --seed 0 "
@@ -36,16 +35,6 @@ RECIPE = [  # (what it makes, tunelab command): issue 6's goal on the bundled tw
                       "--train.progress false --output {d}/student"),
     ("student/onnx/model.onnx", "export {d}/student --int8 --onnx"),
 ]
-
-
-def make(folder: Path) -> None:
-    for made, command in RECIPE:
-        if (folder / made).exists():
-            print(f"have {folder / made}")
-            continue
-        args = command.format(d=folder).split()
-        print("tunelab " + " ".join(args), flush=True)
-        subprocess.run([sys.executable, "-m", "tunelab", *args], check=True)
 
 
 def main(argv=None) -> int:
@@ -63,7 +52,7 @@ def main(argv=None) -> int:
                    "throughput runs over this many examples, at least 128)")
     args = p.parse_args(argv)
     if args.make:
-        make(args.make)
+        make(args.make, RECIPE)
         args.teacher, args.student = args.make / "teacher", args.make / "student"
     if not (args.teacher and args.student):
         p.error("give TEACHER_RUN STUDENT_RUN, or --make DIR")

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import machine  # bench/common.py, beside this script
+from common import machine, make  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command)
     ("data/eval.jsonl", "data tweets --output {d}/data --train-size 1000 --eval-size 600 --seed 0"),
@@ -32,16 +31,6 @@ RECIPE = [  # (what it makes, tunelab command)
                   "--train.progress false --output {d}/run"),
     ("run/onnx/model.onnx", "export {d}/run --onnx"),
 ]
-
-
-def make(folder: Path) -> None:
-    for made, command in RECIPE:
-        if (folder / made).exists():
-            print(f"have {folder / made}")
-            continue
-        args = command.format(d=folder).split()
-        print("tunelab " + " ".join(args), flush=True)
-        subprocess.run([sys.executable, "-m", "tunelab", *args], check=True)
 
 
 class Baseline:
@@ -104,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--single", type=int, default=200, help="one-text requests timed per round")
     args = p.parse_args(argv)
     if args.make:
-        make(args.make)
+        make(args.make, RECIPE)
         args.run = args.make / "run"
     if not args.run:
         p.error("give RUN, or --make DIR")
