@@ -32,9 +32,9 @@ def load_run(run_dir: str | Path, runtime: str = "torch"):
     space = task.space_of(model.config)
     if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
         space = space.configure(cfg)
-    else:  # a sequence classifier's last layer need only compute the first position (exact; checked on a probe)
-        probe = tokenizer(["a first example", "and a second, longer example text"], padding=True, return_tensors="pt")
-        speed.cut_to_first_token(model.eval(), dict(probe))
+    elif runtime != "onnx":  # (the onnx runtime answers from its own graph, exported from a cut model)
+        # a sequence classifier's last layer need only compute the first position: exact, checked on a probe
+        speed.cut_to_first_token(model.eval(), speed.sample_inputs(tokenizer))
     return cfg, task, _runtime(model.eval(), run, runtime, task), tokenizer, space
 
 

@@ -68,6 +68,12 @@ def reused_embedding_grads(model: nn.Module):
             del m.forward, m._grad_buffer
 
 
+def sample_inputs(tokenizer) -> dict:
+    """Two short texts of different lengths, padded: model inputs to probe or trace a classifier with."""
+    return dict(tokenizer(["a first example", "and a second, longer example text"], padding=True,
+                          return_tensors="pt"))
+
+
 def _encoder_layers(model: nn.Module) -> nn.ModuleList | None:
     found = [m for n, m in model.named_modules() if n.endswith("encoder.layer") and isinstance(m, nn.ModuleList)]
     return found[0] if len(found) == 1 else None
@@ -99,7 +105,7 @@ def _first_token_layer(layer: nn.Module, hidden_states, attention_mask=None, *ar
 
 def cut_to_first_token(model: nn.Module, probe: dict):
     """Make the last encoder layer of a BERT-style sequence classifier compute position 0 only, when its head reads
-    nothing else (the pooler and classifier of BERT, RoBERTa's classifier). Checked, not assumed: the model answers
+    nothing else (BERT's pooler and classifier; tested on BERT only). Checked, not assumed: the model answers
     `probe` (a padded batch of model inputs) in eval mode with and without the change, and the change stays only
     when the logits agree. Returns the function that undoes it, or None where nothing changed. MiniLM's last layer
     is 1/6 of its matrix multiplies; cut to K and V for every position, a training step does ~14% less."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_bytes
+from tunelab.speed import sample_inputs
 
 RUNTIMES = ("torch", "int8", "onnx")
 
@@ -139,7 +140,7 @@ class OnnxClassifier:
 
 def export_onnx(model: nn.Module, tokenizer, path) -> None:
     """The fp32 model as an ONNX graph with dynamic batch and sequence axes, written atomically."""
-    enc = tokenizer(["a first example", "and a second, longer example text"], padding=True, return_tensors="pt")
+    enc = sample_inputs(tokenizer)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     dynamic = {k: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for k in names}
     quiet = logging.getLogger("torch.onnx")  # its notes on absent torchvision ops and axis names are not ours

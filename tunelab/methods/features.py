@@ -15,6 +15,8 @@ import contextlib
 import torch
 from torch import nn
 
+from tunelab.tasks.base import NOT_INPUTS
+
 BUDGET = 2 << 30  # bytes of cached hidden states (fp32) above which the backbone runs every step instead
 
 
@@ -102,7 +104,7 @@ def cache_features(task, model: nn.Module, items: list[dict], pad_id: int, devic
 def model_inputs(task, items: list[dict], pad_id: int, device) -> dict:
     """A padded batch of `items` as model inputs only (no labels or teacher outputs), on `device`."""
     batch = task.collate(items, pad_id)
-    for key in ("labels", "teacher_logits", "labelled"):
+    for key in NOT_INPUTS:
         batch.pop(key, None)
     return {k: v.to(device) for k, v in batch.items()}
 

@@ -16,6 +16,8 @@ from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.batching import collate
 from tunelab.data.load import Example, read_examples
 
+NOT_INPUTS = ("labels", "teacher_logits", "labelled")  # what `collate` adds beside the model's inputs
+
 
 @dataclass
 class Space:
@@ -164,7 +166,7 @@ class Task:
 
     def outputs(self, model: nn.Module, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
         """Per-example outputs for evaluation: (num_labels,) per text, or (tokens, num_labels) for token tasks."""
-        for key in ("labels", "teacher_logits", "labelled"):
+        for key in NOT_INPUTS:
             batch.pop(key, None)
         logits = model(**batch).logits.float().cpu()
         return [logits[row, :n] if logits.dim() == 3 else logits[row] for row, n in enumerate(lengths)]
