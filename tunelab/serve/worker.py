@@ -116,7 +116,8 @@ class Run:
         self.history_at, self.history_inode = 0, None  # how far history.jsonl has been read, and which file
         self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
         self.resumed_at = 0  # steps up to here were reported by an earlier attempt
-        self.started = self.estimated_at = time.monotonic()
+        self.started = time.monotonic()
+        self.estimated_at = float("-inf")  # the first reported step gives the first estimate, then every 5 s
         self.checkpoints: set[str] = set()
         self.results: str | None = None  # the id of the step-metrics file, once training succeeded
 
