@@ -29,6 +29,7 @@ def test_head_on_cached_features_trains_as_if_the_backbone_ran_every_step(task_c
     # BERT's sequence classifier reads only the pooled output; a token classifier reads every hidden state
     assert runs[True].metrics["train"]["cached_features"] == kept
     assert runs[False].metrics["train"]["cached_features"] is None
+    assert runs[True].metrics["train"]["onednn_linears"]  # a CPU run's linear layers multiply through oneDNN
     cached, direct = _losses(tmp_path / "run-True"), _losses(tmp_path / "run-False")
     assert len(cached) == len(direct) == 24
     assert max(abs(a - b) for a, b in zip(cached, direct)) < 1e-5, (cached, direct)
@@ -113,3 +114,48 @@ def test_first_token_only_leaves_a_token_classifier_alone(tiny_model):
     with speed.first_token_only(model, batch) as applied:
         assert not applied  # its head reads every position: the probe's logits differ in shape
         assert "forward" not in vars(model.bert.encoder.layer[-1])
+
+
+def _linears_patched(model: nn.Module) -> list[bool]:
+    return [("forward" in vars(m)) for m in model.modules() if type(m) is nn.Linear]
+
+
+def test_onednn_linears_give_the_same_logits_and_gradients_and_skip_frozen_weights(tiny_model):
+    assert speed.onednn_available()  # in the pinned x86 PyTorch; without it the speed-up would be silently gone
+    model, batch = _tiny_classifier(tiny_model)
+    model.bert.encoder.layer[0].attention.self.query.weight.requires_grad = False  # as LoRA's frozen base layers
+    labels = torch.tensor([0, 1, 2])
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    logits, reference = grads()
+    with speed.onednn_linears(model) as applied:
+        assert applied and all(_linears_patched(model))
+        fast_logits, fast = grads()
+    assert not any(_linears_patched(model))  # the model is itself again after the block
+    assert torch.allclose(fast_logits, logits, atol=1e-5)
+    assert "bert.encoder.layer.0.attention.self.query.weight" not in fast  # a frozen weight gets no gradient
+    assert reference.keys() == fast.keys()
+    assert all(torch.allclose(fast[n], reference[n], atol=1e-5) for n in reference)
+
+
+def test_onednn_linears_nest_and_leave_other_dtypes_and_autocast_to_pytorch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+    x = torch.randn(5, 16)
+    double = copy.deepcopy(model).double()
+    expected = double(x.double())  # PyTorch's own fp64 linear
+    with speed.onednn_linears(model):
+        with speed.onednn_linears(model) as inner:
+            assert inner
+        assert all(_linears_patched(model))  # the inner block left the outer block's layers as they were
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16  # autocast still applies: F.linear answered
+        with speed.onednn_linears(double) as applied:
+            assert applied and torch.equal(double(x.double()), expected)  # fp64 went to F.linear, bit for bit
+    assert not any(_linears_patched(model))

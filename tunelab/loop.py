@@ -176,7 +176,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     # The embedding gradient buffer is reused only in one process: DDP's hooks watch autograd's own gradients.
     with (speed.reused_embedding_grads(model) if d.world == 1 else contextlib.nullcontext(),
           speed.first_token_only(model, model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device))
-          if sequence else contextlib.nullcontext() as first_token):
+          if sequence else contextlib.nullcontext() as first_token,
+          speed.onednn_linears(model) as onednn):
         features = None
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
             # in training-sized batches (64 at a time was no faster: 34,750 vs 35,237 real tokens/s)
@@ -219,6 +220,6 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "step_seconds": step_seconds, "samples_seen": seen, "tokens_seen": tokens,
             "steps": state.step, "cached_features": features.kept if features else None,
-            "first_token_only": bool(first_token),
+            "first_token_only": bool(first_token), "onednn_linears": onednn and d.device.type == "cpu",
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best}

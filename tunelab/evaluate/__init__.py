@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunelab import speed
 from tunelab.data.batching import global_batches
 from tunelab.tasks import Space, Task
 
@@ -18,12 +19,13 @@ def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int
     model.eval()
     out: list = [None] * len(items)
     lengths = [len(it["input_ids"]) for it in items]
-    for batch in global_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False):
-        inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            rows = task.outputs(model, inputs, [lengths[i] for i in batch])
-        for row, i in zip(rows, batch):
-            out[i] = row
+    with speed.onednn_linears(model):
+        for batch in global_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False):
+            inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                rows = task.outputs(model, inputs, [lengths[i] for i in batch])
+            for row, i in zip(rows, batch):
+                out[i] = row
     model.train(was_training)
     return out
 

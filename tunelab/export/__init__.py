@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunelab import speed
 from tunelab.data.batching import collate
 from tunelab.io import atomic_dir
 from tunelab.methods.base import Method
@@ -50,7 +51,8 @@ def measure_inference(model: nn.Module, items: list[dict], pad_id: int, device, 
 
     def run(batch):
         inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-        model(**inputs)
+        with speed.onednn_linears(model):  # as tunelab predict runs it
+            model(**inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
