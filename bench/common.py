@@ -18,21 +18,29 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def gemm_peak(seconds: float = 1.0) -> float:
-    """The best fp32 matrix-multiply rate (FLOP/s) of a few shapes, large and MiniLM-sized, on this machine now."""
+def gemm_peak(seconds: float = 1.0) -> dict[str, float]:
+    """The best fp32 matrix-multiply rate (FLOP/s) of a few shapes, large and MiniLM-sized, on this machine now, by
+    library: "torch.mm" (PyTorch's default BLAS, MKL in the x86 wheels) and "oneDNN" (the fp32 linear inside
+    PyTorch that tunelab uses on the CPU; absent from builds without it)."""
     import time
 
     import torch
 
-    best = 0.0
-    for m, k, n in ((2048, 2048, 2048), (1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.mm(a, b)
-        reps, tic = 0, time.perf_counter()
-        while time.perf_counter() - tic < seconds:
-            torch.mm(a, b)
-            reps += 1
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - tic))
+    libraries = {"torch.mm": lambda a, b, bt: torch.mm(a, b)}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        libraries["oneDNN"] = lambda a, b, bt: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+    best = {}
+    for name, multiply in libraries.items():
+        best[name] = 0.0
+        for m, k, n in ((2048, 2048, 2048), (1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384)):
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            bt = b.t().contiguous()  # oneDNN's linear takes the weight as [out, in]
+            multiply(a, b, bt)
+            reps, tic = 0, time.perf_counter()
+            while time.perf_counter() - tic < seconds:
+                multiply(a, b, bt)
+                reps += 1
+            best[name] = max(best[name], 2 * m * k * n * reps / (time.perf_counter() - tic))
     return best
 
 
