@@ -87,22 +87,22 @@ def _tiny_classifier(tiny_model: str, cls_name: str = "AutoModelForSequenceClass
     return model, dict(batch)
 
 
+def _logits_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and every parameter's gradient of one labelled pass over `batch`."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, labels=torch.tensor([0, 1, 2]))
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_first_token_only_gives_a_sequence_classifier_the_same_logits_and_gradients(tiny_model):
     model, batch = _tiny_classifier(tiny_model)
-    labels = torch.tensor([0, 1, 2])
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        out = model(**batch, labels=labels)
-        out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     model.train()  # dropout is 0 here, so train mode is deterministic and both passes are comparable
-    logits, reference = grads()
+    logits, reference = _logits_and_grads(model, batch)
     with speed.first_token_only(model, batch) as applied:
         assert applied
         assert "forward" in vars(model.bert.encoder.layer[-1])
-        short_logits, short = grads()
+        short_logits, short = _logits_and_grads(model, batch)
     assert "forward" not in vars(model.bert.encoder.layer[-1])
     assert torch.allclose(short_logits, logits, atol=1e-5)
     assert reference.keys() == short.keys()  # every weight still gets its gradient (the last layer's too)
@@ -124,19 +124,11 @@ def test_onednn_linears_give_the_same_logits_and_gradients_and_skip_frozen_weigh
     assert speed.onednn_available()  # in the pinned x86 PyTorch; without it the speed-up would be silently gone
     model, batch = _tiny_classifier(tiny_model)
     model.bert.encoder.layer[0].attention.self.query.weight.requires_grad = False  # as LoRA's frozen base layers
-    labels = torch.tensor([0, 1, 2])
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        out = model(**batch, labels=labels)
-        out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     model.train()
-    logits, reference = grads()
+    logits, reference = _logits_and_grads(model, batch)
     with speed.onednn_linears(model) as applied:
         assert applied and all(_linears_patched(model))
-        fast_logits, fast = grads()
+        fast_logits, fast = _logits_and_grads(model, batch)
     assert not any(_linears_patched(model))  # the model is itself again after the block
     assert torch.allclose(fast_logits, logits, atol=1e-5)
     assert "bert.encoder.layer.0.attention.self.query.weight" not in fast  # a frozen weight gets no gradient
