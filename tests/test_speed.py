@@ -29,7 +29,9 @@ def test_head_on_cached_features_trains_as_if_the_backbone_ran_every_step(task_c
     # BERT's sequence classifier reads only the pooled output; a token classifier reads every hidden state
     assert runs[True].metrics["train"]["cached_features"] == kept
     assert runs[False].metrics["train"]["cached_features"] is None
-    assert runs[True].metrics["train"]["onednn_linears"]  # a CPU run's linear layers multiply through oneDNN
+    # a CPU run's linear layers multiply through oneDNN where that pays on this processor
+    assert runs[True].metrics["train"]["onednn_linears"] == speed.onednn_pays()
+    assert runs[True].metrics["train"]["fast_dropout"]  # the head's own dropout module
     cached, direct = _losses(tmp_path / "run-True"), _losses(tmp_path / "run-False")
     assert len(cached) == len(direct) == 24
     assert max(abs(a - b) for a, b in zip(cached, direct)) < 1e-5, (cached, direct)
@@ -126,7 +128,7 @@ def test_onednn_linears_give_the_same_logits_and_gradients_and_skip_frozen_weigh
     model.bert.encoder.layer[0].attention.self.query.weight.requires_grad = False  # as LoRA's frozen base layers
     model.train()
     logits, reference = _logits_and_grads(model, batch)
-    with speed.onednn_linears(model) as applied:
+    with speed.onednn_linears(model, force=True) as applied:
         assert applied and all(_linears_patched(model))
         fast_logits, fast = _logits_and_grads(model, batch)
     assert not any(_linears_patched(model))  # the model is itself again after the block
@@ -142,12 +144,80 @@ def test_onednn_linears_nest_and_leave_other_dtypes_and_autocast_to_pytorch():
     x = torch.randn(5, 16)
     double = copy.deepcopy(model).double()
     expected = double(x.double())  # PyTorch's own fp64 linear
-    with speed.onednn_linears(model):
-        with speed.onednn_linears(model) as inner:
+    with speed.onednn_linears(model, force=True):
+        with speed.onednn_linears(model, force=True) as inner:
             assert inner
         assert all(_linears_patched(model))  # the inner block left the outer block's layers as they were
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x).dtype == torch.bfloat16  # autocast still applies: F.linear answered
-        with speed.onednn_linears(double) as applied:
+        with speed.onednn_linears(double, force=True) as applied:
             assert applied and torch.equal(double(x.double()), expected)  # fp64 went to F.linear, bit for bit
     assert not any(_linears_patched(model))
+
+
+@pytest.mark.parametrize("capability, vendor, env, pays", [
+    ("AVX512", "AuthenticAMD", None, True),  # MKL runs its AVX2 code there: oneDNN measured 2x faster
+    ("AVX2", "AuthenticAMD", None, False),  # Zen 3: as fast as MKL, whole runs slower
+    ("AVX512", "GenuineIntel", None, False),  # MKL's own AVX-512 code: not measured faster
+    ("AVX2", "AuthenticAMD", "1", True), ("AVX512", "AuthenticAMD", "0", False)])  # TUNELAB_ONEDNN overrides
+def test_onednn_is_used_where_it_pays(monkeypatch, capability, vendor, env, pays):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(speed, "_cpu_vendor", lambda: vendor)
+    if env is None:
+        monkeypatch.delenv("TUNELAB_ONEDNN", raising=False)
+    else:
+        monkeypatch.setenv("TUNELAB_ONEDNN", env)
+    speed.onednn_pays.cache_clear()
+    try:
+        assert speed.onednn_pays() is pays
+        model = nn.Sequential(nn.Linear(4, 4))
+        with speed.onednn_linears(model) as applied:
+            assert applied is (pays and speed.onednn_available())
+    finally:
+        monkeypatch.undo()
+        speed.onednn_pays.cache_clear()
+
+
+def test_fast_dropout_zeroes_units_at_rate_p_scales_the_rest_and_routes_gradients_through_the_same_mask():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Dropout(0.1))
+    x = (torch.rand(1000, 1024) + 0.5).requires_grad_()  # no zeros of its own
+    with speed.fast_dropout(module) as applied:
+        assert applied
+        y = module(x)
+    kept = y != 0
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert torch.allclose(y[kept], x[kept] * scale)
+    sigma = (0.1 * 0.9 / x.numel()) ** 0.5
+    assert abs((~kept).float().mean().item() - 0.1) < 5 * sigma
+    # each of the four units that share one 64-bit draw is dropped at rate p (a draw of 63 bits would not be)
+    lanes = (~kept).reshape(-1, 4).float().mean(0)
+    assert all(abs(rate - 0.1) < 5 * sigma * 2 for rate in lanes.tolist()), lanes
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.005  # the expected output is the input
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, torch.where(kept, g * scale, 0))
+    assert not any("forward" in vars(m) for m in module.modules())  # restored after the block
+
+
+def test_fast_dropout_follows_the_seed_and_leaves_eval_inplace_and_other_modules_to_pytorch():
+    def masks(seed):
+        torch.manual_seed(seed)
+        with speed.fast_dropout(model):
+            return model(torch.ones(64, 64)) == 0
+    model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.3))
+    nn.init.eye_(model[0].weight), nn.init.zeros_(model[0].bias)
+    assert torch.equal(masks(1), masks(1)) and not torch.equal(masks(1), masks(2))  # resumable, seeded stream
+    with speed.fast_dropout(model), torch.no_grad():
+        model.eval()
+        assert torch.equal(model(torch.ones(8, 64)), torch.ones(8, 64))  # eval: identity
+    model.train()
+    inplace = nn.Sequential(nn.Dropout(0.3, inplace=True))
+    with speed.fast_dropout(inplace) as applied:
+        assert applied
+        torch.manual_seed(0)
+        reference = nn.functional.dropout(torch.ones(32, 32), 0.3, True, True)
+        torch.manual_seed(0)
+        assert torch.equal(inplace(torch.ones(32, 32)), reference)  # in-place dropout: PyTorch's own
+    with speed.fast_dropout(model, enabled=False) as applied:
+        assert not applied and "forward" not in vars(model[1])
