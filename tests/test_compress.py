@@ -4,13 +4,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import make_rows, train_classifier, write_jsonl
 
 import tunelab
 from tunelab.errors import UserError
+from tunelab import predict as predict_module
 from tunelab.predict import compress, predict
+from tunelab.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,10 @@ def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_pat
     for runtime in ("torch", "int8", "onnx"):
         out = predict(classifier, texts, tmp_path / f"{runtime}.jsonl", runtime)
         rows[runtime] = [json.loads(line) for line in out.read_text().splitlines()]
+    # the default, auto, answers with the run's ONNX export once it has one
+    assert predict_module._resolve(Path(classifier), TASKS["classification"], "auto") == "onnx"
+    auto = predict(classifier, texts, tmp_path / "auto.jsonl")
+    assert [json.loads(line) for line in auto.read_text().splitlines()] == rows["onnx"]
     for runtime in ("int8", "onnx"):
         gap = max(abs(a["probabilities"][k] - b["probabilities"][k])
                   for a, b in zip(rows["torch"], rows[runtime]) for k in a["probabilities"])
@@ -52,6 +59,9 @@ def test_compression_refuses_what_it_cannot_do(classifier, task_config, tmp_path
     fresh = tunelab.train(task_config("classification")).run_dir
     with pytest.raises(UserError, match="tunelab export RUN --onnx"):
         predict(fresh, texts, runtime="onnx")
+    assert predict_module._resolve(Path(fresh), TASKS["classification"], "auto") == "torch"  # no export: PyTorch
+    assert predict(fresh, texts, tmp_path / "auto.jsonl").read_text() == \
+        predict(fresh, texts, tmp_path / "torch.jsonl", runtime="torch").read_text()
     with pytest.raises(UserError, match="choose --int8, --onnx or both"):
         compress(fresh, False, False)
     regression = tunelab.train({**_as_dict(task_config("regression")), "output": str(tmp_path / "reg")}).run_dir

@@ -421,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir")
     pr.add_argument("--input", required=True, help="JSONL, CSV or .txt (one text per line).")
     pr.add_argument("--output", help="Where to write the JSONL predictions (default RUN_DIR/predictions.jsonl).")
-    pr.add_argument("--runtime", default="torch", choices=("torch", "int8", "onnx"),
-                    help="torch (fp32), int8 (dynamic quantization) or onnx (RUN/onnx/model.onnx, ONNX Runtime).")
+    pr.add_argument("--runtime", default="auto", choices=("auto", "torch", "int8", "onnx"),
+                    help="torch (fp32), int8 (dynamic quantization), onnx (RUN/onnx/model.onnx, ONNX Runtime), or "
+                         "auto: onnx where the run has that export (tunelab export RUN --onnx), else torch.")
     pr.set_defaults(func=cmd_predict)
     ex = sub.add_parser("export", help="Make int8 and ONNX variants of a classifier run and check them against fp32.")
     ex.add_argument("run_dir")
