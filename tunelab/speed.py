@@ -266,6 +266,22 @@ def _dropout_forward(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def _forwards(model, kind: type, forward):
+    """Within the block, every module of exactly `kind` runs `forward` (bound to it) unless a module already has
+    its own forward (an outer block's): nested blocks leave the outer one's modules as they are. Yields whether
+    any module runs `forward`."""
+    modules = [m for m in model.modules() if type(m) is kind]
+    patched = [m for m in modules if "forward" not in m.__dict__]
+    for m in patched:
+        m.forward = forward.__get__(m)
+    try:
+        yield any(getattr(m.__dict__.get("forward"), "__func__", None) is forward for m in modules)
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
 def fast_dropout(model, enabled: bool = True):
     """Within the block, the model's `nn.Dropout` modules (exactly that class) draw their masks as described
     above when they run on the CPU in training mode (other devices, and dropout outside modules, such as the
@@ -274,15 +290,8 @@ def fast_dropout(model, enabled: bool = True):
     if not enabled or not isinstance(model, nn.Module):
         yield False
         return
-    dropouts = [m for m in model.modules() if type(m) is nn.Dropout]
-    patched = [m for m in dropouts if "forward" not in m.__dict__]
-    for m in patched:
-        m.forward = _dropout_forward.__get__(m)
-    try:
-        yield any(getattr(m.__dict__.get("forward"), "__func__", None) is _dropout_forward for m in dropouts)
-    finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
+    with _forwards(model, nn.Dropout, _dropout_forward) as applied:
+        yield applied
 
 
 @contextlib.contextmanager
@@ -294,12 +303,5 @@ def onednn_linears(model, force: bool = False):
     if not isinstance(model, nn.Module) or not (force or onednn_pays()) or not onednn_available():
         yield False
         return
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    patched = [m for m in linears if "forward" not in m.__dict__]
-    for m in patched:
-        m.forward = _onednn_forward.__get__(m)
-    try:
-        yield any(getattr(m.__dict__.get("forward"), "__func__", None) is _onednn_forward for m in linears)
-    finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
+    with _forwards(model, nn.Linear, _onednn_forward) as applied:
+        yield applied
