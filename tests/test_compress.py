@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,13 @@ def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_pat
     assert predict_module._resolve(Path(classifier), TASKS["classification"], "auto") == "onnx"
     auto = predict(classifier, texts, tmp_path / "auto.jsonl")
     assert [json.loads(line) for line in auto.read_text().splitlines()] == rows["onnx"]
+    onnx, weights = Path(classifier) / "onnx" / "model.onnx", Path(classifier) / "model" / "model.safetensors"
+    then = onnx.stat().st_mtime
+    os.utime(onnx, (then, weights.stat().st_mtime - 60))  # an export older than the weights: not used
+    try:
+        assert predict_module._resolve(Path(classifier), TASKS["classification"], "auto") == "torch"
+    finally:
+        os.utime(onnx, (then, then))
     for runtime in ("int8", "onnx"):
         gap = max(abs(a["probabilities"][k] - b["probabilities"][k])
                   for a, b in zip(rows["torch"], rows[runtime]) for k in a["probabilities"])
