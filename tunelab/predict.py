@@ -40,6 +40,11 @@ def load_run(run_dir: str | Path, runtime: str = "auto"):
     return cfg, task, _runtime(model.eval(), run, runtime, task), tokenizer, space
 
 
+def _sequence_classifier(task) -> bool:
+    """Does the task answer with one label (or number) per text: what the int8 and onnx runtimes serve."""
+    return not task.judged_by_start and task.name != "ner"
+
+
 def _resolve(run: Path, task, runtime: str) -> str:
     """auto: ONNX Runtime for a sequence classifier exported with `tunelab export RUN --onnx` after its weights were
     last written (the export is checked against the fp32 model when it is written; in bench/infer.py it had 1.9-2.8x
@@ -47,10 +52,9 @@ def _resolve(run: Path, task, runtime: str) -> str:
     if runtime != "auto":
         return runtime
     onnx, weights = run / "onnx" / "model.onnx", [f for f in (run / "model").iterdir() if f.is_file()]
-    classifier = not task.judged_by_start and task.name != "ner"
     # an export older than the model's files (the run trained on after it) would answer for old weights
     fresh = onnx.is_file() and onnx.stat().st_mtime >= max(f.stat().st_mtime for f in weights)
-    return "onnx" if classifier and fresh else "torch"
+    return "onnx" if _sequence_classifier(task) and fresh else "torch"
 
 
 def _runtime(model, run: Path, runtime: str, task):
@@ -59,7 +63,7 @@ def _runtime(model, run: Path, runtime: str, task):
     check_runtime(runtime)
     if runtime == "torch":
         return model
-    if task.judged_by_start or task.name == "ner":
+    if not _sequence_classifier(task):
         raise UserError(f"the {runtime} runtime is for sequence classifiers, not {task.name} runs", "--runtime")
     if runtime == "int8":
         return quantize_int8(model, _smoothing(run))
