@@ -40,21 +40,30 @@ def test_head_on_cached_features_trains_as_if_the_backbone_ran_every_step(task_c
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_reused_embedding_gradient_equals_pytorchs_and_keeps_its_buffer(monkeypatch):
+@pytest.mark.parametrize("l1", [False, True])
+def test_reused_embedding_gradient_equals_pytorchs_and_keeps_its_buffer(monkeypatch, l1):
     monkeypatch.setattr(speed, "LARGE", 0)  # the test table is small
     torch.manual_seed(0)
     reference = nn.Embedding(50, 8, padding_idx=0)
     fast = copy.deepcopy(reference)
-    micro_batches = [torch.tensor([[0, 3, 3, 7], [5, 0, 3, 49]]), torch.tensor([[1, 1, 2, 0]])]  # repeats, padding
-    weights = [torch.randn(*x.shape, 8) for x in micro_batches]
     buffers = []
-    with speed.reused_embedding_grads(fast):
-        for _ in range(3):  # three steps of two accumulated micro-batches
+    # l1: a dense term on the same gradient, as the loop's L1 penalty adds (then no rows are tracked)
+    with speed.reused_embedding_grads(fast, sole_writer=not l1) as tables:
+        assert list(tables) == [fast.weight]
+        for step in range(3):  # three steps of two accumulated micro-batches, with other ids each step
+            micro_batches = [torch.randint(0, 50, (2, 4)), torch.tensor([[1, 1, 2 + step, 0]])]  # repeats, padding
+            weights = [torch.randn(*x.shape, 8) for x in micro_batches]
             for model in (reference, fast):
                 for x, w in zip(micro_batches, weights):
-                    (model(x) * w).sum().backward()
+                    loss = (model(x) * w).sum()
+                    ((loss + model.weight.abs().sum()) if l1 else loss).backward()
             assert torch.allclose(fast.weight.grad, reference.weight.grad, atol=1e-6)
             assert not fast.weight.grad[0].any()  # the padding row gets no gradient, as in PyTorch
+            assert (fast._rows is None) == l1
+            norms = (torch.nn.utils.clip_grad_norm_(reference.parameters(), 2.0),
+                     speed.clip_grad_norm_(list(fast.parameters()), 2.0, tables))
+            assert torch.allclose(*norms) and norms[0] > 2.0  # the clip did scale
+            assert torch.allclose(fast.weight.grad, reference.weight.grad, atol=1e-6)
             buffers.append(fast.weight.grad.data_ptr())
             for model in (reference, fast):
                 model.zero_grad(set_to_none=True)
@@ -62,6 +71,25 @@ def test_reused_embedding_gradient_equals_pytorchs_and_keeps_its_buffer(monkeypa
             assert torch.equal(fast(micro_batches[0]), reference(micro_batches[0]))
     assert len(set(buffers)) == 1  # one buffer for the whole run
     assert "forward" not in vars(fast)  # the module is itself again after the block
+
+
+def test_reused_embedding_gradient_of_a_tied_table_is_not_tracked_by_rows(monkeypatch):
+    monkeypatch.setattr(speed, "LARGE", 0)
+    torch.manual_seed(0)
+    reference = nn.ModuleDict({"embed": nn.Embedding(20, 4), "head": nn.Linear(4, 20, bias=False)})
+    reference.head.weight = reference.embed.weight  # tied, as a language model's output layer often is
+    fast = copy.deepcopy(reference)
+    x = torch.tensor([[1, 2, 3]])
+    with speed.reused_embedding_grads(fast) as tables:
+        for _ in range(2):
+            for model in (reference, fast):
+                model.head(model.embed(x)).logsumexp(-1).sum().backward()
+            assert fast.embed._rows is None  # the head adds to every row
+            speed.clip_grad_norm_(list(fast.parameters()), 0.1, tables)
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+            assert torch.allclose(fast.embed.weight.grad, reference.embed.weight.grad, atol=1e-6)
+            for model in (reference, fast):
+                model.zero_grad(set_to_none=True)
 
 
 def test_reused_embedding_gradient_leaves_frozen_and_subclassed_tables_alone(monkeypatch):

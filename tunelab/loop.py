@@ -60,6 +60,7 @@ class Loop:
     on_step: object = None  # callable(step) after each step; tests use it to simulate a crash
     on_eval: object = None  # callable(step, metrics) after each evaluation; hyperparameter search prunes here
     history: list[dict] = field(default_factory=list)
+    embedding_tables: dict | None = None  # what speed.reused_embedding_grads yields during training
 
     @property
     def metric(self) -> str:
@@ -104,7 +105,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
             loss.backward()
         total += loss.detach() * weight
     if t.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        speed.clip_grad_norm_(params, t.max_grad_norm, loop.embedding_tables)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if d.world > 1:
@@ -174,7 +175,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     started, seen, tokens, step_seconds = time.perf_counter(), 0, 0, 0.0
     sequence = not loop.task.judged_by_start  # classifier-style tasks (language-model stages have other models)
     # The embedding gradient buffer is reused only in one process: DDP's hooks watch autograd's own gradients.
-    with (speed.reused_embedding_grads(model) if d.world == 1 else contextlib.nullcontext(),
+    with (speed.reused_embedding_grads(model, sole_writer=t.l1 == 0) if d.world == 1 else contextlib.nullcontext()
+          as loop.embedding_tables,
           speed.first_token_only(model, model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device))
           if sequence else contextlib.nullcontext() as first_token,
           speed.onednn_linears(model) as onednn, speed.fast_dropout(model, t.fast_dropout) as dropout):
