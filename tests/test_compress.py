@@ -53,6 +53,8 @@ def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_pat
         assert predict_module._resolve(Path(classifier), TASKS["classification"], "auto") == "torch"
     finally:
         os.utime(onnx, (then, then))
+    again = compress(classifier, int8=False, onnx=True)  # a run exported before exports again (from torch)
+    assert again["onnx"]["agreement"] == 1.0 and again["fp32"]["model_mb"] == result["fp32"]["model_mb"]
     for runtime in ("int8", "onnx"):
         gap = max(abs(a["probabilities"][k] - b["probabilities"][k])
                   for a, b in zip(rows["torch"], rows[runtime]) for k in a["probabilities"])

@@ -129,7 +129,8 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
     from tunelab.export.compress import export_onnx, state_mb
 
     run = Path(run_dir)
-    cfg, task, model, tokenizer, space = load_run(run)
+    # the fp32 torch model, even where an earlier export would make auto answer with ONNX Runtime
+    cfg, task, model, tokenizer, space = load_run(run, "torch")
     if not (int8 or onnx):
         raise UserError("choose --int8, --onnx or both", "tunelab export")
     if task.name not in ("classification", "multilabel"):
