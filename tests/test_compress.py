@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx as onnx_module
 import pytest
 from conftest import make_rows, train_classifier, write_jsonl
 
@@ -35,7 +36,8 @@ def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_pat
     assert (classifier / "int8" / "smoothing.safetensors").is_file()
     assert result["onnx"]["agreement"] == 1.0 and result["onnx"]["max_abs_difference"] < 1e-4
     assert result["int8"]["model_mb"] < result["fp32"]["model_mb"]
-    assert (classifier / "onnx" / "model.onnx").is_file()
+    graph = onnx_module.load(str(classifier / "onnx" / "model.onnx")).graph
+    assert {"SkipLayerNormalization", "BiasGelu"} <= {n.op_type for n in graph.node}  # ONNX Runtime's fused ops
 
     texts = write_jsonl(tmp_path / "in.jsonl", make_rows(40, 23))
     rows = {}

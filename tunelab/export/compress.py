@@ -114,8 +114,14 @@ def state_mb(model: nn.Module) -> float:
     return buf.tell() / 2**20
 
 
+# Rows per ONNX Runtime call. MiniLM on 600 length-sorted tweets, 2 Zen 3 cores, medians of 4 interleaved rounds:
+# 152 / 163 / 143 examples/s in calls of 16 / 32 / 64 rows (fused graph: 161 / 167 / 151).
+ONNX_ROWS = 32
+
+
 class OnnxClassifier:
-    """An ONNX Runtime session that answers like a transformers classifier: `model(**batch).logits`."""
+    """An ONNX Runtime session that answers like a transformers classifier: `model(**batch).logits`, computed
+    `ONNX_ROWS` rows at a time, each slice without the trailing columns that are padding in all of its rows."""
 
     training = False
 
@@ -128,8 +134,15 @@ class OnnxClassifier:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **batch) -> SimpleNamespace:
-        feed = {k: v.cpu().numpy().astype("int64") for k, v in batch.items() if k in self.inputs}
-        return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
+        feed = {k: v.cpu().to(torch.int64) for k, v in batch.items() if k in self.inputs}
+        logits = []
+        for part in zip(*(v.split(ONNX_ROWS) for v in feed.values())):
+            part = dict(zip(feed, part))
+            if "attention_mask" in part:
+                width = int(part["attention_mask"].any(0).nonzero().max()) + 1 if part["attention_mask"].any() else 1
+                part = {k: v[:, :width] for k, v in part.items()}
+            logits.append(torch.from_numpy(self.session.run(["logits"], {k: v.numpy() for k, v in part.items()})[0]))
+        return SimpleNamespace(logits=torch.cat(logits))
 
     def eval(self):
         return self
@@ -152,7 +165,25 @@ def export_onnx(model: nn.Module, tokenizer, path) -> None:
                                         output_names=["logits"], dynamic_shapes=dynamic, dynamo=True, verbose=False)
     finally:
         quiet.level = level
-    atomic_write_bytes(path, program.model_proto.SerializeToString())
+    atomic_write_bytes(path, _fused(program.model_proto, model.config).SerializeToString())
+
+
+def _fused(proto, config):
+    """A BERT encoder's graph with ONNX Runtime's transformer fusions (its own SkipLayerNormalization and BiasGelu
+    operators: one pass over memory where the plain graph makes three or four), the graph as it was for other
+    models. MiniLM on 600 tweets, 2 Zen 3 cores, medians of 4 interleaved rounds: 161 / 167 / 151 against 152 /
+    163 / 143 examples/s in calls of 16 / 32 / 64 rows, the same labels, logits within 1e-7."""
+    if getattr(config, "model_type", None) != "bert":
+        return proto
+    from onnxruntime.transformers import optimizer
+
+    quiet = logging.getLogger("onnxruntime.transformers")  # it reports each fusion it makes
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        return optimizer.optimize_model(proto, model_type="bert", num_heads=config.num_attention_heads,
+                                        hidden_size=config.hidden_size, opt_level=0).model
+    finally:
+        quiet.level = level
 
 
 def check_runtime(runtime: str) -> None:
