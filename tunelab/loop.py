@@ -60,7 +60,6 @@ class Loop:
     on_step: object = None  # callable(step) after each step; tests use it to simulate a crash
     on_eval: object = None  # callable(step, metrics) after each evaluation; hyperparameter search prunes here
     history: list[dict] = field(default_factory=list)
-    embedding_tables: dict | None = None  # what speed.reused_embedding_grads yields during training
 
     @property
     def metric(self) -> str:
@@ -71,10 +70,11 @@ def _autocast_dtype(loop: Loop):
     return torch.bfloat16 if loop.cfg.train.bf16 and loop.dist.device.type == "cuda" else None
 
 
-def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: FrozenFeatures | None = None
-          ) -> tuple[float, dict]:
+def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: FrozenFeatures | None = None,
+          tables: dict | None = None) -> tuple[float, dict]:
     """One optimizer step over one global batch: the batch's mean training loss and the task's extra log fields.
-    `features` answers for the frozen backbone where the method replays its outputs."""
+    `features` answers for the frozen backbone where the method replays its outputs; `tables` are the embedding
+    tables `speed.reused_embedding_grads` yielded, for the clip."""
     t, d = loop.cfg.train, loop.dist
     micro = split_global(batch, d.rank, d.world, t.batch_size)
     if not micro:  # this process got no examples of a short last batch: contribute zero gradient
@@ -105,7 +105,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
             loss.backward()
         total += loss.detach() * weight
     if t.max_grad_norm > 0:
-        speed.clip_grad_norm_(params, t.max_grad_norm, loop.embedding_tables)
+        speed.clip_grad_norm_(params, t.max_grad_norm, tables)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if d.world > 1:
@@ -176,7 +176,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     sequence = not loop.task.judged_by_start  # classifier-style tasks (language-model stages have other models)
     # The embedding gradient buffer is reused only in one process: DDP's hooks watch autograd's own gradients.
     with (speed.reused_embedding_grads(model, sole_writer=t.l1 == 0) if d.world == 1 else contextlib.nullcontext()
-          as loop.embedding_tables,
+          as tables,
           speed.first_token_only(model, model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device))
           if sequence else contextlib.nullcontext() as first_token,
           speed.onednn_linears(model) as onednn, speed.fast_dropout(model, t.fast_dropout) as dropout):
@@ -193,7 +193,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             for b in range(state.batch_in_epoch, len(batches)):
                 loop.method.train_mode(model)
                 tic = time.perf_counter()
-                loss, extra = _step(loop, ddp, optimizer, batches[b], features)
+                loss, extra = _step(loop, ddp, optimizer, batches[b], features, tables)
                 scheduler.step()
                 dt = time.perf_counter() - tic
                 step_seconds, seen = step_seconds + dt, seen + len(batches[b])

@@ -59,8 +59,8 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        weight = ctx.module.weight
         module = ctx.module
+        weight = module.weight
         if weight.grad is None:  # the optimizer's zero_grad(set_to_none) dropped it: hand back the kept buffer
             buffer = module._grad_buffer
             if buffer is None:
@@ -115,9 +115,9 @@ def reused_embedding_grads(model: nn.Module, sole_writer: bool = True):
 def _written_rows(param, tables: dict):
     """The rows of `param`'s gradient that can be nonzero (sorted ids), or None where that is not known."""
     module = tables.get(param)
-    if module is None or module._rows is None or param.grad is not module._grad_buffer:
+    if module is None or not module._rows or param.grad is not module._grad_buffer:
         return None
-    return torch.unique(torch.cat(module._rows)) if module._rows else param.grad.new_zeros(0, dtype=torch.long)
+    return torch.unique(torch.cat(module._rows))
 
 
 @torch.no_grad()

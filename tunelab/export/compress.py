@@ -16,6 +16,7 @@ RUN/onnx/model.onnx (weights inside, no pickle) and read by `tunelab predict RUN
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
@@ -139,8 +140,8 @@ class OnnxClassifier:
         for part in zip(*(v.split(ONNX_ROWS) for v in feed.values())):
             part = dict(zip(feed, part))
             if "attention_mask" in part:
-                width = int(part["attention_mask"].any(0).nonzero().max()) + 1 if part["attention_mask"].any() else 1
-                part = {k: v[:, :width] for k, v in part.items()}
+                columns = part["attention_mask"].any(0).nonzero()
+                part = {k: v[:, :int(columns.max()) + 1 if len(columns) else 1] for k, v in part.items()}
             logits.append(torch.from_numpy(self.session.run(["logits"], {k: v.numpy() for k, v in part.items()})[0]))
         return SimpleNamespace(logits=torch.cat(logits))
 
@@ -156,15 +157,11 @@ def export_onnx(model: nn.Module, tokenizer, path) -> None:
     enc = sample_inputs(tokenizer)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     dynamic = {k: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for k in names}
-    quiet = logging.getLogger("torch.onnx")  # its notes on absent torchvision ops and axis names are not ours
-    level, quiet.level = quiet.level, logging.ERROR
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(model.eval(), (), kwargs={k: enc[k] for k in names}, input_names=names,
-                                        output_names=["logits"], dynamic_shapes=dynamic, dynamo=True, verbose=False)
-    finally:
-        quiet.level = level
+    # torch.onnx's notes on absent torchvision ops and axis names are not ours
+    with _quiet("torch.onnx"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model.eval(), (), kwargs={k: enc[k] for k in names}, input_names=names,
+                                    output_names=["logits"], dynamic_shapes=dynamic, dynamo=True, verbose=False)
     atomic_write_bytes(path, _fused(program.model_proto, model.config).SerializeToString())
 
 
@@ -177,11 +174,18 @@ def _fused(proto, config):
         return proto
     from onnxruntime.transformers import optimizer
 
-    quiet = logging.getLogger("onnxruntime.transformers")  # it reports each fusion it makes
-    level, quiet.level = quiet.level, logging.ERROR
-    try:
+    with _quiet("onnxruntime.transformers"):  # it reports each fusion it makes
         return optimizer.optimize_model(proto, model_type="bert", num_heads=config.num_attention_heads,
                                         hidden_size=config.hidden_size, opt_level=0).model
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Within the block, the named logger reports errors only."""
+    quiet = logging.getLogger(logger)
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        yield
     finally:
         quiet.level = level
 
