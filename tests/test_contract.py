@@ -49,8 +49,10 @@ def training_objective(job) -> float:
     return total / units
 
 
-# A random tiny backbone gives small features: a head alone, or small adapters, need larger steps.
-LR = {"head": 0.1, "lora": 5e-2}
+# A random tiny backbone gives small features: a head alone, or small adapters, need larger steps. Not too large:
+# at head 0.3 or lora 5e-2 the training set's loss rose for some seeds (over seeds 0-4 and 42; at 0.1 and 2e-2
+# it fell by 3% or more in every run).
+LR = {"head": 0.1, "lora": 2e-2}
 EPOCHS = {"classification": 4, "regression": 4, "multilabel": 4, "ner": 3}
 
 
@@ -98,9 +100,9 @@ def test_loss_is_finite_and_falls(task, name, task_config, teacher, tmp_path):
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     # The whole training set's loss before and after, not the logged step losses: those move with dropout and
-    # batch order (over seeds 0-4 and 42, 6 of 138 runs had a last epoch within 3% of the first), while this
-    # fell by more than 3% in 137 of them. A random tiny backbone leaves head and LoRA little to learn (the loss
-    # floor is near the label prior), hence the margin of 2%; a learning rate of 0 reads exactly 1.
+    # batch order (over seeds 0-4 and 42, 6 of 138 runs had a last epoch within 3% of the first). A random tiny
+    # backbone leaves a head little to learn (the loss floor is near the label prior), hence a margin of 2%; a
+    # learning rate of 0 reads exactly 1.
     last = training_objective(job)
     assert last < first * 0.98, (task, name, first, last)
 

@@ -250,3 +250,59 @@ def test_fast_dropout_follows_the_seed_and_leaves_eval_inplace_and_other_modules
         assert torch.equal(inplace(torch.ones(32, 32)), reference)  # in-place dropout: PyTorch's own
     with speed.fast_dropout(model, enabled=False) as applied:
         assert not applied and "forward" not in vars(model[1])
+
+
+def test_fast_attention_drops_probabilities_with_the_fast_mask_and_respects_the_padding_mask():
+    module = nn.Module()
+    module.is_causal = False
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False  # the second example's last two positions are padding
+
+    def attend(value, seed=7):
+        torch.manual_seed(seed)
+        out, _ = speed._attention(module, q, k, value, mask, dropout=0.25, scaling=0.5)
+        return out
+    scores = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    torch.manual_seed(7)
+    expected = (speed._Dropout.apply(scores, 0.25) @ v).transpose(1, 2)
+    assert torch.allclose(attend(v), expected, atol=1e-6)
+    assert not torch.allclose(attend(v), (scores @ v).transpose(1, 2))  # some probabilities were dropped
+    padded = v.clone()
+    padded[1, :, 3:] = 100.0  # what padding positions hold cannot matter
+    assert torch.equal(attend(padded), attend(v))
+    module.eval()  # evaluation (transformers passes dropout 0 there): its own SDPA
+    out, _ = speed._attention(module, q, k, v, mask, dropout=0.0, scaling=0.5)
+    assert torch.allclose(out, (scores @ v).transpose(1, 2), atol=1e-6)
+
+
+def test_fast_dropout_takes_an_encoders_attention_dropout_off_sdpa_and_gives_it_back(tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2, attn_implementation="sdpa")
+    assert model.config.attention_probs_dropout_prob > 0
+    batch = dict(AutoTokenizer.from_pretrained(tiny_model)(["a good film", "bad"], padding=True, return_tensors="pt"))
+    sdpa = nn.functional.scaled_dot_product_attention
+    dropped = []
+
+    def watched(*args, dropout_p=0.0, **kwargs):
+        dropped.append(dropout_p)
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", watched)
+    model.eval()
+    reference = model(**batch).logits
+    with speed.fast_dropout(model) as applied:
+        assert applied and model.config._attn_implementation == speed.ATTENTION
+        assert torch.allclose(model(**batch).logits, reference, atol=1e-6)  # eval: the same SDPA
+        model.train()
+        model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+        assert all(p == 0.0 for p in dropped)  # no training call reached SDPA with dropout
+        assert model.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+        model.save_pretrained(tmp_path / "saved")  # a checkpoint inside the block names no private attention
+    assert model.config._attn_implementation == "sdpa"
+    assert speed.ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
+    dropped.clear()
+    model(**batch)
+    assert dropped and all(p > 0 for p in dropped)  # after the block, SDPA's own dropout again
