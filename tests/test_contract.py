@@ -17,14 +17,14 @@ from tunelab.tasks import TASKS
 from tunelab.loop import Loop, fit
 
 
-def build(cfg):
-    job = build_job(cfg, torch.device("cpu"))
+def build(cfg, job=None):
+    """The job's parts for `cfg`: of `job` where one was built already."""
+    job = job or build_job(cfg, torch.device("cpu"))
     return job.model, job.method, job.tokenizer, job.train_items, job.eval_items, job
 
 
 def run_loop(cfg, tmp_path, job=None):
-    model, method, tok, items, eval_items, job = build(cfg) if job is None else (
-        job.model, job.method, job.tokenizer, job.train_items, job.eval_items, job)
+    model, method, tok, items, eval_items, job = build(cfg, job)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     (tmp_path / "run").mkdir(exist_ok=True)
     loop = Loop(cfg, job.task, job.splits.space, model, method, items, eval_items, tok.pad_token_id,
@@ -94,7 +94,7 @@ def test_loss_is_finite_and_falls(task, name, task_config, teacher, tmp_path):
     cfg = use(task_config(task), name, teacher)
     cfg.train.epochs = EPOCHS[task]
     cfg.train.lr = LR.get(name, 5e-3)
-    job = build_job(cfg, torch.device("cpu"))
+    *_, job = build(cfg)
     first = training_objective(job)
     *_, history, _ = run_loop(cfg, tmp_path, job)
     losses = [h["loss"] for h in history if "loss" in h]
