@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tunelab.config import Config, DataConfig
 from tunelab.data import load_splits
-from tunelab.data.batching import global_batches, split_global
+from tunelab.data.batching import global_batches, split_global, token_batches
 from tunelab.data.load import label_names, read_examples
 
 
@@ -57,6 +57,18 @@ def test_batches_cover_every_example_once_and_depend_only_on_seed_and_epoch():
     def pad(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
     assert pad(a) < 0.25 * pad(global_batches(lengths, 8, seed=3, epoch=1, bucket=1))
+
+
+def test_token_batches_run_longest_first_within_the_token_budget():
+    lengths = [(i * 7) % 23 + 1 for i in range(103)] + [40]  # one example longer than the budget
+    batches = token_batches(lengths, 30)
+    assert sorted(i for b in batches for i in b) == list(range(104))
+    assert batches[0] == [103]  # alone: a batch holds at least one example
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat, reverse=True)
+    assert all(max(lengths[i] for i in b) * len(b) <= 30 for b in batches[1:])
+    # and full: one more example (as long as its first) would not fit
+    assert all((len(b) + 1) * lengths[b[0]] > 30 for b in batches[:-1])
 
 
 def test_global_batch_splits_into_disjoint_rank_shares():

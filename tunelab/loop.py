@@ -182,10 +182,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
           speed.onednn_linears(model) as onednn, speed.fast_dropout(model, t.fast_dropout) as dropout):
         features = None
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
-            # at least 64 at a time: 1,000 tweets took 7.65-7.85 s against 8.28-8.29 in batches of 16 on a Zen 3
-            # (MKL's rate grows with the rows; 128: 9.39 s); on a Zen 4 with oneDNN 64 was no faster nor slower
-            features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device,
-                                      max(t.batch_size, 64))
+            features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
             step_seconds = time.perf_counter() - started  # the cache is part of the training's time
         for epoch in range(state.epoch, t.epochs):
             loop.method.on_epoch_start(model, epoch, cfg.tuning)
