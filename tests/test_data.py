@@ -69,6 +69,8 @@ def test_token_batches_run_longest_first_within_the_token_budget():
     assert all(max(lengths[i] for i in b) * len(b) <= 30 for b in batches[1:])
     # and full: one more example (as long as its first) would not fit
     assert all((len(b) + 1) * lengths[b[0]] > 30 for b in batches[:-1])
+    capped = token_batches(lengths, 1000, rows=8)  # evaluation: at most eval_batch_size examples too
+    assert [len(b) for b in capped] == [8] * 13
 
 
 def test_global_batch_splits_into_disjoint_rank_shares():

@@ -5,22 +5,23 @@ import torch
 from torch import nn
 
 from tunelab import speed
-from tunelab.data.batching import global_batches
+from tunelab.data.batching import FORWARD_TOKENS, token_batches
 from tunelab.tasks import Space, Task
 
 
 @torch.no_grad()
 def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int, device, autocast_dtype=None
                     ) -> list[torch.Tensor]:
-    """Per-item outputs in input order (the task's `outputs`: logits for most tasks), `task.eval_batch_size` at a
-    time in a fixed order: the same items always meet the same batches, so outputs repeat bit for bit."""
+    """Per-item outputs in input order (the task's `outputs`: logits for most tasks), at most
+    `task.eval_batch_size` items and `FORWARD_TOKENS` padded tokens at a time, longest first, in a fixed order:
+    the same items always meet the same batches, so outputs repeat bit for bit."""
     batch_size = task.eval_batch_size
     was_training = model.training
     model.eval()
     out: list = [None] * len(items)
     lengths = [len(it["input_ids"]) for it in items]
     with speed.onednn_linears(model):
-        for batch in global_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False):
+        for batch in token_batches(lengths, FORWARD_TOKENS, batch_size):
             inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 rows = task.outputs(model, inputs, [lengths[i] for i in batch])

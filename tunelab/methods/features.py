@@ -15,13 +15,10 @@ import contextlib
 import torch
 from torch import nn
 
+from tunelab.data.batching import FORWARD_TOKENS, token_batches
 from tunelab.tasks.base import NOT_INPUTS
 
 BUDGET = 2 << 30  # bytes of cached hidden states (fp32) above which the backbone runs every step instead
-# Padded tokens per forward of the cache. MiniLM over 1,000 tweets on 2 Zen 3 cores: 64 examples at a time (~2,000
-# tokens) took 7.65-7.85 s against 8.28-8.29 in batches of 16 (~500 tokens; MKL's rate grows with the rows) and
-# 9.39 in batches of 128; 1,024 tokens longest first is faster still (batching.token_batches).
-TOKENS = 1024
 
 
 class FrozenFeatures(nn.Module):
@@ -66,10 +63,9 @@ class FrozenFeatures(nn.Module):
 
 @torch.no_grad()  # not inference_mode: the cached tensors feed the head's autograd later
 def cache_features(task, model: nn.Module, items: list[dict], pad_id: int, device,
-                   tokens: int = TOKENS) -> FrozenFeatures | None:
+                   tokens: int = FORWARD_TOKENS) -> FrozenFeatures | None:
     """The frozen base model's outputs for `items`; None when the head needs every token's hidden state and they
     would exceed BUDGET, or the model has no separable base model."""
-    from tunelab.data.batching import token_batches
 
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None)
