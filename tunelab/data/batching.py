@@ -5,6 +5,7 @@ start with `_` are bookkeeping (gold answers, word positions) that never reach t
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -18,8 +19,19 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             batch[key] = _labels([it[key] for it in items], longest)
             continue
         fill = pad_id if key == "input_ids" else 0
-        batch[key] = torch.tensor([it[key] + [fill] * (longest - len(it[key])) for it in items])
+        batch[key] = _padded([it[key] for it in items], longest, fill)
     return batch
+
+
+def _padded(rows: list[list[int]], longest: int, fill: int) -> torch.Tensor:
+    """The rows padded with `fill` to `longest`, as one int64 tensor. Through a numpy array: 30 us for 16 rows of
+    10-40 ids where torch.tensor on the padded lists takes 200 us (a cached head's whole training step is ~2 ms)."""
+    if not all(type(row[0]) is int for row in rows if row):  # not the tokenizer's ids or masks: torch converts
+        return torch.tensor([row + [fill] * (longest - len(row)) for row in rows])
+    out = np.full((len(rows), longest), fill, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return torch.from_numpy(out)
 
 
 def global_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, shuffle: bool = True,
