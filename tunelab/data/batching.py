@@ -96,7 +96,7 @@ def _labels(values: list, longest: int) -> torch.Tensor:
     """Class ids, numbers, per-label 0/1 vectors (multilabel) or per-token ids padded with -100 (ner)."""
     first = values[0]
     if isinstance(first, list) and first and isinstance(first[0], int):
-        return torch.tensor([v + [-100] * (longest - len(v)) for v in values])
+        return _padded(values, longest, -100)
     if isinstance(first, float) or (isinstance(first, list) and first and isinstance(first[0], float)):
         return torch.tensor(values, dtype=torch.float32)
     return torch.tensor(values)

@@ -66,7 +66,6 @@ def cache_features(task, model: nn.Module, items: list[dict], pad_id: int, devic
                    tokens: int = FORWARD_TOKENS) -> FrozenFeatures | None:
     """The frozen base model's outputs for `items`; None when the head needs every token's hidden state and they
     would exceed BUDGET, or the model has no separable base model."""
-
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None)
     width = getattr(model.config, "hidden_size", None)
