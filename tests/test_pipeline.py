@@ -29,6 +29,7 @@ def test_run_folder_holds_everything(finished_run):
     assert {"accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"} <= m["eval"].keys()
     assert {"seconds", "samples_per_second", "peak_rss_mb", "trainable_params", "total_params"} <= m["train"].keys()
     assert 0 < m["train"]["trainable_params"] < m["train"]["total_params"]
+    assert m["train"]["lean_lora"]  # on the CPU the adapters ran speed._LoraLinear
     assert m["eval"]["accuracy"] > m["baseline"]["majority"]["accuracy"]
     history = [json.loads(line) for line in (finished_run / "history.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "samples_per_second"} <= history[0].keys()

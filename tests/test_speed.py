@@ -1,6 +1,7 @@
 """Exact speed-ups change the time a step takes, never what it computes."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -306,3 +307,75 @@ def test_fast_dropout_takes_an_encoders_attention_dropout_off_sdpa_and_gives_it_
     dropped.clear()
     model(**batch)
     assert dropped and all(p > 0 for p in dropped)  # after the block, SDPA's own dropout again
+
+
+def _lora_model(tiny_model, dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=dropout,
+                                             target_modules=["query", "value"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero too
+            nn.init.normal_(p)
+    batch = dict(AutoTokenizer.from_pretrained(tiny_model)(["a good film, really", "bad", "fine"], padding=True,
+                                                          return_tensors="pt"))
+    return model, batch
+
+
+def _lora_logits_and_grads(model, batch, *blocks, seed: int = 5):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    with contextlib.ExitStack() as stack:
+        applied = [stack.enter_context(block) for block in blocks]
+        logits = model(**batch).logits
+        if torch.is_grad_enabled():
+            logits.logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return applied, logits.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
+    model, batch = _lora_model(tiny_model, dropout)
+    model.train()
+    # both with fast_dropout: peft's adapter dropout and the lean layer draw the same masks in the same order
+    (_, lean), logits, grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model),
+                                                      speed.lean_lora(model))
+    _, ref_logits, ref_grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model))
+    assert lean
+    assert torch.allclose(logits, ref_logits, atol=1e-6)
+    assert sorted(grads) == sorted(ref_grads) and any("lora_A" in n for n in grads)
+    for n in grads:
+        assert torch.allclose(grads[n], ref_grads[n], atol=1e-6), n
+        if "lora_" in n:
+            assert grads[n].abs().sum() > 0, n  # the adapters do get gradients
+    assert not any("forward" in vars(m) for m in model.modules())  # restored after the block
+    model.eval()
+    with torch.no_grad():
+        (lean,), logits, _ = _lora_logits_and_grads(model, batch, speed.lean_lora(model))
+        assert lean and torch.allclose(logits, model(**batch).logits, atol=1e-6)
+
+
+def test_lean_lora_leaves_pytorch_dropout_merged_adapters_and_trainable_bases_to_peft(tiny_model):
+    model, batch = _lora_model(tiny_model, 0.1)
+    model.train()
+    # PyTorch's dropout stream asked for: peft's forward, bit for bit
+    _, logits, grads = _lora_logits_and_grads(model, batch, speed.lean_lora(model, own_dropout=False))
+    _, ref_logits, ref_grads = _lora_logits_and_grads(model, batch)
+    assert torch.equal(logits, ref_logits) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    # a base layer that trains keeps its gradient (peft's forward computes it)
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    query.base_layer.weight.requires_grad_(True)
+    _, _, grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model), speed.lean_lora(model))
+    _, _, ref_grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model))
+    name = next(n for n in grads if n.endswith("layer.0.attention.self.query.base_layer.weight"))
+    assert torch.allclose(grads[name], ref_grads[name], atol=1e-6) and grads[name].abs().sum() > 0
+    query.base_layer.weight.requires_grad_(False)
+    model.eval()
+    model.merge_adapter()  # merged: the base layer alone computes it
+    with torch.no_grad():
+        _, logits, _ = _lora_logits_and_grads(model, batch, speed.lean_lora(model))
+        assert torch.equal(logits, model(**batch).logits)

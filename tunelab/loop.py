@@ -179,7 +179,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
           as tables,
           speed.first_token_only(model, model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device))
           if sequence else contextlib.nullcontext() as first_token,
-          speed.onednn_linears(model) as onednn, speed.fast_dropout(model, t.fast_dropout) as dropout):
+          speed.onednn_linears(model) as onednn, speed.fast_dropout(model, t.fast_dropout) as dropout,
+          speed.lean_lora(model, own_dropout=t.fast_dropout) as lean_lora):
         features = None
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
@@ -223,5 +224,6 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             "steps": state.step, "cached_features": features.kept if features else None,
             "first_token_only": bool(first_token), "onednn_linears": onednn and d.device.type == "cpu",
             "fast_dropout": dropout and d.device.type == "cpu",
+            "lean_lora": lean_lora and d.device.type == "cpu",
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best}

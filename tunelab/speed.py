@@ -26,6 +26,14 @@ PyTorch's generator (four units per 64-bit draw) compared with round(p x 65,536)
 the scale follows the rounded p, so the expected output is exactly the input. The mask is kept as bytes.
 1.46 ms for the same forward + backward. Not bit-identical to PyTorch's stream: a different but equally random
 draw (`train.fast_dropout false` restores PyTorch's).
+
+`lean_lora`: peft's LoRA linear layer (frozen base, one adapter) as one autograd function, `_LoraLinear`. Profile of
+a MiniLM LoRA step (r = 8 on query and value, 600 tweets, 2 Zen 3 cores): the adapters' rank-8 products took
+15.4 ms a step at 13 GFLOP/s, because MKL runs a product with an 8-column output 1.4-4.5× slower than its transpose;
+computed as transposes, 7.4 ms. The adapter's output is added into the base layer's in place, its dropout mask is
+the one `fast_dropout` draws (the same masks in the same order as peft's dropout under `fast_dropout`), and the
+dropped input is the only activation kept. The same sums in another order; anything peft computes otherwise (DoRA,
+merged or several adapters, a base layer that trains, other dtypes and devices) is peft's own forward.
 """
 from __future__ import annotations
 
@@ -320,6 +328,87 @@ def _dropout_forward(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
             or not 1 / 65536 <= module.p <= 1 - 1 / 65536:
         return nn.functional.dropout(x, module.p, module.training, module.inplace)
     return _Dropout.apply(x, module.p)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """peft's LoRA linear layer, y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ with W and b frozen, as one function. The
+    products with a rank-r output (drop(x) Aᵀ, the gradients g B and gᵀ h) are computed as their transposes,
+    [r × N] = A drop(x)ᵀ and so on: MKL runs the narrow-output form 1.4-4.5× slower (N = 700 rows of 384, r = 8,
+    2 Zen 3 cores: 164 / 289 / 448 µs against 116 / 114 / 99). The adapter's product is added into the base
+    layer's output in place (`addmm_`), and the dropout mask is `_keep`'s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
+        rows = x.reshape(-1, x.shape[-1])
+        keep, scale = _keep(rows.shape, p) if p > 0 else (None, 1.0)
+        dropped = rows if keep is None else _masked(rows, keep, scale)
+        h_t = lora_a @ dropped.t()  # [r, N]
+        y = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        y.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(weight, lora_a, lora_b, dropped, h_t, keep)
+        ctx.scaling, ctx.scale = scaling, scale
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        weight, lora_a, lora_b, dropped, h_t, keep = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_h_t = (lora_b.t() @ g.t()).mul_(ctx.scaling)  # [r, N]: the gradient of drop(x) Aᵀ, transposed
+        grad_a = grad_h_t @ dropped if ctx.needs_input_grad[3] else None
+        grad_b = (h_t @ g).t().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+            if keep is None:
+                grad_x.addmm_(grad_h_t.t(), lora_a)
+            else:
+                grad_x.addcmul_(grad_h_t.t() @ lora_a, keep, value=ctx.scale)
+            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft `lora.Linear`'s forward through `_LoraLinear` where it computes exactly that: one plain LoRA adapter
+    (no DoRA or other variant, no adapter bias), unmerged, over a frozen `nn.Linear`, fp32 on the CPU, dropout
+    off, or `nn.Dropout` where the block allows `_keep`'s masks. Anything else is peft's own forward."""
+    names = module.active_adapters
+    name = names[0] if len(names) == 1 else None
+    base = module.base_layer
+    if (args or kwargs or module.disable_adapters or module.merged or name not in module.lora_A
+            or name in getattr(module, "lora_variant", {}) or type(base) is not nn.Linear or "forward" in base.__dict__
+            or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+            or x.device.type != "cpu" or x.dtype != torch.float32 or base.weight.dtype != torch.float32):
+        return type(module).forward(module, x, *args, **kwargs)
+    lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
+    if (type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None
+            or lora_b.bias is not None or type(dropout) not in (nn.Dropout, nn.Identity)
+            or lora_a.weight.dtype != torch.float32 or lora_b.weight.dtype != torch.float32
+            or not (p == 0 or module._own_dropout and 1 / 65536 <= p <= 1 - 1 / 65536)):
+        return type(module).forward(module, x, *args, **kwargs)
+    return _LoraLinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name], p)
+
+
+@contextlib.contextmanager
+def lean_lora(model, own_dropout: bool = True):
+    """Within the block, the model's peft LoRA linear layers run `_lora_forward`; their adapter dropout draws
+    `_keep`'s masks where `own_dropout` allows (else a layer training with dropout is peft's). Yields whether any
+    layer runs it."""
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # peft is a dependency; a model without it has no LoRA layers
+        yield False
+        return
+    layers = [m for m in model.modules() if type(m) is Linear] if isinstance(model, nn.Module) else []
+    for m in layers:
+        m._own_dropout = own_dropout
+    try:
+        with _forwards(model, Linear, _lora_forward) as applied:
+            yield applied
+    finally:
+        for m in layers:
+            del m._own_dropout
 
 
 @contextlib.contextmanager
