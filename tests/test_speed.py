@@ -353,6 +353,10 @@ def test_lean_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
         if "lora_" in n:
             assert grads[n].abs().sum() > 0, n  # the adapters do get gradients
     assert not any("forward" in vars(m) for m in model.modules())  # restored after the block
+    with speed.fast_dropout(model), speed.lean_lora(model):
+        with speed.lean_lora(model, own_dropout=False) as inner:
+            assert inner  # the outer block's layers, left as they are
+        model(**batch)  # and they still run once the inner block has closed
     model.eval()
     with torch.no_grad():
         (lean,), logits, _ = _lora_logits_and_grads(model, batch, speed.lean_lora(model))
@@ -375,6 +379,9 @@ def test_lean_lora_leaves_pytorch_dropout_merged_adapters_and_trainable_bases_to
     assert torch.allclose(grads[name], ref_grads[name], atol=1e-6) and grads[name].abs().sum() > 0
     query.base_layer.weight.requires_grad_(False)
     model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: peft's forward, in bf16
+        _, logits, _ = _lora_logits_and_grads(model, batch, speed.lean_lora(model))
+        assert torch.equal(logits, model(**batch).logits)
     model.merge_adapter()  # merged: the base layer alone computes it
     with torch.no_grad():
         _, logits, _ = _lora_logits_and_grads(model, batch, speed.lean_lora(model))

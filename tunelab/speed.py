@@ -370,15 +370,17 @@ class _LoraLinear(torch.autograd.Function):
 
 def _lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A peft `lora.Linear`'s forward through `_LoraLinear` where it computes exactly that: one plain LoRA adapter
-    (no DoRA or other variant, no adapter bias), unmerged, over a frozen `nn.Linear`, fp32 on the CPU, dropout
-    off, or `nn.Dropout` where the block allows `_keep`'s masks. Anything else is peft's own forward."""
+    (no DoRA or other variant, no adapter bias), unmerged, over a frozen `nn.Linear`, fp32 on the CPU without
+    autocast, dropout off, or `nn.Dropout` where the block allows `_keep`'s masks. Anything else is peft's own
+    forward."""
     names = module.active_adapters
     name = names[0] if len(names) == 1 else None
     base = module.base_layer
     if (args or kwargs or module.disable_adapters or module.merged or name not in module.lora_A
             or name in getattr(module, "lora_variant", {}) or type(base) is not nn.Linear or "forward" in base.__dict__
             or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
-            or x.device.type != "cpu" or x.dtype != torch.float32 or base.weight.dtype != torch.float32):
+            or x.device.type != "cpu" or x.dtype != torch.float32 or base.weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu") or x.numel() == 0):
         return type(module).forward(module, x, *args, **kwargs)
     lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
     p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
@@ -393,14 +395,15 @@ def _lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 @contextlib.contextmanager
 def lean_lora(model, own_dropout: bool = True):
     """Within the block, the model's peft LoRA linear layers run `_lora_forward`; their adapter dropout draws
-    `_keep`'s masks where `own_dropout` allows (else a layer training with dropout is peft's). Yields whether any
-    layer runs it."""
+    `_keep`'s masks where `own_dropout` allows (else a layer training with dropout is peft's). Nests: an inner
+    block leaves an outer block's layers as they are. Yields whether any layer runs it."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:  # peft is a dependency; a model without it has no LoRA layers
         yield False
         return
-    layers = [m for m in model.modules() if type(m) is Linear] if isinstance(model, nn.Module) else []
+    layers = [m for m in model.modules() if type(m) is Linear and "_own_dropout" not in vars(m)] \
+        if isinstance(model, nn.Module) else []
     for m in layers:
         m._own_dropout = own_dropout
     try:
