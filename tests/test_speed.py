@@ -342,10 +342,14 @@ def test_lean_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
     model, batch = _lora_model(tiny_model, dropout)
     model.train()
     # both with fast_dropout: peft's adapter dropout and the lean layer draw the same masks in the same order
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    ran = []
+    hook = query.register_forward_hook(lambda module, args, out: ran.append(type(out.grad_fn).__name__))
     (_, lean), logits, grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model),
                                                       speed.lean_lora(model))
     _, ref_logits, ref_grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model))
-    assert lean
+    hook.remove()
+    assert lean and ran[0] == "_LoraLinearBackward" and ran[1] != ran[0]  # the lean layer ran, then peft's
     assert torch.allclose(logits, ref_logits, atol=1e-6)
     assert sorted(grads) == sorted(ref_grads) and any("lora_A" in n for n in grads)
     for n in grads:
@@ -354,7 +358,7 @@ def test_lean_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
             assert grads[n].abs().sum() > 0, n  # the adapters do get gradients
     assert not any("forward" in vars(m) for m in model.modules())  # restored after the block
     with speed.fast_dropout(model), speed.lean_lora(model):
-        with speed.lean_lora(model, own_dropout=False) as inner:
+        with speed.lean_lora(model) as inner:
             assert inner  # the outer block's layers, left as they are
         model(**batch)  # and they still run once the inner block has closed
     model.eval()
@@ -366,8 +370,8 @@ def test_lean_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
 def test_lean_lora_leaves_pytorch_dropout_merged_adapters_and_trainable_bases_to_peft(tiny_model):
     model, batch = _lora_model(tiny_model, 0.1)
     model.train()
-    # PyTorch's dropout stream asked for: peft's forward, bit for bit
-    _, logits, grads = _lora_logits_and_grads(model, batch, speed.lean_lora(model, own_dropout=False))
+    # PyTorch's dropout stream (no fast_dropout): peft's forward, bit for bit
+    _, logits, grads = _lora_logits_and_grads(model, batch, speed.lean_lora(model))
     _, ref_logits, ref_grads = _lora_logits_and_grads(model, batch)
     assert torch.equal(logits, ref_logits) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
     # a base layer that trains keeps its gradient (peft's forward computes it)

@@ -180,7 +180,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
           speed.first_token_only(model, model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device))
           if sequence else contextlib.nullcontext() as first_token,
           speed.onednn_linears(model) as onednn, speed.fast_dropout(model, t.fast_dropout) as dropout,
-          speed.lean_lora(model, own_dropout=t.fast_dropout) as lean_lora):
+          speed.lean_lora(model) as lean_lora):
         features = None
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)

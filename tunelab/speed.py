@@ -323,9 +323,19 @@ class _Dropout(torch.autograd.Function):
         return _masked(grad_y, keep, ctx.scale), None
 
 
+def _drawable(p: float) -> bool:
+    """Whether `_keep` draws masks for rate p: p rounds to at least one 65,536th and keeps at least one."""
+    return 1 / 65536 <= p <= 1 - 1 / 65536
+
+
+def _draws_keep(module: nn.Dropout, x: torch.Tensor) -> bool:
+    """Whether `_dropout_forward` drops `x` with `_keep`'s mask (else it is PyTorch's dropout)."""
+    return module.training and not module.inplace and x.device.type == "cpu" and x.is_floating_point() \
+        and _drawable(module.p)
+
+
 def _dropout_forward(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
-    if not module.training or module.inplace or x.device.type != "cpu" or not x.is_floating_point() \
-            or not 1 / 65536 <= module.p <= 1 - 1 / 65536:
+    if not _draws_keep(module, x):
         return nn.functional.dropout(x, module.p, module.training, module.inplace)
     return _Dropout.apply(x, module.p)
 
@@ -371,8 +381,8 @@ class _LoraLinear(torch.autograd.Function):
 def _lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A peft `lora.Linear`'s forward through `_LoraLinear` where it computes exactly that: one plain LoRA adapter
     (no DoRA or other variant, no adapter bias), unmerged, over a frozen `nn.Linear`, fp32 on the CPU without
-    autocast, dropout off, or `nn.Dropout` where the block allows `_keep`'s masks. Anything else is peft's own
-    forward."""
+    autocast, dropout off or an `nn.Dropout` that `fast_dropout` gave `_keep`'s masks (this then draws the same
+    masks in the same order). Anything else, PyTorch's own dropout included, is peft's own forward."""
     names = module.active_adapters
     name = names[0] if len(names) == 1 else None
     base = module.base_layer
@@ -383,35 +393,35 @@ def _lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             or torch.is_autocast_enabled("cpu") or x.numel() == 0):
         return type(module).forward(module, x, *args, **kwargs)
     lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-    p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
+    drops = type(dropout) is nn.Dropout and dropout.training and dropout.p > 0
     if (type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None
             or lora_b.bias is not None or type(dropout) not in (nn.Dropout, nn.Identity)
             or lora_a.weight.dtype != torch.float32 or lora_b.weight.dtype != torch.float32
-            or not (p == 0 or module._own_dropout and 1 / 65536 <= p <= 1 - 1 / 65536)):
+            or drops and not (_runs(dropout, _dropout_forward) and _draws_keep(dropout, x))):
         return type(module).forward(module, x, *args, **kwargs)
-    return _LoraLinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name], p)
+    return _LoraLinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name],
+                             dropout.p if drops else 0.0)
 
 
 @contextlib.contextmanager
-def lean_lora(model, own_dropout: bool = True):
-    """Within the block, the model's peft LoRA linear layers run `_lora_forward`; their adapter dropout draws
-    `_keep`'s masks where `own_dropout` allows (else a layer training with dropout is peft's). Nests: an inner
-    block leaves an outer block's layers as they are. Yields whether any layer runs it."""
+def lean_lora(model):
+    """Within the block, the model's peft LoRA linear layers run `_lora_forward`. Nests. Yields whether any layer
+    runs it."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:  # peft is a dependency; a model without it has no LoRA layers
         yield False
         return
-    layers = [m for m in model.modules() if type(m) is Linear and "_own_dropout" not in vars(m)] \
-        if isinstance(model, nn.Module) else []
-    for m in layers:
-        m._own_dropout = own_dropout
-    try:
-        with _forwards(model, Linear, _lora_forward) as applied:
-            yield applied
-    finally:
-        for m in layers:
-            del m._own_dropout
+    if not isinstance(model, nn.Module):
+        yield False
+        return
+    with _forwards(model, Linear, _lora_forward) as applied:
+        yield applied
+
+
+def _runs(module: nn.Module, forward) -> bool:
+    """Whether a `_forwards` block gave `module` the function `forward`."""
+    return getattr(vars(module).get("forward"), "__func__", None) is forward
 
 
 @contextlib.contextmanager
@@ -424,7 +434,7 @@ def _forwards(model, kind: type, forward):
     for m in patched:
         m.forward = forward.__get__(m)
     try:
-        yield any(getattr(m.__dict__.get("forward"), "__func__", None) is forward for m in modules)
+        yield any(_runs(m, forward) for m in modules)
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
@@ -442,7 +452,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     soft-capped or cached attention is transformers' own."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (not module.training or not 1 / 65536 <= dropout <= 1 - 1 / 65536 or query.device.type != "cpu"
+    if (not module.training or not _drawable(dropout) or query.device.type != "cpu"
             or query.dtype != torch.float32 or is_causal or getattr(module, "is_causal", True)
             or key.shape[1] != query.shape[1] or any(kwargs.get(k) is not None for k in
                                                      ("position_bias", "cache", "softcap", "sliding_window"))):
