@@ -215,7 +215,11 @@ def test_fast_dropout_zeroes_units_at_rate_p_scales_the_rest_and_routes_gradient
     with speed.fast_dropout(module) as applied:
         assert applied
         y = module(x)
+    # the backward keeps one byte per unit (bools would be converted to floats, a float-sized copy, at each use)
+    mask, = y.grad_fn.saved_tensors
+    assert mask.dtype == torch.uint8 and mask.shape == x.shape
     kept = y != 0
+    assert torch.equal(mask.bool(), kept)
     scale = 65536 / (65536 - round(0.1 * 65536))
     assert torch.allclose(y[kept], x[kept] * scale)
     sigma = (0.1 * 0.9 / x.numel()) ** 0.5
