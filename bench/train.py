@@ -56,7 +56,8 @@ def read(data: Path, split: str) -> list[dict]:
     return [json.loads(line) for line in (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def run_tunelab(method: str, data: Path, out: Path, epochs: int, every: int, args) -> dict:
+def run_tunelab(method: str, data: Path, out: Path, epochs: int, every: int, args, on_step=None) -> dict:
+    """One tunelab run; `on_step(step)` is called after each step's own bookkeeping (bench/floor.py)."""
     import tunelab
 
     cfg = {"task": "classification", "model": {"name": "minilm"}, "output": str(out), "overwrite": True,
@@ -67,7 +68,11 @@ def run_tunelab(method: str, data: Path, out: Path, epochs: int, every: int, arg
                      "eval_every": every},
            "eval": {"bootstrap": 0, "probe": False}}
     training_peak = []  # peak RSS at the last step: training alone, before the final report, plots and export
-    result = tunelab.train(cfg, on_step=lambda step: training_peak.append(peak_rss_mb()))
+    def after(step: int) -> None:
+        training_peak.append(peak_rss_mb())
+        if on_step is not None:
+            on_step(step)
+    result = tunelab.train(cfg, on_step=after)
     t = result.metrics["train"]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     seconds = {h["step"]: h["train_seconds"] for h in history if "loss" in h}
