@@ -215,7 +215,7 @@ def test_fast_dropout_zeroes_units_at_rate_p_scales_the_rest_and_routes_gradient
     with speed.fast_dropout(module) as applied:
         assert applied
         y = module(x)
-    # the backward keeps one byte per unit (bools would be converted to floats, a float-sized copy, at each use)
+    # the backward keeps one byte per unit, as uint8: PyTorch converts bools to floats ~5x slower at each use
     mask, = y.grad_fn.saved_tensors
     assert mask.dtype == torch.uint8 and mask.shape == x.shape
     kept = y != 0

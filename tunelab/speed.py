@@ -298,17 +298,17 @@ def onednn_available() -> bool:
 def _keep(shape, p: float):
     """A mask of `shape` in bytes (uint8), each unit 1 with probability 1 - round(p × 65,536) / 65,536, else 0, and
     the scale (1 / that probability) that keeps the expected output equal to the input. Bytes, not bools: PyTorch
-    multiplies a float tensor by a bool one only after converting the bools to floats (a copy as large as the
-    float tensor), and by bytes in the same pass (`_masked`)."""
+    converts a mask to floats before multiplying a float tensor by it (a copy as large as that tensor), and it
+    converts bytes ~5× faster than bools (0.027 against 0.149 ms on [16, 35, 384], 2 Zen 3 cores)."""
     n, drop = shape.numel(), round(p * 65536)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
     return (bits.view(torch.int16)[:n].view(shape) >= drop - 32768).view(torch.uint8), 65536 / (65536 - drop)
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale · x where `keep` (a `_keep` mask) is 1, else 0, in one pass: 0 + scale · x · keep. 0.057 ms on
-    [16, 35, 384] on 2 Zen 3 cores, against 0.166 with a bool mask (converted to floats first) and 0.27 for
-    `torch.where` then `mul_`; the same values."""
+    """scale · x where `keep` (a `_keep` mask) is 1, else 0: 0 + scale · x · keep, one `addcmul` (after PyTorch's
+    conversion of the mask to floats). 0.057 ms on [16, 35, 384] on 2 Zen 3 cores, against 0.166 with a bool mask
+    and 0.27 for `torch.where` then `mul_`; the same values."""
     return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
 
 
