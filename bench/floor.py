@@ -18,12 +18,10 @@ it implies. The profiler adds a little time of its own to every operator call, w
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,57 +67,34 @@ def run_profiled(method: str, data: Path, out: Path, epochs: int, every: int, ar
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default="full,lora,head")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--train-size", type=int, default=1000)
-    p.add_argument("--eval-size", type=int, default=300)
-    p.add_argument("--epochs", type=int, default=2, help="epochs of full and lora")
-    p.add_argument("--head-epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # round r runs both with seed r
-    p.add_argument("--one", nargs=4, metavar=("RUNNER", "METHOD", "DATA", "OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    import train  # bench/train.py, beside this script
+
+    args = train.arguments(__doc__.split("\n\n")[0], rounds=1).parse_args()
     every = 10 ** 9  # no evaluation during training (its products would count in the profile)
     if args.one:
-        import train
         runner, method, data, out = args.one
         fn = run_profiled if runner == "tunelab" else train.run_trainer
         epochs = args.head_epochs if method == "head" else args.epochs
         print("RESULT " + json.dumps(fn(method, Path(data), Path(out), epochs, every, args)), flush=True)
         return 0
 
-    from train import PASSES, flops_per_token
-
     methods = args.methods.split(",")
     peak = max(gemm_peak().values())
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        subprocess.run([sys.executable, "-m", "tunelab", "data", "tweets", "--output", str(data), "--train-size",
-                        str(args.train_size), "--eval-size", str(args.eval_size), "--seed", "0"], check=True,
-                       stdout=subprocess.DEVNULL)
-        fwd = flops_per_token(data, args.max_length)
+        data = train.make_data(Path(tmp), args)
+        fwd = train.flops_per_token(data, args.max_length)
         load_before = os.getloadavg()[0]
-        passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                       if k not in ("one", "methods", "rounds", "seed")]
         for r in range(args.rounds):
             for method in methods:
                 pair = {}
                 for runner in ("tunelab", "trainer"):
                     out = Path(tmp) / f"{runner}-{method}-{r}"
-                    done = subprocess.run([sys.executable, __file__, "--one", runner, method, str(data), str(out),
-                                           *passthrough, f"--seed={r}"], capture_output=True, text=True)
-                    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if line is None:
-                        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-                        raise SystemExit(f"{runner} {method} failed")
-                    pair[runner] = json.loads(line[7:])
+                    pair[runner] = train.run_one(__file__, runner, method, data, out, args, seed=r)
                     shutil.rmtree(out, ignore_errors=True)  # MiniLM runs with checkpoints are ~0.5 GB each
                 a, b = pair["tunelab"], pair["trainer"]
                 floor = a["products"] + a["optimizer"] + a["random"]
-                passes = PASSES[method] / (args.head_epochs if a["cached"] else 1)
+                passes = train.PASSES[method] / (args.head_epochs if a["cached"] else 1)
                 row = {"tunelab": a["tokens"] / a["seconds"], "trainer": b["tokens"] / b["seconds"],
                        "floor": a["tokens"] / floor, "seconds": a["seconds"], **{k: a[k] / a["seconds"] for k in
                                                                                  ("products", "optimizer", "random")}}

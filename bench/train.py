@@ -174,19 +174,47 @@ def time_to(curve: list, target: float) -> float | None:
     return next((s for s, acc in curve if acc >= target), None)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options this script and bench/floor.py share (the recipe, the data, the rounds)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--methods", default="full,lora,head")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--train-size", type=int, default=1000)
     p.add_argument("--eval-size", type=int, default=300)
     p.add_argument("--epochs", type=int, default=2, help="epochs of full and lora")
     p.add_argument("--head-epochs", type=int, default=5)
-    p.add_argument("--evals-per-epoch", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # round r runs both with seed r
     p.add_argument("--one", nargs=4, metavar=("RUNNER", "METHOD", "DATA", "OUT"), help=argparse.SUPPRESS)
+    return p
+
+
+def make_data(folder: Path, args) -> Path:
+    """The bundled tweets, `args.train_size` and `args.eval_size` of them (seed 0), in `folder`/data."""
+    data = folder / "data"
+    subprocess.run([sys.executable, "-m", "tunelab", "data", "tweets", "--output", str(data), "--train-size",
+                    str(args.train_size), "--eval-size", str(args.eval_size), "--seed", "0"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return data
+
+
+def run_one(script: str, runner: str, method: str, data: Path, out: Path, args, seed: int) -> dict:
+    """One run in its own process (`script --one ...`, the same options), its RESULT line parsed."""
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("one", "methods", "rounds", "seed")]
+    done = subprocess.run([sys.executable, script, "--one", runner, method, str(data), str(out), *passthrough,
+                           f"--seed={seed}"], capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{runner} {method} failed")
+    return json.loads(line[7:])
+
+
+def main() -> int:
+    p = arguments(__doc__.split("\n\n")[0], rounds=3)
+    p.add_argument("--evals-per-epoch", type=int, default=4)
     args = p.parse_args()
     steps_per_epoch = -(-args.train_size // args.batch_size)
     every = max(1, steps_per_epoch // args.evals_per_epoch)
@@ -201,26 +229,15 @@ def main() -> int:
     peaks = gemm_peak()
     peak = max(peaks.values())  # the roofline is the best library's: what this machine can do
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        subprocess.run([sys.executable, "-m", "tunelab", "data", "tweets", "--output", str(data), "--train-size",
-                        str(args.train_size), "--eval-size", str(args.eval_size), "--seed", "0"], check=True,
-                       stdout=subprocess.DEVNULL)
+        data = make_data(Path(tmp), args)
         fwd = flops_per_token(data, args.max_length)
         load_before = os.getloadavg()[0]
         results: dict[tuple[str, str], list[dict]] = {}
-        passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                       if k not in ("one", "methods", "rounds", "seed")]
         for r in range(args.rounds):
             for method in methods:
                 for runner in ("tunelab", "trainer"):
                     out = Path(tmp) / f"{runner}-{method}-{r}"
-                    done = subprocess.run([sys.executable, __file__, "--one", runner, method, str(data), str(out),
-                                           *passthrough, f"--seed={r}"], capture_output=True, text=True)
-                    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if line is None:
-                        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-                        raise SystemExit(f"{runner} {method} failed")
-                    res = json.loads(line[7:])
+                    res = run_one(__file__, runner, method, data, out, args, seed=r)
                     res["tokens_per_s"] = res["tokens"] / res["seconds"]
                     # a cached backbone computed each example's forward once, not once per epoch
                     passes = PASSES[method] / (args.head_epochs if res["cached"] else 1)
