@@ -18,7 +18,6 @@ it implies. The profiler adds a little time of its own to every operator call, w
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ def run_profiled(method: str, data: Path, out: Path, epochs: int, every: int, ar
     import train  # bench/train.py, beside this script
     from torch.profiler import ProfilerActivity, profile
 
-    steps = -(-args.train_size // args.batch_size) * epochs
+    steps = -(-args.train_size // args.batch_size) * epochs  # tunelab runs ceil(examples / batch) steps an epoch
     prof = profile(activities=[ProfilerActivity.CPU])
 
     stopped = []
@@ -72,11 +71,7 @@ def main() -> int:
     args = train.arguments(__doc__.split("\n\n")[0], rounds=1).parse_args()
     every = 10 ** 9  # no evaluation during training (its products would count in the profile)
     if args.one:
-        runner, method, data, out = args.one
-        fn = run_profiled if runner == "tunelab" else train.run_trainer
-        epochs = args.head_epochs if method == "head" else args.epochs
-        print("RESULT " + json.dumps(fn(method, Path(data), Path(out), epochs, every, args)), flush=True)
-        return 0
+        return train.answer_one(args, run_profiled, every)
 
     methods = args.methods.split(",")
     peak = max(gemm_peak().values())
@@ -96,8 +91,8 @@ def main() -> int:
                 floor = a["products"] + a["optimizer"] + a["random"]
                 passes = train.PASSES[method] / (args.head_epochs if a["cached"] else 1)
                 row = {"tunelab": a["tokens"] / a["seconds"], "trainer": b["tokens"] / b["seconds"],
-                       "floor": a["tokens"] / floor, "seconds": a["seconds"], **{k: a[k] / a["seconds"] for k in
-                                                                                 ("products", "optimizer", "random")}}
+                       "floor": a["tokens"] / floor,
+                       **{k: a[k] / a["seconds"] for k in ("products", "optimizer", "random")}}
                 row["roofline"] = fwd * passes * row["tunelab"] / peak
                 row["floor_roofline"] = fwd * passes * row["floor"] / peak
                 rows.setdefault(method, []).append(row)
@@ -105,9 +100,9 @@ def main() -> int:
                       f"{a['seconds']:.1f} s: products {a['products']:.1f} s, optimizer {a['optimizer']:.1f} s, "
                       f"random bits {a['random']:.1f} s; floor {row['floor']:7.0f} real tokens/s; "
                       f"Trainer {row['trainer']:6.0f}", flush=True)
-                print("        the rest's largest operators (self time over the training time; the profile also holds the "
-                      "run's setup): " + ", ".join(f"{k} {v / a['seconds']:.1%}" for v, k in
-                                                                     a["rest"]), flush=True)
+                rest = ", ".join(f"{k} {v / a['seconds']:.1%}" for v, k in a["rest"])
+                print("        the rest's largest operators (self time over the training time; the profile also "
+                      f"holds the run's setup): {rest}", flush=True)
         load_after = os.getloadavg()[0]
 
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")

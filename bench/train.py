@@ -212,6 +212,16 @@ def run_one(script: str, runner: str, method: str, data: Path, out: Path, args, 
     return json.loads(line[7:])
 
 
+def answer_one(args, tunelab_runner, every: int) -> int:
+    """The `--one RUNNER METHOD DATA OUT` side of `run_one`: run it here and print its RESULT line."""
+    runner, method, data, out = args.one
+    fn = tunelab_runner if runner == "tunelab" else run_trainer
+    epochs = args.head_epochs if method == "head" else args.epochs
+    result = fn(method, Path(data), Path(out), epochs, every, args)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
 def main() -> int:
     p = arguments(__doc__.split("\n\n")[0], rounds=3)
     p.add_argument("--evals-per-epoch", type=int, default=4)
@@ -219,11 +229,7 @@ def main() -> int:
     steps_per_epoch = -(-args.train_size // args.batch_size)
     every = max(1, steps_per_epoch // args.evals_per_epoch)
     if args.one:  # a single run in this process: print its figures as JSON
-        runner, method, data, out = args.one
-        fn = run_tunelab if runner == "tunelab" else run_trainer
-        epochs = args.head_epochs if method == "head" else args.epochs
-        print("RESULT " + json.dumps(fn(method, Path(data), Path(out), epochs, every, args)), flush=True)
-        return 0
+        return answer_one(args, run_tunelab, every)
 
     methods = args.methods.split(",")
     peaks = gemm_peak()
