@@ -23,10 +23,10 @@ def free_port() -> int:
 
 class Service:
     def __init__(self, home: Path, models: dict[str, str], slow_data: Path, workers: int = 1,
-                 max_upload_mb: float = 100):
+                 max_upload_mb: float = 100, args: tuple[str, ...] = (), env: dict | None = None):
         self.home, self.workers, self.max_upload_mb = Path(home), workers, max_upload_mb
-        self.slow_data = slow_data
-        (self.home / "models").mkdir(parents=True, exist_ok=True)
+        self.slow_data, self.args, self.env = slow_data, list(args), env or {}
+        (self.home / "models").mkdir(mode=0o700, parents=True, exist_ok=True)  # as an admin would: owner only
         for name, folder in models.items():
             link = self.home / "models" / name
             if not link.exists():
@@ -40,11 +40,11 @@ class Service:
     # ---- process -----------------------------------------------------------------------------------------------
 
     def start(self) -> "Service":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "ab") as out:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tunelab", "serve", "--home", str(self.home), "--port", str(self.port),
-                 "--workers", str(self.workers), "--max-upload-mb", str(self.max_upload_mb)],
+                 "--workers", str(self.workers), "--max-upload-mb", str(self.max_upload_mb), *self.args],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -1,6 +1,7 @@
 """Every bad input gets one clear message naming the file, line or setting, exit code 2, and no traceback."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,38 @@ def test_real_process_prints_one_line_and_exit_2(tiny_model, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"tunelab: error: {bad}:1: 'text' must be a string, got 1"
+
+
+def _few(tmp_path, n: int = 18, classes: str = "abc") -> str:
+    rows = b"".join(b'{"text": "text number %d", "label": "%s"}\n' % (i, classes[i % len(classes)].encode())
+                    for i in range(n))
+    return bad_file(tmp_path, "few.jsonl", rows)
+
+
+def test_too_little_data_for_the_split_is_refused_with_the_numbers(capsys, base_args, tmp_path):
+    few = _few(tmp_path)  # 10% of 18 is 2 held out, fewer than the 3 classes: sklearn raised a ValueError here
+    code, err = run_cli(capsys, *base_args, "--train", few)
+    assert code == 2 and err.startswith(f"tunelab: error: {few}: 18 examples of 3 classes (a 6, b 6, c 6)")
+    assert "data.eval_split takes 2 of them" in err and not (tmp_path / "run").exists()
+    code, err = run_cli(capsys, *base_args, "--train", _few(tmp_path, 60), "--data.limit_train", "2")
+    assert code == 2 and "54 examples of 3 classes (a 18, b 18, c 18): data.limit_train takes 2 of them" in err
+
+
+def test_data_check_calls_too_little_data_an_error(capsys, tmp_path):
+    code = main(["data", "check", _few(tmp_path), "--task", "classification", "--no-label-errors"])
+    out = capsys.readouterr().out
+    assert code == 2 and "too-few" in out and "18 examples of 3 classes" in out
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_an_empty_text_is_an_error_unless_skipped(text, capsys, base_args, tmp_path):
+    rows = GOOD * 10 + json.dumps({"text": text, "label": "pos"}).encode() + b"\n"
+    data = bad_file(tmp_path, "blank.jsonl", rows)
+    code, err = run_cli(capsys, *base_args, "--train", data)
+    assert code == 2 and f"blank.jsonl:21: 'text' is empty" in err
+    csv = bad_file(tmp_path, "blank.csv", b"text,label\ngood,pos\n" + text.encode() + b",neg\n")
+    code, err = run_cli(capsys, *base_args, "--train", csv)
+    assert code == 2 and "blank.csv:3: 'text' is empty" in err
+    code, err = run_cli(capsys, *base_args, "--train", data, "--data.skip_invalid", "true", "--eval.bootstrap", "0",
+                        "--eval.probe", "false")
+    assert code == 0 and "skipped 1 invalid records (data.skip_invalid)" in err and "blank.jsonl:21" in err

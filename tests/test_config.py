@@ -1,11 +1,13 @@
 """Typed config: YAML and flags reach every field, types are checked, the resolved config round-trips."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
 from tunelab.cli import build_parser, config_from_args
-from tunelab.config import Config, iter_fields, load_yaml, save_yaml
+from tunelab.config import Config, iter_fields, load_yaml, save_yaml, validate
 from tunelab.errors import UserError
 
 
@@ -50,3 +52,31 @@ def test_wrong_type_in_yaml_is_refused(tmp_path):
     p.write_text("train:\n  batch_size: 2.5\n")
     with pytest.raises(UserError, match="setting 'train.batch_size' must be int, got 2.5"):
         load_yaml(p)
+
+
+def test_every_numeric_setting_has_a_range_shown_in_help():
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    for key, f, tp in iter_fields():
+        if tp in (int, float, int | None, float | None):
+            assert f.metadata["range"] is not None, key
+            assert f"valid: {f.metadata['range']}" in help_text, key
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--eval.bootstrap", "1000000000", "must be in [0, 100,000]"), ("--data.max_length", "1000000000", "[8, 65,536]"),
+    ("--train.augment_copies", "1000000", "[1, 100]"), ("--train.keep_checkpoints", "1000000", "[1, 100]"),
+    ("--tuning.lora_r", "1000000", "[1, 1024]"), ("--train.eval_every", "-1", "[0, "),
+    ("--data.limit_train", "-5", "[2, "), ("--train.early_stopping_patience", "-1", "[0, 10,000]"),
+    ("--lr", "nan", "finite"), ("--lr", "inf", "finite"), ("--lr", "1e400", "finite"), ("--lr", "0", "(0, 10]"),
+    ("--epochs", "1e400", "must be int"), ("--seed", "9" * 5000, "must be int"), ("--eval-split", "1", "(0, 1)")])
+def test_settings_outside_their_range_are_refused(flag, value, words):
+    with pytest.raises(UserError, match=re.escape(words)) as e:
+        config_from_args(build_parser().parse_args(["train", flag, value]))
+    assert len(str(e.value)) < 200  # a 5,000-digit value is not echoed back whole
+
+
+def test_a_config_built_in_python_is_range_checked_too():
+    cfg = Config()
+    cfg.data.train, cfg.eval.bootstrap = "t.jsonl", 10**9
+    with pytest.raises(UserError, match=re.escape("'eval.bootstrap' must be in [0, 100,000]")):
+        validate(cfg)

@@ -1,5 +1,7 @@
-"""The service under SIGKILL: no job stays running, interrupted jobs resume from their checkpoint (attempts
-counted) or fail with worker_lost after 3, no two workers run one job, cancel stops training in seconds."""
+"""The service under SIGKILL: no job stays running, interrupted jobs resume from their checkpoint (an attempt
+counted when their worker died, none when the whole server did) or fail with worker_lost after 3, each step's
+metric event is written once however often a job resumes, no two workers run one job, cancel stops training in
+seconds, and a job past the service's time limit fails with time_limit_exceeded and keeps its checkpoints."""
 from __future__ import annotations
 
 import json
@@ -30,6 +32,9 @@ def _steps_once(svc, job_id: str, epochs: int = 6) -> None:
                .splitlines()]
     steps = [r["step"] for r in history if "loss" in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == epochs * 270  # 540 train rows, batch 2
+    events = [e["data"]["step"] for e in svc.events(job_id) if e["type"] == "metrics" and "train_loss" in e["data"]]
+    assert sorted(events) == steps  # one event per step: the steps an attempt redid after its resume are not
+    # reported again (before the fix, every step between the checkpoint and the kill came twice)
 
 
 def test_worker_killed_mid_training_resumes_from_its_checkpoint(make_service):
@@ -62,10 +67,13 @@ def test_whole_server_killed_then_restarted_leaves_no_job_running(make_service):
                                                              (job_id,)).fetchone()[0]
     assert stale == "running"  # what the kill left behind; the restart must not leave it so
     svc.start()
-    wait_until(lambda: svc.job(job_id)["status"] != "running" or svc.job(job_id)["attempts"] == 2, 90,
-               "the restarted server did not take the job back")
+    wait_until(lambda: svc.job(job_id)["status"] != "running" or svc.job(job_id)["started_at"] and any(
+        "service stopped while this job ran" in e["message"] for e in svc.events(job_id)), 90,
+        "the restarted server did not take the job back")
     done = svc.wait(job_id, ("succeeded", "failed"), 300)
-    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    # the kill was the server's, not the job's: the job keeps all 3 of its attempts (before the fix: 2 used)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert any(e["level"] == "warn" and "no attempt counted" in e["message"] for e in svc.events(job_id))
     _steps_once(svc, job_id)
     assert svc.wait(waiting["id"], ("succeeded", "failed"), 240)["status"] == "succeeded"
     assert _integrity(svc) == "ok"
@@ -164,3 +172,18 @@ def test_a_stopped_server_gives_its_job_back_without_counting_an_attempt(make_se
     wait_until(lambda: svc.job(job_id)["status"] == "running", 90, "the job did not start again")
     assert svc.job(job_id)["attempts"] == 1
     assert any("worker was stopped" in e["message"] and e["level"] == "warn" for e in svc.events(job_id))
+
+
+def test_a_job_past_the_time_limit_fails_and_keeps_its_checkpoints(make_service):
+    svc = make_service(args=("--max-job-hours", str(12 / 3600)))  # 12 s; the slow job trains for a minute or more
+    job_id = svc.create(model="tiny-bert", training_file=svc.upload(svc.slow_data), seed=0,
+                        hyperparameters={"n_epochs": 6, "batch_size": 2},
+                        config={"data": {"max_length": 32}, "train": {"checkpoint_every": 20},
+                                "eval": {"bootstrap": 0, "probe": False}})["id"]
+    failed = svc.wait(job_id, ("failed", "succeeded"), 120)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "time_limit_exceeded", failed
+    assert "longer than the service's limit" in failed["error"]["message"]
+    assert failed["finished_at"] - failed["started_at"] < 40
+    assert not svc.training_pids(job_id)
+    kept = svc.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"]
+    assert kept and all(c["step_number"] % 20 == 0 for c in kept)  # the last checkpoints stay for a look or a resume

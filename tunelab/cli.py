@@ -26,8 +26,9 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         inner, _ = config_mod._base_type(tp)
         extra = dict(nargs="?", const="true") if inner is bool else {}
         default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
+        valid = f"; valid: {f.metadata['range']}" if f.metadata["range"] else ""
         parser.add_argument(*names, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
-                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"), **extra)
+                            help=f"{f.metadata['help']} (default: {default}{valid})".replace("%", "%%"), **extra)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -338,15 +339,25 @@ def cmd_serve(args) -> int:
 
     if args.workers < 0:
         raise UserError("must be 0 or more", "--workers")
-    serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb)
+    _positive_hours(args.max_job_hours)
+    if not 0 < args.body_timeout <= 3600:
+        raise UserError("must be between 0 and 3600 seconds", "--body-timeout")
+    serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb, args.max_job_hours,
+          args.body_timeout)
     return 0
 
 
 def cmd_worker(args) -> int:
     from tunelab.serve.worker import run_worker
 
-    run_worker(Path(args.home))
+    _positive_hours(args.max_job_hours)
+    run_worker(Path(args.home), args.max_job_hours, args.server_id)
     return 0
+
+
+def _positive_hours(hours: float | None) -> None:
+    if hours is not None and not 0 < hours < 1e6:
+        raise UserError("must be a positive number of hours", "--max-job-hours")
 
 
 def cmd_keys(args) -> int:
@@ -467,10 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--workers", type=int, default=1, help="Worker processes started (and restarted) with the server.")
     se.add_argument("--max-upload-mb", type=float, default=100, help="Largest file accepted by POST /v1/files.")
+    se.add_argument("--body-timeout", type=float, default=30,
+                    help="Seconds a client may pause while sending a request body; then 408 and the connection closes.")
     se.set_defaults(func=cmd_serve)
     wo = sub.add_parser("worker", help="One more worker for a running `tunelab serve` on this host.")
     wo.add_argument("--home", default="tunelab-service")
+    wo.add_argument("--server-id", help=argparse.SUPPRESS)  # given by `tunelab serve` to the workers it starts
     wo.set_defaults(func=cmd_worker)
+    for service_parser in (se, wo):
+        service_parser.add_argument("--max-job-hours", type=float, default=24,
+                       help="A job running longer (from its first start) fails with time_limit_exceeded and keeps "
+                            "its checkpoints (default: 24).")
     ke = sub.add_parser("keys", help="API keys of the service: create (shown once), list, revoke.")
     ksub = ke.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="Make a key and print it once (only its hash is stored).")

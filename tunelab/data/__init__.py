@@ -37,8 +37,34 @@ def _usable_strata(strata: list | None, k: int) -> list | None:
     return strata if min(counts.values()) >= k else None
 
 
-def holdout(rows: list[Example], strata: list | None, size, seed: int) -> tuple[list[Example], list[Example]]:
-    """Split off a part (stratified when every stratum can be)."""
+def split_problem(strata: list | None, n: int, size: float | int, setting: str) -> str | None:
+    """Why `n` examples cannot be split into a part of `size` (a fraction or a count) and the rest, stratified by
+    `strata` when every stratum has two members: each side needs one example of every stratum. None if they can."""
+    part = math.ceil(size * n) if isinstance(size, float) else size
+    if n < 4 or part < 1 or part >= n:
+        return f"{n} examples are too few to hold {part} out ({setting}); give --eval or more data"
+    usable = _usable_strata(strata, 2)
+    if usable is None:
+        return None
+    counts: dict = {}
+    for s in usable:
+        counts[s] = counts.get(s, 0) + 1
+    k = len(counts)
+    if part >= k and n - part >= k:
+        return None
+    per = ", ".join(f"{name} {c}" for name, c in sorted(counts.items(), key=lambda kv: str(kv[0]))[:10])
+    return (f"{n} examples of {k} classes ({per}{', …' if k > 10 else ''}): {setting} takes {part} of them, and "
+            f"a stratified split needs at least one example per class ({k}) on each side; give --eval, change "
+            f"{setting}, or add examples")
+
+
+def holdout(rows: list[Example], strata: list | None, size, seed: int,
+            setting: str = "data.eval_split", where: str | None = None) -> tuple[list[Example], list[Example]]:
+    """Split off a part (stratified when every stratum can be); too little data for it is a UserError that names
+    `where` (the data file)."""
+    problem = split_problem(strata, len(rows), size, setting)
+    if problem:
+        raise UserError(problem, where or setting)
     rest, part = train_test_split(rows, test_size=size, random_state=seed, stratify=_usable_strata(strata, 2))
     return rest, part
 
@@ -98,12 +124,10 @@ def load_splits(cfg: Config) -> Splits:
     elif d.eval:
         evaluation = task.read(d.eval, d)
     else:
-        if len(train) < 4:
-            raise UserError(f"{len(train)} examples are too few to hold some out; give --eval", d.train)
-        train, evaluation = holdout(train, task.strata(train), d.eval_split, seed)
+        train, evaluation = holdout(train, task.strata(train), d.eval_split, seed, where=d.train)
     train = fraction(train, task.strata(train), d.train_fraction, seed)
     if d.limit_train and d.limit_train < len(train):
-        _, train = holdout(train, task.strata(train), d.limit_train, seed)
+        _, train = holdout(train, task.strata(train), d.limit_train, seed, "data.limit_train", d.train)
     space = task.space(train, d.train)
     task.check(evaluation, space)
     return Splits(train, evaluation, space)

@@ -5,19 +5,14 @@ Shared by the chat SFT, DPO and reward-model stages (tunelab.tasks.lm, tunelab.t
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data.load import Example, json_records
-from tunelab.errors import UserError
+from tunelab.data.load import Example, Records, json_records, warn
+from tunelab.errors import UserError, excerpt
 
 IGNORE = -100  # the label of a token that carries no loss
 ROLES = ("system", "user", "assistant")
-
-
-def warn(message: str) -> None:
-    print(f"tunelab: warning: {message}", file=sys.stderr)
 
 
 def content(value, path: Path, line: int, what: str) -> str:
@@ -43,7 +38,7 @@ def parse_messages(value, path: Path, line: int, need_assistant: bool = True) ->
         role = m.get("role")
         role = "system" if role == "developer" else role
         if role not in ROLES:
-            raise UserError(f"{what}: unknown role {role!r} (use system, user or assistant)", str(path), line)
+            raise UserError(f"{what}: unknown role {excerpt(role)} (use system, user or assistant)", str(path), line)
         if "content" not in m or m["content"] is None:
             raise UserError(f"{what}: missing content", str(path), line)
         msg = {"role": role, "content": content(m["content"], path, line, what)}
@@ -65,16 +60,10 @@ def read_records(path: str | Path, cfg: DataConfig, parse) -> list[Example]:
         raise UserError("file not found", str(p))
     if p.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
         raise UserError("this task reads JSONL (one JSON object per line)", str(p))
-    rows, skipped = [], []
+    records = Records(p, cfg.skip_invalid)
     for i, rec in json_records(p, cfg.encoding):
-        try:
-            rows.append(Example("", parse(rec, p, i), where=f"{p}:{i}"))
-        except UserError as e:
-            if not cfg.skip_invalid:
-                raise
-            skipped.append(e)
-    if skipped:
-        warn(f"{p}: skipped {len(skipped)} invalid records (data.skip_invalid); first: {skipped[0]}")
+        records.add(lambda: Example("", parse(rec, p, i), where=f"{p}:{i}"))
+    rows = records.done()
     if not rows:
         raise UserError("no usable records found", str(p))
     return rows

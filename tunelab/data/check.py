@@ -434,6 +434,14 @@ def check(path: str | Path, task_name: str | None = None, eval_path: str | None 
     check_duplicates(examples, report)
     if task_name in LABELLED:
         check_labels(examples, task_name, report)
+    if not eval_path and not any(f.level == "error" for f in report.findings):
+        # what `tunelab train` would hold out of this file (refused there in the same words); after format errors
+        # the count of the records that survived them would mislead
+        from tunelab.data import split_problem
+
+        problem = split_problem(task.strata(examples), len(examples), cfg.eval_split, "data.eval_split")
+        if problem:
+            report.add("error", "too-few", problem)
     check_noise(examples, report)
     if eval_path:
         eval_report = Report(str(eval_path), task_name, "")

@@ -1,8 +1,8 @@
 """Which kind of records a data file holds, from its extension and first record: the task that reads it."""
 from __future__ import annotations
 
-import json
 
+from tunelab.data.load import parse_json
 from tunelab.errors import UserError
 
 FORMAT_TASK = {"chat": "chat", "preference": "dpo", "text_label": "classification", "text_labels": "multilabel",
@@ -14,17 +14,15 @@ def detect_format(data: str, ext: str, name: str) -> str:
     if ext == ".txt":
         return "text"
     if ext == ".csv":
-        header = data.lstrip("\ufeff").split("\n", 1)[0]
+        header = data.split("\n", 1)[0]
         return "text_label" if "label" in [h.strip().strip('"') for h in header.split(",")] else "text"
+    data = data.removeprefix("\ufeff")  # a byte-order mark, as every reader drops it
     for line, text in enumerate(data.split("\n"), 1):
         if text.strip():
             break
     else:
         raise UserError("the file is empty", name)
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"not valid JSON ({e.msg})", name, line) from None
+    rec = parse_json(text, name, line)
     if not isinstance(rec, dict):
         raise UserError("each line must be a JSON object", name, line)
     keys = set(rec)

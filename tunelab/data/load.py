@@ -8,12 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import DataConfig
-from tunelab.errors import UserError
+from tunelab.errors import UserError, cut, excerpt
 
 
 @dataclass
@@ -72,17 +73,57 @@ def _decoded_lines(path: Path, encoding: str = "utf-8") -> list[str]:
 
 def class_label(value, path: Path, line: int, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise UserError(f"label '{key}' must be a string or an integer, got {json.dumps(value)}", str(path), line)
+        raise UserError(f"label '{key}' must be a string or an integer, got {excerpt(value)}", str(path), line)
     value = str(value).strip()
     if not value:
         raise UserError(f"label '{key}' is empty", str(path), line)
     return value
 
 
-def _text(value, path: Path, line: int, key: str) -> str:
+def _text(value, path: Path, line: int, key: str, required: bool = True) -> str:
     if not isinstance(value, str):
-        raise UserError(f"'{key}' must be a string, got {json.dumps(value)}", str(path), line)
+        raise UserError(f"'{key}' must be a string, got {excerpt(value)}", str(path), line)
+    if required and not value.strip():
+        raise UserError(f"'{key}' is empty (skip such records with --data.skip_invalid true)", str(path), line)
     return value
+
+
+def warn(message: str) -> None:
+    print(f"tunelab: warning: {message}", file=sys.stderr)
+
+
+class Records:
+    """Collects a file's examples; with data.skip_invalid a record with bad content is counted and skipped (a
+    warning names how many and the first), else its error stops the reading."""
+
+    def __init__(self, path: Path, skip: bool):
+        self.path, self.skip, self.rows, self.skipped = path, skip, [], []
+
+    def add(self, make) -> None:
+        try:
+            self.rows.append(make())
+        except UserError as e:
+            if not self.skip:
+                raise
+            self.skipped.append(e)
+
+    def done(self) -> list:
+        if self.skipped:
+            warn(f"{self.path}: skipped {len(self.skipped)} invalid records (data.skip_invalid); "
+                 f"first: {self.skipped[0]}")
+        return self.rows
+
+
+def parse_json(text: str, path, line: int | None) -> Any:
+    """One JSON value; whatever the text, a bad one is a UserError naming the file and line, never a traceback."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", str(path), line) from None
+    except RecursionError:
+        raise UserError("invalid JSON (nested too deeply to read)", str(path), line) from None
+    except ValueError:  # Python refuses integers of more than 4,300 digits (sys.get_int_max_str_digits)
+        raise UserError("invalid JSON (a number too long to read)", str(path), line) from None
 
 
 def json_records(path: Path, encoding: str = "utf-8"):
@@ -90,10 +131,7 @@ def json_records(path: Path, encoding: str = "utf-8"):
     for i, line in enumerate(_decoded_lines(path, encoding), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", str(path), i) from None
+        rec = parse_json(line, path, i)
         if not isinstance(rec, dict):
             raise UserError("each line must be a JSON object", str(path), i)
         yield i, rec
@@ -102,8 +140,9 @@ def json_records(path: Path, encoding: str = "utf-8"):
 def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
                default_key: str = "label") -> list[Example]:
     key = cfg.label_column or default_key
-    rows = []
-    for i, rec in json_records(path, cfg.encoding):
+    records = Records(path, cfg.skip_invalid)
+
+    def example(i: int, rec: dict) -> Example:
         if cfg.text_column not in rec:
             raise UserError(f"missing text field '{cfg.text_column}'", str(path), i)
         label = None
@@ -112,10 +151,12 @@ def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class
                 raise UserError(f"missing label field '{key}'", str(path), i)
             label = parse(rec[key], path, i, key)
         pair = rec.get(cfg.text_pair_column)
-        rows.append(Example(_text(rec[cfg.text_column], path, i, cfg.text_column), label,
-                            None if pair is None else _text(pair, path, i, cfg.text_pair_column), f"{path}:{i}",
-                            group=group_of(rec, cfg, path, i)))
-    return rows
+        return Example(_text(rec[cfg.text_column], path, i, cfg.text_column), label,
+                       None if pair is None else _text(pair, path, i, cfg.text_pair_column, False), f"{path}:{i}",
+                       group=group_of(rec, cfg, path, i))
+    for i, rec in json_records(path, cfg.encoding):
+        records.add(lambda: example(i, rec))
+    return records.done()
 
 
 def group_of(rec: dict, cfg: DataConfig, path: Path, line: int) -> str | None:
@@ -124,6 +165,12 @@ def group_of(rec: dict, cfg: DataConfig, path: Path, line: int) -> str | None:
     if cfg.group_column not in rec or rec[cfg.group_column] in (None, ""):
         raise UserError(f"missing group field '{cfg.group_column}' (data.group_column)", str(path), line)
     return str(rec[cfg.group_column])
+
+
+def _columns(header: list[str]) -> str:
+    """The header's columns for an error: how many, and the first few names, short."""
+    shown = ", ".join(excerpt(h, 24) for h in header[:4])
+    return f"{len(header)} columns: {shown}{', …' if len(header) > 4 else ''}"
 
 
 def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
@@ -138,24 +185,25 @@ def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_l
         raise UserError("empty file", str(path)) from None
     header = [h.strip() for h in header]
     if cfg.text_column not in header:
-        raise UserError(f"no '{cfg.text_column}' column in the header (columns: {', '.join(header)}); "
+        raise UserError(f"no '{cfg.text_column}' column in the header ({_columns(header)}); "
                         "set data.text_column", str(path), 1)
     has_label = key in header
     if need_label and not has_label:
-        raise UserError(f"no '{key}' column in the header (columns: {', '.join(header)}); "
+        raise UserError(f"no '{key}' column in the header ({_columns(header)}); "
                         "set data.label_column", str(path), 1)
-    rows = []
-    for fields in reader:
-        line = reader.line_num
-        if not fields or all(not f.strip() for f in fields):
-            continue
+    records = Records(path, cfg.skip_invalid)
+
+    def example(line: int, fields: list[str]) -> Example:
         if len(fields) != len(header):
             raise UserError(f"row has {len(fields)} fields but the header has {len(header)}", str(path), line)
         rec = dict(zip(header, fields))
         label = parse(rec[key], path, line, key) if has_label else None
-        rows.append(Example(rec[cfg.text_column], label, rec.get(cfg.text_pair_column) or None, f"{path}:{line}",
-                            group=group_of(rec, cfg, path, line)))
-    return rows
+        return Example(_text(rec[cfg.text_column], path, line, cfg.text_column), label,
+                       rec.get(cfg.text_pair_column) or None, f"{path}:{line}", group=group_of(rec, cfg, path, line))
+    for fields in reader:
+        if fields and any(f.strip() for f in fields):
+            records.add(lambda: example(reader.line_num, fields))
+    return records.done()
 
 
 def read_folder(path: Path, encoding: str = "utf-8") -> list[Example]:
@@ -207,5 +255,6 @@ def check_known_labels(examples: list[Example], names: list[str], flat=lambda la
     for e in examples:
         for name in flat(e.label):
             if name not in known:
-                raise UserError(f"label '{name}' never occurs in the training data (known: {', '.join(names)})",
+                raise UserError(f"label '{cut(name)}' never occurs in the training data "
+                                f"(known: {cut(', '.join(names), 200)})",
                                 *where_parts(e.where))

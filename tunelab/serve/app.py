@@ -17,10 +17,11 @@ from urllib.parse import unquote
 from fastapi import APIRouter, BackgroundTasks, Body, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from tunelab.errors import UserError
 from tunelab.io import read_jsonl_prefix
-from tunelab.serve import files, inference, jobs, keys
+from tunelab.serve import files, inference, jobs, keys, limits
 from tunelab.serve.db import connect, finite
 
 HERE = Path(__file__).parent
@@ -53,7 +54,8 @@ def _list(data: list, has_more: bool) -> dict:
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
-def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None) -> FastAPI:
+def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None,
+               body_timeout: float = limits.BODY_TIMEOUT) -> FastAPI:
     """The app for one service home; a housekeeping thread runs while it serves, `on_shutdown()` at the end."""
     home = Path(home)
     stop = threading.Event()
@@ -79,11 +81,13 @@ def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None) -
     app = FastAPI(title="tunelab", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible fine-tuning service; see docs/service.md")
     app.state.home, app.state.max_upload_mb = home, max_upload_mb
-    app.middleware("http")(authenticate)
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(LookupError, not_found)
     app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_exception_handler(HTTPException, http_error)
     app.include_router(router)
+    app.add_middleware(Authenticate, home=home)
+    app.add_middleware(limits.LimitBody, upload_bytes=_max_bytes(app), timeout=body_timeout)  # added last: runs first
     return app
 
 
@@ -98,29 +102,40 @@ def _max_bytes(app) -> int:
 Home = Depends(_home)
 
 
-async def authenticate(request: Request, call_next):
-    """A valid key on every route but /health (the dashboard page may carry it as a cookie); upload size first."""
-    home, path = _home(request), request.url.path
-    if path == "/health":
-        return await call_next(request)
-    if keys.verify(home, _key_of(request)) is None:
-        if path == "/" and request.method == "GET":
-            return HTMLResponse((HERE / "signin.html").read_text(encoding="utf-8"), 401)
-        return error(401, "Missing or invalid API key: send 'Authorization: Bearer KEY' "
-                          "(keys come from `tunelab keys create`)", code="invalid_api_key", kind="authentication_error")
-    if path == "/v1/files" and request.method == "POST":
-        size = request.headers.get("content-length")
-        if size is None or not size.isdigit():
-            return error(411, "uploads need a Content-Length header")
-        if int(size) > _max_bytes(request.app) + 64 * 1024:  # the file plus the multipart envelope
-            return error(413, f"the upload is larger than the limit of {request.app.state.max_upload_mb:g} MB",
-                         "file", "file_too_large")
-    return await call_next(request)
+class Authenticate:
+    """ASGI middleware: a valid key on every route but /health (the dashboard page may carry it as a cookie).
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps errors raised while the body is read
+    (limits.BodyTooLarge) in an ExceptionGroup."""
+
+    def __init__(self, app, home: Path):
+        self.app, self.home = app, home
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if keys.verify(self.home, _key_of(request)) is None:
+            if scope["path"] == "/" and scope["method"] == "GET":
+                refused = HTMLResponse((HERE / "signin.html").read_text(encoding="utf-8"), 401)
+            else:
+                refused = error(401, "Missing or invalid API key: send 'Authorization: Bearer KEY' "
+                                     "(keys come from `tunelab keys create`)", code="invalid_api_key",
+                                kind="authentication_error")
+            return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def user_error(request: Request, e: UserError):
     status = 409 if isinstance(e, jobs.Conflict) else 400
     return error(status, str(e), e.path, "conflict" if status == 409 else None)
+
+
+async def http_error(request: Request, e: HTTPException):
+    """Starlette's own errors (unknown route, wrong method, a body too large, slow or unreadable) in OpenAI's shape."""
+    if e.status_code == 400:  # FastAPI's "error parsing the body": JSON too deep or a number too long, bad form data
+        return error(400, "the request body could not be read as JSON (or as form data for uploads)",
+                     code="invalid_body")
+    return JSONResponse(limits.error_body(e), e.status_code, headers=getattr(e, "headers", None))
 
 
 async def not_found(request: Request, e: LookupError):

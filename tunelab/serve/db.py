@@ -3,12 +3,16 @@
 Every write that reads before it writes runs inside `BEGIN IMMEDIATE` (`transaction`), so two processes never
 both see a job as free. WAL lets the API read while a worker writes; `synchronous=NORMAL` keeps the database
 consistent through any process kill (only an OS crash can lose the last transactions).
+
+The home is the owner's alone: the folder is created 0700 and the database 0600 (SQLite gives its -wal and -shm
+files the database's mode); the service's processes run with umask 077, so uploads and run folders are too.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -31,14 +35,18 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_model ON jobs(fine_tuned_model);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
-    level TEXT NOT NULL, type TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
+    level TEXT NOT NULL, type TEXT NOT NULL, message TEXT NOT NULL, data TEXT, once TEXT);
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, prefix TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
     created_at INTEGER NOT NULL, last_used_at INTEGER, revoked_at INTEGER);
 CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at INTEGER NOT NULL, stopped_at INTEGER);
+    id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at INTEGER NOT NULL, stopped_at INTEGER, server_id TEXT);
 """
+# Columns added since the first release: (table, column, declaration), added to an older database on open.
+ADDED = [("events", "once", "TEXT"), ("workers", "server_id", "TEXT")]
+# After ADDED: an event with a `once` key (a metric row's step) is recorded once per job, whatever resumes.
+INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events(job_id, once) WHERE once IS NOT NULL;"
 
 _local = threading.local()
 
@@ -58,15 +66,39 @@ def connect(home: Path) -> sqlite3.Connection:
     if cache is None:
         cache = _local.connections = {}
     if path not in cache:
-        Path(home).mkdir(parents=True, exist_ok=True)
+        private_dir(Path(home))
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        _tighten(Path(path), 0o600)  # a database made before files were private
         con = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")
         con.execute("PRAGMA foreign_keys=ON")
         con.executescript(SCHEMA)
+        _migrate(con)
         cache[path] = con
     return cache[path]
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only its owner can enter (created 0700; an existing one loses group and other bits)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _tighten(path, 0o700)
+    return path
+
+
+def _tighten(path: Path, mode: int) -> None:
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, mode)
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    for table, column, declaration in ADDED:
+        if column not in [r["name"] for r in con.execute(f"PRAGMA table_info({table})")]:
+            with transaction(con):
+                if column not in [r["name"] for r in con.execute(f"PRAGMA table_info({table})")]:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    con.executescript(INDEXES)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 from tunelab.config import DataConfig
 from tunelab.data.formats import FORMAT_TASK, detect_format
 from tunelab.errors import UserError
-from tunelab.serve.db import connect, new_id, now
+from tunelab.serve.db import connect, new_id, now, private_dir
 
 EXTENSIONS = (".jsonl", ".csv", ".txt")
 # The format a file's records have, and the task a job on it gets when the request names none.
@@ -56,10 +56,10 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
         if task not in TASKS:
             raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", "task")
     file_id = new_id("file")
-    folder = Path(home) / "files"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = private_dir(Path(home) / "files")
     final, tmp = folder / f"{file_id}{ext}", folder / f".upload-{file_id}{ext}"
-    tmp.write_bytes(data)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(data)
     try:
         records = check(tmp, task or FORMAT_TASK[fmt], name)
         os.replace(tmp, final)
@@ -94,8 +94,10 @@ def delete(home: Path, file_id: str) -> bool:
     row = get(home, file_id)
     if row is None:
         return False
-    busy = con.execute("SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?) AND status IN "
-                       "('validating_files', 'queued', 'running') LIMIT 1", (file_id, file_id)).fetchone()
+    # A job names its data files as training_file, validation_file, or an id inside its request's config.
+    busy = con.execute("SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ? OR instr(request, ?)) "
+                       "AND status IN ('validating_files', 'queued', 'running') LIMIT 1",
+                       (file_id, file_id, f'"{file_id}"')).fetchone()
     if busy:
         from tunelab.serve.jobs import Conflict
 

@@ -5,7 +5,9 @@ Uses tunelab.generate and tunelab.predict, never the training loop.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import secrets
 import tempfile
 import threading
@@ -13,12 +15,17 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, excerpt
 from tunelab.serve import jobs
 
 CACHED = 2  # models kept loaded
 MAX_TOKENS = 2048
 MAX_INPUTS = 256
+# Characters of a conversation or of one text to classify, counted before anything is tokenized: tokenizing 200,000
+# characters took 4 s of the server's time only to be refused for the model's context length.
+MAX_CHARS = 32_768
+# The service's names for what the command line calls by its flags.
+PARAMS = {"--temperature": "temperature", "--top-p": "top_p", "--max-new-tokens": "max_tokens", "--prompt": "messages"}
 
 
 class Loaded:
@@ -75,16 +82,31 @@ def _sampling(body: dict) -> dict:
     out = {"max_new_tokens": limit, "temperature": given("temperature", 1.0), "top_p": given("top_p", 1.0),
            "seed": given("seed", secrets.randbelow(2**31))}
     for key, value in out.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"must be a number, got {value!r}", key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"must be a finite number, got {excerpt(value)}", key)
     if not 1 <= out["max_new_tokens"] <= MAX_TOKENS:
         raise UserError(f"must be between 1 and {MAX_TOKENS}", "max_tokens")
+    if out["seed"] != int(out["seed"]) or not 0 <= out["seed"] < 2**63:
+        raise UserError(f"must be an integer in [0, 2^63), got {excerpt(out['seed'])}", "seed")
     out["max_new_tokens"], out["seed"] = int(out["max_new_tokens"]), int(out["seed"])
-    try:
+    with _service_names():
         Sampling(**out).check()
-    except UserError as e:
-        raise UserError(e.problem, {"--temperature": "temperature", "--top-p": "top_p"}.get(e.path, e.path)) from None
     return out
+
+
+@contextlib.contextmanager
+def _service_names():
+    """A UserError from the CLI's code names the request's field, not the command-line flag."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(e.problem, PARAMS.get(e.path, e.path), e.line) from None
+
+
+def _within(texts: list[str], param: str) -> None:
+    chars = sum(len(t) for t in texts)
+    if chars > MAX_CHARS:
+        raise UserError(f"{chars:,} characters; at most {MAX_CHARS:,} are read", param)
 
 
 def chat(home: Path, body: dict):
@@ -96,14 +118,16 @@ def chat(home: Path, body: dict):
     if task is not None and task not in ("clm", "chat", "dpo"):
         raise UserError(f"{body['model']} is a {task} model: call /v1/classifications", "model")
     messages = parse_messages(body.get("messages"), "messages", None, need_assistant=False)
+    _within([m["content"] for m in messages], "messages")
     sampling = _sampling(body)
     loaded = _load("generator:" + source, lambda: load_generator(source))
     model, tokenizer = loaded.objects
-    prompt_tokens = len(encode(tokenizer, messages))
+    with _service_names():
+        prompt_tokens = len(encode(tokenizer, messages))
     head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": body["model"]}
     if body.get("stream"):
         return _stream(loaded, messages, sampling, head, prompt_tokens, body)
-    with loaded.lock:
+    with loaded.lock, _service_names():
         c = _complete(loaded, messages, sampling)
     return {**head, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
@@ -178,6 +202,8 @@ def classify(home: Path, body: dict) -> dict:
         raise UserError("'input' must be a non-empty string or a list of non-empty strings", "input")
     if len(texts) > MAX_INPUTS:
         raise UserError(f"at most {MAX_INPUTS} texts per request", "input")
+    for text in texts:
+        _within([text], "input")
     loaded = _load("run:" + source, lambda: load_run(source))
     cfg, task_obj = loaded.objects[0], loaded.objects[1]
     with tempfile.TemporaryDirectory() as tmp:  # the task's own reader (segmentation for ner, …)

@@ -7,13 +7,14 @@ died (its lock file is free) goes back to the queue and resumes from its checkpo
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import re
 import secrets
 from pathlib import Path
 
 from tunelab import config as config_mod
-from tunelab.errors import UserError
+from tunelab.errors import UserError, excerpt
 from tunelab.serve import files
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 
@@ -24,10 +25,12 @@ BASE_LR = {"full": 5e-5, "partial": 1e-4, "lora": 5e-4, "head": 2e-3, "scratch":
 AUTO = {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 1.0, "beta": 0.1}
 LIMITS = {"n_epochs": (int, 1, 100), "batch_size": (int, 1, 1024), "learning_rate_multiplier": (float, 1e-4, 100.0),
           "beta": (float, 1e-4, 100.0)}
-# Settings a request may not set through `config`: the service decides where data, models and runs live.
+# Settings a request may not set through `config`: the service decides them, or the request names them elsewhere
+# (training_file, validation_file, model). Every other path-typed setting takes only an id the caller owns.
 RESERVED = {("data", "train"), ("data", "eval"), ("model", "name"), ("model", "trust_remote_code"),
             ("train", "device"), ("train", "progress"), ("eval", "folds"), ("eval", "fold")}
-SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_CHECKPOINTS = 5  # resumable checkpoints a job may keep (train.keep_checkpoints), so no job fills the disk
 
 
 class Conflict(UserError):
@@ -77,8 +80,10 @@ def _number(key: str, value, where: str):
     kind, lo, hi = LIMITS[key]
     if value == "auto" or value is None:
         return AUTO[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise UserError(f"must be 'auto' or a{'n integer' if kind is int else ' number'}, got {value!r}", where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            (kind is int and value != int(value)):
+        raise UserError(f"must be 'auto' or a{'n integer' if kind is int else ' finite number'}, got "
+                        f"{excerpt(value)}", where)
     if not lo <= value <= hi:
         raise UserError(f"must be between {lo} and {hi}, got {value}", where)
     return kind(value)
@@ -91,7 +96,10 @@ def _method(body: dict) -> tuple[str, dict]:
         kind = method.get("type") if isinstance(method, dict) else method
         raise UserError(f"method.type must be 'supervised' or 'dpo', got {kind!r}", "method.type")
     legacy = body.get("hyperparameters") or {}
-    inner = (method.get(method["type"]) or {}).get("hyperparameters") or {}
+    section = method.get(method["type"]) or {}
+    if not isinstance(section, dict):
+        raise UserError("must be an object", f"method.{method['type']}")
+    inner = section.get("hyperparameters") or {}
     for where, hp in (("hyperparameters", legacy), (f"method.{method['type']}.hyperparameters", inner)):
         if not isinstance(hp, dict):
             raise UserError("must be an object", where)
@@ -101,17 +109,45 @@ def _method(body: dict) -> tuple[str, dict]:
     return method["type"], {**legacy, **inner}
 
 
-def _overrides(body: dict) -> dict:
+def _overrides(home: Path, body: dict) -> dict:
+    """The request's `config`: sections of settings, none reserved, every path-typed one an id the caller owns."""
     extra = body.get("config") or {}
     if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
         raise UserError("must be an object of sections, e.g. {\"data\": {\"max_length\": 64}}", "config")
+    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
     for section, values in extra.items():
         if section not in ("data", "tuning", "train", "eval"):
-            raise UserError(f"unknown section {section!r} (data, tuning, train or eval)", "config")
-        for key in values:
+            raise UserError(f"unknown section {excerpt(section)} (data, tuning, train or eval)", "config")
+        for key, value in values.items():
             if (section, key) in RESERVED:
                 raise UserError(f"{section}.{key} is set by the service", "config")
+            if kinds.get(f"{section}.{key}"):
+                resolve_path(home, kinds[f"{section}.{key}"], value, f"config.{section}.{key}")
+    config_mod.from_dict(extra, "config")  # every value typed and in range now: NaN would be stored as null
     return extra
+
+
+def resolve_path(home: Path, kind: str, value, where: str) -> str:
+    """The server path behind an id the caller gave for a path-typed setting: an uploaded file (`file-…`) for
+    data, a succeeded job (`ftjob-…`) or its model (`ft:…`) for a run. Anything else is refused without looking
+    at the file system, so a refusal says nothing about which paths exist on the server."""
+    if kind == "data":
+        row = files.get(home, value) if isinstance(value, str) and value.startswith("file-") else None
+        if row is None or row["purpose"] != "fine-tune":
+            raise UserError(f"must be the id of an uploaded fine-tune file (file-…), got {excerpt(value)}; "
+                            "the service never reads a path a client names", where)
+        return str(files.path_of(home, row))
+    if kind == "run":
+        job = None
+        if isinstance(value, str) and value.startswith("ft:"):
+            job = tuned(home, value)
+        elif isinstance(value, str) and value.startswith("ftjob-"):
+            job = get(home, value)
+        if job is None or job["status"] != "succeeded":
+            raise UserError(f"must be a fine-tuned model (ft:…) or the id of a succeeded job, got {excerpt(value)}; "
+                            "the service never reads a path a client names", where)
+        return str(run_dir(home, job["id"]))
+    raise UserError("is set by the service", where)
 
 
 def _file(home: Path, body: dict, key: str, required: bool) -> dict | None:
@@ -127,7 +163,7 @@ def _file(home: Path, body: dict, key: str, required: bool) -> dict | None:
 def _labels(body: dict) -> dict:
     """suffix, seed (drawn when absent, as OpenAI does) and metadata, checked."""
     suffix, seed, metadata = body.get("suffix"), body.get("seed"), body.get("metadata")
-    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.match(suffix)):
+    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
         raise UserError("at most 64 letters, digits, '-' or '_'", "suffix")
     if seed is None:
         seed = secrets.randbelow(2**31)
@@ -153,23 +189,28 @@ def create(home: Path, body: dict) -> dict:
                                                                       "learning_rate_multiplier")}
     beta = _number("beta", raw.get("beta"), "method.dpo.hyperparameters.beta") if kind == "dpo" else None
     task = body.get("task") or ("dpo" if kind == "dpo" else files.FORMAT_TASK[train_file["format"]])
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", "task")
+    if not isinstance(task, str) or task not in TASKS:
+        raise UserError(f"unknown task {excerpt(task)} (one of {', '.join(TASKS)})", "task")
+    tuning = body.get("tuning") or "full"
+    if not isinstance(tuning, str):
+        raise UserError(f"must be the name of a tuning method, got {excerpt(tuning)}", "tuning")
     if kind == "dpo" and task != "dpo":
         raise UserError(f"method.type 'dpo' trains the dpo task, not {task!r}", "task")
     job_id = new_id("ftjob")
     row = {"id": job_id, "created_at": now(), "model": body["model"], "training_file": train_file["id"],
            "validation_file": valid_file["id"] if valid_file else None, "task": task,
-           "tuning": body.get("tuning") or "full",
+           "tuning": tuning,
            "hyperparameters": dumps({**hp, **({"beta": beta} if beta is not None else {})}),
            "method": dumps({"type": kind}), **_labels(body),
-           "request": dumps({"config": _overrides(body), "source": source})}
+           "request": dumps({"config": _overrides(home, body), "source": source})}
     cfg = training_config(home, row)  # refuses bad settings now, with the request's names, not in a worker later
     cfg.output = "unused"
     try:
         config_mod.validate(cfg)
     except UserError as e:
         raise UserError(e.problem, "config") from None
+    if cfg.train.keep_checkpoints > MAX_CHECKPOINTS:
+        raise UserError(f"the service keeps at most {MAX_CHECKPOINTS} checkpoints per job", "config.train.keep_checkpoints")
     con = connect(home)
     with transaction(con):
         row["seq"] = (con.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
@@ -186,10 +227,17 @@ def training_config(home: Path, job: dict) -> config_mod.Config:
     """The `tunelab train` config a job runs with."""
     request = loads(job["request"])
     hp = loads(job["hyperparameters"])
-    extra = request["config"]
+    extra = {section: dict(values) for section, values in request["config"].items()}
+    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
+    for section, values in extra.items():  # ids of uploaded files and finished jobs → their server paths
+        for key, value in values.items():
+            if kinds.get(f"{section}.{key}"):
+                values[key] = resolve_path(home, kinds[f"{section}.{key}"], value, f"config.{section}.{key}")
     train_file = files.get(home, job["training_file"])
     valid_file = files.get(home, job["validation_file"]) if job["validation_file"] else None
-    lr = extra.get("train", {}).get("lr", BASE_LR.get(job["tuning"], 5e-5))
+    given = extra.get("train", {}).get("lr")  # typed before it is scaled: a string or NaN is refused here
+    lr = BASE_LR.get(job["tuning"], 5e-5) if given is None else \
+        config_mod.from_dict({"train": {"lr": given}}, "config").train.lr
     d = {"task": job["task"], "output": str(run_dir(home, job["id"])), "overwrite": True,
          "model": {"name": request["source"]},
          "data": {**extra.get("data", {}), "train": str(files.path_of(home, train_file)),
@@ -200,6 +248,18 @@ def training_config(home: Path, job: dict) -> config_mod.Config:
                    "progress": False, **({"beta": hp["beta"]} if "beta" in hp else {})},
          "eval": extra.get("eval", {})}
     return config_mod.from_dict(d, "config")
+
+
+def job_files(job: dict) -> dict[str, str]:
+    """The uploaded files a job reads, by the request field that names them: training_file, validation_file and
+    path-typed settings such as config.data.transfer."""
+    out = {key: job[key] for key in ("training_file", "validation_file") if job[key]}
+    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
+    for section, values in loads(job["request"])["config"].items():
+        for key, value in values.items():
+            if kinds.get(f"{section}.{key}") == "data":
+                out[f"config.{section}.{key}"] = value
+    return out
 
 
 def run_dir(home: Path, job_id: str) -> Path:
@@ -250,9 +310,13 @@ def listing(home: Path, after: str | None, limit: int) -> tuple[list[dict], bool
     return [public(dict(r)) for r in rows[:limit]], len(rows) > limit
 
 
-def add_event(con, job_id: str, message: str, level: str = "info", kind: str = "message", data=None) -> None:
-    con.execute("INSERT INTO events (job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, now(), level, kind, message, dumps(data) if data is not None else None))
+def add_event(con, job_id: str, message: str, level: str = "info", kind: str = "message", data=None,
+              once: str | None = None) -> None:
+    """Record an event; one with a `once` key (a metric row's step) only if the job has none with that key yet,
+    so attempts that resume from the same checkpoint never report a step twice."""
+    con.execute("INSERT OR IGNORE INTO events (job_id, created_at, level, type, message, data, once) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, now(), level, kind, message, dumps(data) if data is not None else None, once))
 
 
 def events(home: Path, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
@@ -372,12 +436,26 @@ def worker_lock(home: Path, worker_id: str) -> Path:
     return Path(home) / "workers" / f"{worker_id}.lock"
 
 
+def server_lock(home: Path, server_id: str) -> Path:
+    return Path(home) / "servers" / f"{server_id}.lock"
+
+
 def worker_alive(home: Path, worker_id: str | None) -> bool:
     """Whether the worker process still holds its lock (the kernel frees it at death, SIGKILL included)."""
-    if not worker_id:
-        return False
+    return bool(worker_id) and _held(worker_lock(home, worker_id))
+
+
+def died_with_server(home: Path, con, worker_id: str) -> bool:
+    """Whether a dead worker was started by a `tunelab serve` that is gone too: the server was stopped or killed,
+    and its workers died with it (PR_SET_PDEATHSIG). That is no fault of the job, so it costs no attempt."""
+    row = con.execute("SELECT server_id FROM workers WHERE id = ?", (worker_id,)).fetchone()
+    return bool(row and row["server_id"]) and not _held(server_lock(home, row["server_id"]))
+
+
+def _held(lock: Path) -> bool:
+    """Whether some process holds an exclusive flock on `lock`."""
     try:
-        fd = os.open(worker_lock(home, worker_id), os.O_RDWR)
+        fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:
         return False
     try:
@@ -397,5 +475,10 @@ def reap(home: Path) -> None:
             continue
         with transaction(con):
             current = get(home, job["id"])
-            if current["status"] == "running" and current["worker_id"] == job["worker_id"]:
+            if current["status"] != "running" or current["worker_id"] != job["worker_id"]:
+                continue
+            if not current["cancel_requested"] and died_with_server(home, con, job["worker_id"]):
+                give_back(con, job["id"], "The service stopped while this job ran; the job is queued again and "
+                                          "resumes from its last checkpoint (no attempt counted)")
+            else:
                 release(con, current, "The worker running this job stopped")

@@ -1,34 +1,75 @@
 """`tunelab serve`: uvicorn with the API in this process and N supervised worker processes beside it.
 
 Workers are children that die with the server (PR_SET_PDEATHSIG); one that exits is started again, so a job it
-was running is re-queued by the housekeeping and resumed.
+was running is re-queued by the housekeeping and resumed. The server holds HOME/servers/<id>.lock while it lives
+and its workers record its id: a job whose worker died together with the server costs no attempt.
+
+Log lines never carry a key: the access log shows paths without their query strings, and anything that looks
+like a key or an Authorization header is masked in every line uvicorn writes.
 """
 from __future__ import annotations
 
+import copy
+import logging
+import os
+import re
 import subprocess
 import threading
 from pathlib import Path
 
-from tunelab.serve.worker import spawn
+from tunelab.serve.db import new_id, private_dir
+from tunelab.serve.worker import hold_lock, spawn
 
 RESTART_EVERY = 1.0  # seconds between checks that every worker still runs
+KEEP_ALIVE = 5  # seconds an idle connection stays open (uvicorn's default, set here on purpose)
+MAX_CONNECTIONS = 100  # concurrent connections and requests; beyond it uvicorn answers 503
+SECRET = re.compile(r"(?i)(tl-[A-Za-z0-9_-]{8,}|bearer\s+\S+|authorization:\s*\S+)")
 
 
-def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float) -> None:
+class Redact(logging.Filter):
+    """Masks keys in a log record: the access line's query string and any key-like or Authorization text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, version, status = record.args
+            path = str(path).split("?", 1)[0] + ("?…" if "?" in str(path) else "")
+            record.args = (client, method, SECRET.sub("…", path), version, status)
+        elif SECRET.search(record.getMessage()):
+            record.msg, record.args = SECRET.sub("…", record.getMessage()), ()
+        return True
+
+
+def log_config() -> dict:
+    """uvicorn's logging with the Redact filter on every handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact": {"()": Redact}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact"]
+    return config
+
+
+def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
+          max_job_hours: float | None = None, body_timeout: float = 30.0) -> None:
     import uvicorn
 
     from tunelab.serve.app import create_app
 
-    home = Path(home)
-    (home / "logs").mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # the database, uploads, logs and run folders are the owner's alone (workers inherit it)
+    home = private_dir(Path(home))
+    (home / "logs").mkdir(exist_ok=True)
+    server_id = new_id("srv")
+    lock = hold_lock(home / "servers" / f"{server_id}.lock")  # held until this process ends, however it ends
     stop = threading.Event()
-    procs: list[subprocess.Popen] = [_worker(home, i) for i in range(workers)]
+    extra = ["--server-id", server_id] + (["--max-job-hours", str(max_job_hours)] if max_job_hours else [])
+    procs: list[subprocess.Popen] = [_worker(home, i, extra) for i in range(workers)]
 
     def supervise() -> None:
         while not stop.wait(RESTART_EVERY):
             for i, proc in enumerate(procs):
                 if proc.poll() is not None:
-                    procs[i] = _worker(home, i)
+                    procs[i] = _worker(home, i, extra)
 
     threading.Thread(target=supervise, daemon=True, name="supervisor").start()
     print(f"tunelab serve: http://{host}:{port}/ (dashboard), API at /v1, {workers} worker(s), home {home}",
@@ -41,11 +82,13 @@ def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float) 
             proc.wait()
 
     try:
-        uvicorn.run(create_app(home, max_upload_mb, stop_workers), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(home, max_upload_mb, stop_workers, body_timeout), host=host, port=port, log_level="info",
+                    log_config=log_config(), timeout_keep_alive=KEEP_ALIVE, limit_concurrency=MAX_CONNECTIONS)
     finally:
         if not stop.is_set():
             stop_workers()
+        os.close(lock)
 
 
-def _worker(home: Path, i: int) -> subprocess.Popen:
-    return spawn(["worker", "--home", str(home)], home / "logs" / f"worker-{i}.log")
+def _worker(home: Path, i: int, extra: list[str]) -> subprocess.Popen:
+    return spawn(["worker", "--home", str(home), *extra], home / "logs" / f"worker-{i}.log")

@@ -4,7 +4,7 @@ The worker holds HOME/workers/<id>.lock for its whole life (liveness for `jobs.r
 which the training child inherits, so a job never has two training processes. The child gets PR_SET_PDEATHSIG:
 when the worker dies, the kernel kills its training process too. While the child runs, the worker follows the
 run's history.jsonl (step and evaluation rows become metric events), announces checkpoints, and stops the child
-within a second of a cancel.
+within a second of a cancel, or when the job has run longer than the service's limit (`--max-job-hours`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 POLL = 0.5  # seconds between looks at the queue, the child, history.jsonl and the cancel flag
 GENERATORS = ("clm", "chat", "dpo")  # tasks whose finished model answers prompts: sample generations are shown
 SAMPLE_PROMPTS = 3
+MAX_ERROR = 500  # characters of a training error passed on to the client
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -74,14 +75,15 @@ class Stopping:
         signal.signal(signal.SIGINT, handler)
 
 
-def run_worker(home: Path) -> None:
-    """Claim and run jobs until SIGTERM or SIGINT."""
+def run_worker(home: Path, max_job_hours: float | None = None, server_id: str | None = None) -> None:
+    """Claim and run jobs until SIGTERM or SIGINT. `server_id`: the `tunelab serve` that started this worker."""
     home = Path(home)
+    os.umask(0o077)  # run folders, logs and result files are the owner's alone; training children inherit it
     Stopping.install()
     worker_id = new_id("wrk")
     lock = hold_lock(jobs.worker_lock(home, worker_id))
-    connect(home).execute("INSERT INTO workers (id, pid, started_at) VALUES (?, ?, ?)",
-                          (worker_id, os.getpid(), now()))
+    connect(home).execute("INSERT INTO workers (id, pid, started_at, server_id) VALUES (?, ?, ?, ?)",
+                          (worker_id, os.getpid(), now(), server_id))
     print(f"tunelab worker {worker_id} (pid {os.getpid()}) serving {home}", flush=True)
     try:
         while not Stopping.requested:
@@ -91,7 +93,7 @@ def run_worker(home: Path) -> None:
                 time.sleep(POLL)
                 continue
             try:
-                Run(home, job, worker_id).run()
+                Run(home, job, worker_id, max_job_hours).run()
             except Exception as e:  # noqa: BLE001 - a bug here must not strand the job as running
                 traceback.print_exc()
                 con = connect(home)
@@ -106,8 +108,11 @@ def run_worker(home: Path) -> None:
 class Run:
     """One attempt at one job."""
 
-    def __init__(self, home: Path, job: dict, worker_id: str):
+    def __init__(self, home: Path, job: dict, worker_id: str, max_job_hours: float | None = None):
         self.home, self.job, self.worker_id = home, job, worker_id
+        # The job's wall-clock deadline, counted from its first start (resumed attempts included).
+        self.deadline = job["started_at"] + max_job_hours * 3600 if max_job_hours else float("inf")
+        self.max_job_hours = max_job_hours
         self.id, self.attempt = job["id"], job["attempts"]
         self.folder = home / "jobs" / self.id
         self.run_dir = jobs.run_dir(home, self.id)
@@ -121,8 +126,9 @@ class Run:
         self.checkpoints: set[str] = set()
         self.results: str | None = None  # the id of the step-metrics file, once training succeeded
 
-    def event(self, message: str, level: str = "info", kind: str = "message", data=None) -> None:
-        jobs.add_event(self.con, self.id, message, level, kind, data)
+    def event(self, message: str, level: str = "info", kind: str = "message", data=None,
+              once: str | None = None) -> None:
+        jobs.add_event(self.con, self.id, message, level, kind, data, once)
 
     def run(self) -> None:
         try:
@@ -149,19 +155,19 @@ class Run:
             config_mod.save_yaml(jobs.training_config(self.home, self.job), cfg_path)
             args = ["train", str(cfg_path)]
         child = spawn(args, self.folder / "train.log", pass_fds=(job_lock,))
-        cancelled = lost = False
+        state = "running"
         while child.poll() is None:
             time.sleep(POLL)
             self._follow()
             state = "stopping" if Stopping.requested else self._heartbeat()
             if state != "running":
-                cancelled, lost = state == "cancel", state == "lost"
                 _stop(child)
                 break
+        cancelled, lost, late = state == "cancel", state == "lost", state == "time_limit"
         self._follow()
         if lost:
             return  # the job is no longer ours: whoever has it now records what happens
-        trained = not (cancelled or Stopping.requested) and child.returncode == 0 and \
+        trained = not (cancelled or late or Stopping.requested) and child.returncode == 0 and \
             (self.run_dir / "metrics.json").is_file()
         if trained:  # before taking the write lock: sample generation takes seconds
             self._prepare_results()
@@ -173,6 +179,11 @@ class Run:
                                                   "from its last checkpoint")
             elif cancelled:
                 jobs.finish(self.con, self.id, "cancelled", f"The job was cancelled at step {self._last_step()}")
+            elif late:
+                message = (f"the job ran longer than the service's limit of {self.max_job_hours:g} hours; "
+                           f"stopped at step {self._last_step()}, its checkpoints are kept")
+                jobs.finish(self.con, self.id, "failed", f"Training stopped: {message}", "error",
+                            {"code": "time_limit_exceeded", "message": message, "param": None})
             elif trained:
                 self._succeed()
             elif child.returncode < 0:
@@ -189,6 +200,8 @@ class Run:
             return "lost"
         if row["cancel_requested"]:
             return "cancel"
+        if time.time() > self.deadline:
+            return "time_limit"
         self.con.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time(), self.id))
         return "running"
 
@@ -229,12 +242,12 @@ class Run:
                     **{f"train_{k}": v for k, v in row.items()
                        if k not in ("step", "epoch", "loss", "lr", "samples_per_second")}}
             self.event(f"Step {step}/{data['total_steps']}: training loss={row['loss']:.4f}", kind="metrics",
-                       data=data)
+                       data=data, once=f"train:{step}")
             self._estimate(step, data["total_steps"])
         else:
             data = {"step": step, **{"valid_" + k[5:]: v for k, v in row.items() if k.startswith("eval_")}}
             shown = ", ".join(f"{k[6:]}={v:.4f}" for k, v in data.items() if k != "step" and isinstance(v, float))
-            self.event(f"Step {step}: validation {shown}", kind="metrics", data=data)
+            self.event(f"Step {step}: validation {shown}", kind="metrics", data=data, once=f"valid:{step}")
 
     def _estimate(self, step: int, total: int) -> None:
         """estimated_finish from this attempt's pace, refreshed every few seconds."""
@@ -308,11 +321,17 @@ class Run:
         log = (self.folder / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
         said = [line[len("tunelab: error: "):] for line in log if line.startswith("tunelab: error: ")]
         message = said[-1] if said else next((line for line in reversed(log) if line.strip()), f"exit code {code}")
-        for key in ("training_file", "validation_file"):
-            row = files.get(self.home, self.job[key]) if self.job[key] else None
+        message = message[:MAX_ERROR]  # a crash's last line may quote anything: the client gets its start
+        param = None
+        for key, file_id in jobs.job_files(self.job).items():  # server paths → the names the client gave
+            row = files.get(self.home, file_id)
             if row and str(files.path_of(self.home, row)) in message:
                 message = message.replace(str(files.path_of(self.home, row)), row["filename"])
-                return {"code": f"invalid_{key}", "message": message, "param": key}
+                param = param or key
+        for home in {str(self.home.absolute()), str(self.home)}:
+            message = message.replace(home, "HOME")
+        if param:
+            return {"code": f"invalid_{param.rsplit('.', 1)[-1]}", "message": message, "param": param}
         return {"code": "invalid_request" if said else "training_error", "message": message, "param": None}
 
 

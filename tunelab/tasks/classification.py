@@ -1,15 +1,14 @@
 """Single-label classification (softmax, cross-entropy) and multi-label classification (sigmoid, BCE)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from tunelab.data.load import check_known_labels, class_label, label_names
-from tunelab.errors import UserError
+from tunelab.data.load import check_known_labels, class_label, label_names, parse_json
+from tunelab.errors import UserError, excerpt
 from tunelab.methods.distill import sigmoid_kl, softmax_kl
 from tunelab.tasks.base import Space, Task
 
@@ -99,12 +98,13 @@ class Classification(Task):
 def _label_list(value, path: Path, line: int, key: str) -> list[str]:
     """A JSON list of labels; in CSV a cell of labels separated by `|` (an empty list means none apply)."""
     if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split("|") if v.strip()]
+        value = parse_json(value, path, line) if value.strip().startswith("[") else \
+            [v for v in value.split("|") if v.strip()]
     if not isinstance(value, list):
-        raise UserError(f"'{key}' must be a list of labels, got {json.dumps(value)}", str(path), line)
+        raise UserError(f"'{key}' must be a list of labels, got {excerpt(value)}", str(path), line)
     labels = [class_label(v, path, line, key) for v in value]
     if len(set(labels)) != len(labels):
-        raise UserError(f"'{key}' lists a label twice: {json.dumps(value)}", str(path), line)
+        raise UserError(f"'{key}' lists a label twice: {excerpt(value)}", str(path), line)
     return labels
 
 

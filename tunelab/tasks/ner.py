@@ -7,7 +7,6 @@ Entity precision, recall and F1 come from `seqeval` (default mode: conlleval's r
 """
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import nn
 
 from tunelab.config import DataConfig
 from tunelab.data.load import Example, _decoded_lines, check_known_labels, group_of, json_records
-from tunelab.errors import UserError
+from tunelab.errors import UserError, excerpt
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import fit_logistic
 
@@ -47,13 +46,13 @@ def _tagger():
 
 def _tags(value, path: Path, line: int, n_tokens: int) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise UserError(f"'tags' must be a list of strings, got {json.dumps(value, ensure_ascii=False)[:80]}",
+        raise UserError(f"'tags' must be a list of strings, got {excerpt(value)}",
                         str(path), line)
     if len(value) != n_tokens:
         raise UserError(f"{len(value)} tags for {n_tokens} tokens", str(path), line)
     for t in value:
         if not TAG.match(t):
-            raise UserError(f"tag '{t}' is not IOB2 (O, B-TYPE or I-TYPE)", str(path), line)
+            raise UserError(f"tag {excerpt(t)} is not IOB2 (O, B-TYPE or I-TYPE)", str(path), line)
     return list(value)
 
 

@@ -6,14 +6,13 @@ exported model has the scaling folded into its last layer, so it predicts in the
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, excerpt
 from tunelab.tasks.base import Space, Task
 
 
@@ -37,9 +36,9 @@ class Regression(Task):
             try:
                 value = float(value.strip())
             except ValueError:
-                raise UserError(f"'{key}' must be a number, got {json.dumps(value)}", str(path), line) from None
+                raise UserError(f"'{key}' must be a number, got {excerpt(value)}", str(path), line) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"'{key}' must be a finite number, got {json.dumps(value)}", str(path), line)
+            raise UserError(f"'{key}' must be a finite number, got {excerpt(value)}", str(path), line)
         return float(value)
 
     def space(self, train, path):
