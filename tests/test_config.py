@@ -66,7 +66,7 @@ def test_every_numeric_setting_has_a_range_shown_in_help():
     ("--eval.bootstrap", "1000000000", "must be in [0, 100,000]"), ("--data.max_length", "1000000000", "[8, 65,536]"),
     ("--train.augment_copies", "1000000", "[1, 100]"), ("--train.keep_checkpoints", "1000000", "[1, 100]"),
     ("--tuning.lora_r", "1000000", "[1, 1024]"), ("--train.eval_every", "-1", "[0, "),
-    ("--data.limit_train", "-5", "[2, "), ("--train.early_stopping_patience", "-1", "[0, 10,000]"),
+    ("--data.limit_train", "-5", "[0, "), ("--train.early_stopping_patience", "-1", "[0, 10,000]"),
     ("--lr", "nan", "finite"), ("--lr", "inf", "finite"), ("--lr", "1e400", "finite"), ("--lr", "0", "(0, 10]"),
     ("--epochs", "1e400", "must be int"), ("--seed", "9" * 5000, "must be int"), ("--eval-split", "1", "(0, 1)")])
 def test_settings_outside_their_range_are_refused(flag, value, words):

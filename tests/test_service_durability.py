@@ -187,3 +187,20 @@ def test_a_job_past_the_time_limit_fails_and_keeps_its_checkpoints(make_service)
     assert not svc.training_pids(job_id)
     kept = svc.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"]
     assert kept and all(c["step_number"] % 20 == 0 for c in kept)  # the last checkpoints stay for a look or a resume
+
+
+def test_a_job_is_forgiven_a_dead_server_three_times_then_counted(tmp_path):
+    """A job whose worker died with its server is queued again at no cost, but only 3 times: a job that takes its
+    whole host down each time must still end."""
+    con = connect(tmp_path)
+    con.execute("INSERT INTO jobs (id, seq, created_at, model, training_file, request, task, tuning, "
+                "hyperparameters, method, seed, status) VALUES ('ftjob-x', 1, 0, 'm', 'f', '{}', 'classification', "
+                "'full', '{}', '{}', 0, 'queued')")
+    for round in range(5):
+        worker = f"wrk-{round}"  # a worker of a server that is gone: neither holds its lock
+        con.execute("INSERT INTO workers (id, pid, started_at, server_id) VALUES (?, 1, 0, 'srv-gone')", (worker,))
+        assert jobs.claim(tmp_path, worker)["status"] == "running"
+        jobs.reap(tmp_path)
+        job = jobs.get(tmp_path, "ftjob-x")
+        assert (job["status"], job["attempts"], job["free_restarts"]) == (
+            ("queued", 0, round + 1) if round < 3 else ("queued", round - 2, 3)), (round, dict(job))

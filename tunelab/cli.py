@@ -487,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     wo.set_defaults(func=cmd_worker)
     for service_parser in (se, wo):
         service_parser.add_argument("--max-job-hours", type=float, default=24,
-                       help="A job running longer (from its first start) fails with time_limit_exceeded and keeps "
-                            "its checkpoints (default: 24).")
+                       help="A job whose attempts have run longer fails with time_limit_exceeded and keeps its "
+                            "checkpoints (default: 24).")
     ke = sub.add_parser("keys", help="API keys of the service: create (shown once), list, revoke.")
     ksub = ke.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="Make a key and print it once (only its hash is stored).")

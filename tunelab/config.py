@@ -84,8 +84,8 @@ class DataConfig:
         path="data")
     max_length: int = setting(128, "Longest input in tokens; longer texts are truncated.", "--max-length",
         range=Range(8, 65536))
-    limit_train: int | None = setting(None, "Use at most this many training examples (a stratified sample); None uses all.",
-        range=Range(2, 2**31 - 1))
+    limit_train: int | None = setting(None, "Use at most this many training examples (a stratified sample); None or 0 uses all.",
+        range=Range(0, 2**31 - 1))
     overlong: str = setting("truncate", "chat, dpo, reward: examples longer than max_length are cut at the end (truncate) or left out (drop); both are counted.")
     skip_invalid: bool = setting(False, "Skip records with bad content (an empty text, a bad label, an unknown role, identical responses) with a counted warning instead of stopping.")
     mlm_probability: float = setting(0.15, "mlm: share of the tokens chosen for prediction (of those 80% masked, 10% random, 10% kept).",
@@ -228,9 +228,11 @@ def coerce(key: str, value: Any, tp: Any, source: str, valid: Range | None = Non
                 return False
             raise ValueError
         if typing.get_origin(inner) is list:
-            items = value.split(",") if isinstance(value, str) else list(value)
+            if not isinstance(value, (str, list)) or any(isinstance(v, (list, dict)) for v in value):
+                raise ValueError
+            items = value.split(",") if isinstance(value, str) else value
             return [str(v).strip() for v in items if str(v).strip()]
-        if not isinstance(value, (str, int, float)) or (inner is not str and isinstance(value, bool)):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError  # a list, an object or a boolean is no number or text
         if inner is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
@@ -238,11 +240,10 @@ def coerce(key: str, value: Any, tp: Any, source: str, valid: Range | None = Non
     except (TypeError, ValueError, OverflowError):
         name = getattr(inner, "__name__", str(inner))
         raise UserError(f"setting '{key}' must be {name}, got {excerpt(value)}", source) from None
-    if inner in (int, float):
-        if not math.isfinite(out):
-            raise UserError(f"setting '{key}' must be a finite number, got {excerpt(value)}", source)
-        if valid is not None and out not in valid:
-            raise UserError(f"setting '{key}' must be in {valid}, got {out:g}", source)
+    if isinstance(out, float) and not math.isfinite(out):
+        raise UserError(f"setting '{key}' must be a finite number, got {excerpt(value)}", source)
+    if inner in (int, float) and valid is not None and out not in valid:  # exact for ints of any size
+        raise UserError(f"setting '{key}' must be in {valid}, got {excerpt(value)}", source)
     return out
 
 

@@ -41,8 +41,10 @@ def split_problem(strata: list | None, n: int, size: float | int, setting: str) 
     """Why `n` examples cannot be split into a part of `size` (a fraction or a count) and the rest, stratified by
     `strata` when every stratum has two members: each side needs one example of every stratum. None if they can."""
     part = math.ceil(size * n) if isinstance(size, float) else size
+    advice = "give --eval, raise data.eval_split, or add examples" if setting == "data.eval_split" else \
+        f"change {setting} or add examples"
     if n < 4 or part < 1 or part >= n:
-        return f"{n} examples are too few to hold {part} out ({setting}); give --eval or more data"
+        return f"{n} examples are too few to take {part} of them ({setting}); {advice}"
     usable = _usable_strata(strata, 2)
     if usable is None:
         return None
@@ -54,8 +56,7 @@ def split_problem(strata: list | None, n: int, size: float | int, setting: str) 
         return None
     per = ", ".join(f"{name} {c}" for name, c in sorted(counts.items(), key=lambda kv: str(kv[0]))[:10])
     return (f"{n} examples of {k} classes ({per}{', …' if k > 10 else ''}): {setting} takes {part} of them, and "
-            f"a stratified split needs at least one example per class ({k}) on each side; give --eval, change "
-            f"{setting}, or add examples")
+            f"a stratified split needs at least one example per class ({k}) on each side; {advice}")
 
 
 def holdout(rows: list[Example], strata: list | None, size, seed: int,

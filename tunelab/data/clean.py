@@ -94,7 +94,8 @@ def clean(path: str | Path, out: str | Path, task: str | None = None, eval_path:
 
 def _refuse_unreadable(report: Report, drop_invalid: bool) -> None:
     """A file-level problem stops clean; record-level format problems do too unless they are to be dropped."""
-    errors = [f for f in report.findings if f.level == "error" and f.file == report.file]
+    # too little data for a held-out split is training's problem, not a reason to refuse cleaning the file
+    errors = [f for f in report.findings if f.level == "error" and f.file == report.file and f.code != "too-few"]
     fatal = [f for f in errors if len(f.lines) != 1 or f.code in ("encoding", "not-found")]
     if fatal:
         raise UserError(fatal[0].message, report.file, fatal[0].lines[0] if fatal[0].lines else None)

@@ -84,7 +84,7 @@ def _text(value, path: Path, line: int, key: str, required: bool = True) -> str:
     if not isinstance(value, str):
         raise UserError(f"'{key}' must be a string, got {excerpt(value)}", str(path), line)
     if required and not value.strip():
-        raise UserError(f"'{key}' is empty (skip such records with --data.skip_invalid true)", str(path), line)
+        raise UserError(f"'{key}' is empty (data.skip_invalid skips such records in training)", str(path), line)
     return value
 
 

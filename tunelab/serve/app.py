@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.errors import UserError
 from tunelab.io import read_jsonl_prefix
-from tunelab.serve import files, inference, jobs, keys, limits
+from tunelab.serve import files, inference, job_request, jobs, keys, limits
 from tunelab.serve.db import connect, finite
 
 HERE = Path(__file__).parent
@@ -219,7 +219,7 @@ def _job(home: Path, job_id: str) -> dict:
 
 @router.post("/v1/fine_tuning/jobs")
 def create_job(background: BackgroundTasks, body: dict = Body(...), home: Path = Home):
-    job = jobs.create(home, body)
+    job = job_request.create(home, body)
     background.add_task(jobs.validate_pending, home)  # now, rather than at the next housekeeping round
     return jobs.public(job)
 

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     suffix TEXT, metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT, finished_at INTEGER,
     started_at INTEGER, trained_tokens INTEGER, result_files TEXT NOT NULL DEFAULT '[]',
     worker_id TEXT, attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
-    heartbeat_at REAL, estimated_finish INTEGER);
+    heartbeat_at REAL, estimated_finish INTEGER, ran_seconds REAL NOT NULL DEFAULT 0,
+    free_restarts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_model ON jobs(fine_tuned_model);
 CREATE TABLE IF NOT EXISTS events (
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at INTEGER NOT NULL, stopped_at INTEGER, server_id TEXT);
 """
 # Columns added since the first release: (table, column, declaration), added to an older database on open.
-ADDED = [("events", "once", "TEXT"), ("workers", "server_id", "TEXT")]
+ADDED = [("events", "once", "TEXT"), ("workers", "server_id", "TEXT"),
+         ("jobs", "ran_seconds", "REAL NOT NULL DEFAULT 0"), ("jobs", "free_restarts", "INTEGER NOT NULL DEFAULT 0")]
 # After ADDED: an event with a `once` key (a metric row's step) is recorded once per job, whatever resumes.
 INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events(job_id, once) WHERE once IS NOT NULL;"
 
@@ -68,7 +70,9 @@ def connect(home: Path) -> sqlite3.Connection:
     if path not in cache:
         private_dir(Path(home))
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        _tighten(Path(path), 0o600)  # a database made before files were private
+        for made in (path, path + "-wal", path + "-shm"):  # a database made before files were private
+            if os.path.exists(made):
+                _tighten(Path(made), 0o600)
         con = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA journal_mode=WAL")
@@ -81,14 +85,17 @@ def connect(home: Path) -> sqlite3.Connection:
 
 
 def private_dir(path: Path) -> Path:
-    """`path` as a folder only its owner can enter (created 0700; an existing one loses group and other bits)."""
+    """`path` as a folder only its owner can enter (created 0700; an existing one of ours loses group and other
+    bits)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     _tighten(path, 0o700)
     return path
 
 
 def _tighten(path: Path, mode: int) -> None:
-    if path.stat().st_mode & 0o077:
+    """Drop group and other bits of a file or folder this user owns (another user's is left as it is)."""
+    st = path.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
         os.chmod(path, mode)
 
 

@@ -6,6 +6,7 @@ Uses tunelab.generate and tunelab.predict, never the training loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import secrets
@@ -15,8 +16,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from tunelab.errors import UserError, excerpt
-from tunelab.serve import jobs
+from tunelab.errors import UserError, cut, excerpt
+from tunelab.serve import job_request, jobs
 
 CACHED = 2  # models kept loaded
 MAX_TOKENS = 2048
@@ -61,7 +62,7 @@ def locate(home: Path, model: str) -> tuple[str, str | None]:
             raise LookupError(model)
         return str(jobs.run_dir(home, job["id"])), job["task"]
     try:
-        return jobs.model_source(home, model), None
+        return job_request.model_source(home, model), None
     except UserError:
         raise LookupError(model) from None
 
@@ -82,11 +83,12 @@ def _sampling(body: dict) -> dict:
     out = {"max_new_tokens": limit, "temperature": given("temperature", 1.0), "top_p": given("top_p", 1.0),
            "seed": given("seed", secrets.randbelow(2**31))}
     for key, value in out.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, float) and not math.isfinite(value)):
             raise UserError(f"must be a finite number, got {excerpt(value)}", key)
-    if not 1 <= out["max_new_tokens"] <= MAX_TOKENS:
+    if not 1 <= out["max_new_tokens"] <= MAX_TOKENS:  # before int(): exact for integers of any size
         raise UserError(f"must be between 1 and {MAX_TOKENS}", "max_tokens")
-    if out["seed"] != int(out["seed"]) or not 0 <= out["seed"] < 2**63:
+    if not 0 <= out["seed"] < 2**63 or out["seed"] != int(out["seed"]):
         raise UserError(f"must be an integer in [0, 2^63), got {excerpt(out['seed'])}", "seed")
     out["max_new_tokens"], out["seed"] = int(out["max_new_tokens"]), int(out["seed"])
     with _service_names():
@@ -126,7 +128,11 @@ def chat(home: Path, body: dict):
         prompt_tokens = len(encode(tokenizer, messages))
     head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": body["model"]}
     if body.get("stream"):
-        return _stream(loaded, messages, sampling, head, prompt_tokens, body)
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise UserError(f"must be an object such as {{\"include_usage\": true}}, got {excerpt(options)}",
+                            "stream_options")
+        return _stream(loaded, messages, sampling, head, prompt_tokens, bool(options.get("include_usage")))
     with loaded.lock, _service_names():
         c = _complete(loaded, messages, sampling)
     return {**head, "object": "chat.completion",
@@ -147,7 +153,7 @@ def _finish(c, sampling) -> str:
     return "length" if c.new_tokens >= sampling["max_new_tokens"] else "stop"
 
 
-def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, body):
+def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, usage: bool):
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(loaded.objects[1], skip_prompt=True, skip_special_tokens=True, timeout=600)
@@ -157,9 +163,13 @@ def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, body):
         with loaded.lock:
             try:
                 result["completion"] = _complete(loaded, messages, sampling, streamer)
-            except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
-                result["error"] = str(e)
+            except UserError as e:  # e.g. a prompt longer than the model's context: the client's to fix
+                result["error"] = {"message": cut(e.problem, 500), "type": "invalid_request_error"}
                 streamer.end()
+            except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
+                result["error"] = {"message": f"generation failed ({type(e).__name__})", "type": "server_error"}
+                streamer.end()
+                raise  # and logged with its traceback, which the client does not see
 
     def chunk(delta: dict, finish=None, **extra) -> str:
         return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
@@ -174,11 +184,11 @@ def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, body):
                 yield chunk({"content": text})
         thread.join()
         if "error" in result:
-            yield "data: " + json.dumps({"error": {"message": result["error"], "type": "server_error"}}) + "\n\n"
+            yield "data: " + json.dumps({"error": result["error"]}) + "\n\n"
         else:
             c = result["completion"]
             yield chunk({}, _finish(c, sampling))
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if usage:
                 yield "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": {
                     "prompt_tokens": prompt_tokens, "completion_tokens": c.new_tokens,
                     "total_tokens": prompt_tokens + c.new_tokens}}) + "\n\n"
@@ -209,7 +219,9 @@ def classify(home: Path, body: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:  # the task's own reader (segmentation for ner, …)
         path = Path(tmp) / "input.jsonl"
         path.write_text("".join(json.dumps({cfg.data.text_column: t}) + "\n" for t in texts), encoding="utf-8")
-        examples = task_obj.read(path, cfg.data, need_label=False)
+        # every input is answered, in order: no record skipped, no group column asked for
+        data = dataclasses.replace(cfg.data, skip_invalid=False, group_column=None)
+        examples = task_obj.read(path, data, need_label=False)
     with loaded.lock:
         rows = predict_examples(loaded.objects, examples)
     data = [{"object": "classification", "index": i, **{k: v for k, v in r.items() if k != "text"}}

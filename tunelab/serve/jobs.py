@@ -1,4 +1,4 @@
-"""Fine-tuning jobs: the request checked into a record, its state machine, events, claiming and reaping.
+"""Fine-tuning jobs: their state machine, events, claiming and reaping (job_request.py checks a request into a job).
 
 validating_files → queued → running → succeeded | failed | cancelled. A worker takes a queued job with one
 conditional UPDATE inside BEGIN IMMEDIATE, so two workers never take the same one. A running job whose worker
@@ -7,30 +7,16 @@ died (its lock file is free) goes back to the queue and resumes from its checkpo
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import re
-import secrets
 from pathlib import Path
 
-from tunelab import config as config_mod
-from tunelab.errors import UserError, excerpt
+from tunelab.errors import UserError
 from tunelab.serve import files
-from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
+from tunelab.serve.db import connect, dumps, loads, now, transaction
 
 MAX_ATTEMPTS = 3
 UNFINISHED = ("validating_files", "queued", "running")
-# The learning rate that learning_rate_multiplier scales, by tuning (train.lr in `config` replaces it).
-BASE_LR = {"full": 5e-5, "partial": 1e-4, "lora": 5e-4, "head": 2e-3, "scratch": 1e-4}
-AUTO = {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 1.0, "beta": 0.1}
-LIMITS = {"n_epochs": (int, 1, 100), "batch_size": (int, 1, 1024), "learning_rate_multiplier": (float, 1e-4, 100.0),
-          "beta": (float, 1e-4, 100.0)}
-# Settings a request may not set through `config`: the service decides them, or the request names them elsewhere
-# (training_file, validation_file, model). Every other path-typed setting takes only an id the caller owns.
-RESERVED = {("data", "train"), ("data", "eval"), ("model", "name"), ("model", "trust_remote_code"),
-            ("train", "device"), ("train", "progress"), ("eval", "folds"), ("eval", "fold")}
-SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_CHECKPOINTS = 5  # resumable checkpoints a job may keep (train.keep_checkpoints), so no job fills the disk
 
 
 class Conflict(UserError):
@@ -56,210 +42,6 @@ def tuned(home: Path, name: str) -> dict | None:
     row = connect(home).execute("SELECT * FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
                                 (name,)).fetchone()
     return dict(row) if row else None
-
-
-def model_source(home: Path, name: str) -> str:
-    """What `model.name` gets for a base model: an alias, a folder under HOME/models, or a fine-tuned model's folder."""
-    if not isinstance(name, str) or not name:
-        raise UserError("'model' is required", "model")
-    if name.startswith("ft:"):
-        job = tuned(home, name)
-        if job is None:
-            raise UserError(f"no succeeded job made the model {name!r}", "model")
-        return str(run_dir(home, job["id"]) / "model")
-    if name in bundled_models():
-        return name
-    if name in local_models(home):
-        return str(Path(home) / "models" / name)
-    raise UserError(f"unknown model {name!r}: GET /v1/models lists the models this service has", "model")
-
-
-# ---- creating a job -------------------------------------------------------------------------------------------
-
-def _number(key: str, value, where: str):
-    kind, lo, hi = LIMITS[key]
-    if value == "auto" or value is None:
-        return AUTO[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            (kind is int and value != int(value)):
-        raise UserError(f"must be 'auto' or a{'n integer' if kind is int else ' finite number'}, got "
-                        f"{excerpt(value)}", where)
-    if not lo <= value <= hi:
-        raise UserError(f"must be between {lo} and {hi}, got {value}", where)
-    return kind(value)
-
-
-def _method(body: dict) -> tuple[str, dict]:
-    """(method type, its raw hyperparameters): `method.<type>.hyperparameters` over the legacy top-level ones."""
-    method = body.get("method") or {"type": "supervised"}
-    if not isinstance(method, dict) or method.get("type") not in ("supervised", "dpo"):
-        kind = method.get("type") if isinstance(method, dict) else method
-        raise UserError(f"method.type must be 'supervised' or 'dpo', got {kind!r}", "method.type")
-    legacy = body.get("hyperparameters") or {}
-    section = method.get(method["type"]) or {}
-    if not isinstance(section, dict):
-        raise UserError("must be an object", f"method.{method['type']}")
-    inner = section.get("hyperparameters") or {}
-    for where, hp in (("hyperparameters", legacy), (f"method.{method['type']}.hyperparameters", inner)):
-        if not isinstance(hp, dict):
-            raise UserError("must be an object", where)
-        unknown = set(hp) - set(LIMITS) - ({"beta"} if method["type"] == "dpo" else set())
-        if unknown or (method["type"] != "dpo" and "beta" in hp):
-            raise UserError(f"unknown hyperparameter {sorted(unknown or {'beta'})[0]!r}", where)
-    return method["type"], {**legacy, **inner}
-
-
-def _overrides(home: Path, body: dict) -> dict:
-    """The request's `config`: sections of settings, none reserved, every path-typed one an id the caller owns."""
-    extra = body.get("config") or {}
-    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
-        raise UserError("must be an object of sections, e.g. {\"data\": {\"max_length\": 64}}", "config")
-    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
-    for section, values in extra.items():
-        if section not in ("data", "tuning", "train", "eval"):
-            raise UserError(f"unknown section {excerpt(section)} (data, tuning, train or eval)", "config")
-        for key, value in values.items():
-            if (section, key) in RESERVED:
-                raise UserError(f"{section}.{key} is set by the service", "config")
-            if kinds.get(f"{section}.{key}"):
-                resolve_path(home, kinds[f"{section}.{key}"], value, f"config.{section}.{key}")
-    config_mod.from_dict(extra, "config")  # every value typed and in range now: NaN would be stored as null
-    return extra
-
-
-def resolve_path(home: Path, kind: str, value, where: str) -> str:
-    """The server path behind an id the caller gave for a path-typed setting: an uploaded file (`file-…`) for
-    data, a succeeded job (`ftjob-…`) or its model (`ft:…`) for a run. Anything else is refused without looking
-    at the file system, so a refusal says nothing about which paths exist on the server."""
-    if kind == "data":
-        row = files.get(home, value) if isinstance(value, str) and value.startswith("file-") else None
-        if row is None or row["purpose"] != "fine-tune":
-            raise UserError(f"must be the id of an uploaded fine-tune file (file-…), got {excerpt(value)}; "
-                            "the service never reads a path a client names", where)
-        return str(files.path_of(home, row))
-    if kind == "run":
-        job = None
-        if isinstance(value, str) and value.startswith("ft:"):
-            job = tuned(home, value)
-        elif isinstance(value, str) and value.startswith("ftjob-"):
-            job = get(home, value)
-        if job is None or job["status"] != "succeeded":
-            raise UserError(f"must be a fine-tuned model (ft:…) or the id of a succeeded job, got {excerpt(value)}; "
-                            "the service never reads a path a client names", where)
-        return str(run_dir(home, job["id"]))
-    raise UserError("is set by the service", where)
-
-
-def _file(home: Path, body: dict, key: str, required: bool) -> dict | None:
-    file_id = body.get(key)
-    if file_id is None and not required:
-        return None
-    row = files.get(home, file_id) if isinstance(file_id, str) else None
-    if row is None or row["purpose"] != "fine-tune":
-        raise UserError(f"no uploaded fine-tune file {file_id!r}", key)
-    return row
-
-
-def _labels(body: dict) -> dict:
-    """suffix, seed (drawn when absent, as OpenAI does) and metadata, checked."""
-    suffix, seed, metadata = body.get("suffix"), body.get("seed"), body.get("metadata")
-    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
-        raise UserError("at most 64 letters, digits, '-' or '_'", "suffix")
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise UserError(f"must be an integer in [0, 2^31), got {seed!r}", "seed")
-    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items())):
-        raise UserError("at most 16 string keys (≤ 64 characters) with string values (≤ 512)", "metadata")
-    return {"suffix": suffix, "seed": seed, "metadata": dumps(metadata)}
-
-
-def create(home: Path, body: dict) -> dict:
-    """Check a POST /v1/fine_tuning/jobs body and record the job as validating_files."""
-    from tunelab.tasks import TASKS
-
-    if not isinstance(body, dict):
-        raise UserError("the request body must be a JSON object")
-    source = model_source(home, body.get("model"))
-    train_file = _file(home, body, "training_file", True)
-    valid_file = _file(home, body, "validation_file", False)
-    kind, raw = _method(body)
-    hp = {k: _number(k, raw.get(k), f"hyperparameters.{k}") for k in ("n_epochs", "batch_size",
-                                                                      "learning_rate_multiplier")}
-    beta = _number("beta", raw.get("beta"), "method.dpo.hyperparameters.beta") if kind == "dpo" else None
-    task = body.get("task") or ("dpo" if kind == "dpo" else files.FORMAT_TASK[train_file["format"]])
-    if not isinstance(task, str) or task not in TASKS:
-        raise UserError(f"unknown task {excerpt(task)} (one of {', '.join(TASKS)})", "task")
-    tuning = body.get("tuning") or "full"
-    if not isinstance(tuning, str):
-        raise UserError(f"must be the name of a tuning method, got {excerpt(tuning)}", "tuning")
-    if kind == "dpo" and task != "dpo":
-        raise UserError(f"method.type 'dpo' trains the dpo task, not {task!r}", "task")
-    job_id = new_id("ftjob")
-    row = {"id": job_id, "created_at": now(), "model": body["model"], "training_file": train_file["id"],
-           "validation_file": valid_file["id"] if valid_file else None, "task": task,
-           "tuning": tuning,
-           "hyperparameters": dumps({**hp, **({"beta": beta} if beta is not None else {})}),
-           "method": dumps({"type": kind}), **_labels(body),
-           "request": dumps({"config": _overrides(home, body), "source": source})}
-    cfg = training_config(home, row)  # refuses bad settings now, with the request's names, not in a worker later
-    cfg.output = "unused"
-    try:
-        config_mod.validate(cfg)
-    except UserError as e:
-        raise UserError(e.problem, "config") from None
-    if cfg.train.keep_checkpoints > MAX_CHECKPOINTS:
-        raise UserError(f"the service keeps at most {MAX_CHECKPOINTS} checkpoints per job", "config.train.keep_checkpoints")
-    con = connect(home)
-    with transaction(con):
-        row["seq"] = (con.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
-        con.execute("INSERT INTO jobs (id, seq, created_at, model, training_file, validation_file, request, task, "
-                    "tuning, hyperparameters, method, seed, suffix, metadata, status) VALUES (:id, :seq, "
-                    ":created_at, :model, :training_file, :validation_file, :request, :task, :tuning, "
-                    ":hyperparameters, :method, :seed, :suffix, :metadata, 'validating_files')", row)
-        add_event(con, job_id, f"Validating training file: {train_file['id']}"
-                  + (f" and validation file: {valid_file['id']}" if valid_file else ""))
-    return get(home, job_id)
-
-
-def training_config(home: Path, job: dict) -> config_mod.Config:
-    """The `tunelab train` config a job runs with."""
-    request = loads(job["request"])
-    hp = loads(job["hyperparameters"])
-    extra = {section: dict(values) for section, values in request["config"].items()}
-    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
-    for section, values in extra.items():  # ids of uploaded files and finished jobs → their server paths
-        for key, value in values.items():
-            if kinds.get(f"{section}.{key}"):
-                values[key] = resolve_path(home, kinds[f"{section}.{key}"], value, f"config.{section}.{key}")
-    train_file = files.get(home, job["training_file"])
-    valid_file = files.get(home, job["validation_file"]) if job["validation_file"] else None
-    given = extra.get("train", {}).get("lr")  # typed before it is scaled: a string or NaN is refused here
-    lr = BASE_LR.get(job["tuning"], 5e-5) if given is None else \
-        config_mod.from_dict({"train": {"lr": given}}, "config").train.lr
-    d = {"task": job["task"], "output": str(run_dir(home, job["id"])), "overwrite": True,
-         "model": {"name": request["source"]},
-         "data": {**extra.get("data", {}), "train": str(files.path_of(home, train_file)),
-                  "eval": str(files.path_of(home, valid_file)) if valid_file else None},
-         "tuning": {**extra.get("tuning", {}), "name": job["tuning"]},
-         "train": {"keep_checkpoints": 3, **extra.get("train", {}), "epochs": hp["n_epochs"],
-                   "batch_size": hp["batch_size"], "lr": lr * hp["learning_rate_multiplier"], "seed": job["seed"],
-                   "progress": False, **({"beta": hp["beta"]} if "beta" in hp else {})},
-         "eval": extra.get("eval", {})}
-    return config_mod.from_dict(d, "config")
-
-
-def job_files(job: dict) -> dict[str, str]:
-    """The uploaded files a job reads, by the request field that names them: training_file, validation_file and
-    path-typed settings such as config.data.transfer."""
-    out = {key: job[key] for key in ("training_file", "validation_file") if job[key]}
-    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
-    for section, values in loads(job["request"])["config"].items():
-        for key, value in values.items():
-            if kinds.get(f"{section}.{key}") == "data":
-                out[f"config.{section}.{key}"] = value
-    return out
 
 
 def run_dir(home: Path, job_id: str) -> Path:
@@ -314,15 +96,15 @@ def add_event(con, job_id: str, message: str, level: str = "info", kind: str = "
               once: str | None = None) -> None:
     """Record an event; one with a `once` key (a metric row's step) only if the job has none with that key yet,
     so attempts that resume from the same checkpoint never report a step twice."""
-    con.execute("INSERT OR IGNORE INTO events (job_id, created_at, level, type, message, data, once) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+    con.execute("INSERT INTO events (job_id, created_at, level, type, message, data, once) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, once) WHERE once IS NOT NULL DO NOTHING",
                 (job_id, now(), level, kind, message, dumps(data) if data is not None else None, once))
 
 
 def events(home: Path, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
     after_seq = 2**62
     if after:
-        m = re.fullmatch(r"ftevent-(\d+)", after)
+        m = re.fullmatch(r"ftevent-([0-9]{1,18})", after)
         if not m:
             raise UserError(f"not an event id: {after!r}", "after")
         after_seq = int(m.group(1))
@@ -477,7 +259,10 @@ def reap(home: Path) -> None:
             current = get(home, job["id"])
             if current["status"] != "running" or current["worker_id"] != job["worker_id"]:
                 continue
-            if not current["cancel_requested"] and died_with_server(home, con, job["worker_id"]):
+            # Forgiven at most MAX_ATTEMPTS times: a job that takes its whole host down each time must still end.
+            if not current["cancel_requested"] and current["free_restarts"] < MAX_ATTEMPTS and \
+                    died_with_server(home, con, job["worker_id"]):
+                con.execute("UPDATE jobs SET free_restarts = free_restarts + 1 WHERE id = ?", (job["id"],))
                 give_back(con, job["id"], "The service stopped while this job ran; the job is queued again and "
                                           "resumes from its last checkpoint (no attempt counted)")
             else:

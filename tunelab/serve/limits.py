@@ -21,16 +21,19 @@ ENVELOPE = 64 * 1024  # multipart headers and boundaries around an uploaded file
 BODY_TIMEOUT = 30.0  # seconds a client may pause while sending a body
 
 
+CLOSE = {"Connection": "close"}  # uvicorn then closes the connection instead of reading the rest of the body
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int, upload: bool):
         what = "upload" if upload else "request body"
-        super().__init__(413, f"the {what} is larger than the limit of {limit / 2**20:g} MB")
+        super().__init__(413, f"the {what} is larger than the limit of {limit / 2**20:g} MB", CLOSE)
         self.code, self.param = ("file_too_large", "file") if upload else ("request_too_large", None)
 
 
 class BodyTimeout(HTTPException):
-    def __init__(self):
-        super().__init__(408, f"the request body stopped arriving for {BODY_TIMEOUT:g} s")
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body stopped arriving for {seconds:g} s", CLOSE)
         self.code, self.param = "request_timeout", None
 
 
@@ -58,7 +61,7 @@ class LimitBody:
             try:
                 message = await asyncio.wait_for(receive(), self.timeout)
             except asyncio.TimeoutError:
-                raise BodyTimeout() from None
+                raise BodyTimeout(self.timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 done = not message.get("more_body", False)

@@ -6,6 +6,11 @@ and its workers record its id: a job whose worker died together with the server 
 
 Log lines never carry a key: the access log shows paths without their query strings, and anything that looks
 like a key or an Authorization header is masked in every line uvicorn writes.
+
+uvicorn closes an idle keep-alive connection after KEEP_ALIVE seconds but gives a connection that has not finished
+sending its request line and headers all the time in the world (its timer starts only after a response), so a few
+hundred silent sockets would hold the server. `Deadline` closes such a connection after the body timeout; the
+body itself is timed by limits.LimitBody. A public deployment still belongs behind a reverse proxy.
 """
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ from tunelab.serve.worker import hold_lock, spawn
 
 RESTART_EVERY = 1.0  # seconds between checks that every worker still runs
 KEEP_ALIVE = 5  # seconds an idle connection stays open (uvicorn's default, set here on purpose)
-MAX_CONNECTIONS = 100  # concurrent connections and requests; beyond it uvicorn answers 503
 SECRET = re.compile(r"(?i)(tl-[A-Za-z0-9_-]{8,}|bearer\s+\S+|authorization:\s*\S+)")
 
 
@@ -37,6 +41,33 @@ class Redact(logging.Filter):
         elif SECRET.search(record.getMessage()):
             record.msg, record.args = SECRET.sub("…", record.getMessage()), ()
         return True
+
+
+def deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers take longer than `seconds`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Deadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._waiting_since = self.loop.time()
+            self.loop.call_later(seconds, self._check_deadline)
+
+        def on_response_complete(self) -> None:
+            self._waiting_since = self.loop.time()  # the next request's headers get their own time
+            super().on_response_complete()
+
+        def _check_deadline(self) -> None:
+            if self.transport.is_closing():
+                return
+            waited = self.loop.time() - self._waiting_since
+            if self.conn.their_state is h11.IDLE and waited >= seconds:
+                self.transport.close()  # headers never came (a request in progress has their_state SEND_BODY)
+            else:
+                self.loop.call_later(max(seconds - waited, 0.1) if self.conn.their_state is h11.IDLE else seconds,
+                                     self._check_deadline)
+    return Deadline
 
 
 def log_config() -> dict:
@@ -83,7 +114,7 @@ def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
 
     try:
         uvicorn.run(create_app(home, max_upload_mb, stop_workers, body_timeout), host=host, port=port, log_level="info",
-                    log_config=log_config(), timeout_keep_alive=KEEP_ALIVE, limit_concurrency=MAX_CONNECTIONS)
+                    log_config=log_config(), timeout_keep_alive=KEEP_ALIVE, http=deadline_protocol(body_timeout))
     finally:
         if not stop.is_set():
             stop_workers()

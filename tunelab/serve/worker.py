@@ -22,7 +22,8 @@ import traceback
 from pathlib import Path
 
 from tunelab import config as config_mod
-from tunelab.serve import files, jobs
+from tunelab.errors import cut
+from tunelab.serve import files, job_request, jobs
 from tunelab.io import read_jsonl_prefix
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 
@@ -110,9 +111,10 @@ class Run:
 
     def __init__(self, home: Path, job: dict, worker_id: str, max_job_hours: float | None = None):
         self.home, self.job, self.worker_id = home, job, worker_id
-        # The job's wall-clock deadline, counted from its first start (resumed attempts included).
-        self.deadline = job["started_at"] + max_job_hours * 3600 if max_job_hours else float("inf")
-        self.max_job_hours = max_job_hours
+        # The job's time limit counts the seconds its attempts ran, not the time it waited in the queue or for a
+        # stopped service to come back.
+        self.limit = max_job_hours * 3600 if max_job_hours else float("inf")
+        self.ran_before, self.max_job_hours = job["ran_seconds"], max_job_hours
         self.id, self.attempt = job["id"], job["attempts"]
         self.folder = home / "jobs" / self.id
         self.run_dir = jobs.run_dir(home, self.id)
@@ -152,7 +154,7 @@ class Run:
             self.event(f"Resuming from the checkpoint at step {self.resumed_at}")
             args = ["train", "--resume", str(self.run_dir)]
         else:
-            config_mod.save_yaml(jobs.training_config(self.home, self.job), cfg_path)
+            config_mod.save_yaml(job_request.training_config(self.home, self.job), cfg_path)
             args = ["train", str(cfg_path)]
         child = spawn(args, self.folder / "train.log", pass_fds=(job_lock,))
         state = "running"
@@ -200,9 +202,10 @@ class Run:
             return "lost"
         if row["cancel_requested"]:
             return "cancel"
-        if time.time() > self.deadline:
+        ran = self.ran_before + time.monotonic() - self.started
+        if ran > self.limit:
             return "time_limit"
-        self.con.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time(), self.id))
+        self.con.execute("UPDATE jobs SET heartbeat_at = ?, ran_seconds = ? WHERE id = ?", (time.time(), ran, self.id))
         return "running"
 
     # ---- progress ----------------------------------------------------------------------------------------------
@@ -321,15 +324,15 @@ class Run:
         log = (self.folder / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
         said = [line[len("tunelab: error: "):] for line in log if line.startswith("tunelab: error: ")]
         message = said[-1] if said else next((line for line in reversed(log) if line.strip()), f"exit code {code}")
-        message = message[:MAX_ERROR]  # a crash's last line may quote anything: the client gets its start
         param = None
-        for key, file_id in jobs.job_files(self.job).items():  # server paths → the names the client gave
+        for key, file_id in job_request.job_files(self.job).items():  # server paths → the names the client gave
             row = files.get(self.home, file_id)
             if row and str(files.path_of(self.home, row)) in message:
                 message = message.replace(str(files.path_of(self.home, row)), row["filename"])
                 param = param or key
-        for home in {str(self.home.absolute()), str(self.home)}:
+        for home in sorted({str(self.home.absolute()), str(self.home)}, key=len, reverse=True):
             message = message.replace(home, "HOME")
+        message = cut(message, MAX_ERROR)  # a crash's last line may quote anything: the client gets its start
         if param:
             return {"code": f"invalid_{param.rsplit('.', 1)[-1]}", "message": message, "param": param}
         return {"code": "invalid_request" if said else "training_error", "message": message, "param": None}
