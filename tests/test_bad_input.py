@@ -46,6 +46,7 @@ CASES = {
     "non-scalar label": (("listlabel.jsonl", GOOD + b'{"text": "a", "label": [1]}\n'),
                          "listlabel.jsonl:3: label 'label' must be a string or an integer"),
     "unknown format": (("data.parquet", b"xx"), "unknown data format"),
+    "csv carriage return": (("cr.csv", b"text,label\nhello\rworld,a\n"), "cr.csv:2: not valid CSV"),  # Hypothesis found it
 }
 
 

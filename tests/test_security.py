@@ -238,6 +238,20 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(guarded):
     assert guarded.request("GET", "/v1/models")[0] == 200  # a finished request on a fresh connection still works
 
 
+def test_a_body_trickling_in_after_the_answer_is_closed(guarded):
+    """A 401 goes out without reading the body; a client that keeps the body coming, a byte now and then, must not
+    hold the connection for ever."""
+    sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=30)
+    sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+    tic = time.monotonic()
+    assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+    sock.sendall(b"1\r\nb\r\n")
+    while sock.recv(65536):
+        pass
+    sock.close()
+    assert time.monotonic() - tic < 10
+
+
 # ---- 4. every numeric setting bounded; 5. bad values are 400s, never 500s --------------------------------------
 
 BAD_CONFIGS = [{"eval": {"bootstrap": 1e9}}, {"data": {"max_length": 10**9}}, {"train": {"augment_copies": 10**6}},
@@ -275,9 +289,12 @@ def test_values_that_gave_500s_are_400s(guarded, tmp_path):
         assert status == 400 and _openai_error(status, out), (body[:200], status, out)
     chat = '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], %s}'
     for extra in ('"seed": 1e300', '"seed": -1', '"temperature": NaN', '"top_p": Infinity', '"max_tokens": 1e400',
+                  '"temperature": 3', f'"temperature": {huge}',
                   f'"seed": {huge}', f'"max_tokens": {huge}', '"stream": true, "stream_options": "x"'):
         status, out = _raw(guarded, (chat % extra).encode(), "/v1/chat/completions")
         assert status == 400 and _openai_error(status, out), (extra, out)
+    status, out = _raw(guarded, (chat % '"temperature": 2, "max_tokens": 2').encode(), "/v1/chat/completions")
+    assert status == 200, out  # an integer temperature is a temperature (transformers wants a float)
     job_id = guarded.request("GET", "/v1/fine_tuning/jobs")[1]["data"]
     job_id = job_id[0]["id"] if job_id else "ftjob-none"
     for after in ("ftevent-" + "9" * 20, "ftevent-" + "9" * 5000, "ftevent-١٢"):
@@ -285,6 +302,9 @@ def test_values_that_gave_500s_are_400s(guarded, tmp_path):
         assert status in (400, 404) and _openai_error(status, out), (after, out)
 
 
+# The same examples on every run, so CI is repeatable (a run of 1,500 job bodies and 3,000 files passed once);
+# TUNELAB_EXPLORE=1 draws new ones, which is how the lone carriage return that crashed the CSV reader was found.
+PROPERTY = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=not os.environ.get("TUNELAB_EXPLORE"))
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
                     max_leaves=12)
@@ -292,7 +312,7 @@ KEYS = ["model", "training_file", "validation_file", "hyperparameters", "method"
         "suffix", "metadata"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, **PROPERTY)
 @given(body=st.fixed_dictionaries({}, optional={k: JSON for k in KEYS}),
        config=st.dictionaries(st.sampled_from(["data", "tuning", "train", "eval", "model", "x"]),
                               st.dictionaries(st.sampled_from([k.split(".")[1] for k, _, _ in iter_fields() if "." in k]
@@ -318,7 +338,7 @@ LINES = st.one_of(JSON.map(lambda v: json.dumps(v)), st.text(max_size=40),
                   st.fixed_dictionaries({"prompt": JSON, "chosen": JSON, "rejected": JSON}).map(json.dumps))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, **PROPERTY)
 @given(lines=st.lists(LINES, min_size=1, max_size=5), ext=st.sampled_from([".jsonl", ".csv", ".txt"]),
        task=st.sampled_from([None, "classification", "multilabel", "regression", "ner", "chat", "dpo", "clm"]))
 def test_any_uploaded_file_is_stored_or_refused_with_a_user_error(tmp_path_factory, lines, ext, task):

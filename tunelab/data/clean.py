@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tunelab.config import DataConfig
 from tunelab.data.check import Report, check
-from tunelab.data.load import _decoded_lines
+from tunelab.data.load import _decoded_lines, csv_rows
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_jsonl, atomic_write_text
 
@@ -139,9 +139,9 @@ def _records(path: Path, cfg: DataConfig) -> tuple[list[tuple[int, object]], lis
     them (a JSONL line that is not JSON stays its text, for the log)."""
     text = "\n".join(_decoded_lines(path, cfg.encoding))
     if path.suffix.lower() in (".csv", ".tsv"):
-        reader = csv.reader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        header = [h.strip() for h in next(reader)]
-        rows = [(reader.line_num, dict(zip(header, fields))) for fields in reader if any(f.strip() for f in fields)]
+        parsed = csv_rows(text, path)
+        header = [h.strip() for h in next(parsed)[1]]
+        rows = [(line, dict(zip(header, fields))) for line, fields in parsed if any(f.strip() for f in fields)]
         return rows, header
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
         raise UserError("clean writes JSONL and CSV files", str(path))

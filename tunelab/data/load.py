@@ -173,14 +173,26 @@ def _columns(header: list[str]) -> str:
     return f"{len(header)} columns: {shown}{', …' if len(header) > 4 else ''}"
 
 
+def csv_rows(text: str, path: Path):
+    """(line number, fields) of each CSV (or .tsv) row; a row the csv module cannot parse (a lone carriage return
+    in an unquoted field, a NUL byte, a field past its size limit) is a UserError naming the line."""
+    reader = csv.reader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"not valid CSV ({e})", str(path), reader.line_num) from None
+        yield reader.line_num, fields
+
+
 def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
              default_key: str = "label") -> list[Example]:
     key = cfg.label_column or default_key
-    text = "\n".join(_decoded_lines(path, cfg.encoding))
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    rows = csv_rows("\n".join(_decoded_lines(path, cfg.encoding)), path)
     try:
-        header = next(reader)
+        _, header = next(rows)
     except StopIteration:
         raise UserError("empty file", str(path)) from None
     header = [h.strip() for h in header]
@@ -200,9 +212,9 @@ def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_l
         label = parse(rec[key], path, line, key) if has_label else None
         return Example(_text(rec[cfg.text_column], path, line, cfg.text_column), label,
                        rec.get(cfg.text_pair_column) or None, f"{path}:{line}", group=group_of(rec, cfg, path, line))
-    for fields in reader:
+    for line, fields in rows:
         if fields and any(f.strip() for f in fields):
-            records.add(lambda: example(reader.line_num, fields))
+            records.add(lambda: example(line, fields))
     return records.done()
 
 

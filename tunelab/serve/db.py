@@ -94,9 +94,12 @@ def private_dir(path: Path) -> Path:
 
 def _tighten(path: Path, mode: int) -> None:
     """Drop group and other bits of a file or folder this user owns (another user's is left as it is)."""
-    st = path.stat()
-    if st.st_mode & 0o077 and st.st_uid == os.getuid():
-        os.chmod(path, mode)
+    try:
+        st = path.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(path, mode)
+    except FileNotFoundError:  # a -wal or -shm file removed meanwhile by another process's last close
+        pass
 
 
 def _migrate(con: sqlite3.Connection) -> None:

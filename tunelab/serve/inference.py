@@ -88,6 +88,9 @@ def _sampling(body: dict) -> dict:
             raise UserError(f"must be a finite number, got {excerpt(value)}", key)
     if not 1 <= out["max_new_tokens"] <= MAX_TOKENS:  # before int(): exact for integers of any size
         raise UserError(f"must be between 1 and {MAX_TOKENS}", "max_tokens")
+    if not 0 <= out["temperature"] <= 2:  # OpenAI's range; transformers wants a float
+        raise UserError(f"must be between 0 and 2, got {excerpt(out['temperature'])}", "temperature")
+    out["temperature"], out["top_p"] = float(out["temperature"]), float(out["top_p"])
     if not 0 <= out["seed"] < 2**63 or out["seed"] != int(out["seed"]):
         raise UserError(f"must be an integer in [0, 2^63), got {excerpt(out['seed'])}", "seed")
     out["max_new_tokens"], out["seed"] = int(out["max_new_tokens"]), int(out["seed"])
@@ -164,10 +167,12 @@ def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, usage: bool
             try:
                 result["completion"] = _complete(loaded, messages, sampling, streamer)
             except UserError as e:  # e.g. a prompt longer than the model's context: the client's to fix
-                result["error"] = {"message": cut(e.problem, 500), "type": "invalid_request_error"}
+                result["error"] = {"message": cut(e.problem, 500), "type": "invalid_request_error",
+                                   "param": PARAMS.get(e.path, e.path), "code": None}
                 streamer.end()
             except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
-                result["error"] = {"message": f"generation failed ({type(e).__name__})", "type": "server_error"}
+                result["error"] = {"message": f"generation failed ({type(e).__name__})", "type": "server_error",
+                                   "param": None, "code": None}
                 streamer.end()
                 raise  # and logged with its traceback, which the client does not see
 

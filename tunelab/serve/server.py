@@ -44,15 +44,20 @@ class Redact(logging.Filter):
 
 
 def deadline_protocol(seconds: float):
-    """uvicorn's h11 protocol, closing a connection whose request line and headers take longer than `seconds`."""
-    import h11
+    """uvicorn's h11 protocol, closing a connection that is serving no request and has waited `seconds` since it
+    opened or since its last answer: headers that never finish, or a body still trickling in after the answer (a
+    401 is sent without reading the body). A request being served (a long generation, say) is never cut."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Deadline(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._waiting_since = self.loop.time()
-            self.loop.call_later(seconds, self._check_deadline)
+            self._timer = self.loop.call_later(seconds, self._check_deadline)
+
+        def connection_lost(self, exc) -> None:
+            self._timer.cancel()
+            super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
             self._waiting_since = self.loop.time()  # the next request's headers get their own time
@@ -61,12 +66,13 @@ def deadline_protocol(seconds: float):
         def _check_deadline(self) -> None:
             if self.transport.is_closing():
                 return
+            serving = self.cycle is not None and not self.cycle.response_complete
             waited = self.loop.time() - self._waiting_since
-            if self.conn.their_state is h11.IDLE and waited >= seconds:
-                self.transport.close()  # headers never came (a request in progress has their_state SEND_BODY)
+            if not serving and waited >= seconds:
+                self.transport.close()
             else:
-                self.loop.call_later(max(seconds - waited, 0.1) if self.conn.their_state is h11.IDLE else seconds,
-                                     self._check_deadline)
+                self._timer = self.loop.call_later(seconds if serving else max(seconds - waited, 0.1),
+                                                   self._check_deadline)
     return Deadline
 
 

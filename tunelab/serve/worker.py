@@ -205,7 +205,8 @@ class Run:
         ran = self.ran_before + time.monotonic() - self.started
         if ran > self.limit:
             return "time_limit"
-        self.con.execute("UPDATE jobs SET heartbeat_at = ?, ran_seconds = ? WHERE id = ?", (time.time(), ran, self.id))
+        self.con.execute("UPDATE jobs SET heartbeat_at = ?, ran_seconds = ? WHERE id = ? AND worker_id = ? AND "
+                         "attempts = ?", (time.time(), ran, self.id, self.worker_id, self.attempt))
         return "running"
 
     # ---- progress ----------------------------------------------------------------------------------------------
