@@ -186,7 +186,8 @@ def test_a_job_past_the_time_limit_fails_and_keeps_its_checkpoints(make_service)
     assert failed["finished_at"] - failed["started_at"] < 40
     assert not svc.training_pids(job_id)
     kept = svc.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"]
-    assert kept and all(c["step_number"] % 20 == 0 for c in kept)  # the last checkpoints stay for a look or a resume
+    # the last checkpoints (every 20 steps and at epoch ends) stay, for a look or a resume; training did not finish
+    assert 1 <= len(kept) <= 3 and max(c["step_number"] for c in kept) < 6 * 270, kept
 
 
 def test_a_job_is_forgiven_a_dead_server_three_times_then_counted(tmp_path):
