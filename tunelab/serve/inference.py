@@ -165,10 +165,11 @@ def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, usage: bool
     def work():
         with loaded.lock:
             try:
-                result["completion"] = _complete(loaded, messages, sampling, streamer)
+                with _service_names():
+                    result["completion"] = _complete(loaded, messages, sampling, streamer)
             except UserError as e:  # e.g. a prompt longer than the model's context: the client's to fix
                 result["error"] = {"message": cut(e.problem, 500), "type": "invalid_request_error",
-                                   "param": PARAMS.get(e.path, e.path), "code": None}
+                                   "param": e.path, "code": None}
                 streamer.end()
             except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
                 result["error"] = {"message": f"generation failed ({type(e).__name__})", "type": "server_error",

@@ -81,22 +81,29 @@ def _method(body: dict) -> tuple[str, dict]:
     return method["type"], {**legacy, **inner}
 
 
-def _overrides(home: Path, body: dict) -> dict:
-    """The request's `config`: sections of settings, none reserved, every path-typed one an id the caller owns."""
+def _overrides(body: dict) -> dict:
+    """The request's `config`: sections of settings, none reserved, each typed and in range. Its path-typed
+    settings are checked to be ids the caller owns when `training_config` resolves them."""
     extra = body.get("config") or {}
     if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
         raise UserError("must be an object of sections, e.g. {\"data\": {\"max_length\": 64}}", "config")
-    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
     for section, values in extra.items():
         if section not in ("data", "tuning", "train", "eval"):
             raise UserError(f"unknown section {excerpt(section)} (data, tuning, train or eval)", "config")
-        for key, value in values.items():
+        for key in values:
             if (section, key) in RESERVED:
                 raise UserError(f"{section}.{key} is set by the service", "config")
-            if kinds.get(f"{section}.{key}") and value is not None:
-                resolve_path(home, kinds[f"{section}.{key}"], value, f"config.{section}.{key}")
     config_mod.from_dict(extra, "config")  # every value typed and in range now: NaN would be stored as null
     return extra
+
+
+def _path_settings(extra: dict):
+    """(section, key, kind, value) of each path-typed setting in a request's `config`; a null names no path."""
+    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
+    for section, values in extra.items():
+        for key, value in values.items():
+            if kinds.get(f"{section}.{key}") and value is not None:
+                yield section, key, kinds[f"{section}.{key}"], value
 
 
 def resolve_path(home: Path, kind: str, value, where: str) -> str:
@@ -174,8 +181,9 @@ def create(home: Path, body: dict) -> dict:
            "tuning": tuning,
            "hyperparameters": dumps({**hp, **({"beta": beta} if beta is not None else {})}),
            "method": dumps({"type": kind}), **_labels(body),
-           "request": dumps({"config": _overrides(home, body), "source": source})}
-    cfg = training_config(home, row)  # refuses bad settings now, with the request's names, not in a worker later
+           "request": dumps({"config": _overrides(body), "source": source})}
+    # refuses bad settings now (paths that are not the caller's ids included), with the request's names
+    cfg = training_config(home, row)
     cfg.output = "unused"
     try:
         config_mod.validate(cfg)
@@ -200,11 +208,8 @@ def training_config(home: Path, job: dict) -> config_mod.Config:
     request = loads(job["request"])
     hp = loads(job["hyperparameters"])
     extra = {section: dict(values) for section, values in request["config"].items()}
-    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
-    for section, values in extra.items():  # ids of uploaded files and finished jobs → their server paths
-        for key, value in values.items():
-            if kinds.get(f"{section}.{key}") and value is not None:
-                values[key] = resolve_path(home, kinds[f"{section}.{key}"], value, f"config.{section}.{key}")
+    for section, key, kind, value in list(_path_settings(extra)):  # ids of uploads and finished jobs → paths
+        extra[section][key] = resolve_path(home, kind, value, f"config.{section}.{key}")
     train_file = files.get(home, job["training_file"])
     valid_file = files.get(home, job["validation_file"]) if job["validation_file"] else None
     given = extra.get("train", {}).get("lr")  # typed before it is scaled: a string or NaN is refused here
@@ -226,9 +231,7 @@ def job_files(job: dict) -> dict[str, str]:
     """The uploaded files a job reads, by the request field that names them: training_file, validation_file and
     path-typed settings such as config.data.transfer."""
     out = {key: job[key] for key in ("training_file", "validation_file") if job[key]}
-    kinds = {key: f.metadata["path"] for key, f, _ in config_mod.iter_fields()}
-    for section, values in loads(job["request"])["config"].items():
-        for key, value in values.items():
-            if kinds.get(f"{section}.{key}") == "data" and value is not None:
-                out[f"config.{section}.{key}"] = value
+    for section, key, kind, value in _path_settings(loads(job["request"])["config"]):
+        if kind == "data":
+            out[f"config.{section}.{key}"] = value
     return out
