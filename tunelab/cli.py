@@ -67,26 +67,52 @@ def print_metrics(m: dict, run: Path) -> None:
         for k, v in m["eval"].items():
             cells = [v] + [b[k] for b in m["baseline"].values() if k in b]
             print(f"{k:<18}" + "".join(f"{_cv_cell(c):>32}" for c in cells))
+        if m.get("selected_on_eval"):
+            print(f"fold metrics are optimistic: each fold's held-out part also chose "
+                  f"{' and '.join(m.get('chosen_on_eval') or ['the best step'])}")
         return
-    names = list(m["baseline"])
-    rows = [["metric", "model", "95% CI", *names]]
-    for k, v in m["eval"].items():
-        ci = m["ci95"].get(k)
-        rows.append([k, f"{v:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "",
-                     *(f"{m['baseline'][n][k]:.4f}" if k in m["baseline"][n] else "" for n in names)])
-    print("\n".join(text_table(rows)))
+    if "test" in m:
+        print("eval set:")
+    print("\n".join(text_table(_metric_rows(m["eval"], m["ci95"], m["baseline"]))))
     if "valid_loss" in m:  # language models: the headline figures under the OpenAI fine-tuning API's names
         print("  ".join(f"{k} {m[k]:.4f}" for k in ("train_loss", "valid_loss", "train_mean_token_accuracy",
                                                      "valid_mean_token_accuracy") if m.get(k) is not None))
     if "threshold_search" in m:
         print(f"threshold {m['threshold_search']['threshold']:.2f} chosen on the eval set (optimistic); "
               f"at the default: f1_micro {m['eval_at_default_threshold']['f1_micro']:.4f}")
+    _print_test(m)
     t, i = m["train"], m.get("inference", {})
     print(f"train: {t['seconds']:.1f} s, {t['samples_per_second']:.1f} samples/s, "
           f"{t['trainable_params']:,} of {t['total_params']:,} parameters trainable, peak RSS {t['peak_rss_mb']:.0f} MB")
     if i:
         print(f"inference: {i['latency_ms']:.1f} ms per single request, {i['throughput']:.0f} examples/s batched, "
               f"model {i['model_mb']:.1f} MiB")
+
+
+def _metric_rows(values: dict, ci95: dict, baselines: dict) -> list[list[str]]:
+    """metric | model | 95% CI | one column per baseline, for text_table."""
+    names = list(baselines)
+    rows = [["metric", "model", "95% CI", *names]]
+    for k, v in values.items():
+        ci = ci95.get(k)
+        rows.append([k, f"{v:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "",
+                     *(f"{baselines[n][k]:.4f}" if k in baselines[n] else "" for n in names)])
+    return rows
+
+
+def _print_test(m: dict) -> None:
+    """Say plainly whether the eval numbers are optimistic, and print the untouched test estimate if there is one."""
+    chose = " and ".join(m.get("chosen_on_eval") or [])
+    if "test" not in m:
+        if m.get("selected_on_eval"):
+            print(f"eval metrics are optimistic: the eval set also chose {chose}; give --test FILE (or "
+                  "data.test_split) for an untouched estimate")
+        return
+    if m.get("selected_on_eval"):
+        print(f"eval metrics are optimistic (the eval set also chose {chose}); the test set below is not")
+    n = m.get("train", {}).get("test_examples")
+    print(f"\ntest set{f' ({n} examples)' if n else ''}, scored once with the selected model: the untouched estimate")
+    print("\n".join(text_table(_metric_rows(m["test"], m.get("test_ci95", {}), m.get("baseline_test", {})))))
 
 
 def _cv_cell(s: dict) -> str:

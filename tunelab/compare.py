@@ -37,6 +37,7 @@ def compare(base: Config, methods: list[str], out: Path, method_sets: list[str],
             rows.append(_row(m, frac, _run(cfg, out, resume), cfg))
     result = {"task": task.name, "metric": task.primary, "metrics": list(task.metrics), "methods": methods,
               "fractions": fractions, "folds": base.eval.folds, "output": str(out), "rows": rows,
+              "graded_on": "test" if base.data.test or base.data.test_split else "eval",
               "baselines": [b for frac in fractions for b in _baselines(base, frac)]}
     from tunelab.report import recommend, write_report
 
@@ -114,11 +115,12 @@ def _run(cfg: Config, out: Path, resume: bool) -> dict:
     return json.loads(done.read_text(encoding="utf-8"))
 
 
-def _stat(m: dict, key: str, cv: bool) -> dict:
+def _stat(m: dict, key: str, cv: bool, split: str = "eval") -> dict:
     if cv:
         s = m["eval"][key]
         return {"value": s["mean"], "ci": s["ci"], "std": s["std"]}
-    return {"value": m["eval"][key], "ci": m.get("ci95", {}).get(key), "std": None}
+    ci = m.get("ci95" if split == "eval" else "test_ci95", {}).get(key)
+    return {"value": m[split][key], "ci": ci, "std": None}
 
 
 def _row(method: str, frac: float, m: dict, cfg: Config) -> dict:
@@ -127,8 +129,12 @@ def _row(method: str, frac: float, m: dict, cfg: Config) -> dict:
     run = Path(cfg.output)
     history = [str(run / f"fold-{k}" / "history.jsonl") for k in range(cfg.eval.folds)] if cv else [
         str(run / "history.jsonl")]
+    graded = m.get("graded_on", "eval")  # with a test set the row's numbers are the untouched ones
+    metrics = TASKS[cfg.task].metrics
     return {"method": method, "fraction": frac, "train_examples": int(t["train_examples"]),
-            "metrics": {k: _stat(m, k, cv) for k in TASKS[cfg.task].metrics},
+            "metrics": {k: _stat(m, k, cv, graded) for k in metrics}, "graded_on": graded,
+            "selected_on_eval": bool(m.get("selected_on_eval")),
+            **({"eval_metrics": {k: _stat(m, k, cv) for k in metrics}} if graded == "test" else {}),
             "train_s": t["seconds"], "samples_per_s": t["samples_per_second"], "trainable": int(t["trainable_params"]),
             "total_params": int(t["total_params"]), "peak_mb": t["peak_rss_mb"], "model_mb": i.get("model_mb"),
             "latency_ms": i.get("latency_ms"), "throughput": i.get("throughput"), "history": history,
@@ -149,7 +155,8 @@ def _teacher(cfg: Config, student: dict) -> dict:
 
 
 def _baselines(base: Config, frac: float) -> list[dict]:
-    """Majority/mean and linear probe on this fraction's split(s): per fold and summarised, or bootstrapped."""
+    """Majority/mean and linear probe on this fraction's split(s): per fold and summarised, or bootstrapped; scored
+    on the test set when there is one, where the methods are graded."""
     from tunelab.data import load_splits
     from tunelab.evaluate.baselines import baselines
     from tunelab.evaluate.stats import t_interval
@@ -164,7 +171,7 @@ def _baselines(base: Config, frac: float) -> list[dict]:
         cfg.data.train_fraction, cfg.eval.fold = frac, (k if base.eval.folds else None)
         splits = load_splits(cfg)
         train_items = task.encode(tok, splits.train, splits.space, cfg.data.max_length)
-        eval_items = task.encode(tok, splits.eval, splits.space, cfg.data.max_length)
+        eval_items = task.encode(tok, splits.test or splits.eval, splits.space, cfg.data.max_length)
         per_fold.append(baselines(task, splits.space, train_items, eval_items, cfg.model, tok.pad_token_id or 0,
                                   torch.device("cpu"), cfg.eval.probe, cfg.eval.bootstrap, cfg.train.seed))
     out = []
@@ -175,7 +182,8 @@ def _baselines(base: Config, frac: float) -> list[dict]:
         else:
             b = per_fold[0][name]
             metrics = {k: {"value": b[k], "ci": b["ci95"].get(k), "std": None} for k in task.metrics}
-        out.append({"name": name, "fraction": frac, "metrics": metrics})
+        out.append({"name": name, "fraction": frac, "metrics": metrics,
+                    "graded_on": "test" if splits.test else "eval"})
     return out
 
 
@@ -190,21 +198,25 @@ def _parse_method_sets(items: list[str], methods: list[str]) -> dict[str, list[t
     return out
 
 
-def _fmt_stat(s: dict) -> str:
+def _fmt_stat(s: dict, mark: str = "") -> str:
     ci = s.get("ci")
-    return f"{s['value']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return f"{s['value']:.4f}{mark}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def table(result: dict) -> str:
     """The comparison as aligned text: main metric with its 95% interval, then cost columns; baselines below."""
+    from tunelab.report import OPTIMISTIC, OPTIMISTIC_NOTE, optimistic
+
     main, several = result["metric"], len(result["fractions"]) > 1
-    head = ["method"] + (["train_n"] if several else []) + [f"{main} [95% CI]", "train_s", "samples/s",
+    on = "test " if result.get("graded_on") == "test" else ""
+    head = ["method"] + (["train_n"] if several else []) + [f"{on}{main} [95% CI]", "train_s", "samples/s",
                                                               "trainable", "peak_MB", "model_MB", "latency_ms"]
     cells = [head]
     for frac in result["fractions"]:
         for r in (r for r in result["rows"] if r["fraction"] == frac):
             cells.append([r["method"]] + ([str(r["train_examples"])] if several else []) + [
-                _fmt_stat(r["metrics"][main]), f"{r['train_s']:.1f}", f"{r['samples_per_s']:.1f}",
+                _fmt_stat(r["metrics"][main], OPTIMISTIC if optimistic(r) else ""), f"{r['train_s']:.1f}",
+                f"{r['samples_per_s']:.1f}",
                 f"{r['trainable']:,}", f"{r['peak_mb']:.0f}", f"{r['model_mb'] or 0:.1f}",
                 f"{r['latency_ms'] or 0:.1f}"])
         n = next((str(r["train_examples"]) for r in result["rows"] if r["fraction"] == frac), "-")
@@ -212,6 +224,8 @@ def table(result: dict) -> str:
             cells.append([b["name"]] + ([n] if several else []) + [_fmt_stat(b["metrics"][main])]
                          + ["-"] * (len(head) - 2 - several))
     lines = text_table(cells)
+    if any(optimistic(r) for r in result["rows"]):
+        lines.append(OPTIMISTIC_NOTE)
     for r in (r for r in result["rows"] if "teacher" in r):
         t, size = r["teacher"], f" ({r['train_examples']} examples)" if several else ""
         lines.append(f"distill{size} vs teacher "

@@ -63,6 +63,7 @@ class ModelConfig:
     dropout: float | None = setting(None, "Override every dropout probability in the model (None keeps the model's).",
         range=Range(0, 1, hi_open=True))
     trust_remote_code: bool = setting(False, "Allow code shipped with a model folder to run. Off by default: it is arbitrary code.")
+    pooling: str = setting("auto", "classification, multilabel, regression: how token states become one vector for the head: auto (a sentence-transformers folder's own pooling, else the model's own head: BERT's pooler over [CLS], a decoder's last token), cls (first token's state), mean, max, or last (last non-padding token).")
 
 
 @dataclass
@@ -74,6 +75,10 @@ class DataConfig:
     encoding: str = setting("utf-8", "Text encoding of the data files: utf-8 (a byte-order mark is fine), auto (detect UTF-8, UTF-16, Shift_JIS/CP932 or EUC-JP), or a Python codec name such as cp932.", "--encoding")
     eval_split: float = setting(0.1, "Fraction of the training data held out (stratified) when no --eval file is given.", "--eval-split",
         range=Range(0, 1, True, True))
+    test: str | None = setting(None, "Test data in the same formats, scored once at the end with the chosen weights and threshold: nothing (early stopping, threshold, tune's best trial) selects on it, so its numbers are an untouched estimate.", "--test",
+        path="data")
+    test_split: float = setting(0.0, "When no --test file is given: carve this fraction of the training data off (stratified, before the eval holdout and train_fraction) as a test set that nothing looks at until the end; 0: none.",
+        range=Range(0, 1, hi_open=True))
     text_column: str = setting("text", "Column or JSON key holding the text.")
     text_pair_column: str = setting("text_pair", "Column or JSON key holding the optional second text of a pair.")
     label_column: str | None = setting(None, "Column or JSON key holding the label; None uses the task's (label, labels, target or tags).")
@@ -116,15 +121,20 @@ class TuningConfig:
     student_layers: int = setting(0, "distill: build the student from the teacher itself with this many layers, initialised from evenly spaced teacher layers (every other one for half, as DistilBERT); 0 uses --model.",
         range=Range(0, 1000))
     prune_vocab: bool = setting(False, "distill: keep only the vocabulary the training and transfer texts use (plus every single character) and shrink the student's embeddings to it; WordPiece tokenizers.")
-    lora_targets: list[str] = setting([], "lora: names of the linear modules that get adapters; empty: the attention query and value projections (query/value, q_proj/v_proj or c_attn).")
+    lora_targets: list[str] = setting([], "lora: names (or name endings) of the linear modules that get adapters, e.g. query,value; empty: every linear layer of the attention and MLP blocks.")
+    head_solver: str = setting("lbfgs", "head: lbfgs (the linear head fitted to convergence on the frozen features by full-batch L-BFGS, L2 chosen by cross-validation inside the training split) or sgd (the loop's epochs and learning rate).")
+    head_l2: float | None = setting(None, "head, lbfgs: the L2 penalty (lambda in mean loss + lambda/2 |W|^2 on standardised features); None: chosen by 5-fold cross-validation on the training split.",
+        range=Range(0, 1e6))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(3, "Passes over the training data.", "--epochs",
+    epochs: int | None = setting(None, "Passes over the training data; None: the method's default (full 3, lora 4, partial 3, scratch 3, head 3 where it is stepped).", "--epochs",
         range=Range(1, 1000))
-    lr: float = setting(5e-5, "Peak learning rate (of the head; lower blocks may get less, see tuning.layer_decay).", "--lr",
+    lr: float | None = setting(None, "Peak learning rate (of the head; lower blocks may get less, see tuning.layer_decay); None: the method's default (full 5e-5, lora 1e-3, partial 1e-4, scratch 1e-4, head 2e-3 where it is stepped).", "--lr",
         range=Range(0, 10, lo_open=True))
+    lr_scale: float = setting(1.0, "Multiplies the learning rate, given or the method's default (the service's learning_rate_multiplier); the saved config.yaml holds the product.",
+        range=Range(0, 1000, lo_open=True))
     batch_size: int = setting(16, "Examples per forward pass on one process.", "--batch-size",
         range=Range(1, 4096))
     grad_accum: int = setting(1, "Forward passes accumulated per optimizer step (global batch = batch_size x grad_accum x processes).",
@@ -315,7 +325,8 @@ def with_absolute_paths(cfg: Config) -> Config:
     """A copy whose files (the data, a teacher run, a local model folder) are named by absolute paths: a run's
     config.yaml then works from any directory (`tunelab export RUN`, `eval`, `--resume`)."""
     out = from_dict(to_dict(cfg))
-    for section, key in (("data", "train"), ("data", "eval"), ("data", "transfer"), ("tuning", "teacher")):
+    for section, key in (("data", "train"), ("data", "eval"), ("data", "test"), ("data", "transfer"),
+                         ("tuning", "teacher")):
         value = getattr(getattr(out, section), key)
         if value:
             setattr(getattr(out, section), key, str(Path(value).absolute()))
@@ -354,6 +365,13 @@ def validate(cfg: Config) -> None:
     if task.judged_by_start and cfg.eval.folds:
         raise UserError(f"cross-validation is not offered for the {cfg.task} task; give --eval or data.eval_split",
                         "--folds")
+    if cfg.model.pooling not in ("auto", "cls", "mean", "max", "last"):
+        raise UserError(f"unknown pooling '{cfg.model.pooling}' (known: auto, cls, mean, max, last)", "model.pooling")
+    if cfg.model.pooling != "auto" and not task.pools:
+        raise UserError(f"model.pooling applies to classification, multilabel and regression, not {cfg.task}",
+                        "model.pooling")
+    if cfg.tuning.head_solver not in ("lbfgs", "sgd"):
+        raise UserError(f"unknown head solver '{cfg.tuning.head_solver}' (known: lbfgs, sgd)", "tuning.head_solver")
     if cfg.train.schedule not in ("linear", "cosine", "constant"):
         raise UserError(f"unknown schedule '{cfg.train.schedule}' (known: linear, cosine, constant)", "train.schedule")
     if not cfg.data.train:
@@ -370,7 +388,23 @@ def validate(cfg: Config) -> None:
         (not (cfg.eval.folds and cfg.data.eval), "--folds splits the training data into folds; drop --eval "
                                                  "(score a held-out file afterwards with `tunelab eval`)"),
         (cfg.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
+        *_test_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message, "config")
+
+
+def _test_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """A test set is one untouched holdout: from one source, never a file that also trains or selects."""
+    d = cfg.data
+    same = [name for name, other in (("--train", d.train), ("--eval", d.eval))
+            if d.test and other and Path(d.test).resolve() == Path(other).resolve()]
+    return [
+        (not (d.test and d.test_split), "give either --test FILE or data.test_split, not both"),
+        (not (cfg.eval.folds and (d.test or d.test_split)),
+         "--folds already scores every example once on a model that never trained on it; drop --test and "
+         "data.test_split (score a held-out file afterwards with `tunelab eval`)"),
+        (not same, f"--test names the same file as {' and '.join(same)}: a test set must be data that nothing "
+                   "trains on or selects with"),
+    ]

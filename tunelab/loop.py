@@ -146,6 +146,21 @@ def _log(loop: Loop, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def _record_solution(loop: Loop, state: TrainState, solved: dict, optimizer, scheduler) -> None:
+    """Log a solver's objective after each of its evaluations as the steps of the run, evaluate the result once
+    and checkpoint it as a finished run (a resume then has nothing left to do)."""
+    trace = solved.pop("objective")
+    for i, value in enumerate(trace, 1):
+        _log(loop, {"step": i, "epoch": loop.cfg.train.epochs * i / len(trace), "loss": value, "lr": 1.0,
+                    "samples_per_second": 0.0, "train_seconds": 0.0})
+    solved["evaluations"] = len(trace)
+    state.step, state.epoch, state.batch_in_epoch = len(trace), loop.cfg.train.epochs, 0
+    _log(loop, _evaluate(loop, state))
+    if loop.dist.main:
+        checkpoint.save(loop.run, loop.model, optimizer, scheduler, state, loop.cfg.train.keep_checkpoints)
+    loop.dist.barrier()
+
+
 def fit(loop: Loop, resume: bool = False) -> dict:
     """Train in place; returns timing and state figures for metrics.json."""
     cfg, t, d, model = loop.cfg, loop.cfg.train, loop.dist, loop.model
@@ -185,6 +200,11 @@ def fit(loop: Loop, resume: bool = False) -> dict:
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
             step_seconds = time.perf_counter() - started  # the cache is part of the training's time
+        solved = loop.method.solve(loop, features) if state.epoch < t.epochs else None
+        if solved is not None:  # fitted in one call (head): its iterations are the log, then one evaluation
+            _record_solution(loop, state, solved, optimizer, scheduler)
+            step_seconds = time.perf_counter() - started
+            seen = len(lengths)
         for epoch in range(state.epoch, t.epochs):
             loop.method.on_epoch_start(model, epoch, cfg.tuning)
             batches = global_batches(lengths, global_batch, t.seed, epoch)
@@ -226,4 +246,5 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             "fast_dropout": dropout and d.device.type == "cpu",
             "lean_lora": lean_lora and d.device.type == "cpu",
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
-            "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best}
+            "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best,
+            **({"solver": solved} if solved is not None else {})}

@@ -20,11 +20,11 @@ from tunelab.evaluate.plots import confusion, loss_curve
 from tunelab.evaluate.stats import bootstrap_ci
 from tunelab.export import export_model, folder_mb, measure_inference
 from tunelab.io import atomic_write_json
-from tunelab.methods import METHODS
+from tunelab.methods import METHODS, apply_defaults
 from tunelab.methods.base import Method
 from tunelab.data.augment import augment_examples, parse_ops
 from tunelab.methods.distill import Teacher, prune_vocabulary
-from tunelab.models import build_model, count_params, load_tokenizer, set_dropout
+from tunelab.models import build_model, count_params, load_tokenizer, pooling_for, set_dropout
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
 
@@ -68,6 +68,8 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     space = splits.space.configure(cfg)
     if cfg.tuning.layer_decay is None:
         cfg.tuning.layer_decay = task.default_layer_decay
+    cfg.model.pooling = pooling_for(cfg.model, task)  # resolved once: config.yaml says what the run used
+    apply_defaults(cfg)  # the method's own lr and epochs where none were given
     method = METHODS[cfg.tuning.name]
     teacher = Teacher(cfg.tuning.teacher) if method.uses_teacher else None
     if teacher:
@@ -129,26 +131,26 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
         return cross_validate(cfg, resume=resume)
     dist = setup(cfg.train.device)
     job = build_job(cfg, dist.device)
+    test_items = _test_items(job, dist.device)
     run = _prepare_run_dir(Path(cfg.output), cfg, resume, dist.main)
     trainable, total = count_params(job.model)  # before the loop: gradual unfreezing changes requires_grad
 
-    # Language-model stages are judged against the model they started from: score it before any step.
-    start = evaluate(job.task, job.model, job.eval_items, job.splits.space, job.pad_id, dist.device) \
-        if job.task.judged_by_start and dist.main else None
+    start, start_test = _start_scores(job, job.eval_items, dist), _start_scores(job, test_items, dist)
     loop = Loop(cfg, job.task, job.splits.space, job.model, job.method, job.train_items + job.transfer_items,
                 job.eval_items, job.pad_id, run, dist, on_step, on_eval)
     timing = fit(loop, resume=resume)
 
-    metrics = final_metrics(job, dist.device)
+    metrics = final_metrics(job, dist.device, test_items)
     metrics.update(job.task.summary(loop.history, metrics["eval"]))
     metrics["train"] = {**timing, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
                         "trainable_params": trainable, "total_params": total, "train_examples": len(job.train_items) - job.augmented,
                         "augmented_examples": job.augmented, "transfer_examples": len(job.transfer_items),
-                        "eval_examples": len(job.eval_items), "world_size": dist.world}
+                        "eval_examples": len(job.eval_items), "test_examples": len(test_items),
+                        "world_size": dist.world}
     if dist.main:
-        metrics["baseline"] = baselines(job.task, job.splits.space, job.train_items, job.eval_items, cfg.model,
-                                        job.pad_id, dist.device, cfg.eval.probe, cfg.eval.bootstrap, cfg.train.seed,
-                                        start)
+        metrics["baseline"] = _baselines(job, job.eval_items, start, dist.device)
+        if test_items:  # the baselines where the model is graded: on the same untouched examples
+            metrics["baseline_test"] = _baselines(job, test_items, start_test, dist.device)
         model_dir, plain = export_model(run, job.model, job.method, job.tokenizer, job.task, job.splits.space)
         metrics["inference"] = {**measure_inference(plain, job.eval_items, job.pad_id, dist.device),
                                 "model_mb": folder_mb(model_dir)}
@@ -159,8 +161,31 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
     return TrainResult(run, run / "model", metrics)
 
 
-def final_metrics(job: Job, device) -> dict:
-    """Eval metrics with bootstrap intervals; for multilabel also the threshold tuned on the eval set."""
+def _test_items(job: Job, device) -> list[dict]:
+    """The test examples encoded like the eval ones, and prepared now, before any step: dpo's reference
+    log-probabilities come from the model training starts from."""
+    if not job.splits.test:
+        return []
+    items = job.task.encode(job.tokenizer, job.splits.test, job.splits.space, job.cfg.data.max_length)
+    job.task.prepare_items(job.model, items, job.pad_id, device)
+    return items
+
+
+def _start_scores(job: Job, items: list[dict], dist):
+    """Language-model stages are judged against the model they started from: score it before any step."""
+    return evaluate(job.task, job.model, items, job.splits.space, job.pad_id, dist.device) \
+        if items and job.task.judged_by_start and dist.main else None
+
+
+def _baselines(job: Job, items: list[dict], start: dict | None, device) -> dict:
+    cfg = job.cfg
+    return baselines(job.task, job.splits.space, job.train_items, items, cfg.model, job.pad_id, device,
+                     cfg.eval.probe, cfg.eval.bootstrap, cfg.train.seed, start)
+
+
+def final_metrics(job: Job, device, test_items: list[dict] = ()) -> dict:
+    """Eval metrics with bootstrap intervals; for multilabel also the threshold tuned on the eval set; then, once
+    every choice is made, the test metrics of the chosen weights and threshold."""
     cfg, task, space = job.cfg, job.task, job.splits.space
     outputs = predict_outputs(task, job.model, job.eval_items, job.pad_id, device)
     out = {"task": task.name, "metric": task.primary, "labels": space.labels,
@@ -176,7 +201,24 @@ def final_metrics(job: Job, device) -> dict:
     out["eval"] = _public(final)
     out["ci95"] = bootstrap_ci(task, final["_preds"], golds, space, cfg.eval.bootstrap, cfg.train.seed)
     out["details"] = final["_details"]
+    # The eval numbers are optimistic when the eval set also chose: the best step (early stopping restores it
+    # by the eval metric) or the threshold.
+    out["chosen_on_eval"] = [what for what, chose in (("the best step", cfg.train.early_stopping_patience > 0),
+                                                      ("the threshold", bool(tuned))) if chose]
+    out["selected_on_eval"] = bool(out["chosen_on_eval"])
+    out["graded_on"] = "test" if test_items else "eval"
+    if test_items:  # last: nothing above may look at it
+        out.update(_test_metrics(job, test_items, device))
     return out
+
+
+def _test_metrics(job: Job, items: list[dict], device) -> dict:
+    """The untouched estimate: the selected model scored once on the test set, with bootstrap intervals."""
+    cfg, task, space = job.cfg, job.task, job.splits.space
+    m = evaluate(task, job.model, items, space, job.pad_id, device)
+    golds = [it["_gold"] for it in items]
+    return {"test": _public(m), "test_ci95": bootstrap_ci(task, m["_preds"], golds, space, cfg.eval.bootstrap,
+                                                          cfg.train.seed), "test_details": m["_details"]}
 
 
 def _public(m: dict) -> dict:

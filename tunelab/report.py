@@ -72,6 +72,16 @@ def _examples(c: dict, fraction: float) -> int | None:
     return next((r.get("train_examples") for r in c["rows"] if _same(r["fraction"], fraction)), None)
 
 
+OPTIMISTIC = "*"
+OPTIMISTIC_NOTE = ("* chosen on the eval set it is scored on (optimistic): early stopping's best step or the "
+                   "threshold; give --test FILE or data.test_split for an untouched estimate")
+
+
+def optimistic(row: dict) -> bool:
+    """A row whose score comes from the same examples that chose its weights or threshold."""
+    return bool(row.get("selected_on_eval")) and row.get("graded_on", "eval") == "eval"
+
+
 def _trainable(row: dict) -> float:
     return math.inf if row.get("trainable") is None else row["trainable"]
 
@@ -95,12 +105,14 @@ def _interval(ci: tuple[float, float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _score(entry: dict, metric: str) -> str:
-    """'0.642 [0.611, 0.670]', with '± sd' after the mean when the value is a K-fold mean."""
+def _score(entry: dict, metric: str, mark: bool = False) -> str:
+    """'0.642 [0.611, 0.670]', with '± sd' after the mean when the value is a K-fold mean; with `mark`, a '*'
+    after the value of an optimistic row (see OPTIMISTIC_NOTE)."""
     m, ci = _stat(entry, metric), _ci(entry, metric)
     if m.get("value") is None:
         return "-"
-    return (f"{m['value']:.3f}" + (f" ± {m['std']:.3f}" if m.get("std") is not None else "")
+    star = OPTIMISTIC if mark and optimistic(entry) else ""
+    return (f"{m['value']:.3f}{star}" + (f" ± {m['std']:.3f}" if m.get("std") is not None else "")
             + (f" {_interval(ci)}" if ci else ""))
 
 
@@ -130,7 +142,16 @@ def recommend(comparison: dict) -> str:
     parts.append(_choice(best, rows, metric))
     parts += _baseline_sentences(_baselines_at(comparison, largest), best, rows, metric)
     parts.append(_transfer_sentence(comparison))
+    parts.append(_optimism_sentence(rows))
     return " ".join(p for p in parts if p)
+
+
+def _optimism_sentence(rows: list[dict]) -> str:
+    marked = [r["method"] for r in rows if optimistic(r)]
+    if not marked:
+        return ""
+    return (f"The scores of {', '.join(marked)} are optimistic: the eval set they are scored on also chose their "
+            "best step or threshold; give --test FILE or data.test_split for an untouched estimate.")
 
 
 def _tradeoff(row: dict, best: dict, metric: str) -> str:
@@ -334,7 +355,7 @@ def _main_table(c: dict) -> str:
                "trainable params (% of total)", "peak MB", "model MB", "latency ms (1 example)", "throughput /s"]
     body = []
     for r in _rows_at(c, largest):
-        body.append(("", [r["method"], _score(r, metric), *[_num(_value(r, m)) for m in others],
+        body.append(("", [r["method"], _score(r, metric, True), *[_num(_value(r, m)) for m in others],
                           _num(r.get("train_s"), 1), _num(r.get("samples_per_s"), 1), _params_cell(r),
                           _num(r.get("peak_mb"), 0), _num(r.get("model_mb"), 1), _num(r.get("latency_ms"), 2),
                           _num(r.get("throughput"), 1)]))
@@ -356,19 +377,30 @@ def _curve_table(c: dict) -> str:
     entries = [(m, "", [r for r in c["rows"] if r["method"] == m]) for m in c["methods"]]
     entries += [(n, "baseline", [b for b in c.get("baselines") or [] if b["name"] == n])
                 for n in dict.fromkeys(b["name"] for b in c.get("baselines") or [])]
-    body = [(cls, [name] + [next((_score(e, metric) for e in found if _same(e["fraction"], f)), "-")
+    body = [(cls, [name] + [next((_score(e, metric, True) for e in found if _same(e["fraction"], f)), "-")
                             for f in fractions]) for name, cls, found in entries]
     return _table(headers, body)
 
 
 def _uncertainty(c: dict) -> str:
     k = c.get("folds") or 0
+    if c.get("graded_on") == "test":
+        with_ci = any(_ci(r, c["metric"]) for r in c["rows"])
+        intervals = ("brackets hold 95% bootstrap confidence intervals on it" if with_ci
+                     else "without bootstrap there are no confidence intervals, so small gaps may be noise")
+        return ("Every value is scored on the test set, which nothing selected on (no early stopping, threshold "
+                f"or search looked at it); {intervals}.")
     if k >= 2:
         return (f"{k}-fold cross-validation: each value is the mean over the folds ± its standard deviation, "
                 f"with the 95% t-interval over the {k} folds in brackets.")
     if any(_ci(r, c["metric"]) for r in c["rows"]):
         return "A single holdout split: brackets hold 95% bootstrap confidence intervals on the holdout set."
     return "A single holdout split without bootstrap: there are no confidence intervals, so small gaps may be noise."
+
+
+def _footnote(c: dict) -> str:
+    """The line under a table that explains its '*' marks; empty when no row carries one."""
+    return f"<p><small>{html.escape(OPTIMISTIC_NOTE)}</small></p>" if any(optimistic(r) for r in c["rows"]) else ""
 
 
 def _img(b64: str, alt: str) -> str:
@@ -383,9 +415,10 @@ def _html(c: dict) -> str:
              f"{esc(_uncertainty(c))}</p>",
              f"<h2>Recommendation</h2><p>{esc(recommend(c))}</p>",
              f"<h2>Results at {esc(_frac(fractions[-1]))} of the training data</h2>", _main_table(c),
-             _img(_bar_chart(c), f"{name} per method")]
+             _footnote(c), _img(_bar_chart(c), f"{name} per method")]
     if len(fractions) > 1:
-        parts += ["<h2>Learning curves</h2>", _img(_learning_chart(c), "learning curves"), _curve_table(c)]
+        parts += ["<h2>Learning curves</h2>", _img(_learning_chart(c), "learning curves"), _curve_table(c),
+                  _footnote(c)]
     loss = _loss_chart(c)
     if loss:
         parts += ["<h2>Training loss</h2>", _img(loss, "training loss per optimizer step")]

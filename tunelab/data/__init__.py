@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sklearn.model_selection import train_test_split
@@ -21,6 +21,7 @@ class Splits:
     train: list[Example]
     eval: list[Example]
     space: Space
+    test: list[Example] = field(default_factory=list)  # untouched until the end; empty when none was asked for
 
     @property
     def labels(self) -> list[str]:
@@ -120,6 +121,7 @@ def load_splits(cfg: Config) -> Splits:
     task, d, seed = TASKS[cfg.task], cfg.data, cfg.train.seed
     train = task.read(d.train, d)
     task.space(train, d.train)  # refuse unusable training data (one class, no entities) before splitting it
+    train, test = _test_split(task, d, train, seed)
     if cfg.eval.folds:
         train, evaluation = fold_split(train, task.strata(train), cfg.eval.folds, cfg.eval.fold or 0, seed)
     elif d.eval:
@@ -131,4 +133,15 @@ def load_splits(cfg: Config) -> Splits:
         _, train = holdout(train, task.strata(train), d.limit_train, seed, "data.limit_train", d.train)
     space = task.space(train, d.train)
     task.check(evaluation, space)
-    return Splits(train, evaluation, space)
+    task.check(test, space)
+    return Splits(train, evaluation, space, test)
+
+
+def _test_split(task, d, train: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+    """(training data, test set): the --test file, or data.test_split carved off first, before the eval holdout,
+    train_fraction and limit_train, so that no learning-curve point or eval setting moves the test set."""
+    if d.test:
+        return train, task.read(d.test, d)
+    if d.test_split:
+        return holdout(train, task.strata(train), d.test_split, seed, "data.test_split", d.train)
+    return train, []

@@ -19,7 +19,10 @@ def summarize(fold_metrics: list[dict]) -> dict:
            "eval": {k: t_interval([m["eval"][k] for m in fold_metrics]) for k in first["eval"]},
            "baseline": {name: {k: t_interval([m["baseline"][name][k] for m in fold_metrics])
                                for k, v in b.items() if isinstance(v, (int, float))}
-                        for name, b in first.get("baseline", {}).items()}}
+                        for name, b in first.get("baseline", {}).items()},
+           # a fold whose held-out part also chose its best step grades itself optimistically
+           "selected_on_eval": any(m.get("selected_on_eval") for m in fold_metrics), "graded_on": "eval",
+           "chosen_on_eval": list(dict.fromkeys(c for m in fold_metrics for c in m.get("chosen_on_eval", [])))}
     for section in ("train", "inference"):
         keys = [k for k, v in first.get(section, {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         out[section] = {k: sum(m[section][k] for m in fold_metrics) / len(fold_metrics) for k in keys}

@@ -14,6 +14,7 @@ from tunelab import speed
 from tunelab.data.batching import collate
 from tunelab.io import atomic_dir
 from tunelab.methods.base import Method
+from tunelab.models.pooled import PooledForSequenceClassification, save_code
 
 
 def export_model(run: Path, model: nn.Module, method: Method, tokenizer, task, space) -> tuple[Path, nn.Module]:
@@ -27,6 +28,8 @@ def export_model(run: Path, model: nn.Module, method: Method, tokenizer, task, s
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if isinstance(plain, PooledForSequenceClassification):  # loadable without tunelab (trust_remote_code)
+            save_code(tmp)
 
     atomic_dir(run / "model", fill)
     method.save_extra(model, run)

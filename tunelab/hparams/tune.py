@@ -12,6 +12,7 @@ import copy
 import csv
 import io
 import itertools
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,10 @@ class SearchSpace:
 
     @classmethod
     def default(cls, cfg: Config) -> SearchSpace:
-        return cls(lr=LR_RANGES.get(cfg.tuning.name, OTHER_LR_RANGE), epochs=(1, max(cfg.train.epochs, 4)))
+        from tunelab.methods import METHODS
+
+        epochs = cfg.train.epochs or METHODS[cfg.tuning.name].epochs
+        return cls(lr=LR_RANGES.get(cfg.tuning.name, OTHER_LR_RANGE), epochs=(1, max(epochs, 4)))
 
 
 def sample(trial: optuna.Trial, space: SearchSpace, method: str) -> None:
@@ -167,10 +171,12 @@ def write_reports(study: optuna.Study, base: Config, out: Path, metric: str) -> 
     best = None
     if any(t.state == TrialState.COMPLETE for t in study.trials):
         b = study.best_trial  # among completed trials only: a pruned trial's value is a partial one
-        best = {"number": b.number, "value": b.value, "params": b.params, "config": str(out / "best.yaml")}
+        best = {"number": b.number, "value": b.value, "params": b.params, "config": str(out / "best.yaml"),
+                **_untouched(b.user_attrs.get("run_dir"))}
         cfg = apply(base, b.params)  # with the base's probe and bootstrap: the final run gets its intervals
         cfg.output = str(out / "best-run")
         config_mod.save_yaml(cfg, out / "best.yaml")
+        atomic_write_json(out / "best.json", best)
     summary = {"metric": metric, "direction": study.direction.name.lower(), "best": best, "trials": rows}
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     buf = io.StringIO()
@@ -182,6 +188,19 @@ def write_reports(study: optuna.Study, base: Config, out: Path, metric: str) -> 
     atomic_write_json(out / "trials.json", summary)
     _plot(summary, out / "trials.png")
     return summary
+
+
+def _untouched(run_dir: str | None) -> dict:
+    """What the best trial's `value` means, and its test metrics (its metrics.json `test`) when the config has a
+    test set. Only the best trial's: test numbers of every trial would invite choosing among them on the test set."""
+    path = Path(run_dir) / "metrics.json" if run_dir else None
+    m = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+    if "test" not in m:
+        return {"test": None, "note": "value is the eval score the search chose this trial by, so it is optimistic; "
+                                      "give --test FILE or data.test_split for an untouched estimate"}
+    return {"test": m["test"], "test_ci95": m.get("test_ci95", {}),
+            "note": "value is the eval score the search chose this trial by (optimistic); test is the untouched "
+                    "estimate: scored once, never used to choose"}
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -219,10 +238,21 @@ def table(summary: dict) -> str:
     if best is None:
         lines.append("no trial completed, so there is no best configuration yet")
     else:
-        lines.append(f"best: trial {best['number']}, {summary['metric']} {best['value']:.4f}, "
-                     + ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items()))
+        lines.append(f"best: trial {best['number']}, {summary['metric']} {best['value']:.4f} on the eval set that "
+                     "chose it, " + ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items()))
+        lines.append(_test_line(best, summary["metric"]))
         lines.append(f"train it: tunelab train {best['config']}")
     return "\n".join(lines)
+
+
+def _test_line(best: dict, metric: str) -> str:
+    test = best.get("test")
+    if not test or metric not in test:
+        return ("no test set: that score is optimistic (the search selected the trial by it); give --test FILE or "
+                "data.test_split for an untouched estimate")
+    ci = (best.get("test_ci95") or {}).get(metric)
+    return (f"untouched estimate of trial {best['number']} on the test set: {metric} {test[metric]:.4f}"
+            + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
 
 
 def _fmt(v, float_format: str = "{:.4g}") -> str:

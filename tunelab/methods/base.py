@@ -29,6 +29,10 @@ class Method:
     pretrained = True  # start from the pretrained weights (scratch does not)
     uses_teacher = False  # learns a teacher run's soft targets (distill)
     replays_features = False  # the backbone is frozen in eval mode: its outputs can be computed once (head)
+    # The method's own defaults for train.lr and train.epochs (a user's --lr / --epochs replace them): a new head
+    # or an adapter starts from zero and needs larger steps than weights that are already good.
+    lr: float = 5e-5
+    epochs: int = 3
 
     def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         """Freeze, wrap or otherwise ready the model; returns the model to train."""
@@ -51,6 +55,11 @@ class Method:
 
     def save_extra(self, model: nn.Module, folder: Path) -> None:
         """Anything saved beside model/ (lora: the adapter alone, loadable by peft)."""
+
+    def solve(self, loop, features) -> dict | None:
+        """Train the model to convergence in one call instead of the loop's epochs (head: a convex problem);
+        returns what it did for metrics.json, or None to train by the loop's steps."""
+        return None
 
 
 def freeze_all_but(model: nn.Module, keep) -> None:

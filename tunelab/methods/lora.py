@@ -15,21 +15,16 @@ from torch import nn
 from tunelab.config import TuningConfig
 from tunelab.errors import UserError
 from tunelab.methods.base import Method
-
-
-# The attention query and value projections under their common names (BERT, Llama-style, GPT-2).
-DEFAULT_TARGETS = (["query", "value"], ["q_proj", "v_proj"], ["c_attn"])
+from tunelab.models import layer_depth, num_blocks
 
 
 class Lora(Method):
+    lr, epochs = 1e-3, 4  # from the sweep in the README (adapters start at zero: B = 0)
+
     def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = list(cfg.lora_targets) or next((t for t in DEFAULT_TARGETS if set(t) <= present), [])
-        missing = [t for t in targets if t not in present] if targets else ["query/value or q_proj/v_proj"]
-        if missing:
-            raise UserError(f"lora target modules {missing} not found in the model", "tuning.lora_targets")
+        targets = _targets(model, cfg.lora_targets)
         # The task type tells peft which new head stays fully trainable (modules_to_save) and how to run the model.
         # A masked-LM head's decoder is tied to the input embeddings; only its new transform layer trains.
         kind, extra = self._kind(type(model).__name__)
@@ -56,3 +51,23 @@ class Lora(Method):
 
     def save_extra(self, model: nn.Module, folder: Path) -> None:
         model.save_pretrained(folder / "adapter")
+
+
+def _targets(model: nn.Module, asked: list[str]) -> list[str]:
+    """The full names of the linear modules that get adapters: every linear layer (or GPT-2's Conv1D) inside the
+    transformer blocks (attention and MLP, as QLoRA found best: Dettmers et al. 2023), or those whose name is or
+    ends with one of `asked`."""
+    linear = [name for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    if asked:
+        found = [n for n in linear if any(n == a or n.endswith("." + a) for a in asked)]
+        missing = [a for a in asked if not any(n == a or n.endswith("." + a) for n in linear)]
+        if missing:
+            raise UserError(f"lora target modules {missing} are not linear layers of the model", "tuning.lora_targets")
+        return found
+    top = num_blocks(model)
+    found = [n for n in linear if 1 <= layer_depth(model, n + ".weight") <= top]
+    if not found:
+        raise UserError("the model has no linear layers inside numbered blocks for adapters; name them with "
+                        "tuning.lora_targets", "tuning.lora_targets")
+    return found

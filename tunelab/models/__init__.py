@@ -36,6 +36,16 @@ def resolve(name: str) -> Path:
     return p
 
 
+def pooling_for(cfg: ModelConfig, task) -> str:
+    """The pooling a run uses: the one asked for, else a sentence-transformers folder's own, else `auto` (the
+    model's own head). Sentence-level tasks only."""
+    from tunelab.models.pooled import sentence_pooling
+
+    if cfg.pooling != "auto" or not task.pools:
+        return cfg.pooling
+    return sentence_pooling(resolve(cfg.name)) or "auto"
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -95,3 +105,13 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _register() -> None:
+    """Our pooled classifier is a transformers model type: make the Auto classes know it."""
+    from tunelab.models.pooled import register
+
+    register()
+
+
+_register()

@@ -17,15 +17,15 @@ from tunelab.serve import files
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 from tunelab.serve.jobs import add_event, bundled_models, get, local_models, run_dir, tuned
 
-# The learning rate that learning_rate_multiplier scales, by tuning (train.lr in `config` replaces it).
-BASE_LR = {"full": 5e-5, "partial": 1e-4, "lora": 5e-4, "head": 2e-3, "scratch": 1e-4}
-AUTO = {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 1.0, "beta": 0.1}
+# "auto" n_epochs is the method's own default (resolved when the job trains); learning_rate_multiplier scales the
+# method's default learning rate, or train.lr where `config` gives one.
+AUTO = {"n_epochs": "auto", "batch_size": 16, "learning_rate_multiplier": 1.0, "beta": 0.1}
 LIMITS = {"n_epochs": (int, 1, 100), "batch_size": (int, 1, 1024), "learning_rate_multiplier": (float, 1e-4, 100.0),
           "beta": (float, 1e-4, 100.0)}
 # Settings a request may not set through `config`: the service decides them, or the request names them elsewhere
 # (training_file, validation_file, model). Every other path-typed setting takes only an id the caller owns.
 RESERVED = {("data", "train"), ("data", "eval"), ("model", "name"), ("model", "trust_remote_code"),
-            ("train", "device"), ("train", "progress"), ("eval", "folds"), ("eval", "fold")}
+            ("train", "device"), ("train", "progress"), ("train", "lr_scale"), ("eval", "folds"), ("eval", "fold")}
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CHECKPOINTS = 5  # resumable checkpoints a job may keep (train.keep_checkpoints), so no job fills the disk
 
@@ -212,16 +212,13 @@ def training_config(home: Path, job: dict) -> config_mod.Config:
         extra[section][key] = resolve_path(home, kind, value, f"config.{section}.{key}")
     train_file = files.get(home, job["training_file"])
     valid_file = files.get(home, job["validation_file"]) if job["validation_file"] else None
-    given = extra.get("train", {}).get("lr")  # typed before it is scaled: a string or NaN is refused here
-    lr = BASE_LR.get(job["tuning"], 5e-5) if given is None else \
-        config_mod.from_dict({"train": {"lr": given}}, "config").train.lr
     d = {"task": job["task"], "output": str(run_dir(home, job["id"])), "overwrite": True,
          "model": {"name": request["source"]},
          "data": {**extra.get("data", {}), "train": str(files.path_of(home, train_file)),
                   "eval": str(files.path_of(home, valid_file)) if valid_file else None},
          "tuning": {**extra.get("tuning", {}), "name": job["tuning"]},
-         "train": {"keep_checkpoints": 3, **extra.get("train", {}), "epochs": hp["n_epochs"],
-                   "batch_size": hp["batch_size"], "lr": lr * hp["learning_rate_multiplier"], "seed": job["seed"],
+         "train": {"keep_checkpoints": 3, **extra.get("train", {}), "epochs": None if hp["n_epochs"] == "auto" else hp["n_epochs"],
+                   "batch_size": hp["batch_size"], "lr_scale": hp["learning_rate_multiplier"], "seed": job["seed"],
                    "progress": False, **({"beta": hp["beta"]} if "beta" in hp else {})},
          "eval": extra.get("eval", {})}
     return config_mod.from_dict(d, "config")

@@ -119,7 +119,7 @@ class Run:
         self.folder = home / "jobs" / self.id
         self.run_dir = jobs.run_dir(home, self.id)
         self.con = connect(home)
-        self.total = loads(job["hyperparameters"])["n_epochs"]
+        self.total = loads(job["hyperparameters"])["n_epochs"]  # "auto": the method's, read from the run's config
         self.history_at, self.history_inode = 0, None  # how far history.jsonl has been read, and which file
         self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
         self.resumed_at = 0  # steps up to here were reported by an earlier attempt
@@ -237,11 +237,17 @@ class Run:
                 self.checkpoints.add(name)
                 self.event(f"Checkpoint saved at step {int(name.split('-')[1])}")
 
+    def _epochs(self) -> int:
+        """The job's epochs: as requested, or (auto) the method's default that the run's config.yaml resolved."""
+        if self.total == "auto":
+            self.total = config_mod.load_yaml(self.run_dir / "config.yaml").train.epochs
+        return self.total
+
     def _metric_event(self, row: dict) -> None:
         step = row["step"]
         if "loss" in row:
             per_epoch = round(step / row["epoch"]) if row["epoch"] else 0
-            data = {"step": step, "total_steps": per_epoch * self.total, "epoch": row["epoch"],
+            data = {"step": step, "total_steps": per_epoch * self._epochs(), "epoch": row["epoch"],
                     "train_loss": row["loss"], "learning_rate": row["lr"],
                     **{f"train_{k}": v for k, v in row.items()
                        if k not in ("step", "epoch", "loss", "lr", "samples_per_second")}}

@@ -58,6 +58,7 @@ class Task:
     eval_batch_size = 64  # examples per forward pass when evaluating (language models: logits are vocabulary-wide)
     uses_reference = False  # dpo: scores need the starting model (prepare_items), not only the trained one
     default_layer_decay = 0.8  # full tuning's per-block learning-rate decay when tuning.layer_decay is unset
+    pools = False  # one vector per text feeds the head: model.pooling applies (classification, regression, ...)
 
     @property
     def primary(self) -> str:
@@ -96,6 +97,11 @@ class Task:
 
         cls = getattr(transformers, self.model_class)
         kwargs = self.model_kwargs(space)
+        if self.pools and cfg.pooling != "auto":  # pooled our way (the model's own head is `auto`)
+            from tunelab.models.pooled import PooledForSequenceClassification
+
+            return PooledForSequenceClassification.from_backbone(folder, cfg.pooling, cfg.trust_remote_code,
+                                                                 pretrained, **kwargs)
         if pretrained:
             return cls.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **kwargs)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)

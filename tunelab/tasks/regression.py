@@ -27,6 +27,7 @@ def regression_scores(preds, golds) -> dict[str, float]:
 
 class Regression(Task):
     name = "regression"
+    pools = True
     label_key = "target"
     metrics = ("r2", "mse", "mae")
     tunings = (*Task.tunings, "distill")
