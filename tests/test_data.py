@@ -197,3 +197,19 @@ def test_japanese_ner_sentence_labels_are_the_entity_types_each_sentence_mention
             assert b["text"] == "".join(a["tokens"])
             assert b["labels"] == sorted({t[2:] for t in a["tags"] if t != "O"})
     assert any(not r["labels"] for r in sent) and any(len(r["labels"]) > 1 for r in sent)
+
+
+def test_topics_are_balanced_disjoint_and_stable(tmp_path):
+    """The second corpus (issue 24): five chatterbot topics, as many of each, no text in two splits or topics."""
+    import collections
+
+    from tunelab.data.bundled import TOPICS, topics
+
+    info = topics(tmp_path / "a", 400, 200, seed=0)
+    again = topics(tmp_path / "b", 400, 200, seed=0)
+    rows = {split: [json.loads(line) for line in Path(info[split]).read_text(encoding="utf-8").splitlines()]
+            for split in ("train", "eval")}
+    assert collections.Counter(r["label"] for r in rows["eval"]) == {t: 40 for t in TOPICS}
+    assert min(collections.Counter(r["label"] for r in rows["train"]).values()) >= 75
+    assert not {r["text"] for r in rows["train"]} & {r["text"] for r in rows["eval"]}
+    assert Path(info["train"]).read_bytes() == Path(again["train"]).read_bytes()

@@ -168,3 +168,26 @@ def test_pooling_is_refused_where_it_does_not_apply(tmp_path):
     cfg.task, cfg.model.pooling = "classification", "median"
     with pytest.raises(UserError, match="unknown pooling 'median'"):
         validate(cfg)
+
+
+def test_a_pooled_teacher_shortened_and_pruned_saves_what_it_is(pooled_run, tmp_path):
+    """A student cut from a pooled teacher (fewer layers, a pruned vocabulary) reloads as it trained."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab import train
+    from tunelab.predict import predict
+
+    teacher, data = pooled_run
+    cfg = {"model": {"name": "unused"}, "output": str(tmp_path / "student"),
+           "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", make_rows(60, 19))), "eval": data,
+                    "max_length": 32},
+           "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "progress": False},
+           "eval": {"bootstrap": 0, "probe": False},
+           "tuning": {"name": "distill", "teacher": str(teacher.run_dir), "student_layers": 1, "prune_vocab": True}}
+    result = train(cfg)
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["model_type"] == "tunelab-pooled" and saved["backbone"]["num_hidden_layers"] == 1
+    model = AutoModelForSequenceClassification.from_pretrained(result.model_dir)
+    assert model.backbone.get_input_embeddings().num_embeddings == saved["backbone"]["vocab_size"] < 30_522 / 4
+    out = predict(result.run_dir, write_jsonl(tmp_path / "in.jsonl", make_rows(10, 20)))
+    assert len(out.read_text().splitlines()) == 10

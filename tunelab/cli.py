@@ -242,6 +242,14 @@ def _print_pairs(info: dict) -> None:
                                   f"{info['prompts']} starters")
 
 
+def cmd_data_topics(args) -> int:
+    from tunelab.data.bundled import topics
+
+    info = topics(Path(args.output), args.train_size, args.eval_size, args.seed)
+    _print_written(info, "statements", f") from {info['source']}")
+    return 0
+
+
 def cmd_data_japanese_ner(args) -> int:
     from tunelab.data.bundled import japanese_ner
 
@@ -553,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                       cmd_data_tweets, 900, train_size=3000)
     tw.add_argument("--transfer-size", type=int, default=0,
                     help="Also write transfer.jsonl: this many other tweets, texts only (for --tuning distill).")
+    _data_parser(dsub, "topics", "Write balanced train/eval JSONL (5 topics: ai, coding, emotion, psychology, "
+                 "trivia) from the bundled English chatterbot dialogues.", cmd_data_topics, 200, train_size=400)
     jn = _data_parser(dsub, "japanese-ner", "Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER "
                       "corpus.", cmd_data_japanese_ner, 100)
     jn.add_argument("--sentence-labels", action="store_true", help="Write {text, labels} instead: each sentence "

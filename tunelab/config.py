@@ -131,7 +131,7 @@ class TuningConfig:
 class TrainConfig:
     epochs: int | None = setting(None, "Passes over the training data; None: the method's default (full 3, lora 4, partial 3, scratch 3, head 3 where it is stepped).", "--epochs",
         range=Range(1, 1000))
-    lr: float | None = setting(None, "Peak learning rate (of the head; lower blocks may get less, see tuning.layer_decay); None: the method's default (full 5e-5, lora 1e-3, partial 1e-4, scratch 1e-4, head 2e-3 where it is stepped).", "--lr",
+    lr: float | None = setting(None, "Peak learning rate (of the head; lower blocks may get less, see tuning.layer_decay); None: the method's default (full 5e-5, lora 1e-3, partial 3e-4, scratch 1e-4, head 2e-3 where it is stepped).", "--lr",
         range=Range(0, 10, lo_open=True))
     lr_scale: float = setting(1.0, "Multiplies the learning rate, given or the method's default (the service's learning_rate_multiplier); the saved config.yaml holds the product.",
         range=Range(0, 1000, lo_open=True))

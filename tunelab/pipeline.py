@@ -68,7 +68,6 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     space = splits.space.configure(cfg)
     if cfg.tuning.layer_decay is None:
         cfg.tuning.layer_decay = task.default_layer_decay
-    cfg.model.pooling = pooling_for(cfg.model, task)  # resolved once: config.yaml says what the run used
     apply_defaults(cfg)  # the method's own lr and epochs where none were given
     method = METHODS[cfg.tuning.name]
     teacher = Teacher(cfg.tuning.teacher) if method.uses_teacher else None
@@ -77,10 +76,12 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     if teacher and cfg.tuning.student_layers:  # the student is the teacher, shortened: its tokenizer too
         cfg.model.name = str(teacher.run / "model")
         model = teacher.student(cfg.tuning.student_layers)
+        cfg.model.pooling = getattr(model.config, "pooling", "auto")  # the teacher's
         task.unfinalize(model, space)
         if cfg.model.dropout is not None:
             set_dropout(model, cfg.model.dropout)
     else:
+        cfg.model.pooling = pooling_for(cfg.model, task)  # resolved once: config.yaml says what the run used
         model = build_model(cfg.model, task, space, method.pretrained)
     tokenizer = load_tokenizer(cfg.model)
     transfer = task.read(cfg.data.transfer, cfg.data, need_label=False) if teacher and cfg.data.transfer else []

@@ -300,3 +300,31 @@ def chatterbot_japanese(output: Path, eval_size: int = 20, seed: int = 0) -> dic
     rows = _unique([r for r in rows if r["messages"]])
     train, evaluation = _split(rows, len(rows), eval_size, seed)
     return _write_splits(output, train, evaluation, available=len(rows))
+
+
+TOPICS = ("ai", "coding", "emotion", "psychology", "trivia")  # chatterbot's English files with 120+ statements
+
+
+def topics(output: Path, train_size: int, eval_size: int, seed: int = 0) -> dict:
+    """Balanced topic classification from chatterbot-corpus's English dialogues (BSD licence): every statement of
+    the `TOPICS` files, labelled with its file's topic. A second corpus for checking that defaults chosen on the
+    tweets are not tuned to them: other texts (questions and answers), other labels, five classes. Statements
+    that occur under two topics are left out; each class gets train_size / 5 and eval_size / 5 of its own."""
+    import yaml
+
+    root = _package_dir("chatterbot_corpus", "the topic corpus", "chatterbot-corpus==1.3.3") / "data" / "english"
+    by_text: dict[str, set[str]] = {}
+    for topic in TOPICS:
+        for conversation in yaml.safe_load((root / f"{topic}.yml").read_text(encoding="utf-8"))["conversations"]:
+            for statement in conversation:
+                text = " ".join(str(statement).split())
+                if text:
+                    by_text.setdefault(text, set()).add(topic)
+    train, evaluation = [], []
+    for topic in TOPICS:
+        rows = [{"text": t, "label": topic} for t, found in sorted(by_text.items()) if found == {topic}]
+        part_train, part_eval = _split(rows, train_size // len(TOPICS), eval_size // len(TOPICS), seed)
+        train, evaluation = train + part_train, evaluation + part_eval
+    random.Random(seed).shuffle(train)
+    random.Random(seed + 1).shuffle(evaluation)
+    return _write_splits(output, train, evaluation, source=str(root))

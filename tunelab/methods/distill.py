@@ -75,9 +75,12 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     """The same model with only the layers at `keep` (in order), its config updated to match."""
     parent, attr, layers = layer_list(model)
     setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):  # per-layer attention kinds (some decoders) follow their layer
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    # Every config inside the model says so (a pooled classifier's backbone has its own).
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        if getattr(config, "layer_types", None):  # per-layer attention kinds (some decoders) follow their layer
+            config.layer_types = [config.layer_types[i] for i in keep]
+        if hasattr(config, "num_hidden_layers"):
+            config.num_hidden_layers = len(keep)
     for new, layer in enumerate(getattr(parent, attr)):  # layers that know their index (KV caches) get the new one
         for module in layer.modules():
             if hasattr(module, "layer_idx"):

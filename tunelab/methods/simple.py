@@ -18,7 +18,7 @@ class Scratch(Method):
 class Partial(Method):
     """The top `partial_layers` blocks, the pooler and the head train; the rest stays frozen."""
 
-    lr = 1e-4
+    lr = 3e-4  # the sweep in the README: 0.765 against 0.713 at 1e-4 (a fresh head on two blocks)
 
     def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         n = num_blocks(model)

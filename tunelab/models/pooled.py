@@ -100,6 +100,15 @@ class PooledForSequenceClassification(PreTrainedModel):
             backbone = AutoModel.from_config(backbone_cfg, trust_remote_code=trust_remote_code)
         return cls(config, backbone)
 
+    def save_pretrained(self, *args, **kwargs):
+        # The backbone may have changed since the config was made (a distilled student keeps fewer layers, a pruned
+        # vocabulary shrinks the embeddings): what is saved must rebuild it as it is now.
+        settings = self.backbone.config.to_dict()
+        if "vocab_size" in settings:
+            settings["vocab_size"] = self.backbone.get_input_embeddings().num_embeddings
+        self.config.backbone = settings
+        return super().save_pretrained(*args, **kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs):
         kwargs.pop("output_hidden_states", None)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
