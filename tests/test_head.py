@@ -134,3 +134,24 @@ def test_method_defaults_fill_what_is_not_given(task_config):
     cfg.tuning.name, cfg.train.lr_scale = "full", 10.0
     apply_defaults(cfg)
     assert cfg.train.lr == METHODS["full"].lr * 10
+
+
+def test_full_starts_from_the_solved_head(task_config, tmp_path):
+    """LP-FT: before full fine-tuning's first step the head is the solved one, so the objective starts lower than
+    with the random head; a resume does not redo it; distill students never get it."""
+    from test_contract import build, training_objective
+
+    from tunelab.distributed import Dist
+    from tunelab.loop import Loop, fit
+    from tunelab.methods.head import warm_head
+
+    cfg = task_config("classification")
+    cfg.tuning.name, cfg.train.lr, cfg.train.epochs = "full", 5e-4, 1
+    model, method, tok, items, eval_items, job = build(cfg)
+    loop = Loop(cfg, job.task, job.splits.space, model, method, items, eval_items, tok.pad_token_id, tmp_path,
+                Dist())
+    random_head = training_objective(job)
+    assert warm_head(loop)
+    assert training_objective(job) < 0.9 * random_head
+    assert method.before_training(loop) and fit(loop)["warm_start"]
+    assert METHODS["distill"].before_training(loop) is None

@@ -200,6 +200,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
             step_seconds = time.perf_counter() - started  # the cache is part of the training's time
+        warmed = loop.method.before_training(loop) if state.step == 0 else None  # a resume keeps its weights
         solved = loop.method.solve(loop, features) if state.epoch < t.epochs else None
         if solved is not None:  # fitted in one call (head): its iterations are the log, then one evaluation
             _record_solution(loop, state, solved, optimizer, scheduler)
@@ -247,4 +248,4 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             "lean_lora": lean_lora and d.device.type == "cpu",
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best,
-            **({"solver": solved} if solved is not None else {})}
+            **({"solver": solved} if solved is not None else {}), **({"warm_start": warmed} if warmed else {})}

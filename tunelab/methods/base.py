@@ -56,6 +56,10 @@ class Method:
     def save_extra(self, model: nn.Module, folder: Path) -> None:
         """Anything saved beside model/ (lora: the adapter alone, loadable by peft)."""
 
+    def before_training(self, loop) -> str | None:
+        """Called once before the first step of a fresh run (not on resume); names what it did, if anything."""
+        return None
+
     def solve(self, loop, features) -> dict | None:
         """Train the model to convergence in one call instead of the loop's epochs (head: a convex problem);
         returns what it did for metrics.json, or None to train by the loop's steps."""

@@ -30,6 +30,9 @@ from tunelab.methods.full import Full
 class Distill(Full):
     uses_teacher = True
 
+    def before_training(self, loop) -> str | None:
+        return None  # the student learns the teacher's outputs (and a shortened teacher keeps its own head)
+
 
 def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), summed over the batch's rows (classification)."""

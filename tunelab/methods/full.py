@@ -4,6 +4,8 @@ gradually from the top.
 Layer-wise decay follows ULMFiT's discriminative fine-tuning (Howard & Ruder, 2018) and ELECTRA/BEiT's form
 lr(depth) = lr * decay ** (top - depth): the head gets `lr`, each block below it `decay` times the one above,
 the embeddings the least. Gradual unfreezing is also from ULMFiT: one more block from the top each epoch.
+Before the first step the new head is set to its solved optimum on the pretrained features (`tuning.warm_head`,
+LP-FT: Kumar et al., 2022), so that the first steps do not drag the backbone after a random head.
 """
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ class Full(Method):
         # which AdamW skips, so gradual unfreezing needs no optimizer rebuild (and resumes cleanly).
         return grouped(model.named_parameters(), train.lr, train.weight_decay,
                        depth_lr=lambda name: train.lr * cfg.layer_decay ** (top - layer_depth(model, name)))
+
+    def before_training(self, loop) -> str | None:
+        from tunelab.methods.head import warm_head
+
+        return "head solved on the pretrained features (LP-FT)" if loop.cfg.tuning.warm_head and warm_head(loop) \
+            else None
 
     def on_epoch_start(self, model: nn.Module, epoch: int, cfg: TuningConfig) -> None:
         if not cfg.gradual_unfreeze:

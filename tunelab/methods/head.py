@@ -65,6 +65,26 @@ class Head(Method):
         return fitted
 
 
+def warm_head(loop) -> bool:
+    """Linear probing, then fine-tuning (LP-FT; Kumar et al., ICLR 2022): set the new head's linear layer to its
+    solved optimum on the pretrained features before any weight moves, so that fine-tuning starts from a good
+    head instead of pulling the backbone after a random one. True where it applied (one linear head layer)."""
+    heads = [m for name, m in loop.model.named_modules()
+             if isinstance(m, nn.Linear) and _is_head(loop.model, name + ".weight")]
+    if len(heads) != 1 or not loop.task.pools or type(heads[0]) is not nn.Linear:
+        return False
+    linear = heads[0]
+    z = head_inputs(loop, linear, None)
+    y = loop.task.collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
+    fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in loop.train_items],
+                        linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed, per_feature=False)
+    with torch.no_grad():
+        linear.weight.copy_(fitted["weight"].to(linear.weight))
+        if linear.bias is not None:
+            linear.bias.copy_(fitted["bias"].to(linear.bias))
+    return True
+
+
 def _is_head(model: nn.Module, name: str) -> bool:
     """The task head is everything outside the pretrained base model (`classifier`, `score`, ...)."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -109,12 +129,16 @@ def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor:
 
 
 def fit_linear(task, space, z: torch.Tensor, y: torch.Tensor, golds: list, bias: bool, l2: float | None,
-               seed: int) -> dict:
+               seed: int, per_feature: bool = True) -> dict:
     """The task's linear model on `z` by L-BFGS: L2 chosen by inner cross-validation unless `l2` is given.
+    Features are standardised each on its own scale, or (`per_feature` False) all by one scale, which keeps the
+    weights on low-variance directions small: a head that fine-tuning will move the features under.
     Returns the weight and bias in z's own units, the chosen λ, the cross-validated scores and the final fit's
     objective after every evaluation."""
     mean = z.mean(0) if bias else torch.zeros(z.shape[1])
     std = z.std(0).clamp(min=1e-6) if len(z) > 1 else torch.ones(z.shape[1])
+    if not per_feature:
+        std = torch.full_like(std, float(std.pow(2).mean().sqrt()))
     x = (z - mean) / std
     out_dim = _out_dim(task, space)
     scores = None if l2 is not None else _cross_validate(task, space, x, y, golds, out_dim, bias, seed)
