@@ -24,7 +24,7 @@ from tunelab.config import TuningConfig
 from tunelab.methods.base import Method, freeze_all_but
 from tunelab.models import layer_depth, num_blocks
 
-L2_GRID = tuple(10.0 ** k for k in range(1, -6, -1))  # λ of mean loss + λ/2 ‖W‖², strongest first (warm starts)
+L2_GRID = tuple(10.0 ** (k / 2) for k in range(2, -11, -1))  # λ of mean loss + λ/2 ‖W‖², strongest first (warm starts)
 INNER_FOLDS = 5
 MAX_ITER = 1000  # L-BFGS iterations of the final fit; the cross-validation fits stop at a tenth of it
 TOLERANCE = 1e-7  # L-BFGS stops when the objective changes less than this, or the gradient's largest entry
@@ -182,21 +182,21 @@ def _gradient(task, x, y, w, b, l2: float) -> float:
 
 
 def _cross_validate(task, space, x, y, golds, out_dim: int, bias: bool, seed: int) -> dict[float, float]:
-    """{λ: the task's main metric over out-of-fold predictions of the whole training split}."""
+    """{λ: the task's main metric on the held-out fold, averaged over the folds} (as scikit-learn's CV does)."""
     folds = _inner_folds(task, golds, seed)
     if folds is None:  # too few examples to hold any out: a moderate default, said in the result
         return {1e-2: math.nan}
-    outputs = {l2: [None] * len(x) for l2 in L2_GRID}
+    scores = {l2: 0.0 for l2 in L2_GRID}
     for train_idx, held_idx in folds:
         start = None
+        held_golds = [golds[i] for i in held_idx.tolist()]
         for l2 in L2_GRID:  # strongest first: each fit starts from the last one's solution
             w, b, _ = _lbfgs(task, x[train_idx], y[train_idx], out_dim, bias, l2, MAX_ITER // 10, start)
             start = (w, b)
             logits = x[held_idx] @ w.T + b
-            for row, i in enumerate(held_idx):
-                outputs[l2][i] = logits[row]
-    return {l2: task.score(task.decode(outs, None, space), golds, space)[task.primary]
-            for l2, outs in outputs.items()}
+            preds = task.decode(list(logits), None, space)
+            scores[l2] += task.score(preds, held_golds, space)[task.primary] / len(folds)
+    return scores
 
 
 def _best(task, scores: dict[float, float]) -> float:
