@@ -25,6 +25,7 @@ def test_head_on_cached_features_trains_as_if_the_backbone_ran_every_step(task_c
     for cache in (True, False):
         cfg = task_config(task)
         cfg.tuning.name, cfg.tuning.cache_features, cfg.train.epochs = "head", cache, 6
+        cfg.tuning.head_solver = "sgd"  # the stepped head replays the cache every step (the solver reads it once)
         cfg.output, cfg.eval.bootstrap = str(tmp_path / f"run-{cache}"), 0
         runs[cache] = tunelab.train(cfg)
     # BERT's sequence classifier reads only the pooled output; a token classifier reads every hidden state

@@ -55,6 +55,8 @@ class Head(Method):
         if loop.cfg.tuning.head_solver != "lbfgs" or linear is None or not loop.task.pools:
             return None
         z = head_inputs(loop, linear, features)
+        if z is None:
+            return None
         y = loop.task.collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
         fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in loop.train_items],
                             linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed)
@@ -75,6 +77,8 @@ def warm_head(loop) -> bool:
         return False
     linear = heads[0]
     z = head_inputs(loop, linear, None)
+    if z is None:
+        return False
     y = loop.task.collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
     fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in loop.train_items],
                         linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed, per_feature=False)
@@ -101,9 +105,9 @@ def _linear_head(model: nn.Module) -> nn.Linear | None:
 
 
 @torch.no_grad()
-def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor:
+def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor | None:
     """What `linear` reads for every training item, in eval mode (no dropout): one forward pass, or the replay of
-    the cached backbone outputs."""
+    the cached backbone outputs. None where it reads more than one vector per item."""
     from tunelab.data.batching import global_batches
     from tunelab.methods.features import model_inputs
 
@@ -122,6 +126,8 @@ def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor:
     finally:
         hook.remove()
         loop.model.train(was_training)
+    if any(part.dim() != 2 for part in seen):  # a per-token head (a decoder's score reads every position)
+        return None
     z = torch.cat(seen)
     out = torch.empty_like(z)
     out[torch.tensor(rows)] = z
