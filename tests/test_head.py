@@ -146,7 +146,7 @@ def test_full_starts_from_the_solved_head(task_config, tmp_path):
     from tunelab.methods.head import warm_head
 
     cfg = task_config("classification")
-    cfg.tuning.name, cfg.train.lr, cfg.train.epochs = "full", 5e-4, 1
+    cfg.tuning.name, cfg.train.lr, cfg.train.epochs, cfg.tuning.warm_head = "full", 5e-4, 1, True
     model, method, tok, items, eval_items, job = build(cfg)
     loop = Loop(cfg, job.task, job.splits.space, model, method, items, eval_items, tok.pad_token_id, tmp_path,
                 Dist())
