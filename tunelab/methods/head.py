@@ -54,17 +54,7 @@ class Head(Method):
         linear = _linear_head(loop.model)
         if loop.cfg.tuning.head_solver != "lbfgs" or linear is None or not loop.task.pools:
             return None
-        z = head_inputs(loop, linear, features)
-        if z is None:
-            return None
-        y = loop.task.collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
-        fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in loop.train_items],
-                            linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed)
-        with torch.no_grad():
-            linear.weight.copy_(fitted.pop("weight").to(linear.weight))
-            if linear.bias is not None:
-                linear.bias.copy_(fitted.pop("bias").to(linear.bias))
-        return fitted
+        return fit_head(loop, linear, features, per_feature=True)
 
 
 def warm_head(loop) -> bool:
@@ -75,18 +65,24 @@ def warm_head(loop) -> bool:
              if isinstance(m, nn.Linear) and _is_head(loop.model, name + ".weight")]
     if len(heads) != 1 or not loop.task.pools or type(heads[0]) is not nn.Linear:
         return False
-    linear = heads[0]
-    z = head_inputs(loop, linear, None)
+    return fit_head(loop, heads[0], None, per_feature=False) is not None
+
+
+def fit_head(loop, linear: nn.Linear, features, per_feature: bool) -> dict | None:
+    """Set `linear` to the solved optimum on what it reads (see fit_linear); returns the fit's record, or None
+    where it reads more than one vector per item."""
+    z = head_inputs(loop, linear, features)
     if z is None:
-        return False
+        return None
     y = loop.task.collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
     fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in loop.train_items],
-                        linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed, per_feature=False)
+                        linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed, per_feature)
     with torch.no_grad():
-        linear.weight.copy_(fitted["weight"].to(linear.weight))
+        linear.weight.copy_(fitted.pop("weight").to(linear.weight))
+        bias = fitted.pop("bias")
         if linear.bias is not None:
-            linear.bias.copy_(fitted["bias"].to(linear.bias))
-    return True
+            linear.bias.copy_(bias.to(linear.bias))
+    return fitted
 
 
 def _is_head(model: nn.Module, name: str) -> bool:
@@ -170,7 +166,7 @@ def _lbfgs(task, x, y, out_dim: int, bias: bool, l2: float, max_iter: int, start
 
     def objective():
         opt.zero_grad()
-        loss = task.loss(x @ w.T + b, y) / len(x) + 0.5 * l2 * (w * w).sum()
+        loss = _objective(task, x, y, w, b, l2)
         loss.backward()
         trace.append(float(loss.detach()))
         return loss
@@ -179,11 +175,15 @@ def _lbfgs(task, x, y, out_dim: int, bias: bool, l2: float, max_iter: int, start
     return w.detach(), b.detach(), trace
 
 
+def _objective(task, x, y, w, b, l2: float) -> torch.Tensor:
+    """Mean task loss + λ/2 ‖W‖² (the bias is not penalised)."""
+    return task.loss(x @ w.T + b, y) / len(x) + 0.5 * l2 * (w * w).sum()
+
+
 def _gradient(task, x, y, w, b, l2: float) -> float:
     """The largest entry of the objective's gradient at (w, b): near 0 at the optimum."""
     w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
-    loss = task.loss(x @ w.T + b, y) / len(x) + 0.5 * l2 * (w * w).sum()
-    loss.backward()
+    _objective(task, x, y, w, b, l2).backward()
     return float(max(w.grad.abs().max(), b.grad.abs().max()))
 
 
