@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test test-fast venv browser clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,8 +33,16 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| (echo "the dashboard test needs Debian's chromium: apt-get install -y chromium" && false)
 
+# Two workers, one thread each; whole modules go to one worker (--dist loadscope: module fixtures are built once).
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope
+
 test: venv browser
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q --durations=10
+	$(PYTEST) --durations=10
+
+# A few minutes: everything but the tests marked slow (real models, compare runs, subprocesses), the ones that start
+# a service, and the browser test. `make test` and CI still run those.
+test-fast: venv
+	$(PYTEST) -m "not slow and not service and not browser"
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs

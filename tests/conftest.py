@@ -295,12 +295,14 @@ def train_classifier(folder: Path, tiny_model: str, train_rows: int, seed: int):
     return tunelab.train(cfg)
 
 
-def one_and_two_processes(cfg, tmp_path: Path, port: int) -> tuple[Path, Path]:
+def one_and_two_processes(cfg, tmp_path: Path) -> tuple[Path, Path]:
     """Train `cfg` for one epoch twice: one process at batch 8 (run folder `one`), and torchrun with 2 processes
     (gloo, CPU) at batch 4 each (`two`): the same global batch."""
     import os
     import subprocess
     import sys
+
+    from servicekit import free_port
 
     from tunelab.config import save_yaml
 
@@ -313,7 +315,22 @@ def one_and_two_processes(cfg, tmp_path: Path, port: int) -> tuple[Path, Path]:
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(tmp_path / "one.yaml")], check=True, env=env,
                    capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), "-m", "tunelab", "train", str(tmp_path / "two.yaml")],
+                           "--master_port", str(free_port()), "-m", "tunelab", "train", str(tmp_path / "two.yaml")],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / "one", tmp_path / "two"
+
+
+# The modules that take longest go first: `make test` hands whole modules to 2 xdist workers (--dist loadscope,
+# so a module's fixtures are built once), and the longest first keeps both busy to the end.
+FIRST = ("test_real_minilm.py", "test_service_durability.py", "test_models.py", "test_compare.py",
+         "test_security.py", "test_service.py", "test_lm.py", "test_invariants.py", "test_kill_resume.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest modules first (see FIRST); every test that starts a `tunelab serve` is marked `service`."""
+    for item in items:
+        if {"make_service", "service"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the order within a module stays

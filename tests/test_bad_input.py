@@ -99,6 +99,7 @@ def test_existing_run_folder_is_not_overwritten(capsys, base_args, toy_data, tmp
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_real_process_prints_one_line_and_exit_2(tiny_model, tmp_path):
     bad = bad_file(tmp_path, "bad.jsonl", b'{"text": 1, "label": "a"}\n')
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", "--model", tiny_model, "--train", bad,

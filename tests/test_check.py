@@ -135,6 +135,7 @@ def test_likely_label_errors_are_found(tmp_path):
     assert report.stats["label_error_probe"]["accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_the_cli_prints_a_table_or_json_and_exits_by_the_worst_finding(tmp_path, clean_rows):
     ok = write_jsonl(tmp_path / "ok.jsonl", clean_rows)
     run = [sys.executable, "-m", "tunelab", "data", "check", "--no-label-errors"]

@@ -96,6 +96,7 @@ def test_refusals(tmp_path, messy):
     assert not (tmp_path / "never.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_the_cli(tmp_path, messy):
     train, evaluation = messy
     done = subprocess.run([sys.executable, "-m", "tunelab", "data", "clean", str(train), "-o", str(tmp_path / "c.jsonl"),

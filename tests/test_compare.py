@@ -8,6 +8,8 @@ import pytest
 
 from tunelab.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def compare_args(tiny_model, toy_data, tmp_path):

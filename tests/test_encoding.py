@@ -74,6 +74,7 @@ def test_refusals_name_the_file_and_the_problem(tmp_path):
         read_examples(sjis, DataConfig(encoding="euc_jp"))
 
 
+@pytest.mark.slow
 def test_the_cli_trains_on_a_shift_jis_csv_with_encoding_auto(tmp_path, tiny_model):
     path = tmp_path / "excel.csv"
     path.write_bytes(_csv(ROWS * 6).encode("cp932"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from tunelab.methods import METHODS, apply_defaults
@@ -136,6 +137,7 @@ def test_method_defaults_fill_what_is_not_given(task_config):
     assert cfg.train.lr == METHODS["full"].lr * 10
 
 
+@pytest.mark.slow
 def test_full_starts_from_the_solved_head(task_config, tmp_path):
     """LP-FT: before full fine-tuning's first step the head is the solved one, so the objective starts lower than
     with the random head; a resume does not redo it; distill students never get it."""

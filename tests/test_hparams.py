@@ -111,6 +111,7 @@ def _trials_csv(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_tune_writes_the_best_config_and_continues_a_stopped_search(toy_config, tmp_path, capsys):
     out = tmp_path / "tune"
     summary = tune(toy_config, 3, out, space=_space(toy_config))
@@ -173,6 +174,7 @@ def test_pruned_trials_are_recorded_and_never_chosen(toy_config, tmp_path):
     assert [r["state"] for r in _trials_csv(out)] == ["COMPLETE", "PRUNED", "PRUNED"]
 
 
+@pytest.mark.slow
 def test_a_search_with_every_trial_pruned_has_no_best(toy_config, tmp_path):
     toy_config.tuning.name = "head"
     summary = tune(toy_config, 2, tmp_path / "tune", space=_space(toy_config),
@@ -181,6 +183,7 @@ def test_a_search_with_every_trial_pruned_has_no_best(toy_config, tmp_path):
     assert summary["best"] is None and not (tmp_path / "tune" / "best.yaml").exists()
 
 
+@pytest.mark.slow
 def test_tune_with_cross_validation_scores_the_mean_and_never_prunes(toy_config, tmp_path):
     toy_config.tuning.name, toy_config.data.eval, toy_config.eval.folds = "head", None, 2
     out = tmp_path / "tune"

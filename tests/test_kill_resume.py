@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import make_rows, write_jsonl
+
+pytestmark = pytest.mark.slow
 
 
 def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model, tmp_path):

@@ -121,6 +121,7 @@ print(json.dumps([model.config.id2label[i] for i in logits.argmax(-1).tolist()])
 """
 
 
+@pytest.mark.slow
 def test_exported_model_predicts_as_tunelab_in_plain_transformers(pooled_run, tmp_path):
     """In a process that never imports tunelab (trust_remote_code reads the exported file), and with tunelab's
     registration: the same labels as `tunelab predict`, for every text."""

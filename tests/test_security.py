@@ -350,6 +350,7 @@ def test_any_uploaded_file_is_stored_or_refused_with_a_user_error(tmp_path_facto
         assert len(str(e)) < 600
 
 
+@pytest.mark.slow
 def test_deep_and_huge_json_gets_a_clear_error_from_upload_and_cli(guarded, tmp_path, tiny_model):
     cases = {"deep.jsonl": b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b', "label": "a"}\n',
              "bigint.jsonl": b'{"text": "a", "label": ' + b"7" * 5000 + b"}\n"}
@@ -394,6 +395,7 @@ def test_an_empty_text_is_refused_at_upload(guarded):
 
 # ---- 6. too little data, in the service ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_too_little_data_fails_the_job_with_the_numbers(service, tmp_path):
     rows = [{"text": f"text {i}", "label": "abc"[i % 3]} for i in range(18)]
     job = service.create(model="tiny-bert", training_file=service.upload(write_jsonl(tmp_path / "few.jsonl", rows)))
@@ -405,6 +407,7 @@ def test_too_little_data_fails_the_job_with_the_numbers(service, tmp_path):
 
 # ---- 9. owner-only files; 10. no key in any log ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_service_home_is_readable_by_its_owner_only(service, tmp_path):
     job = service.create(model="tiny-bert", training_file=service.upload(write_jsonl(
         tmp_path / "m.jsonl", make_rows(40, 1))), hyperparameters={"n_epochs": 1, "batch_size": 8},

@@ -262,6 +262,7 @@ def test_a_file_a_job_needs_cannot_be_deleted_until_the_job_ends(service, tmp_pa
     assert service.request("GET", f"/v1/files/{file_id}")[0] == 404
 
 
+@pytest.mark.slow
 def test_the_api_process_never_imports_the_training_loop(tmp_path):
     code = ("import sys; from tunelab.serve.app import create_app; import tunelab.serve.inference, "
             "tunelab.predict, tunelab.generate, tunelab.serve.server; create_app(sys.argv[1]); "

@@ -11,11 +11,15 @@ import signal
 import sqlite3
 import time
 
+import pytest
+
 from conftest import make_rows, write_jsonl
 from servicekit import wait_until
 
 from tunelab.serve import jobs
 from tunelab.serve.db import connect
+
+pytestmark = pytest.mark.service
 
 
 def _checkpointed(svc, job_id: str) -> bool:
@@ -186,8 +190,9 @@ def test_a_job_past_the_time_limit_fails_and_keeps_its_checkpoints(make_service)
     assert failed["finished_at"] - failed["started_at"] < 40
     assert not svc.training_pids(job_id)
     kept = svc.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"]
-    # the last checkpoints (every 20 steps and at epoch ends) stay, for a look or a resume; training did not finish
-    assert 1 <= len(kept) <= 3 and max(c["step_number"] for c in kept) < 6 * 270, kept
+    # the last checkpoints (every 20 steps and at epoch ends) stay, for a look or a resume; training did not finish.
+    # The service keeps 3, plus the one being written when the stop came (the kill can fall before the pruning).
+    assert 1 <= len(kept) <= 4 and max(c["step_number"] for c in kept) < 6 * 270, kept
 
 
 def test_a_job_is_forgiven_a_dead_server_three_times_then_counted(tmp_path):
