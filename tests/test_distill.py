@@ -9,7 +9,8 @@ from conftest import make_rows, train_classifier, write_jsonl
 
 import tunelab
 from tunelab.errors import UserError
-from tunelab.methods.distill import evenly_spaced, keep_layers, soft_targets
+from tunelab.losses import soft_targets
+from tunelab.methods.distill import evenly_spaced, keep_layers
 
 
 def _softmax(xs, t):
@@ -117,6 +118,7 @@ def _student(tmp_path, tiny_model, run, labelled, epochs, eval_file=None, **tuni
     return tunelab.train(cfg)
 
 
+@pytest.mark.slow
 def test_soft_targets_on_unlabelled_text_beat_hard_labels_alone(tmp_path, tiny_model, teacher_run):
     """16 labelled rows; the distilled student also has 300 unlabelled texts the teacher labels softly. Both get
     the same number of optimizer steps (the hard-label student repeats its 16 rows for more epochs)."""

@@ -11,6 +11,7 @@ from tunelab.errors import UserError
 from tunelab.evaluate import evaluate, predict_outputs
 from tunelab.evaluate.stats import bootstrap_ci
 from tunelab.io import atomic_write_json, atomic_write_jsonl
+from tunelab.models import load_trained
 from tunelab.tasks import TASKS
 
 
@@ -18,7 +19,6 @@ def load_run(run_dir: str | Path, runtime: str = "auto"):
     """(config, task, model, tokenizer, space) of a complete run folder; `runtime` int8 quantizes the model, onnx
     answers with RUN/onnx/model.onnx through ONNX Runtime (see tunelab.export.compress), auto is onnx where the run
     has that export and torch otherwise."""
-    import transformers
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
@@ -29,7 +29,7 @@ def load_run(run_dir: str | Path, runtime: str = "auto"):
     cfg = config_mod.load_yaml(run / "config.yaml")
     task = TASKS[cfg.task]
     runtime = _resolve(run, task, runtime)
-    model = getattr(transformers, task.model_class).from_pretrained(run / "model", use_safetensors=True)
+    model = load_trained(task.model_class, run / "model")
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     space = task.space_of(model.config)
     if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config

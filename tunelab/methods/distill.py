@@ -2,7 +2,7 @@
 
 loss = α · T² · KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 − α) · cross-entropy(student, gold)
 
-The T² keeps the soft term's gradients on the scale of the hard term's as T changes (the paper's §2). Multilabel
+(the soft terms are in tunelab.losses; each task's `soft_loss` picks its own). Multilabel
 students match each label's sigmoid(teacher / T) the same way (against binary cross-entropy); regression students
 the teacher's number (mean squared error in the standardised units they train in; T does not apply). Soft
 targets are per example, so the teacher may have another tokenizer and architecture: it reads the raw texts with
@@ -32,28 +32,6 @@ class Distill(Full):
 
     def before_training(self, loop) -> str | None:
         return None  # the student learns the teacher's outputs (and a shortened teacher keeps its own head)
-
-
-def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), summed over the batch's rows (classification)."""
-    soft_teacher = torch.log_softmax(teacher.float() / temperature, -1)
-    soft_student = torch.log_softmax(student.float() / temperature, -1)
-    return temperature ** 2 * nn.functional.kl_div(soft_student, soft_teacher, log_target=True, reduction="sum")
-
-
-def sigmoid_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · the KL divergence of each label's yes/no distribution, sigmoid(teacher / T) against sigmoid(student
-    / T), averaged over the labels and summed over the rows (multilabel: the same scale as its BCE loss)."""
-    t, s = teacher.float() / temperature, student.float() / temperature
-    p = torch.sigmoid(t)
-    kl = p * (nn.functional.logsigmoid(t) - nn.functional.logsigmoid(s)) + \
-        (1 - p) * (nn.functional.logsigmoid(-t) - nn.functional.logsigmoid(-s))
-    return temperature ** 2 * kl.mean(-1).sum()
-
-
-def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / T): T = 1 is the teacher's own distribution, larger T flattens it towards uniform."""
-    return torch.softmax(logits.float() / temperature, -1)
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:
@@ -169,9 +147,9 @@ class Teacher:
 
     def student(self, n_layers: int) -> nn.Module:
         """A copy of the teacher with `n_layers` of its layers (its embeddings and head as they are)."""
-        import transformers
+        from tunelab.models import load_trained
 
-        model = getattr(transformers, self.task.model_class).from_pretrained(self.run / "model", use_safetensors=True)
+        model = load_trained(self.task.model_class, self.run / "model")
         return keep_layers(model, evenly_spaced(model.config.num_hidden_layers, n_layers))
 
     def logits(self, examples) -> list[list[float]]:

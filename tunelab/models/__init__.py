@@ -107,6 +107,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_trained(model_class: str, folder: str | Path) -> nn.Module:
+    """A model that a run exported (RUN/model), by the task's Auto class, from safetensors only. Through this module,
+    so our own model types (tunelab-pooled) are registered with transformers first, in any process."""
+    import transformers
+
+    return getattr(transformers, model_class).from_pretrained(folder, use_safetensors=True)
+
+
 def _register() -> None:
     """Our pooled classifier is a transformers model type: make the Auto classes know it."""
     from tunelab.models.pooled import register

@@ -9,7 +9,7 @@ from torch import nn
 
 from tunelab.data.load import check_known_labels, class_label, label_names, parse_json
 from tunelab.errors import UserError, excerpt
-from tunelab.methods.distill import sigmoid_kl, softmax_kl
+from tunelab.losses import sigmoid_kl, softmax_kl
 from tunelab.tasks.base import Space, Task
 
 

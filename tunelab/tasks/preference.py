@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab import losses
 from tunelab.config import DataConfig
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example
@@ -158,8 +159,8 @@ class DPO(Preference):
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
         ref = batch.pop("ref")
         chosen, rejected = self.pair_scores(model, batch)
-        r_chosen, r_rejected = space.beta * (chosen - ref[:, 0]), space.beta * (rejected - ref[:, 1])
-        loss = -F.logsigmoid(r_chosen - r_rejected).sum()
+        r_chosen, r_rejected = losses.dpo_rewards(chosen, rejected, ref[:, 0], ref[:, 1], space.beta)
+        loss = losses.bradley_terry(r_chosen, r_rejected)
         return loss, {"correct": float((r_chosen > r_rejected).sum()), "chosen": float(r_chosen.detach().sum()),
                       "rejected": float(r_rejected.detach().sum())}
 
@@ -196,7 +197,7 @@ class RewardModel(Preference):
 
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = self.pair_scores(model, batch)
-        return -F.logsigmoid(chosen - rejected).sum(), {"correct": float((chosen > rejected).sum())}
+        return losses.bradley_terry(chosen, rejected), {"correct": float((chosen > rejected).sum())}
 
     def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
         return {"pairwise_accuracy": sums["correct"] / max(units, 1)}

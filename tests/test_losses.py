@@ -1,0 +1,52 @@
+"""tunelab.losses against numbers computed by hand (the arithmetic is in each test's comments)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tunelab import losses
+
+
+def test_softmax_kl_by_hand():
+    # T = 2: teacher (2, 0) → softmax(1, 0) = (e/(e+1), 1/(e+1)) = (0.731059, 0.268941); student (0, 0) → (½, ½).
+    # KL = 0.731059·ln(0.731059/0.5) + 0.268941·ln(0.268941/0.5) = 0.277718 − 0.166775 = 0.110943; × T² = 0.443776.
+    p = 1 / (1 + math.exp(-1))
+    by_hand = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
+    assert by_hand == pytest.approx(0.443776, abs=1e-6)
+    got = losses.softmax_kl(torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]]), 2.0)
+    assert float(got) == pytest.approx(by_hand, rel=1e-6)
+    # summed over rows; zero where the student already matches
+    two = losses.softmax_kl(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[2.0, 0.0], [1.0, 0.0]]), 2.0)
+    assert float(two) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_sigmoid_kl_by_hand():
+    # T = 1, one row, two labels. Label 1: teacher 0 → p = ½, student ln 3 → q = ¾:
+    # KL = ½ ln(½/¾) + ½ ln(½/¼) = ½ (ln 2 − ln 1.5) = 0.143841. Label 2: teacher = student → 0. Mean over labels: 0.071921.
+    got = losses.sigmoid_kl(torch.tensor([[math.log(3), 5.0]]), torch.tensor([[0.0, 5.0]]), 1.0)
+    assert float(got) == pytest.approx(0.5 * (math.log(2) - math.log(1.5)) / 2, rel=1e-5)
+
+
+def test_soft_targets_temperature():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    assert losses.soft_targets(logits, 1.0).tolist() == pytest.approx(torch.softmax(logits, -1).tolist())
+    assert losses.soft_targets(logits, 1e4).tolist() == pytest.approx([1 / 3] * 3, abs=1e-3)
+
+
+def test_bradley_terry_by_hand():
+    # margins 0 and ln 3: −ln σ(0) = ln 2 = 0.693147; −ln σ(ln 3) = −ln ¾ = 0.287682; sum 0.980829
+    got = losses.bradley_terry(torch.tensor([1.0, math.log(3)]), torch.tensor([1.0, 0.0]))
+    assert float(got) == pytest.approx(math.log(2) - math.log(0.75), rel=1e-6)
+
+
+def test_dpo_by_hand_and_ln2_at_the_reference():
+    # β = 0.1; policy log-probs chosen −10, rejected −12; reference −11 and −11:
+    # rewards 0.1·(−10 + 11) = 0.1 and 0.1·(−12 + 11) = −0.1; loss = −ln σ(0.2) = ln(1 + e^−0.2) = 0.598139
+    args = [torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0)]
+    chosen, rejected = losses.dpo_rewards(*args, beta=0.1)
+    assert (float(chosen), float(rejected)) == pytest.approx((0.1, -0.1))
+    assert float(losses.dpo(*args, beta=0.1)) == pytest.approx(math.log(1 + math.exp(-0.2)), rel=1e-6)
+    same = torch.tensor([-3.0, -7.0, -1.5])
+    assert float(losses.dpo(same, same - 1, same, same - 1, beta=0.5)) == pytest.approx(3 * math.log(2), rel=1e-6)
