@@ -9,7 +9,7 @@ import pytest
 from conftest import make_rows, write_jsonl
 
 from tunelab.config import DataConfig
-from tunelab.data.check import check, render
+from tunelab.check import check, render
 
 
 def codes(report, level=None):

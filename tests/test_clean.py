@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import make_rows, write_jsonl
 
-from tunelab.data.check import check
-from tunelab.data.clean import clean
+from tunelab.check import check
+from tunelab.clean import clean
 from tunelab.errors import UserError
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tunelab.cli import build_parser, config_from_args
-from tunelab.config import Config, iter_fields, load_yaml, save_yaml, validate
+from tunelab.config import Config, choices, iter_fields, load_yaml, save_yaml, validate
 from tunelab.errors import UserError
 
 
@@ -80,3 +80,27 @@ def test_a_config_built_in_python_is_range_checked_too():
     cfg.data.train, cfg.eval.bootstrap = "t.jsonl", 10**9
     with pytest.raises(UserError, match=re.escape("'eval.bootstrap' must be in [0, 100,000]")):
         validate(cfg)
+
+
+@pytest.mark.parametrize("flag,value", [("--train.schedule", "cosin"), ("--data.overlong", "cut"),
+                                        ("--train.device", "tpu"), ("--tuning", "qlora"), ("--model.pooling", "median"),
+                                        ("--tuning.head_solver", "adam")])
+def test_a_closed_choice_names_its_values(flag, value):
+    with pytest.raises(UserError, match=r"must be one of .*, got '?" + value) as e:
+        config_from_args(build_parser().parse_args(["train", flag, value]))
+
+
+def test_closed_choices_are_shown_in_help_and_checked_in_python_built_configs():
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "one of: linear, cosine, constant" in help_text
+    cfg = Config()
+    cfg.data.train, cfg.train.schedule = "t.jsonl", "step"
+    with pytest.raises(UserError, match="'train.schedule' must be one of linear, cosine, constant, got 'step'"):
+        validate(cfg)
+
+
+def test_the_tuning_choices_are_the_registered_methods():
+    """config may not import the method registry (layers point one way), so the closed choice names them."""
+    from tunelab.methods import METHODS
+
+    assert set(choices(dict((k, tp) for k, _, tp in iter_fields())["tuning.name"])) == set(METHODS)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tunelab.config import Config, DataConfig
 from tunelab.data import load_splits
+from tunelab.tasks import TASKS
 from tunelab.data.batching import global_batches, split_global, token_batches
 from tunelab.data.load import label_names, read_examples
 
@@ -41,7 +42,7 @@ def test_folder_per_class(tmp_path):
 def test_eval_split_is_stratified_and_disjoint(toy_data):
     cfg = Config()
     cfg.data = DataConfig(train=toy_data["train"], eval_split=0.25)
-    splits = load_splits(cfg)
+    splits = load_splits(TASKS[cfg.task], cfg)
     assert len(splits.eval) == 24 and len(splits.train) == 72
     assert {e.label for e in splits.eval} == set(splits.labels)
     assert not {e.where for e in splits.eval} & {e.where for e in splits.train}
@@ -136,7 +137,6 @@ def test_chitchat_preferences_pairs_differ_and_split_by_starter(tmp_path):
 def test_chitchat_replies_prefer_the_real_next_turn_and_read_as_dpo_records(tmp_path):
     from tunelab.config import DataConfig
     from tunelab.data.bundled import chitchat_replies
-    from tunelab.tasks import TASKS
 
     info = chitchat_replies(tmp_path / "a", 60, 20, seed=2)
     train, evaluation = _assert_written(info, lambda: chitchat_replies(tmp_path / "b", 60, 20, seed=2))

@@ -159,15 +159,16 @@ def test_unknown_model_type_is_refused_without_tunelab_or_trust(pooled_run, tmp_
 
 
 def test_pooling_is_refused_where_it_does_not_apply(tmp_path):
-    from tunelab.config import Config, validate
+    from tunelab.config import Config
     from tunelab.errors import UserError
+    from tunelab.validate import validate
 
     cfg = Config()
     cfg.task, cfg.data.train, cfg.model.pooling = "ner", "x.jsonl", "mean"
     with pytest.raises(UserError, match="pooling applies to classification"):
         validate(cfg)
     cfg.task, cfg.model.pooling = "classification", "median"
-    with pytest.raises(UserError, match="unknown pooling 'median'"):
+    with pytest.raises(UserError, match="'model.pooling' must be one of auto, cls, mean, max, last, got 'median'"):
         validate(cfg)
 
 

@@ -15,6 +15,7 @@ from tunelab import pipeline
 from tunelab.cli import main
 from tunelab.config import Config, DataConfig, save_yaml
 from tunelab.data import load_splits
+from tunelab.tasks import TASKS
 from tunelab.hparams import tune
 from tunelab.hparams.tune import table as tune_table
 from tunelab.report import write_report
@@ -150,7 +151,7 @@ def test_test_split_is_stratified_disjoint_and_unchanged_by_train_fraction(toy_d
     def splits(**data):
         cfg = Config()
         cfg.data = DataConfig(train=toy_data["train"], test_split=0.25, eval_split=0.2, **data)
-        return load_splits(cfg)
+        return load_splits(TASKS[cfg.task], cfg)
 
     full = splits()
     test = {e.where for e in full.test}
@@ -216,7 +217,7 @@ def _comparison(rows: list[dict], baselines: list[dict], graded_on: str) -> dict
 
 
 def test_cross_validation_marks_folds_that_selected_on_their_held_out_part():
-    from tunelab.evaluate.cv import summarize
+    from tunelab.crossval import summarize
 
     fold = {"task": "classification", "metric": "f1_macro", "eval": {"f1_macro": 0.5}, "baseline": {},
             "selected_on_eval": True, "chosen_on_eval": ["the best step"]}

@@ -206,11 +206,11 @@ def test_folds_with_an_eval_file_are_refused(toy_config, capsys, tmp_path):
 
 
 def test_unknown_metric_for_the_task_is_refused(toy_config):
-    from tunelab import config as config_mod
+    from tunelab.validate import validate
 
     toy_config.task, toy_config.train.metric = "regression", "f1_macro"
     with pytest.raises(UserError, match="not one of the regression task's"):
-        config_mod.validate(toy_config)
+        validate(toy_config)
 
 
 def test_linear_probe_and_majority_sit_beside_the_model(task_config):

@@ -26,7 +26,9 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         inner, _ = config_mod._base_type(tp)
         extra = dict(nargs="?", const="true") if inner is bool else {}
         default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
-        valid = f"; valid: {f.metadata['range']}" if f.metadata["range"] else ""
+        allowed = config_mod.choices(tp)
+        valid = f"; valid: {f.metadata['range']}" if f.metadata["range"] else \
+            f"; one of: {', '.join(allowed)}" if allowed else ""
         parser.add_argument(*names, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
                             help=f"{f.metadata['help']} (default: {default}{valid})".replace("%", "%%"), **extra)
 
@@ -295,7 +297,7 @@ def _data_file_config(args):
 
 
 def cmd_data_check(args) -> int:
-    from tunelab.data.check import check, render
+    from tunelab.check import check, render
 
     report = check(args.file, args.task, args.eval, args.model, _data_file_config(args), epochs=args.epochs,
                    batch_size=args.batch_size, label_errors=not args.no_label_errors)
@@ -304,7 +306,7 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_clean(args) -> int:
-    from tunelab.data.clean import FIXES, clean
+    from tunelab.clean import FIXES, clean
 
     result = clean(args.file, args.output, args.task, args.eval, _data_file_config(args),
                    **{k: getattr(args, k) for k in FIXES})
@@ -550,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "logging every dropped or changed record.", cmd_data_clean,
                            "The eval/test file, for --drop-leaked.")
     cl.add_argument("-o", "--output", required=True, help="The cleaned copy (JSONL or CSV, as the input).")
-    from tunelab.data.clean import FIXES
+    from tunelab.clean import FIXES
 
     for fix, what in FIXES.items():
         if fix == "label_errors":

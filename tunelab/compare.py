@@ -19,8 +19,10 @@ from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS
+from tunelab.rundir import RunDir
 from tunelab.tasks import TASKS
 from tunelab.text import text_table
+from tunelab.validate import validate
 
 
 def compare(base: Config, methods: list[str], out: Path, method_sets: list[str],
@@ -60,7 +62,7 @@ def _check(base: Config, methods: list[str], fractions: list[float]) -> None:
         raise UserError(f"training fractions must be in (0, 1], got {fractions}", "--train-fractions")
     probe = copy.deepcopy(base)
     _use(probe, methods[0])
-    config_mod.validate(probe)
+    validate(probe)
 
 
 AUGMENT = "+augment"  # `--tuning full,full+augment`: the same method without and with train.augment
@@ -94,7 +96,7 @@ def _run_config(base: Config, method: str, frac: float, out: Path, fractions: li
     cfg.eval.probe = False  # the probe does not depend on the method: computed once per split below
     for key, value in sets:
         config_mod.set_value(cfg, key, value, "--method-set")
-    config_mod.validate(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -143,7 +145,7 @@ def _row(method: str, frac: float, m: dict, cfg: Config) -> dict:
 
 def _teacher(cfg: Config, student: dict) -> dict:
     """The distilled student against its teacher: quality retained and what it costs, as ratios."""
-    t = json.loads((Path(cfg.tuning.teacher) / "metrics.json").read_text(encoding="utf-8"))
+    t = RunDir(cfg.tuning.teacher).metrics()
     main = TASKS[cfg.task].primary
     ti, si = t.get("inference", {}), student.get("inference", {})
     return {"run": cfg.tuning.teacher, main: t["eval"][main],
@@ -169,7 +171,7 @@ def _baselines(base: Config, frac: float) -> list[dict]:
     for k in range(max(base.eval.folds, 1)):
         cfg = copy.deepcopy(base)
         cfg.data.train_fraction, cfg.eval.fold = frac, (k if base.eval.folds else None)
-        splits = load_splits(cfg)
+        splits = load_splits(task, cfg)
         train_items = task.encode(tok, splits.train, splits.space, cfg.data.max_length)
         eval_items = task.encode(tok, splits.test or splits.eval, splits.space, cfg.data.max_length)
         per_fold.append(baselines(task, splits.space, train_items, eval_items, cfg.model, tok.pad_token_id or 0,

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -63,7 +63,7 @@ class ModelConfig:
     dropout: float | None = setting(None, "Override every dropout probability in the model (None keeps the model's).",
         range=Range(0, 1, hi_open=True))
     trust_remote_code: bool = setting(False, "Allow code shipped with a model folder to run. Off by default: it is arbitrary code.")
-    pooling: str = setting("auto", "classification, multilabel, regression: how token states become one vector for the head: auto (a sentence-transformers folder's own pooling, else the model's own head: BERT's pooler over [CLS], a decoder's last token), cls (first token's state), mean, max, or last (last non-padding token).")
+    pooling: Literal["auto", "cls", "mean", "max", "last"] = setting("auto", "classification, multilabel, regression: how token states become one vector for the head: auto (a sentence-transformers folder's own pooling, else the model's own head: BERT's pooler over [CLS], a decoder's last token), cls (first token's state), mean, max, or last (last non-padding token).")
 
 
 @dataclass
@@ -91,7 +91,7 @@ class DataConfig:
         range=Range(8, 65536))
     limit_train: int | None = setting(None, "Use at most this many training examples (a stratified sample); None or 0 uses all.",
         range=Range(0, 2**31 - 1))
-    overlong: str = setting("truncate", "chat, dpo, reward: examples longer than max_length are cut at the end (truncate) or left out (drop); both are counted.")
+    overlong: Literal["truncate", "drop"] = setting("truncate", "chat, dpo, reward: examples longer than max_length are cut at the end (truncate) or left out (drop); both are counted.")
     skip_invalid: bool = setting(False, "Skip records with bad content (an empty text, a bad label, an unknown role, identical responses) with a counted warning instead of stopping.")
     mlm_probability: float = setting(0.15, "mlm: share of the tokens chosen for prediction (of those 80% masked, 10% random, 10% kept).",
         range=Range(0, 1, True, True))
@@ -99,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class TuningConfig:
-    name: str = setting("full", "How the weights adapt: scratch, head, partial, full, lora, or distill (learn a teacher run's soft targets).", "--tuning")
+    name: Literal["scratch", "head", "partial", "full", "lora", "distill"] = setting("full", "How the weights adapt: scratch, head, partial, full, lora, or distill (learn a teacher run's soft targets).", "--tuning")
     partial_layers: int = setting(2, "partial: how many of the top encoder blocks train (plus the head).",
         range=Range(1, 1000))
     cache_features: bool = setting(True, "head: run the frozen backbone once over the training data and replay its outputs every epoch (same losses up to float rounding).")
@@ -123,7 +123,7 @@ class TuningConfig:
     prune_vocab: bool = setting(False, "distill: keep only the vocabulary the training and transfer texts use (plus every single character) and shrink the student's embeddings to it; WordPiece tokenizers.")
     lora_targets: list[str] = setting([], "lora: names (or name endings) of the linear modules that get adapters, e.g. query,value; empty: every linear layer of the attention and MLP blocks.")
     warm_head: bool = setting(True, "full: before the first step, set the new linear head to its solved optimum on the pretrained features (linear probing then fine-tuning, LP-FT); classification, multilabel, regression.")
-    head_solver: str = setting("lbfgs", "head: lbfgs (the linear head fitted to convergence on the frozen features by full-batch L-BFGS, L2 chosen by cross-validation inside the training split) or sgd (the loop's epochs and learning rate).")
+    head_solver: Literal["lbfgs", "sgd"] = setting("lbfgs", "head: lbfgs (the linear head fitted to convergence on the frozen features by full-batch L-BFGS, L2 chosen by cross-validation inside the training split) or sgd (the loop's epochs and learning rate).")
     head_l2: float | None = setting(None, "head, lbfgs: the L2 penalty (lambda in mean loss + lambda/2 |W|^2 on standardised features); None: chosen by 5-fold cross-validation on the training split.",
         range=Range(0, 1e6))
 
@@ -146,7 +146,7 @@ class TrainConfig:
         range=Range(0, 10))
     warmup_ratio: float = setting(0.1, "Fraction of the optimizer steps spent warming the learning rate up linearly from 0.",
         range=Range(0, 1, hi_open=True))
-    schedule: str = setting("linear", "Learning-rate decay after warmup: linear, cosine or constant.")
+    schedule: Literal["linear", "cosine", "constant"] = setting("linear", "Learning-rate decay after warmup: linear, cosine or constant.")
     max_grad_norm: float = setting(1.0, "Clip the global gradient norm to this (0 disables clipping).",
         range=Range(0, 1e6))
     eval_every: int = setting(0, "Evaluate every N optimizer steps; 0 evaluates at the end of each epoch.",
@@ -162,7 +162,7 @@ class TrainConfig:
         range=Range(0, 100, lo_open=True))
     seed: int = setting(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.", "--seed",
         range=Range(0, 2**32 - 1))
-    device: str = setting("auto", "cpu, cuda, or auto (cuda when available).")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "cpu, cuda, or auto (cuda when available).")
     bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
     augment: str = setting("", "Text augmentation of the training split: comma-separated swap, delete, insert, neighbour (replacement by nearest neighbours in the model's input embeddings); Japanese is split into MeCab words. Empty: off.", "--augment")
     augment_rate: float = setting(0.1, "augment: the share of a text's words each augmented copy changes.",
@@ -170,6 +170,7 @@ class TrainConfig:
     augment_copies: int = setting(1, "augment: augmented copies added per training example.",
         range=Range(1, 100))
     progress: bool = setting(True, "Show a progress bar with loss and samples/s.")
+    speedups: bool = setting(True, "tunelab's exact speed-ups (the first-token cut, the reused embedding gradient, oneDNN linears where they pay, fast dropout, lean LoRA; see tunelab/speed.py); false, or TUNELAB_SPEEDUPS=0 in the environment, runs the model as PyTorch, transformers and peft do.")
     fast_dropout: bool = setting(True, "Draw dropout masks on the CPU from 16 random bits per unit (p rounded to 1/65,536), 2x cheaper than PyTorch's dropout; false: PyTorch's own random stream.")
 
 
@@ -222,6 +223,12 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def choices(tp: Any) -> tuple[str, ...] | None:
+    """The values a closed-choice setting (`Literal[...]`) allows; None for any other type."""
+    inner, _ = _base_type(tp)
+    return typing.get_args(inner) if typing.get_origin(inner) is Literal else None
+
+
 def coerce(key: str, value: Any, tp: Any, source: str, valid: Range | None = None) -> Any:
     """Turn a YAML or command-line value into the field's type within its range, or say why it cannot be."""
     inner, optional = _base_type(tp)
@@ -229,6 +236,11 @@ def coerce(key: str, value: Any, tp: Any, source: str, valid: Range | None = Non
         if optional:
             return None
         raise UserError(f"setting '{key}' may not be empty", source)
+    allowed = choices(tp)
+    if allowed is not None:
+        if not isinstance(value, str) or value not in allowed:
+            raise UserError(f"setting '{key}' must be one of {', '.join(allowed)}, got {excerpt(value)}", source)
+        return value
     try:
         if inner is bool:
             if isinstance(value, bool):
@@ -336,45 +348,21 @@ def with_absolute_paths(cfg: Config) -> Config:
     return out
 
 
-def check_ranges(cfg: Config) -> None:
-    """Every numeric setting within its declared range (a config built in Python skips coerce)."""
+def check_values(cfg: Config) -> None:
+    """Every numeric setting within its declared range and every closed choice one of its values (a config built
+    in Python skips coerce)."""
     for key, f, tp in iter_fields():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if f.metadata["range"] is not None and value is not None:
+        if (f.metadata["range"] is not None or choices(tp)) and value is not None:
             coerce(key, value, tp, "config", f.metadata["range"])
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need more than one field or a registry; run before any file is written."""
-    from tunelab.methods import METHODS
-    from tunelab.tasks import TASKS
-
-    check_ranges(cfg)
-    if cfg.task not in TASKS:
-        raise UserError(f"unknown task '{cfg.task}' (known: {', '.join(TASKS)})", "--task")
-    task = TASKS[cfg.task]
-    if cfg.train.metric not in ("auto", "loss", *task.metrics):
-        raise UserError(f"metric '{cfg.train.metric}' is not one of the {cfg.task} task's "
-                        f"({', '.join(task.metrics)}, loss)", "train.metric")
-    if cfg.tuning.name not in METHODS:
-        raise UserError(f"unknown tuning method '{cfg.tuning.name}' (known: {', '.join(METHODS)})", "--tuning")
-    if cfg.tuning.name not in task.tunings:
-        raise UserError(f"tuning method '{cfg.tuning.name}' does not apply to the {cfg.task} task "
-                        f"(use {', '.join(task.tunings)})", "--tuning")
-    if task.judged_by_start and cfg.eval.folds:
-        raise UserError(f"cross-validation is not offered for the {cfg.task} task; give --eval or data.eval_split",
-                        "--folds")
-    if cfg.model.pooling not in ("auto", "cls", "mean", "max", "last"):
-        raise UserError(f"unknown pooling '{cfg.model.pooling}' (known: auto, cls, mean, max, last)", "model.pooling")
-    if cfg.model.pooling != "auto" and not task.pools:
-        raise UserError(f"model.pooling applies to classification, multilabel and regression, not {cfg.task}",
-                        "model.pooling")
-    if cfg.tuning.head_solver not in ("lbfgs", "sgd"):
-        raise UserError(f"unknown head solver '{cfg.tuning.head_solver}' (known: lbfgs, sgd)", "tuning.head_solver")
-    if cfg.train.schedule not in ("linear", "cosine", "constant"):
-        raise UserError(f"unknown schedule '{cfg.train.schedule}' (known: linear, cosine, constant)", "train.schedule")
+    """Checks of the settings themselves and between them, run before any file is written; the checks against
+    the registries of tasks and methods are tunelab.validate's."""
+    check_values(cfg)
     if not cfg.data.train:
         raise UserError("no training data given (use --train PATH)", "--train")
     checks = [
@@ -388,7 +376,6 @@ def validate(cfg: Config) -> None:
         (cfg.eval.fold is None or 0 <= cfg.eval.fold < max(cfg.eval.folds, 1), "eval.fold must be in [0, folds)"),
         (not (cfg.eval.folds and cfg.data.eval), "--folds splits the training data into folds; drop --eval "
                                                  "(score a held-out file afterwards with `tunelab eval`)"),
-        (cfg.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
         *_test_checks(cfg),
     ]
     for ok, message in checks:

@@ -27,6 +27,7 @@ from tunelab.methods.distill import Teacher, prune_vocabulary
 from tunelab.models import build_model, count_params, load_tokenizer, pooling_for, set_dropout
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
+from tunelab.validate import validate
 
 
 @dataclass
@@ -64,7 +65,7 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     """Data → tokenizer → model with the method applied → encoded examples."""
     torch.manual_seed(cfg.train.seed)
     task = TASKS[cfg.task]
-    splits = load_splits(cfg)
+    splits = load_splits(task, cfg)
     space = splits.space.configure(cfg)
     if cfg.tuning.layer_decay is None:
         cfg.tuning.layer_decay = task.default_layer_decay
@@ -125,9 +126,9 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
     With `eval.folds` set and no single `eval.fold`, runs K-fold cross-validation instead (see `cross_validate`).
     """
     cfg = _as_config(cfg)
-    config_mod.validate(cfg)
+    validate(cfg)
     if cfg.eval.folds and cfg.eval.fold is None:
-        from tunelab.evaluate.cv import cross_validate
+        from tunelab.crossval import cross_validate
 
         return cross_validate(cfg, resume=resume)
     dist = setup(cfg.train.device)

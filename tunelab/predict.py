@@ -5,39 +5,25 @@ from pathlib import Path
 
 import torch
 
-from tunelab import config as config_mod
 from tunelab import speed
 from tunelab.errors import UserError
 from tunelab.evaluate import evaluate, predict_outputs
 from tunelab.evaluate.stats import bootstrap_ci
 from tunelab.io import atomic_write_json, atomic_write_jsonl
-from tunelab.models import load_trained
-from tunelab.tasks import TASKS
+from tunelab.tasks import runs
 
 
 def load_run(run_dir: str | Path, runtime: str = "auto"):
     """(config, task, model, tokenizer, space) of a complete run folder; `runtime` int8 quantizes the model, onnx
     answers with RUN/onnx/model.onnx through ONNX Runtime (see tunelab.export.compress), auto is onnx where the run
     has that export and torch otherwise."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    cfg, task, model, tokenizer, space = runs.load_run(run_dir)
     run = Path(run_dir)
-    if not (run / "model" / "config.json").is_file():
-        raise UserError("not a finished run folder (no model/config.json)", str(run))
-    cfg = config_mod.load_yaml(run / "config.yaml")
-    task = TASKS[cfg.task]
     runtime = _resolve(run, task, runtime)
-    model = load_trained(task.model_class, run / "model")
-    tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    space = task.space_of(model.config)
-    if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
-        space = space.configure(cfg)
-    elif runtime != "onnx":  # (the onnx runtime answers from its own graph, exported from a cut model)
+    if not task.judged_by_start and runtime != "onnx":  # (onnx answers from its own graph, exported from a cut model)
         # a sequence classifier's last layer need only compute the first position: exact, checked on a probe
-        speed.cut_to_first_token(model.eval(), speed.sample_inputs(tokenizer))
-    return cfg, task, _runtime(model.eval(), run, runtime, task), tokenizer, space
+        speed.cut_to_first_token(model, speed.sample_inputs(tokenizer))
+    return cfg, task, _runtime(model, run, runtime, task), tokenizer, space
 
 
 def _sequence_classifier(task) -> bool:

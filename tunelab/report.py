@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tunelab.io import atomic_write_text  # noqa: E402
+from tunelab.rundir import history_losses  # noqa: E402
 
 METRIC_NAMES = {"f1_macro": "macro-F1", "f1_micro": "micro-F1", "r2": "R²", "f1": "entity F1",
                 "accuracy": "accuracy", "precision_macro": "macro precision", "recall_macro": "macro recall"}
@@ -305,21 +305,10 @@ def _learning_chart(c: dict) -> str:
     return _png(fig, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves fill the axis
 
 
-def _read_loss(paths: list[str]) -> tuple[list[float], list[float]]:
-    """(steps, training losses) from the first history file that exists; unreadable lines are skipped."""
+def _read_loss(paths: list[str]) -> tuple[list[int], list[float]]:
+    """(steps, training losses) from the first run folder's history that exists (a fold's, under cross-validation)."""
     path = next((Path(p) for p in paths if Path(p).is_file()), None)
-    steps, losses = [], []
-    for line in path.read_text(encoding="utf-8").splitlines() if path else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        # Evaluation rows carry "eval_loss", not "loss"; a diverged step's NaN would smear over the average.
-        if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]) \
-                and "step" in row:
-            steps.append(row["step"])
-            losses.append(row["loss"])
-    return steps, losses
+    return history_losses(path) if path else ([], [])
 
 
 def _loss_chart(c: dict) -> str | None:

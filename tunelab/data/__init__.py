@@ -12,8 +12,8 @@ from tunelab.config import Config
 from tunelab.data.load import Example
 from tunelab.errors import UserError
 
-if TYPE_CHECKING:  # tasks import data.batching: a top-level import of tasks here would be circular
-    from tunelab.tasks import Space
+if TYPE_CHECKING:  # data is below tasks (tasks read through it): the types only
+    from tunelab.tasks import Space, Task
 
 
 @dataclass
@@ -114,11 +114,10 @@ def fraction(rows: list[Example], strata: list | None, frac: float, seed: int) -
     return [rows[i] for i in sorted(keep)]
 
 
-def load_splits(cfg: Config) -> Splits:
-    """Training and evaluation examples plus the output space; bad input raises UserError before any work."""
-    from tunelab.tasks import TASKS
-
-    task, d, seed = TASKS[cfg.task], cfg.data, cfg.train.seed
+def load_splits(task: Task, cfg: Config) -> Splits:
+    """Training and evaluation examples plus the output space of `task` (which reads and checks the records); bad
+    input raises UserError before any work."""
+    d, seed = cfg.data, cfg.train.seed
     train = task.read(d.train, d)
     task.space(train, d.train)  # refuse unusable training data (one class, no entities) before splitting it
     train, test = _test_split(task, d, train, seed)

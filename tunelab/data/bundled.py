@@ -71,7 +71,7 @@ def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0, sentence_lab
     and the entity types it mentions, a multilabel task on real Japanese text."""
     import importlib.util
 
-    from tunelab.tasks.ner import read_conll
+    from tunelab.data.conll import read_conll
 
     spec = importlib.util.find_spec("hironsan")
     if spec is None or not spec.submodule_search_locations:

@@ -28,6 +28,7 @@ from tunelab.errors import UserError
 from tunelab.io import atomic_write_json
 from tunelab.models import pick_device
 from tunelab.loop import Loop, _step
+from tunelab.validate import validate
 
 BETA = 0.98  # exponential moving average of the loss, bias-corrected (fastai's choice)
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum (fastai's rule)
@@ -61,7 +62,7 @@ def lr_find(cfg: Config, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int =
             output: str | Path = "runs/lr-find") -> LRFindResult:
     """Run the range test on the job `cfg` describes; write lr_find.json and lr_find.png to `output`."""
     check_options(min_lr, max_lr, steps)
-    config_mod.validate(cfg)
+    validate(cfg)
     points, diverged = _sweep(cfg, min_lr, max_lr, steps)
     if len(points) < 2:
         raise UserError(f"the loss diverged at once, even at --min-lr {min_lr:g}; lower --min-lr", "lr-find")

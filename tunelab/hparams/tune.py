@@ -27,6 +27,7 @@ from tunelab.errors import UserError
 from tunelab.io import atomic_write_json, atomic_write_text
 from tunelab.tasks import TASKS
 from tunelab.text import text_table
+from tunelab.validate import validate
 
 STUDY = "tunelab"  # fixed, so that a second `tune` on the same folder finds the first one's study
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -88,8 +89,8 @@ def tune(cfg: Config, trials: int, output: str | Path = "runs/tune", timeout: fl
         raise UserError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and timeout <= 0:
         raise UserError(f"--timeout must be positive seconds, got {timeout:g}")
-    config_mod.validate(cfg)
-    load_splits(cfg)  # refuse bad data now, not as the first trial's failure
+    validate(cfg)
+    load_splits(TASKS[cfg.task], cfg)  # refuse bad data now, not as the first trial's failure
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial is enough
     out, task = Path(output), TASKS[cfg.task]
     metric = task.primary

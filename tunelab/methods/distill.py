@@ -130,7 +130,7 @@ class Teacher:
     """A finished classifier run (classification, multilabel or regression) that labels texts softly."""
 
     def __init__(self, run_dir: str):
-        from tunelab.predict import load_run
+        from tunelab.tasks.runs import load_run
 
         run = Path(run_dir)
         self.run = run

@@ -7,7 +7,6 @@ validates new jobs' files and re-queues jobs whose worker died.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 import traceback
@@ -21,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.errors import UserError
 from tunelab.io import read_jsonl_prefix
+from tunelab.rundir import RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import files, inference, job_request, jobs, keys, limits
 from tunelab.serve.db import connect, finite
 
@@ -256,19 +256,18 @@ def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10, home
 
 
 def checkpoints(home: Path, job: dict) -> list[dict]:
-    """The run's kept resumable checkpoints, newest first, with the metrics logged at their step."""
-    run = jobs.run_dir(home, job["id"])
-    history = read_jsonl_prefix(run / "history.jsonl")
+    """The run's kept resumable checkpoints, newest first, with the metrics logged at their step (OpenAI's names)."""
+    run = RunDir(jobs.run_dir(home, job["id"]))
+    history = run.history()
     out = []
-    for state in sorted((run / "checkpoints").glob("step-*/state.json"), reverse=True):
-        step = int(state.parent.name.split("-")[1])
+    for step in reversed(run.checkpoint_steps()):
         metrics = {"step": step}
         for row in history:
             if row["step"] == step:
-                metrics.update({("train_loss" if k == "loss" else "valid_" + k[5:]): v for k, v in row.items()
-                                if k == "loss" or k.startswith("eval_")})
+                named = openai_train_metrics(row) if is_train_row(row) else openai_valid_metrics(row)
+                metrics.update({k: v for k, v in named.items() if k != "learning_rate"})
         out.append({"id": f"ftckpt-{job['id'].split('-', 1)[1][:12]}-{step}", "object": "fine_tuning.job.checkpoint",
-                    "created_at": int(state.stat().st_mtime),
+                    "created_at": int(run.state_time(step)),
                     "fine_tuned_model_checkpoint": f"{jobs.model_name(job)}:ckpt-step-{step}",
                     "fine_tuning_job_id": job["id"], "step_number": step, "metrics": finite(metrics)})
     return out
@@ -277,10 +276,9 @@ def checkpoints(home: Path, job: dict) -> list[dict]:
 @router.get("/v1/fine_tuning/jobs/{job_id}/metrics")
 def job_metrics(job_id: str, home: Path = Home):
     """tunelab's addition for the dashboard: the run's history, its metrics.json and sample generations."""
-    run = jobs.run_dir(home, _job(home, job_id)["id"])
-    metrics, samples = run / "metrics.json", run / "samples.jsonl"
-    return finite({"history": read_jsonl_prefix(run / "history.jsonl"),
-                   "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
+    run = RunDir(jobs.run_dir(home, _job(home, job_id)["id"]))
+    samples = run.path / "samples.jsonl"
+    return finite({"history": run.history(), "metrics": run.metrics(),
                    "samples": [{"prompt": r["prompt"], "answer": r["answer"]} for r in read_jsonl_prefix(samples)]
                    if samples.is_file() else None})
 

@@ -16,6 +16,7 @@ from tunelab.errors import UserError, excerpt
 from tunelab.serve import files
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 from tunelab.serve.jobs import add_event, bundled_models, get, local_models, run_dir, tuned
+from tunelab.validate import validate
 
 # "auto" n_epochs is the method's own default (resolved when the job trains); learning_rate_multiplier scales the
 # method's default learning rate, or train.lr where `config` gives one.
@@ -186,7 +187,7 @@ def create(home: Path, body: dict) -> dict:
     cfg = training_config(home, row)
     cfg.output = "unused"
     try:
-        config_mod.validate(cfg)
+        validate(cfg)
     except UserError as e:
         raise UserError(e.problem, "config") from None
     if cfg.train.keep_checkpoints > MAX_CHECKPOINTS:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tunelab import config as config_mod
 from tunelab.errors import cut
+from tunelab.rundir import HistoryTail, RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import files, job_request, jobs
-from tunelab.io import read_jsonl_prefix
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 
 POLL = 0.5  # seconds between looks at the queue, the child, history.jsonl and the cancel flag
@@ -120,12 +120,13 @@ class Run:
         self.run_dir = jobs.run_dir(home, self.id)
         self.con = connect(home)
         self.total = loads(job["hyperparameters"])["n_epochs"]  # "auto": the method's, read from the run's config
-        self.history_at, self.history_inode = 0, None  # how far history.jsonl has been read, and which file
+        self.run = RunDir(self.run_dir)
+        self.history = HistoryTail(self.run_dir / "history.jsonl")  # the rows not yet turned into events
         self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
         self.resumed_at = 0  # steps up to here were reported by an earlier attempt
         self.started = time.monotonic()
         self.estimated_at = float("-inf")  # the first reported step gives the first estimate, then every 5 s
-        self.checkpoints: set[str] = set()
+        self.checkpoints: set[int] = set()  # steps of the checkpoints already announced
         self.results: str | None = None  # the id of the step-metrics file, once training succeeded
 
     def event(self, message: str, level: str = "info", kind: str = "message", data=None,
@@ -147,10 +148,10 @@ class Run:
 
     def _train(self, job_lock: int) -> None:
         cfg_path = self.folder / "config.yaml"
-        resume = (self.run_dir / "checkpoints" / "latest").is_file()
-        if resume:
-            self.checkpoints = set(self._checkpoint_names())
-            self.resumed_at = self._latest_step()
+        latest = self.run.latest_step()
+        if latest is not None:
+            self.checkpoints = set(self.run.checkpoint_steps())
+            self.resumed_at = latest
             self.event(f"Resuming from the checkpoint at step {self.resumed_at}")
             args = ["train", "--resume", str(self.run_dir)]
         else:
@@ -213,29 +214,15 @@ class Run:
 
     def _follow(self) -> None:
         """New history rows → metric events; new checkpoint folders → message events."""
-        path = self.run_dir / "history.jsonl"
-        if path.is_file():
-            with open(path, "rb") as f:
-                stat = os.fstat(f.fileno())
-                if stat.st_ino != self.history_inode or stat.st_size < self.history_at:
-                    self.history_at, self.history_inode = 0, stat.st_ino  # replaced (a resume rewinds it): reread
-                f.seek(self.history_at)
-                data = f.read()
-            complete = data[:data.rfind(b"\n") + 1]
-            self.history_at += len(complete)
-            for line in complete.decode("utf-8", errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                key = ("loss" not in row, row.get("step", 0))
-                if key[1] > self.resumed_at and key not in self.emitted:
-                    self.emitted.add(key)
-                    self._metric_event(row)
-        for name in self._checkpoint_names():
-            if name not in self.checkpoints:
-                self.checkpoints.add(name)
-                self.event(f"Checkpoint saved at step {int(name.split('-')[1])}")
+        for row in self.history.new_rows():
+            key = ("loss" not in row, row.get("step", 0))
+            if key[1] > self.resumed_at and key not in self.emitted:
+                self.emitted.add(key)
+                self._metric_event(row)
+        for step in self.run.checkpoint_steps():
+            if step not in self.checkpoints:
+                self.checkpoints.add(step)
+                self.event(f"Checkpoint saved at step {step}")
 
     def _epochs(self) -> int:
         """The job's epochs: as requested, or (auto) the method's default that the run's config.yaml resolved."""
@@ -245,17 +232,15 @@ class Run:
 
     def _metric_event(self, row: dict) -> None:
         step = row["step"]
-        if "loss" in row:
+        if is_train_row(row):
             per_epoch = round(step / row["epoch"]) if row["epoch"] else 0
             data = {"step": step, "total_steps": per_epoch * self._epochs(), "epoch": row["epoch"],
-                    "train_loss": row["loss"], "learning_rate": row["lr"],
-                    **{f"train_{k}": v for k, v in row.items()
-                       if k not in ("step", "epoch", "loss", "lr", "samples_per_second")}}
+                    **openai_train_metrics(row)}
             self.event(f"Step {step}/{data['total_steps']}: training loss={row['loss']:.4f}", kind="metrics",
                        data=data, once=f"train:{step}")
             self._estimate(step, data["total_steps"])
         else:
-            data = {"step": step, **{"valid_" + k[5:]: v for k, v in row.items() if k.startswith("eval_")}}
+            data = openai_valid_metrics(row)
             shown = ", ".join(f"{k[6:]}={v:.4f}" for k, v in data.items() if k != "step" and isinstance(v, float))
             self.event(f"Step {step}: validation {shown}", kind="metrics", data=data, once=f"valid:{step}")
 
@@ -267,13 +252,6 @@ class Run:
         per_step = (self.estimated_at - self.started) / (step - self.resumed_at)
         self.con.execute("UPDATE jobs SET estimated_finish = ? WHERE id = ?",
                          (int(time.time() + per_step * max(0, total - step)), self.id))
-
-    def _checkpoint_names(self) -> list[str]:
-        folder = self.run_dir / "checkpoints"
-        return sorted(p.name for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
-
-    def _latest_step(self) -> int:
-        return int((self.run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
 
     def _last_step(self) -> int:
         row = self.con.execute("SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq DESC "
@@ -289,7 +267,7 @@ class Run:
         self.results = self._results_file()
 
     def _succeed(self) -> None:
-        metrics = json.loads((self.run_dir / "metrics.json").read_text())
+        metrics = self.run.metrics()
         name = jobs.model_name(self.job)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics["eval"].items() if isinstance(v, float))
         self.event(f"Final evaluation: {shown}")
@@ -299,7 +277,7 @@ class Run:
 
     def _results_file(self) -> str:
         """The step metrics as CSV (OpenAI's result file), stored as a file of purpose fine-tune-results."""
-        rows = read_jsonl_prefix(self.run_dir / "history.jsonl")
+        rows = self.run.history()
         keys = list(dict.fromkeys(k for r in rows for k in r))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, keys)

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunelab import speed
 from tunelab.config import DataConfig, ModelConfig
-from tunelab.data.batching import collate
+from tunelab.data.batching import FORWARD_TOKENS, collate, token_batches
 from tunelab.data.load import Example, read_examples
 
-NOT_INPUTS = ("labels", "teacher_logits", "labelled")  # what `collate` adds beside the model's inputs
+NOT_INPUTS = ("labels", "teacher_logits", "labelled", "ref")  # what `collate` adds beside the model's inputs
 
 
 @dataclass
@@ -232,3 +233,25 @@ class Task:
 
     def predict_row(self, example: Example, pred, output: torch.Tensor, space: Space) -> dict:
         raise NotImplementedError
+
+
+@torch.no_grad()
+def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int, device, autocast_dtype=None
+                    ) -> list[torch.Tensor]:
+    """Per-item outputs in input order (the task's `outputs`: logits for most tasks), at most
+    `task.eval_batch_size` items and `FORWARD_TOKENS` padded tokens at a time, longest first, in a fixed order:
+    the same items always meet the same batches, so outputs repeat bit for bit."""
+    batch_size = task.eval_batch_size
+    was_training = model.training
+    model.eval()
+    out: list = [None] * len(items)
+    lengths = [len(it["input_ids"]) for it in items]
+    with speed.onednn_linears(model):
+        for batch in token_batches(lengths, FORWARD_TOKENS, batch_size):
+            inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                rows = task.outputs(model, inputs, [lengths[i] for i in batch])
+            for row, i in zip(rows, batch):
+                out[i] = row
+    model.train(was_training)
+    return out

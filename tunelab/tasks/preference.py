@@ -21,7 +21,7 @@ from tunelab.config import DataConfig
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example
 from tunelab.errors import UserError
-from tunelab.tasks.base import Space, Task
+from tunelab.tasks.base import Space, Task, predict_outputs
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -151,8 +151,6 @@ class DPO(Preference):
 
     def prepare_items(self, model: nn.Module, items: list[dict], pad_id: int, device) -> None:
         """The frozen reference: the starting model's log-probabilities of every response, computed once."""
-        from tunelab.evaluate import predict_outputs
-
         for it, out in zip(items, predict_outputs(self, model, items, pad_id, device)):
             it["_ref"] = out.tolist()
 

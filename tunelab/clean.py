@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data.check import Report, check
+from tunelab.check import Report, check
 from tunelab.data.load import _decoded_lines, csv_rows
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_jsonl, atomic_write_text

@@ -1,0 +1,28 @@
+"""A config checked against what the registries know, before any file is written: the task exists, the method
+applies to it, the metric is one of its own. tunelab.config checks the settings themselves (types, ranges,
+choices, combinations); this module adds what needs the tasks and methods, which config must not import."""
+from __future__ import annotations
+
+from tunelab import config as config_mod
+from tunelab.config import Config
+from tunelab.errors import UserError
+from tunelab.tasks import TASKS
+
+
+def validate(cfg: Config) -> None:
+    if cfg.task not in TASKS:
+        raise UserError(f"unknown task '{cfg.task}' (known: {', '.join(TASKS)})", "--task")
+    config_mod.validate(cfg)
+    task = TASKS[cfg.task]
+    if cfg.train.metric not in ("auto", "loss", *task.metrics):
+        raise UserError(f"metric '{cfg.train.metric}' is not one of the {cfg.task} task's "
+                        f"({', '.join(task.metrics)}, loss)", "train.metric")
+    if cfg.tuning.name not in task.tunings:
+        raise UserError(f"tuning method '{cfg.tuning.name}' does not apply to the {cfg.task} task "
+                        f"(use {', '.join(task.tunings)})", "--tuning")
+    if task.judged_by_start and cfg.eval.folds:
+        raise UserError(f"cross-validation is not offered for the {cfg.task} task; give --eval or data.eval_split",
+                        "--folds")
+    if cfg.model.pooling != "auto" and not task.pools:
+        raise UserError(f"model.pooling applies to classification, multilabel and regression, not {cfg.task}",
+                        "model.pooling")
