@@ -395,3 +395,47 @@ def test_lean_lora_leaves_pytorch_dropout_merged_adapters_and_trainable_bases_to
     with torch.no_grad():
         _, logits, _ = _lora_logits_and_grads(model, batch, speed.lean_lora(model))
         assert torch.equal(logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_the_speedups_switch_turns_every_one_off_and_changes_no_loss(task_config, tmp_path, monkeypatch, tuning):
+    """train.speedups false (or TUNELAB_SPEEDUPS=0) runs the model as PyTorch and peft do; without dropout (the
+    fast masks are another random stream) the losses are the same to float rounding."""
+    losses, metrics = {}, {}
+    for how in ("on", "off", "env"):
+        cfg = task_config("classification")
+        cfg.tuning.name, cfg.model.dropout, cfg.tuning.lora_dropout, cfg.output = tuning, 0.0, 0.0, str(tmp_path / how)
+        cfg.train.speedups = how != "off"
+        if how == "env":
+            monkeypatch.setenv("TUNELAB_SPEEDUPS", "0")
+        result = tunelab.train(cfg)
+        losses[how], metrics[how] = _losses(tmp_path / how), result.metrics["train"]
+    assert metrics["on"]["first_token_only"] and metrics["on"]["fast_dropout"], metrics["on"]
+    assert metrics["on"]["lean_lora"] == (tuning == "lora")
+    for how in ("off", "env"):
+        assert not any(metrics[how][k] for k in ("first_token_only", "onednn_linears", "fast_dropout", "lean_lora"))
+        assert losses[how] == pytest.approx(losses["on"], abs=1e-5)
+
+
+def test_a_speedup_that_disagrees_on_the_first_batch_is_left_off_with_a_warning(tiny_model, monkeypatch, caplog):
+    """lean LoRA is kept only where a training step on a probe batch equals peft's own: a wrong forward (as a
+    future peft could make it) costs speed, never correctness."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3),
+                           LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.0,
+                                      init_lora_weights=False))
+    probe = dict(AutoTokenizer.from_pretrained(tiny_model)(["a good day", "bad"], padding=True, return_tensors="pt"))
+    with speed.apply(model, probe, sequence=False) as fast:
+        assert fast["lean_lora"]
+    wrong = speed._LoraLinear.forward
+
+    def off_by_a_little(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
+        return wrong(ctx, x, weight, bias, lora_a, lora_b, scaling * 1.01, p)
+
+    monkeypatch.setattr(speed._LoraLinear, "forward", staticmethod(off_by_a_little))
+    with caplog.at_level("WARNING", logger="tunelab.speed"), speed.apply(model, probe, sequence=False) as fast:
+        assert not fast["lean_lora"]
+    assert "lean_lora speed-up gave other outputs or gradients than peft" in caplog.text

@@ -585,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tunelab import speed
+
+    speed.onednn_cache_setting()  # the process's own setting, made before any model runs (see there)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

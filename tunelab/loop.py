@@ -189,13 +189,10 @@ def fit(loop: Loop, resume: bool = False) -> dict:
                dynamic_ncols=True, mininterval=2.0)
     started, seen, tokens, step_seconds = time.perf_counter(), 0, 0, 0.0
     sequence = not loop.task.judged_by_start  # classifier-style tasks (language-model stages have other models)
-    # The embedding gradient buffer is reused only in one process: DDP's hooks watch autograd's own gradients.
-    with (speed.reused_embedding_grads(model, sole_writer=t.l1 == 0) if d.world == 1 else contextlib.nullcontext()
-          as tables,
-          speed.first_token_only(model, model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device))
-          if sequence else contextlib.nullcontext() as first_token,
-          speed.onednn_linears(model) as onednn, speed.fast_dropout(model, t.fast_dropout) as dropout,
-          speed.lean_lora(model) as lean_lora):
+    probe = model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device)
+    with speed.apply(model, probe, on=t.speedups, dropout=t.fast_dropout, sequence=sequence,
+                     single_process=d.world == 1, sole_writer=t.l1 == 0) as fast:
+        tables = fast["tables"]
         features = None
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
@@ -243,9 +240,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "step_seconds": step_seconds, "samples_seen": seen, "tokens_seen": tokens,
             "steps": state.step, "cached_features": features.kept if features else None,
-            "first_token_only": bool(first_token), "onednn_linears": onednn and d.device.type == "cpu",
-            "fast_dropout": dropout and d.device.type == "cpu",
-            "lean_lora": lean_lora and d.device.type == "cpu",
+            **{k: bool(v) and (k == "first_token_only" or d.device.type == "cpu")  # what ran (speed.apply)
+               for k, v in fast.items() if k != "tables"},
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best,
             **({"solver": solved} if solved is not None else {}), **({"warm_start": warmed} if warmed else {})}

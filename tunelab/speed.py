@@ -39,19 +39,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 LARGE = 8 << 20  # bytes: smaller tables gain nothing worth the indirection
 ONEDNN_CACHE = 16  # oneDNN kernels kept
-# oneDNN keeps each matrix shape's kernel, with its own scratch memory, 1,024 of them by default; every batch
-# length is a new shape. Peak RSS of a MiniLM LoRA epoch on 1,000 tweets (1 run each): 1,232 MB at 1,024,
-# 1,079 at 64, 1,019 at 16, 1,003 at 0 (14% slower: every call builds its kernel again); torch.mm 979. A
-# step reuses ~15 shapes, layer after layer, so 16 keep its speed. oneDNN reads it once, early (set inside
-# onednn_available it came too late: 1,429 MB), hence on import; the user's own setting wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
+OFF = "TUNELAB_SPEEDUPS"  # =0 in the environment turns every speed-up off, as train.speedups false does
+
+
+def onednn_cache_setting() -> None:
+    """oneDNN keeps each matrix shape's kernel, with its own scratch memory, 1,024 of them by default; every batch
+    length is a new shape. Peak RSS of a MiniLM LoRA epoch on 1,000 tweets (1 run each): 1,232 MB at 1,024,
+    1,079 at 64, 1,019 at 16, 1,003 at 0 (14% slower: every call builds its kernel again); torch.mm 979. A step
+    reuses ~15 shapes, layer after layer, so 16 keep its speed. oneDNN reads ONEDNN_PRIMITIVE_CACHE_CAPACITY once,
+    before its first kernel (set inside onednn_available it came too late: 1,429 MB), so the command line sets it
+    as it starts (tunelab.cli.main); a program that imports tunelab sets it itself. The user's own value wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
+
+
+def enabled(setting: bool = True) -> bool:
+    """Speed-ups are on unless the run's train.speedups or the environment (TUNELAB_SPEEDUPS=0) turns them off."""
+    return setting and os.environ.get(OFF, "1").strip() not in ("0", "false", "no", "off")
 
 
 class _Lookup(torch.autograd.Function):
@@ -520,3 +533,76 @@ def onednn_linears(model, force: bool = False):
         return
     with _forwards(model, nn.Linear, _onednn_forward) as applied:
         yield applied
+
+
+@contextlib.contextmanager
+def apply(model: nn.Module, probe: dict, *, on: bool = True, dropout: bool = True, sequence: bool = True,
+          single_process: bool = True, sole_writer: bool = True):
+    """Every speed-up of this module for one training run, within the block; `on` False (train.speedups, or
+    TUNELAB_SPEEDUPS=0) leaves the model as PyTorch, transformers and peft run it. `probe` is a small batch of
+    model inputs: the first-token cut and lean LoRA are each kept only where a forward and backward pass over it,
+    in training mode, gives the same outputs and gradients as without them (a new transformers or peft can then
+    cost speed, never correctness). Yields {name: whether it applied} and, under "tables", what
+    `reused_embedding_grads` yielded (for `clip_grad_norm_`)."""
+    applied = {"first_token_only": False, "onednn_linears": False, "fast_dropout": False, "lean_lora": False,
+               "tables": None}
+    if not (on and enabled()):
+        yield applied
+        return
+    with contextlib.ExitStack() as stack:
+        if sequence and _checked(model, probe, "first_token_only", lambda: first_token_only(model, probe)):
+            applied["first_token_only"] = stack.enter_context(first_token_only(model, probe))
+        applied["onednn_linears"] = stack.enter_context(onednn_linears(model))
+        applied["fast_dropout"] = stack.enter_context(fast_dropout(model, dropout))
+        if _checked(model, probe, "lean_lora", lambda: lean_lora(model)):
+            applied["lean_lora"] = stack.enter_context(lean_lora(model))
+        if single_process:  # DDP's hooks watch autograd's own gradients
+            applied["tables"] = stack.enter_context(reused_embedding_grads(model, sole_writer))
+        yield applied
+
+
+def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
+    """Does `patch()` (a context manager yielding whether it applied) leave a training step's outputs and
+    gradients on `probe` as they are? Both passes run in training mode from the same random state (restored
+    after), with dropout off (a first-token cut draws fewer masks). False where it does not apply, and, with a
+    logged warning, where the passes differ."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with patch() as applies:  # nothing to check where it would not apply
+        pass
+    if not params or not applies:
+        return False
+    was_training = model.training
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+
+    def step():
+        model.train()
+        for m in dropouts:  # (set for each pass: entering the first-token cut restores every module's mode)
+            m.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out = model(**probe).logits.float()
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+        return out.detach(), grads
+
+    try:
+        theirs = step()
+        with patch() as applies:
+            if not applies:
+                return False
+            ours = step()
+    finally:
+        model.train(was_training)
+    same = _close(ours[0], theirs[0]) and all((a is None) == (b is None) and (a is None or _close(a, b))
+                                              for a, b in zip(ours[1], theirs[1]))
+    if not same:
+        log.warning("the %s speed-up gave other outputs or gradients than %s on this model's first batch: off "
+                    "for this run (it costs speed, not correctness)", name,
+                    "peft" if name == "lean_lora" else "the full last layer")
+    return same
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float32 summation order: the difference's norm within 1e-4 of the tensor's (a gradient summed
+    over a batch in another order differs by ~1e-5 of its size; an adapter scaled 1% wrong, by 1e-2)."""
+    return bool(torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b) + 1e-7)
