@@ -540,8 +540,8 @@ def apply(model: nn.Module, probe: dict, *, on: bool = True, dropout: bool = Tru
           single_process: bool = True, sole_writer: bool = True):
     """Every speed-up of this module for one training run, within the block; `on` False (train.speedups, or
     TUNELAB_SPEEDUPS=0) leaves the model as PyTorch, transformers and peft run it. `probe` is a small batch of
-    model inputs: the first-token cut and lean LoRA are each kept only where a forward and backward pass over it,
-    in training mode, gives the same outputs and gradients as without them (a new transformers or peft can then
+    model inputs: the first-token cut and lean LoRA are each kept only where a forward and backward pass over it
+    (without dropout) gives the same outputs and gradients as without them (a new transformers or peft can then
     cost speed, never correctness). Yields {name: whether it applied} and, under "tables", what
     `reused_embedding_grads` yielded (for `clip_grad_norm_`)."""
     applied = {"first_token_only": False, "onednn_linears": False, "fast_dropout": False, "lean_lora": False,
@@ -563,8 +563,9 @@ def apply(model: nn.Module, probe: dict, *, on: bool = True, dropout: bool = Tru
 
 def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
     """Does `patch()` (a context manager yielding whether it applied) leave a training step's outputs and
-    gradients on `probe` as they are? Both passes run in training mode from the same random state (restored
-    after), with dropout off (a first-token cut draws fewer masks). False where it does not apply, and, with a
+    gradients on `probe` as they are? Both passes run forward and backward without dropout (eval mode: a
+    first-token cut draws fewer dropout and attention-dropout masks, so no random state could make the two passes
+    comparable with it), from the same random state, restored after. False where it does not apply, and, with a
     logged warning, where the passes differ."""
     params = [p for p in model.parameters() if p.requires_grad]
     with patch() as applies:  # nothing to check where it would not apply
@@ -572,12 +573,9 @@ def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
     if not params or not applies:
         return False
     was_training = model.training
-    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
 
     def step():
-        model.train()
-        for m in dropouts:  # (set for each pass: entering the first-token cut restores every module's mode)
-            m.eval()
+        model.eval()  # (for each pass: entering the first-token cut restores the model's mode)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             out = model(**probe).logits.float()

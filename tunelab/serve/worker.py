@@ -120,7 +120,7 @@ class Run:
         self.run_dir = jobs.run_dir(home, self.id)
         self.con = connect(home)
         self.total = loads(job["hyperparameters"])["n_epochs"]  # "auto": the method's, read from the run's config
-        self.run = RunDir(self.run_dir)
+        self.rundir = RunDir(self.run_dir)
         self.history = HistoryTail(self.run_dir / "history.jsonl")  # the rows not yet turned into events
         self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
         self.resumed_at = 0  # steps up to here were reported by an earlier attempt
@@ -148,9 +148,9 @@ class Run:
 
     def _train(self, job_lock: int) -> None:
         cfg_path = self.folder / "config.yaml"
-        latest = self.run.latest_step()
+        latest = self.rundir.latest_step()
         if latest is not None:
-            self.checkpoints = set(self.run.checkpoint_steps())
+            self.checkpoints = set(self.rundir.checkpoint_steps())
             self.resumed_at = latest
             self.event(f"Resuming from the checkpoint at step {self.resumed_at}")
             args = ["train", "--resume", str(self.run_dir)]
@@ -219,7 +219,7 @@ class Run:
             if key[1] > self.resumed_at and key not in self.emitted:
                 self.emitted.add(key)
                 self._metric_event(row)
-        for step in self.run.checkpoint_steps():
+        for step in self.rundir.checkpoint_steps():
             if step not in self.checkpoints:
                 self.checkpoints.add(step)
                 self.event(f"Checkpoint saved at step {step}")
@@ -267,7 +267,7 @@ class Run:
         self.results = self._results_file()
 
     def _succeed(self) -> None:
-        metrics = self.run.metrics()
+        metrics = self.rundir.metrics()
         name = jobs.model_name(self.job)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics["eval"].items() if isinstance(v, float))
         self.event(f"Final evaluation: {shown}")
@@ -277,7 +277,7 @@ class Run:
 
     def _results_file(self) -> str:
         """The step metrics as CSV (OpenAI's result file), stored as a file of purpose fine-tune-results."""
-        rows = self.run.history()
+        rows = self.rundir.history()
         keys = list(dict.fromkeys(k for r in rows for k in r))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, keys)
