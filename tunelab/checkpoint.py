@@ -27,6 +27,9 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0
     stopped_early: bool = False
+    # The checked speed-ups (speed.apply) as the run's start decided them: a resume keeps them, so that a check
+    # on other weights cannot change the arithmetic halfway (None: decided at the start of this run)
+    checked: dict | None = None
 
 
 def save(folder: Path, model: nn.Module, optimizer, scheduler, state: TrainState, keep: int = 2) -> Path:

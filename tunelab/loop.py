@@ -191,8 +191,9 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     sequence = not loop.task.judged_by_start  # classifier-style tasks (language-model stages have other models)
     probe = model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device)
     with speed.apply(model, probe, on=t.speedups, dropout=t.fast_dropout, sequence=sequence,
-                     single_process=d.world == 1, sole_writer=t.l1 == 0) as fast:
+                     single_process=d.world == 1, sole_writer=t.l1 == 0, checked=state.checked) as fast:
         tables = fast["tables"]
+        state.checked = {k: fast[k] for k in speed.CHECKED}
         features = None
         if loop.method.replays_features and cfg.tuning.cache_features and sequence:
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)

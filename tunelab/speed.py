@@ -535,26 +535,33 @@ def onednn_linears(model, force: bool = False):
         yield applied
 
 
+CHECKED = ("first_token_only", "lean_lora")  # the speed-ups `apply` checks on the probe batch before keeping them
+
+
 @contextlib.contextmanager
 def apply(model: nn.Module, probe: dict, *, on: bool = True, dropout: bool = True, sequence: bool = True,
-          single_process: bool = True, sole_writer: bool = True):
+          single_process: bool = True, sole_writer: bool = True, checked: dict | None = None):
     """Every speed-up of this module for one training run, within the block; `on` False (train.speedups, or
     TUNELAB_SPEEDUPS=0) leaves the model as PyTorch, transformers and peft run it. `probe` is a small batch of
     model inputs: the first-token cut and lean LoRA are each kept only where a forward and backward pass over it
     (without dropout) gives the same outputs and gradients as without them (a new transformers or peft can then
-    cost speed, never correctness). Yields {name: whether it applied} and, under "tables", what
-    `reused_embedding_grads` yielded (for `clip_grad_norm_`)."""
+    cost speed, never correctness). `checked` ({name: bool} for CHECKED, from the run's start) replaces those
+    checks on a resume, so that a run's arithmetic never changes halfway. Yields {name: whether it applied} and,
+    under "tables", what `reused_embedding_grads` yielded (for `clip_grad_norm_`)."""
     applied = {"first_token_only": False, "onednn_linears": False, "fast_dropout": False, "lean_lora": False,
                "tables": None}
     if not (on and enabled()):
         yield applied
         return
     with contextlib.ExitStack() as stack:
-        if sequence and _checked(model, probe, "first_token_only", lambda: first_token_only(model, probe)):
+        def passes(name: str, patch) -> bool:
+            return checked[name] if checked is not None else _checked(model, probe, name, patch)
+
+        if sequence and passes("first_token_only", lambda: first_token_only(model, probe)):
             applied["first_token_only"] = stack.enter_context(first_token_only(model, probe))
         applied["onednn_linears"] = stack.enter_context(onednn_linears(model))
         applied["fast_dropout"] = stack.enter_context(fast_dropout(model, dropout))
-        if _checked(model, probe, "lean_lora", lambda: lean_lora(model)):
+        if passes("lean_lora", lambda: lean_lora(model)):
             applied["lean_lora"] = stack.enter_context(lean_lora(model))
         if single_process:  # DDP's hooks watch autograd's own gradients
             applied["tables"] = stack.enter_context(reused_embedding_grads(model, sole_writer))
