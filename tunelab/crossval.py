@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 from tunelab import config as config_mod
@@ -10,6 +9,7 @@ from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.evaluate.stats import t_interval
 from tunelab.io import atomic_write_json
+from tunelab.rundir import RunDir
 
 
 def summarize(fold_metrics: list[dict]) -> dict:
@@ -43,9 +43,9 @@ def cross_validate(cfg: Config, resume: bool = False):
     for k in range(cfg.eval.folds):
         fold = copy.deepcopy(cfg)
         fold.eval.fold, fold.output = k, str(out / f"fold-{k}")
-        done = Path(fold.output) / "metrics.json"
-        if resume and done.is_file():
-            fold_metrics.append(json.loads(done.read_text(encoding="utf-8")))
+        done = RunDir(fold.output).metrics() if resume else None
+        if done is not None:
+            fold_metrics.append(done)
             continue
         print(f"\n--- fold {k + 1} of {cfg.eval.folds} ---", flush=True)
         partial = resume and (Path(fold.output) / "checkpoints").is_dir()

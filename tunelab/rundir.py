@@ -23,9 +23,6 @@ class RunDir:
         """Every complete row of history.jsonl, training steps and evaluations in the order they were written."""
         return read_jsonl_prefix(self.path / "history.jsonl")
 
-    def losses(self) -> tuple[list[int], list[float]]:
-        return history_losses(self.path / "history.jsonl")
-
     def metrics(self) -> dict | None:
         """metrics.json, once the run has finished; None before."""
         path = self.path / "metrics.json"

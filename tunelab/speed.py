@@ -62,9 +62,9 @@ def onednn_cache_setting() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
 
 
-def enabled(setting: bool = True) -> bool:
-    """Speed-ups are on unless the run's train.speedups or the environment (TUNELAB_SPEEDUPS=0) turns them off."""
-    return setting and os.environ.get(OFF, "1").strip() not in ("0", "false", "no", "off")
+def enabled() -> bool:
+    """Speed-ups are on unless the environment turns them off (TUNELAB_SPEEDUPS=0; train.speedups is `apply`'s)."""
+    return os.environ.get(OFF, "1").strip() not in ("0", "false", "no", "off")
 
 
 class _Lookup(torch.autograd.Function):
@@ -575,9 +575,7 @@ def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
     comparable with it), from the same random state, restored after. False where it does not apply, and, with a
     logged warning, where the passes differ."""
     params = [p for p in model.parameters() if p.requires_grad]
-    with patch() as applies:  # nothing to check where it would not apply
-        pass
-    if not params or not applies:
+    if not params:
         return False
     was_training = model.training
 
@@ -591,11 +589,11 @@ def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
         return out.detach(), grads
 
     try:
-        theirs = step()
-        with patch() as applies:
+        with patch() as applies:  # the patched pass first: where the patch does not apply, no pass at all
             if not applies:
                 return False
             ours = step()
+        theirs = step()
     finally:
         model.train(was_training)
     same = _close(ours[0], theirs[0]) and all((a is None) == (b is None) and (a is None or _close(a, b))
