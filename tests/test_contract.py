@@ -14,6 +14,7 @@ from tunelab.methods import METHODS
 from tunelab.models import layer_depth, num_blocks
 from tunelab.pipeline import build_job, train
 from tunelab.tasks import TASKS
+from tunelab.tasks.base import NOT_INPUTS
 from tunelab.loop import Loop, fit
 
 
@@ -43,7 +44,8 @@ def training_objective(job) -> float:
     total, units = 0.0, 0
     for i in range(0, len(items), 32):
         part = items[i:i + 32]
-        loss, _ = job.task.forward(model, job.task.collate(part, job.tokenizer.pad_token_id), job.splits.space)
+        batch = job.method.collate(job.task, part, job.tokenizer.pad_token_id)
+        loss, _ = job.method.forward(job.task, model, batch, job.splits.space)
         total, units = total + float(loss), units + sum(job.task.units(it) for it in part)
     model.train(was)
     return total / units
@@ -188,7 +190,7 @@ def test_save_then_load_gives_identical_outputs(task, name, task_config, lm_conf
     model, method, tok, items, _, _, job = run_loop(cfg, tmp_path)
     folder, _ = export_model(tmp_path / "run", model, method, tok, job.task, job.splits.space)
     loaded = getattr(transformers, job.task.model_class).from_pretrained(folder).eval()
-    batch = {k: v for k, v in job.task.collate(items[:16], job.pad_id).items() if k not in ("labels", "ref", "teacher_logits", "labelled")}
+    batch = {k: v for k, v in job.task.collate(items[:16], job.pad_id).items() if k not in NOT_INPUTS}
     model.eval()
     with torch.no_grad():
         expected, got = model(**batch).logits, loaded(**batch).logits

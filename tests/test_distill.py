@@ -10,7 +10,7 @@ from conftest import make_rows, train_classifier, write_jsonl
 import tunelab
 from tunelab.errors import UserError
 from tunelab.losses import soft_targets
-from tunelab.methods.distill import evenly_spaced, keep_layers
+from tunelab.methods.distill import distill_loss, evenly_spaced, keep_layers, soft_targets_of
 
 
 def _softmax(xs, t):
@@ -19,11 +19,14 @@ def _softmax(xs, t):
 
 
 def _distill_loss(task, student, teacher, labels, labelled, t, alpha, **space):
+    """The loss a Distill student trains on, from the teacher's raw outputs (as its exported model answers)."""
     from tunelab.tasks import TASKS
     from tunelab.tasks.base import Space
 
-    return float(TASKS[task].distill_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels),
-                                          torch.tensor(labelled), Space(kd_temperature=t, kd_alpha=alpha, **space)))
+    task, space = TASKS[task], Space(**space)
+    targets = [soft_targets_of(task, row, space) for row in teacher]
+    return float(distill_loss(task, torch.tensor(student), torch.tensor(targets), torch.tensor(labels),
+                              torch.tensor(labelled), t, alpha))
 
 
 def test_kd_loss_matches_a_hand_computed_value():

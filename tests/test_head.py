@@ -156,4 +156,4 @@ def test_full_starts_from_the_solved_head(task_config, tmp_path):
     assert warm_head(loop)
     assert training_objective(job) < 0.9 * random_head
     assert method.before_training(loop) and fit(loop)["warm_start"]
-    assert METHODS["distill"].before_training(loop) is None
+    assert METHODS["distill"]().before_training(loop) is None

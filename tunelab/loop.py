@@ -89,13 +89,13 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
     total = torch.zeros((), device=d.device)
     sums: dict[str, float] = {}
     for i, idx in enumerate(micro):
-        inputs = {k: v.to(d.device) for k, v in loop.task.collate([loop.train_items[j] for j in idx],
-                                                                  loop.pad_id).items()}
+        inputs = {k: v.to(d.device) for k, v in loop.method.collate(loop.task, [loop.train_items[j] for j in idx],
+                                                                    loop.pad_id).items()}
         sync = i == len(micro) - 1 or d.world == 1
         with (ddp.no_sync() if not sync else contextlib.nullcontext(),
               features.serving(loop.model, idx) if features else contextlib.nullcontext()):
             with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None):
-                loss, extra = loop.task.forward(ddp, inputs, loop.space)
+                loss, extra = loop.method.forward(loop.task, ddp, inputs, loop.space)
             loss = loss * scale
             for k, v in extra.items():
                 sums[k] = sums.get(k, 0.0) + v * weight

@@ -23,8 +23,7 @@ from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS, apply_defaults
 from tunelab.methods.base import Method
 from tunelab.data.augment import augment_examples, parse_ops
-from tunelab.methods.distill import Teacher, prune_vocabulary
-from tunelab.models import build_model, count_params, load_tokenizer, pooling_for, set_dropout
+from tunelab.models import count_params
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
 from tunelab.validate import validate
@@ -53,7 +52,7 @@ class Job:
     model: nn.Module
     train_items: list[dict]
     eval_items: list[dict]
-    transfer_items: list[dict] = field(default_factory=list)  # distill: unlabelled texts, the teacher's targets only
+    transfer_items: list[dict] = field(default_factory=list)  # the method's extra items (distill: transfer texts)
     augmented: int = 0  # how many of train_items are augmented copies (train.augment)
 
     @property
@@ -70,25 +69,8 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     if cfg.tuning.layer_decay is None:
         cfg.tuning.layer_decay = task.default_layer_decay
     apply_defaults(cfg)  # the method's own lr and epochs where none were given
-    method = METHODS[cfg.tuning.name]
-    teacher = Teacher(cfg.tuning.teacher) if method.uses_teacher else None
-    if teacher:
-        teacher.check(task, space)
-    if teacher and cfg.tuning.student_layers:  # the student is the teacher, shortened: its tokenizer too
-        cfg.model.name = str(teacher.run / "model")
-        model = teacher.student(cfg.tuning.student_layers)
-        cfg.model.pooling = getattr(model.config, "pooling", "auto")  # the teacher's
-        task.unfinalize(model, space)
-        if cfg.model.dropout is not None:
-            set_dropout(model, cfg.model.dropout)
-    else:
-        cfg.model.pooling = pooling_for(cfg.model, task)  # resolved once: config.yaml says what the run used
-        model = build_model(cfg.model, task, space, method.pretrained)
-    tokenizer = load_tokenizer(cfg.model)
-    transfer = task.read(cfg.data.transfer, cfg.data, need_label=False) if teacher and cfg.data.transfer else []
-    if cfg.tuning.prune_vocab:
-        texts = [t for e in splits.train + transfer for t in (e.text, e.text_pair) if t]
-        tokenizer = prune_vocabulary(model, tokenizer, texts)
+    method = METHODS[cfg.tuning.name]()
+    model, tokenizer = method.build(cfg, task, space, splits.train)
     pad_id = tokenizer.pad_token_id or 0
     if task.model_class == "AutoModelForSequenceClassification":
         # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
@@ -102,22 +84,9 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)
-    transfer_items = distill_items(cfg, teacher, task, space, tokenizer, train, train_items, transfer) \
-        if teacher else []
+    transfer_items = method.extra_items(cfg, task, space, tokenizer, train, train_items)
     return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items, transfer_items,
                len(train) - len(splits.train))
-
-
-def distill_items(cfg: Config, teacher: Teacher, task: Task, space, tokenizer, train, train_items,
-                  transfer) -> list[dict]:
-    """Attach the teacher's outputs to every training item; the transfer texts as items of their own, with a
-    placeholder label of the right shape that the `_unlabelled` mark keeps out of the loss."""
-    transfer_items = task.encode(tokenizer, transfer, space, cfg.data.max_length) if transfer else []
-    for item in transfer_items:
-        item["labels"], item["_unlabelled"] = train_items[0]["labels"], True
-    for item, logits in zip(train_items + transfer_items, teacher.logits(train + transfer)):
-        item["_teacher"] = logits
-    return transfer_items
 
 
 def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, on_eval=None) -> TrainResult:

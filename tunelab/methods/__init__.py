@@ -1,4 +1,4 @@
-"""Tuning methods. Adding one is a file plus one line in this plain dict."""
+"""Tuning methods. Adding one is a file plus one line in this plain dict (of classes: a run makes its instance)."""
 from tunelab.methods.base import Method
 from tunelab.methods.distill import Distill
 from tunelab.methods.full import Full
@@ -6,13 +6,13 @@ from tunelab.methods.lora import Lora
 from tunelab.methods.head import Head
 from tunelab.methods.simple import Partial, Scratch
 
-METHODS: dict[str, Method] = {
-    "scratch": Scratch(),
-    "head": Head(),
-    "partial": Partial(),
-    "full": Full(),
-    "lora": Lora(),
-    "distill": Distill(),
+METHODS: dict[str, type[Method]] = {
+    "scratch": Scratch,
+    "head": Head,
+    "partial": Partial,
+    "full": Full,
+    "lora": Lora,
+    "distill": Distill,
 }
 
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from tunelab.config import TrainConfig, TuningConfig
+from tunelab.config import Config, TrainConfig, TuningConfig
+from tunelab.models import build_model, load_tokenizer, pooling_for
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -24,15 +26,33 @@ def grouped(named_params, lr: float, weight_decay: float, depth_lr=None) -> list
 
 
 class Method:
-    """How the weights adapt. Subclasses override only what differs."""
+    """How the weights adapt. Subclasses override only what differs. The registry holds the classes; each run
+    makes its own instance, so a method may keep what it builds for the run (distill: its teacher)."""
 
     pretrained = True  # start from the pretrained weights (scratch does not)
-    uses_teacher = False  # learns a teacher run's soft targets (distill)
     replays_features = False  # the backbone is frozen in eval mode: its outputs can be computed once (head)
     # The method's own defaults for train.lr and train.epochs (a user's --lr / --epochs replace them): a new head
     # or an adapter starts from zero and needs larger steps than weights that are already good.
     lr: float = 5e-5
     epochs: int = 3
+
+    def build(self, cfg: Config, task, space, train: list) -> tuple[nn.Module, object]:
+        """The model this method starts from (before `prepare`) and its tokenizer; `train` is the training split."""
+        cfg.model.pooling = pooling_for(cfg.model, task)  # resolved once: config.yaml says what the run used
+        return build_model(cfg.model, task, space, self.pretrained), load_tokenizer(cfg.model)
+
+    def extra_items(self, cfg: Config, task, space, tokenizer, train: list, train_items: list[dict]) -> list[dict]:
+        """Items trained on beside the training split's (distill: unlabelled transfer texts); may add fields to
+        `train_items` (distill: the teacher's outputs)."""
+        return []
+
+    def collate(self, task, items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """One training batch of `items`: the task's, plus anything the method's loss needs."""
+        return task.collate(items, pad_id)
+
+    def forward(self, task, model: nn.Module, batch: dict, space) -> tuple[torch.Tensor, dict[str, float]]:
+        """The summed training loss of one batch (and the task's log sums): the task's own loss."""
+        return task.forward(model, batch, space)
 
     def prepare(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         """Freeze, wrap or otherwise ready the model; returns the model to train."""

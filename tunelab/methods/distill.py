@@ -2,7 +2,9 @@
 
 loss = α · T² · KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 − α) · cross-entropy(student, gold)
 
-(the soft terms are in tunelab.losses; each task's `soft_loss` picks its own). Multilabel
+(the soft terms are in tunelab.losses; a task's `outputs_are` says which applies). Everything distillation does
+lives here: the teacher, the student built from it, the soft targets on the training and transfer texts and the
+loss; the pipeline and the loop only call the Method hooks. Multilabel
 students match each label's sigmoid(teacher / T) the same way (against binary cross-entropy); regression students
 the teacher's number (mean squared error in the standardised units they train in; T does not apply). Soft
 targets are per example, so the teacher may have another tokenizer and architecture: it reads the raw texts with
@@ -22,16 +24,88 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_bytes
+from tunelab.losses import sigmoid_kl, softmax_kl
 from tunelab.methods.full import Full
+from tunelab.models import load_tokenizer, set_dropout
 
 
 class Distill(Full):
-    uses_teacher = True
+    def __init__(self):
+        self.teacher: Teacher | None = None
+        self.transfer: list = []  # unlabelled examples: the teacher's soft targets only
+        self.temperature, self.alpha = 2.0, 0.5
+
+    def build(self, cfg: Config, task, space, train: list) -> tuple[nn.Module, object]:
+        """The student: the teacher itself with `tuning.student_layers` of its layers (and its tokenizer), or
+        `--model`; with `tuning.prune_vocab`, shrunk to the vocabulary of the training and transfer texts."""
+        self.teacher = Teacher(cfg.tuning.teacher)
+        self.teacher.check(task, space)
+        self.temperature, self.alpha = cfg.tuning.kd_temperature, cfg.tuning.kd_alpha
+        if cfg.tuning.student_layers:
+            cfg.model.name = str(self.teacher.run / "model")
+            model = self.teacher.student(cfg.tuning.student_layers)
+            cfg.model.pooling = getattr(model.config, "pooling", "auto")  # the teacher's
+            task.unfinalize(model, space)
+            if cfg.model.dropout is not None:
+                set_dropout(model, cfg.model.dropout)
+            tokenizer = load_tokenizer(cfg.model)
+        else:
+            model, tokenizer = super().build(cfg, task, space, train)
+        self.transfer = task.read(cfg.data.transfer, cfg.data, need_label=False) if cfg.data.transfer else []
+        if cfg.tuning.prune_vocab:
+            tokenizer = prune_vocabulary(model, tokenizer, [t for e in train + self.transfer
+                                                            for t in (e.text, e.text_pair) if t])
+        return model, tokenizer
+
+    def extra_items(self, cfg: Config, task, space, tokenizer, train: list, train_items: list[dict]) -> list[dict]:
+        """The teacher's outputs on every training item; the transfer texts as items of their own, with a
+        placeholder label of the right shape that the `_unlabelled` mark keeps out of the loss."""
+        transfer_items = task.encode(tokenizer, self.transfer, space, cfg.data.max_length) if self.transfer else []
+        for item in transfer_items:
+            item["labels"], item["_unlabelled"] = train_items[0]["labels"], True
+        for item, outputs in zip(train_items + transfer_items, self.teacher.logits(train + self.transfer)):
+            item["_teacher"] = soft_targets_of(task, outputs, space)
+        return transfer_items
+
+    def collate(self, task, items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        batch = task.collate(items, pad_id)
+        batch["teacher_logits"] = torch.tensor([it["_teacher"] for it in items])
+        batch["labelled"] = torch.tensor([not it.get("_unlabelled") for it in items])
+        return batch
+
+    def forward(self, task, model: nn.Module, batch: dict, space) -> tuple[torch.Tensor, dict[str, float]]:
+        teacher, labelled, labels = batch.pop("teacher_logits"), batch.pop("labelled"), batch.pop("labels")
+        logits = model(**batch).logits.float()
+        return distill_loss(task, logits, teacher, labels, labelled, self.temperature, self.alpha), {}
 
     def before_training(self, loop) -> str | None:
         return None  # the student learns the teacher's outputs (and a shortened teacher keeps its own head)
+
+
+def soft_targets_of(task, outputs: list[float], space) -> list[float]:
+    """What the student learns from the teacher's outputs on one example: its logits as they are, or (a number)
+    in the units the student trains in (the teacher's exported model answers in the target's own units)."""
+    return [task.target(v, space) for v in outputs] if task.outputs_are == "value" else outputs
+
+
+# The soft term for each kind of output (Task.outputs_are); a number's is the task's own loss against the teacher's.
+SOFT_TERMS = {"softmax": softmax_kl, "sigmoid": sigmoid_kl}
+
+
+def distill_loss(task, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor,
+                 temperature: float, alpha: float) -> torch.Tensor:
+    """α · the soft term against the teacher's outputs on every row + (1 − α) · the task's loss on the rows with a
+    gold label (transfer texts have none); summed over the rows like every loss the loop sees."""
+    teacher = teacher.float()
+    if task.outputs_are == "value":  # T does not apply to a number: mean squared error in standardised units
+        soft = task.loss(logits, teacher.squeeze(-1))
+    else:
+        soft = SOFT_TERMS[task.outputs_are](logits, teacher, temperature)
+    hard = task.loss(logits[labelled], labels[labelled]) if labelled.any() else logits.new_zeros(())
+    return alpha * soft + (1 - alpha) * hard
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:

@@ -17,7 +17,7 @@ from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.batching import FORWARD_TOKENS, collate, token_batches
 from tunelab.data.load import Example, read_examples
 
-NOT_INPUTS = ("labels", "teacher_logits", "labelled", "ref")  # what `collate` adds beside the model's inputs
+NOT_INPUTS = ("labels", "teacher_logits", "labelled", "ref")  # what a task's or method's `collate` adds beside the inputs
 
 
 @dataclass
@@ -32,14 +32,11 @@ class Space:
     overlong: str = "truncate"  # chat, dpo, reward: what happens to examples longer than max_length
     mlm_probability: float = 0.15
     seed: int = 0
-    kd_temperature: float = 2.0  # distill: T and the weight of the soft term
-    kd_alpha: float = 0.5
 
     def configure(self, cfg) -> "Space":
         """Take the settings that encoding and scoring read (threshold, dpo beta, masking, length) from a Config."""
         self.threshold, self.beta, self.seed = cfg.eval.threshold, cfg.train.beta, cfg.train.seed
         self.overlong, self.mlm_probability = cfg.data.overlong, cfg.data.mlm_probability
-        self.kd_temperature, self.kd_alpha = cfg.tuning.kd_temperature, cfg.tuning.kd_alpha
         return self
 
     def label_mapping(self) -> dict:
@@ -55,6 +52,9 @@ class Task:
     lower_is_better = frozenset({"loss", "mse", "mae"})
     model_class = "AutoModelForSequenceClassification"
     tunings: tuple[str, ...] = ("scratch", "head", "partial", "full", "lora")  # the methods that make sense here
+    # What one example's outputs are, for methods that compare two models' outputs (distill): "softmax" (logits of
+    # one class), "sigmoid" (one logit per independent label) or "value" (a number, in `target`'s units).
+    outputs_are: str | None = None
     judged_by_start = False  # language-model stages compare with the model before training, not a trivial answer
     eval_batch_size = 64  # examples per forward pass when evaluating (language models: logits are vocabulary-wide)
     uses_reference = False  # dpo: scores need the starting model (prepare_items), not only the trained one
@@ -141,31 +141,13 @@ class Task:
 
     # --- training and scoring ---------------------------------------------------------------------------------
     def collate(self, items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-        """One padded batch of model inputs plus `labels` (and a distilling student's `teacher_logits`)."""
-        batch = collate(items, pad_id)
-        if "_teacher" in items[0]:
-            batch["teacher_logits"] = torch.tensor([it["_teacher"] for it in items])
-            batch["labelled"] = torch.tensor([not it.get("_unlabelled") for it in items])
-        return batch
+        """One padded batch of model inputs plus `labels`."""
+        return collate(items, pad_id)
 
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
         """(summed loss over the batch's units, sums for the training log such as correct tokens)."""
         labels = batch.pop("labels")
-        teacher, labelled = batch.pop("teacher_logits", None), batch.pop("labelled", None)
-        logits = model(**batch).logits.float()
-        if teacher is not None:
-            return self.distill_loss(logits, teacher, labels, labelled, space), {}
-        return self.loss(logits, labels), {}
-
-    def distill_loss(self, logits, teacher, labels, labelled, space: Space) -> torch.Tensor:
-        """α · the soft term against the teacher's outputs on every row + (1 − α) · the task's loss on the rows
-        with a gold label (transfer texts have none)."""
-        hard = self.loss(logits[labelled], labels[labelled]) if labelled.any() else logits.new_zeros(())
-        return space.kd_alpha * self.soft_loss(logits, teacher.float(), space) + (1 - space.kd_alpha) * hard
-
-    def soft_loss(self, logits: torch.Tensor, teacher: torch.Tensor, space: Space) -> torch.Tensor:
-        """distill: the summed distance of the student's outputs from the teacher's (tasks in `distill` tunings)."""
-        raise NotImplementedError
+        return self.loss(model(**batch).logits.float(), labels), {}
 
     def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
         """Extra per-step log fields from the summed `forward` figures of one global batch."""

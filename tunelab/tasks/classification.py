@@ -9,7 +9,6 @@ from torch import nn
 
 from tunelab.data.load import check_known_labels, class_label, label_names, parse_json
 from tunelab.errors import UserError, excerpt
-from tunelab.losses import sigmoid_kl, softmax_kl
 from tunelab.tasks.base import Space, Task
 
 
@@ -56,6 +55,7 @@ class Classification(Task):
     label_key = "label"
     metrics = ("f1_macro", "accuracy", "precision_macro", "recall_macro")
     tunings = (*Task.tunings, "distill")
+    outputs_are = "softmax"
 
     def parse_label(self, value, path, line, key):
         return class_label(value, path, line, key)
@@ -77,9 +77,6 @@ class Classification(Task):
 
     def loss(self, logits, labels):
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-
-    def soft_loss(self, logits, teacher, space):
-        return softmax_kl(logits, teacher, space.kd_temperature)
 
     def decode(self, outputs, items, space):
         return torch.stack(outputs).argmax(-1).tolist()
@@ -142,6 +139,7 @@ class Multilabel(Task):
     label_key = "labels"
     metrics = ("f1_micro", "f1_macro", "exact_match", "precision_micro", "recall_micro")
     tunings = (*Task.tunings, "distill")
+    outputs_are = "sigmoid"
 
     def parse_label(self, value, path, line, key):
         return _label_list(value, path, line, key)
@@ -168,9 +166,6 @@ class Multilabel(Task):
         # Mean over the labels of one example, summed over examples: the loop averages over examples.
         per = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
         return per.mean(-1).sum()
-
-    def soft_loss(self, logits, teacher, space):
-        return sigmoid_kl(logits, teacher, space.kd_temperature)
 
     def decode(self, outputs, items, space):
         probs = torch.sigmoid(torch.stack(outputs).float())

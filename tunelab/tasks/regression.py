@@ -31,6 +31,7 @@ class Regression(Task):
     label_key = "target"
     metrics = ("r2", "mse", "mae")
     tunings = (*Task.tunings, "distill")
+    outputs_are = "value"
 
     def parse_label(self, value, path, line, key):
         if isinstance(value, str):
@@ -58,10 +59,6 @@ class Regression(Task):
 
     def loss(self, logits, labels):
         return nn.functional.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
-
-    def soft_loss(self, logits, teacher, space):
-        # The teacher's exported model answers in the target's units; the student trains standardised.
-        return self.loss(logits, (teacher.squeeze(-1) - space.target_mean) / space.target_std)
 
     def decode(self, outputs, items, space):
         values = torch.stack(outputs).float().squeeze(-1) * space.target_std + space.target_mean
