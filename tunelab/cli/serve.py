@@ -1,0 +1,88 @@
+"""Service commands: serve, worker, keys."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.text import text_table
+
+
+def cmd_serve(args) -> int:
+    from tunelab.serve.server import serve
+
+    if args.workers < 0:
+        raise UserError("must be 0 or more", "--workers")
+    _positive_hours(args.max_job_hours)
+    if not 0 < args.body_timeout <= 3600:
+        raise UserError("must be between 0 and 3600 seconds", "--body-timeout")
+    serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb, args.max_job_hours,
+          args.body_timeout)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from tunelab.serve.worker import run_worker
+
+    _positive_hours(args.max_job_hours)
+    run_worker(Path(args.home), args.max_job_hours, args.server_id)
+    return 0
+
+
+def _positive_hours(hours: float | None) -> None:
+    if hours is not None and not 0 < hours < 1e6:
+        raise UserError("must be a positive number of hours", "--max-job-hours")
+
+
+def cmd_keys(args) -> int:
+    from tunelab.serve import keys
+
+    home = Path(args.home)
+    if args.keys_command == "create":
+        key_id, key = keys.create(home, args.name)
+        print(f"created {key_id} ({args.name}). The key is shown only now; store it safely:\n{key}")
+    elif args.keys_command == "revoke":
+        keys.revoke(home, args.id)
+        print(f"revoked {args.id}")
+    elif rows := keys.listing(home):
+        def stamp(t):
+            return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+        header = ["id", "name", "starts", "created", "last used", "revoked"]
+        print("\n".join(text_table([header] + [[r["id"], r["name"], r["prefix"] + "…", stamp(r["created_at"]),
+                                                stamp(r["last_used_at"]), stamp(r["revoked_at"])] for r in rows])))
+    else:
+        print("no keys yet: tunelab keys create --home DIR --name NAME")
+    return 0
+
+
+
+def add_parsers(sub) -> None:
+    """The service commands commands."""
+    se = sub.add_parser("serve", help="The fine-tuning service: OpenAI-compatible API, workers and dashboard.")
+    se.add_argument("--home", default="tunelab-service", help="Folder of the database, files and job runs.")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--workers", type=int, default=1, help="Worker processes started (and restarted) with the server.")
+    se.add_argument("--max-upload-mb", type=float, default=100, help="Largest file accepted by POST /v1/files.")
+    se.add_argument("--body-timeout", type=float, default=30,
+                    help="Seconds a client may pause while sending a request body; then 408 and the connection closes.")
+    se.set_defaults(func=cmd_serve)
+    wo = sub.add_parser("worker", help="One more worker for a running `tunelab serve` on this host.")
+    wo.add_argument("--home", default="tunelab-service")
+    wo.add_argument("--server-id", help=argparse.SUPPRESS)  # given by `tunelab serve` to the workers it starts
+    wo.set_defaults(func=cmd_worker)
+    for service_parser in (se, wo):
+        service_parser.add_argument("--max-job-hours", type=float, default=24,
+                       help="A job whose attempts have run longer fails with time_limit_exceeded and keeps its "
+                            "checkpoints (default: 24).")
+    ke = sub.add_parser("keys", help="API keys of the service: create (shown once), list, revoke.")
+    ksub = ke.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="Make a key and print it once (only its hash is stored).")
+    kc.add_argument("--name", required=True, help="Who or what uses the key.")
+    kl = ksub.add_parser("list", help="Keys with their first characters, creation, last use and revocation.")
+    kr = ksub.add_parser("revoke", help="Revoke a key by its id (key-…); it stops working at once.")
+    kr.add_argument("id")
+    for k in (kc, kl, kr):
+        k.add_argument("--home", default="tunelab-service")
+    ke.set_defaults(func=cmd_keys)
