@@ -55,7 +55,7 @@ def test_compare_resume_keeps_finished_runs(compare_args, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
     assert metrics.stat().st_mtime_ns == stamp
-    assert "already complete, kept" in capsys.readouterr().out
+    assert "already complete, kept" in capsys.readouterr().err  # progress goes to stderr, results to stdout
 
 
 @pytest.mark.parametrize("extra, expected", [(["--tuning", "head,nope"], "unknown tuning method"),

@@ -146,8 +146,9 @@ def test_tune_from_the_command_line(toy_data, tiny_model, tmp_path, capsys):
     code = _cli("tune", tiny_model, toy_data, out, "--tuning", "head", "--epochs", "1", "--eval.probe", "false",
                 "--trials", "1")
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "trial 0: complete" in printed and "best: trial 0" in printed and str(out / "best.yaml") in printed
+    printed = capsys.readouterr()
+    assert "trial 0: complete" in printed.err  # progress on stderr; the result table on stdout
+    assert "best: trial 0" in printed.out and str(out / "best.yaml") in printed.out
     lr = load_yaml(out / "best.yaml").train.lr
     assert 1e-4 <= lr <= 1e-1  # head's range
     assert main(["tune", "--train", toy_data["train"], "--trials", "0", "--output", str(tmp_path / "x")]) == 2

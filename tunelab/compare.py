@@ -6,6 +6,8 @@ computed once per split here, on exactly the examples the methods are scored on.
 """
 from __future__ import annotations
 
+import logging
+
 import copy
 import json
 import subprocess
@@ -23,6 +25,8 @@ from tunelab.rundir import RunDir
 from tunelab.tasks import TASKS
 from tunelab.text import text_table
 from tunelab.validate import validate
+
+log = logging.getLogger(__name__)
 
 
 def compare(base: Config, methods: list[str], out: Path, method_sets: list[str],
@@ -45,9 +49,7 @@ def compare(base: Config, methods: list[str], out: Path, method_sets: list[str],
 
     result["recommendation"] = recommend(result)
     atomic_write_json(out / "comparison.json", result)
-    report = write_report(result, out)
-    print("\n" + table(result))
-    print(f"\n{result['recommendation']}\n\nwrote {out / 'comparison.json'} and {report}")
+    result["report"] = str(write_report(result, out))
     return result
 
 
@@ -105,11 +107,11 @@ def _run(cfg: Config, out: Path, resume: bool) -> dict:
     run = Path(cfg.output)
     done = run / ("cv.json" if cfg.eval.folds else "metrics.json")
     if resume and done.is_file():
-        print(f"\n=== {run.relative_to(out)}: already complete, kept ===", flush=True)
+        log.info("\n=== %s: already complete, kept ===", run.relative_to(out))
         return json.loads(done.read_text(encoding="utf-8"))
     cfg_path = out / f"{run.relative_to(out).as_posix().replace('/', '-')}.config.yaml"
     config_mod.save_yaml(cfg, cfg_path)
-    print(f"\n=== {run.relative_to(out)} ===", flush=True)
+    log.info("\n=== %s ===", run.relative_to(out))
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)])
     if proc.returncode != 0:
         raise UserError(f"the '{cfg.tuning.name}' run failed (exit {proc.returncode}); see the output above "
@@ -165,7 +167,7 @@ def _baselines(base: Config, frac: float) -> list[dict]:
     from tunelab.models import load_tokenizer
 
     task = TASKS[base.task]
-    print(f"\n=== baselines at fraction {frac:g} ===", flush=True)
+    log.info("\n=== baselines at fraction %g ===", frac)
     tok = load_tokenizer(base.model)
     per_fold = []
     for k in range(max(base.eval.folds, 1)):

@@ -1,6 +1,8 @@
 """K-fold cross-validation: one complete run per fold (each kept in `fold-K/`), then mean, sd and 95% CI."""
 from __future__ import annotations
 
+import logging
+
 import copy
 from pathlib import Path
 
@@ -10,6 +12,8 @@ from tunelab.errors import UserError
 from tunelab.evaluate.stats import t_interval
 from tunelab.io import atomic_write_json
 from tunelab.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def summarize(fold_metrics: list[dict]) -> dict:
@@ -47,7 +51,7 @@ def cross_validate(cfg: Config, resume: bool = False):
         if done is not None:
             fold_metrics.append(done)
             continue
-        print(f"\n--- fold {k + 1} of {cfg.eval.folds} ---", flush=True)
+        log.info("\n--- fold %d of %d ---", k + 1, cfg.eval.folds)
         partial = resume and (Path(fold.output) / "checkpoints").is_dir()
         fold.overwrite = fold.overwrite or not partial
         fold_metrics.append(train(fold, resume=partial).metrics)

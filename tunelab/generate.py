@@ -6,17 +6,18 @@ own chat template (or fed as plain text with `--raw`); generation stops at the e
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.config import setting
 from tunelab.errors import UserError
-from tunelab.io import atomic_write_jsonl
 
 # End-of-turn markers of common chat formats (ChatML, Llama 3, Gemma, Phi-3). A template's turn end is not always
 # the tokenizer's eos; stopping only at the eos would let a model write the user's next turn itself.
+log = logging.getLogger(__name__)
+
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
@@ -166,72 +167,10 @@ def generate(model, tokenizer, messages_or_text: str | list[dict], max_new_token
     return complete(model, tokenizer, messages_or_text, max_new_tokens, temperature, top_p, seed, streamer).text
 
 
-def _streamer(tokenizer):
-    from transformers import TextStreamer
-
-    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-def answer_prompts(model_name: str, prompts: list[str], sampling: Sampling, system: str | None = None,
-                   raw: bool = False, output: str | Path | None = None) -> list[dict]:
-    """Answer each prompt, streaming to stdout; rows {prompt, answer, new_tokens, seconds}, also written to
-    `output` (JSONL) when given."""
-    sampling.check()
-    if any(not p.strip() for p in prompts):
-        raise UserError("empty prompt", "--prompt")
-    if raw and system is not None:
-        raise UserError("a system message needs the chat template; leave out --raw or --system", "--system")
-    model, tokenizer = load_generator(model_name)
-    head = [{"role": "system", "content": system}] if system is not None else []
-    rows = []
-    for i, prompt in enumerate(prompts):
-        if len(prompts) > 1:
-            print(f"[{i + 1}/{len(prompts)}] {prompt}", flush=True)
-        request = prompt if raw else head + [{"role": "user", "content": prompt}]
-        c = complete(model, tokenizer, request, streamer=_streamer(tokenizer), **asdict(sampling))
-        print(f"({c.new_tokens} new tokens in {c.seconds:.2f} s)", file=sys.stderr, flush=True)
-        rows.append({"prompt": prompt, "answer": c.text, "new_tokens": c.new_tokens, "seconds": round(c.seconds, 3)})
-    if output:
-        atomic_write_jsonl(Path(output), rows)
-        print(f"wrote {output}")
-    return rows
-
-
-def chat_loop(model, tokenizer, sampling: Sampling, system: str | None = None) -> list[dict]:
-    """Answer user lines from stdin, each with the whole conversation so far, until EOF, an empty line, /exit or
-    Ctrl-C. `/reset` forgets the conversation (the system message stays). Returns the conversation."""
-    sampling.check()
-    head = [{"role": "system", "content": system}] if system is not None else []
-    render(tokenizer, head + [{"role": "user", "content": "?"}])  # no template, or one refusing --system: say so now
-    messages = list(head)
-    print("empty line, /exit or Ctrl-D ends; /reset forgets the conversation", file=sys.stderr)
-    try:
-        while True:
-            try:
-                line = input("you> ").strip()
-            except EOFError:
-                print()
-                break
-            if line in ("", "/exit"):
-                break
-            if line == "/reset":
-                messages = list(head)
-                print("(conversation cleared)", file=sys.stderr)
-                continue
-            messages.append({"role": "user", "content": line})
-            messages = _fit(tokenizer, messages, head, model, sampling.max_new_tokens)
-            print("bot> ", end="", flush=True)
-            answer = generate(model, tokenizer, messages, streamer=_streamer(tokenizer), **asdict(sampling))
-            messages.append({"role": "assistant", "content": answer})
-    except KeyboardInterrupt:  # Ctrl-C ends the chat, it is no error
-        print()
-    return messages
-
-
-def _fit(tokenizer, messages: list[dict], head: list[dict], model, max_new_tokens: int) -> list[dict]:
+def fit_context(tokenizer, messages: list[dict], head: list[dict], model, max_new_tokens: int) -> list[dict]:
     """Drop the oldest exchanges until the conversation and the answer fit the model's context."""
     limit = getattr(model.config, "max_position_embeddings", None)
     while limit and len(messages) > len(head) + 1 and len(encode(tokenizer, messages)) + max_new_tokens > limit:
         messages = head + messages[len(head) + 2:]
-        print("(oldest exchange dropped: the conversation outgrew the model's context)", file=sys.stderr)
+        log.info("(oldest exchange dropped: the conversation outgrew the model's context)")
     return messages

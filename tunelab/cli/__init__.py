@@ -3,6 +3,7 @@ setting come from the config dataclasses (cli/flags.py): declared once, with the
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from tunelab.cli import data, runs, serve, train
@@ -20,9 +21,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminal(logging.Formatter):
+    """Progress lines as they are; warnings and errors as `tunelab: warning: ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"tunelab: {record.levelname.lower()}: {text}"
+
+
+def show_logs(level: int = logging.INFO) -> None:
+    """Library code reports through the `tunelab` loggers; the command line shows them on stderr (stdout keeps
+    the results). Replaces the handler of an earlier call (tests call `main` many times in one process)."""
+    logger = logging.getLogger("tunelab")
+    for handler in [h for h in logger.handlers if isinstance(h.formatter, _Terminal)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Terminal())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     from tunelab import speed
 
+    show_logs()
     speed.onednn_cache_setting()  # the process's own setting, made before any model runs (see there)
     args = build_parser().parse_args(argv)
     try:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.io import atomic_write_jsonl
 from tunelab.text import text_table
 
 
@@ -52,9 +54,74 @@ def _sampling(args):
     return Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
 
 
-def cmd_generate(args) -> int:
-    from tunelab.generate import answer_prompts
+def _streamer(tokenizer):
+    """Answers appear on stdout as they are generated."""
+    from transformers import TextStreamer
 
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def answer_prompts(model_name: str, prompts: list[str], sampling, system: str | None = None,
+                   raw: bool = False, output: str | Path | None = None) -> list[dict]:
+    """Answer each prompt, streaming to stdout; rows {prompt, answer, new_tokens, seconds}, also written to
+    `output` (JSONL) when given."""
+    from tunelab import generate as gen
+
+    sampling.check()
+    if any(not p.strip() for p in prompts):
+        raise UserError("empty prompt", "--prompt")
+    if raw and system is not None:
+        raise UserError("a system message needs the chat template; leave out --raw or --system", "--system")
+    model, tokenizer = gen.load_generator(model_name)
+    head = [{"role": "system", "content": system}] if system is not None else []
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"[{i + 1}/{len(prompts)}] {prompt}", flush=True)
+        request = prompt if raw else head + [{"role": "user", "content": prompt}]
+        c = gen.complete(model, tokenizer, request, streamer=_streamer(tokenizer), **asdict(sampling))
+        print(f"({c.new_tokens} new tokens in {c.seconds:.2f} s)", file=sys.stderr, flush=True)
+        rows.append({"prompt": prompt, "answer": c.text, "new_tokens": c.new_tokens, "seconds": round(c.seconds, 3)})
+    if output:
+        atomic_write_jsonl(Path(output), rows)
+        print(f"wrote {output}")
+    return rows
+
+
+def chat_loop(model, tokenizer, sampling, system: str | None = None) -> list[dict]:
+    """Answer user lines from stdin, each with the whole conversation so far, until EOF, an empty line, /exit or
+    Ctrl-C. `/reset` forgets the conversation (the system message stays). Returns the conversation."""
+    from tunelab import generate as gen
+
+    sampling.check()
+    head = [{"role": "system", "content": system}] if system is not None else []
+    gen.render(tokenizer, head + [{"role": "user", "content": "?"}])  # no template, or one refusing --system: say so now
+    messages = list(head)
+    print("empty line, /exit or Ctrl-D ends; /reset forgets the conversation", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                break
+            if line in ("", "/exit"):
+                break
+            if line == "/reset":
+                messages = list(head)
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            messages = gen.fit_context(tokenizer, messages, head, model, sampling.max_new_tokens)
+            print("bot> ", end="", flush=True)
+            answer = gen.generate(model, tokenizer, messages, streamer=_streamer(tokenizer), **asdict(sampling))
+            messages.append({"role": "assistant", "content": answer})
+    except KeyboardInterrupt:  # Ctrl-C ends the chat, it is no error
+        print()
+    return messages
+
+
+def cmd_generate(args) -> int:
     try:
         answer_prompts(args.model, args.prompt, _sampling(args), args.system, args.raw, args.output)
     except KeyboardInterrupt:
@@ -64,7 +131,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tunelab.generate import chat_loop, load_generator
+    from tunelab.generate import load_generator
 
     sampling = _sampling(args)
     sampling.check()  # before the model loads: a bad flag should not cost a load

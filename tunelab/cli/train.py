@@ -87,12 +87,14 @@ def _cv_cell(s: dict) -> str:
 
 
 def cmd_compare(args) -> int:
-    from tunelab.compare import compare
+    from tunelab.compare import compare, table
 
     cfg = config_from_args(args)
     methods = [m.strip() for m in args.tuning.split(",") if m.strip()]
-    compare(cfg, methods, Path(args.output or cfg.output), args.method_set, _fractions(args.train_fractions),
-            resume=args.resume)
+    out = Path(args.output or cfg.output)
+    result = compare(cfg, methods, out, args.method_set, _fractions(args.train_fractions), resume=args.resume)
+    print("\n" + table(result))
+    print(f"\n{result['recommendation']}\n\nwrote {out / 'comparison.json'} and {result['report']}")
     return 0
 
 

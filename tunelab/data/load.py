@@ -5,16 +5,19 @@ readers take the task's `parse_label` and default label key.
 """
 from __future__ import annotations
 
+import logging
+
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import DataConfig
 from tunelab.errors import UserError, cut, excerpt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,7 +92,7 @@ def _text(value, path: Path, line: int, key: str, required: bool = True) -> str:
 
 
 def warn(message: str) -> None:
-    print(f"tunelab: warning: {message}", file=sys.stderr)
+    log.warning("%s", message)
 
 
 class Records:

@@ -8,6 +8,8 @@ where it stopped: finished trials count towards `--trials`. One `tune` process p
 """
 from __future__ import annotations
 
+import logging
+
 import copy
 import csv
 import io
@@ -28,6 +30,8 @@ from tunelab.io import atomic_write_json, atomic_write_text
 from tunelab.tasks import TASKS
 from tunelab.text import text_table
 from tunelab.validate import validate
+
+log = logging.getLogger(__name__)
 
 STUDY = "tunelab"  # fixed, so that a second `tune` on the same folder finds the first one's study
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -101,7 +105,7 @@ def tune(cfg: Config, trials: int, output: str | Path = "runs/tune", timeout: fl
     done = sum(t.state in FINISHED for t in study.trials)
     if done < trials:
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-            print(_trial_line(trial, metric), flush=True)
+            log.info("%s", _trial_line(trial, metric))
             write_reports(study, cfg, out, metric)
 
         study.optimize(lambda trial: _objective(trial, cfg, space, out, metric, cv), n_trials=trials - done,

@@ -7,6 +7,8 @@ tokenizer (with its chat template) into the cache, atomically. Later loads read 
 """
 from __future__ import annotations
 
+import logging
+
 import hashlib
 import importlib.util
 import os
@@ -17,6 +19,8 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.io import atomic_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,12 @@ def prepare(alias: str, force: bool = False) -> Path:
         work = tmp / ".gguf"  # a joined multi-part file lives here while converting, then goes
         work.mkdir()
         source = gguf_source(alias, work)
-        print(f"tunelab: converting {source.name} to safetensors in {folder} (once) ...", flush=True)
+        log.info("converting %s to safetensors in %s (once) ...", source.name, folder)
         _convert(source, tmp, spec.chat_template)
         shutil.rmtree(work)
 
     atomic_dir(folder, fill)
-    print(f"tunelab: {alias} ready in {time.perf_counter() - started:.0f} s", flush=True)
+    log.info("%s ready in %.0f s", alias, time.perf_counter() - started)
     return folder
 
 

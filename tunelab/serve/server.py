@@ -25,6 +25,8 @@ from pathlib import Path
 from tunelab.serve.db import new_id, private_dir
 from tunelab.serve.worker import hold_lock, spawn
 
+log = logging.getLogger(__name__)
+
 RESTART_EVERY = 1.0  # seconds between checks that every worker still runs
 KEEP_ALIVE = 5  # seconds an idle connection stays open (uvicorn's default, set here on purpose)
 SECRET = re.compile(r"(?i)(tl-[A-Za-z0-9_-]{8,}|bearer\s+\S+|authorization:\s*\S+)")
@@ -109,8 +111,7 @@ def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
                     procs[i] = _worker(home, i, extra)
 
     threading.Thread(target=supervise, daemon=True, name="supervisor").start()
-    print(f"tunelab serve: http://{host}:{port}/ (dashboard), API at /v1, {workers} worker(s), home {home}",
-          flush=True)
+    log.info("tunelab serve: http://%s:%d/ (dashboard), API at /v1, %d worker(s), home %s", host, port, workers, home)
     def stop_workers() -> None:  # at application shutdown: uvicorn re-raises SIGTERM afterwards, ending the process
         stop.set()
         for proc in procs:

@@ -8,6 +8,8 @@ within a second of a cancel, or when the job has run longer than the service's l
 """
 from __future__ import annotations
 
+import logging
+
 import ctypes
 import csv
 import fcntl
@@ -26,6 +28,8 @@ from tunelab.errors import cut
 from tunelab.rundir import HistoryTail, RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import files, job_request, jobs
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
+
+log = logging.getLogger(__name__)
 
 POLL = 0.5  # seconds between looks at the queue, the child, history.jsonl and the cancel flag
 GENERATORS = ("clm", "chat", "dpo")  # tasks whose finished model answers prompts: sample generations are shown
@@ -85,7 +89,7 @@ def run_worker(home: Path, max_job_hours: float | None = None, server_id: str | 
     lock = hold_lock(jobs.worker_lock(home, worker_id))
     connect(home).execute("INSERT INTO workers (id, pid, started_at, server_id) VALUES (?, ?, ?, ?)",
                           (worker_id, os.getpid(), now(), server_id))
-    print(f"tunelab worker {worker_id} (pid {os.getpid()}) serving {home}", flush=True)
+    log.info("tunelab worker %s (pid %d) serving %s", worker_id, os.getpid(), home)
     try:
         while not Stopping.requested:
             jobs.reap(home)
