@@ -8,8 +8,12 @@ import sys
 import pytest
 from conftest import make_rows, write_jsonl
 
+from tunelab import check as check_module
 from tunelab.config import DataConfig
 from tunelab.check import check, render
+from tunelab.data import load
+from tunelab.errors import UserError
+from tunelab.tasks import TASKS
 
 
 def codes(report, level=None):
@@ -46,6 +50,73 @@ def test_every_format_problem_is_listed_with_its_line_and_code(tmp_path, clean_r
     assert errors == {3: "bad-json", 6: "missing-text", 8: "not-an-object", 9: "missing-label"}
     assert report.examples == 6 and report.exit_code == 2
     assert "broken.jsonl:3  invalid JSON" in render(report)
+
+
+def test_many_bad_records_are_found_in_one_reading_each_with_its_errors_code(tmp_path, clean_rows, monkeypatch):
+    lines = [json.dumps(r) for r in clean_rows[:40]]
+    bad = {3: ('{"text": "cut off", "label": ', "bad-json"),
+           7: ('["a list"]', "not-an-object"),
+           12: ('{"label": "positive"}', "missing-text"),
+           18: ('{"text": "no label"}', "missing-label"),
+           25: ('{"text": "x", "label": ["invalid JSON", "not UTF-8"]}', "wrong-type"),  # its value quotes others' words
+           31: ('{"text": "x", "label": " "}', "empty"),
+           36: ('{"text": 5, "label": "positive"}', "wrong-type")}
+    for n, (line, _) in bad.items():
+        lines[n - 1] = line
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    parsed, reads = [], []
+    parse_json, read = load.parse_json, TASKS["classification"].read
+    monkeypatch.setattr(load, "parse_json", lambda text, p, n: parsed.append(n) or parse_json(text, p, n))
+    monkeypatch.setattr(TASKS["classification"], "read", lambda *a, **k: reads.append(a[0]) or read(*a, **k))
+    report = check(path, "classification", label_errors=False)
+    errors = [(f.lines, f.code) for f in report.findings if f.level == "error"]
+    assert errors == [([n], code) for n, (_, code) in sorted(bad.items())]
+    assert report.examples == 40 - len(bad)
+    assert reads == [path] and parsed == list(range(1, 41))  # one reading: each line parsed once, in order
+
+
+def test_a_findings_code_is_the_one_its_error_was_raised_with(tmp_path, clean_rows, monkeypatch):
+    def parse_label(value, path, line, key):
+        if value == "neutral":  # a message that reads like other problems does not change the code
+            raise UserError("invalid JSON, not UTF-8, empty", str(path), line, "made-up")
+        if value == "negative":
+            raise UserError("a problem with no code of its own", str(path), line)
+        return value
+    monkeypatch.setattr(TASKS["classification"], "parse_label", parse_label)
+    report = check(write_jsonl(tmp_path / "d.jsonl", clean_rows[:12]), "classification", label_errors=False)
+    codes_by_label = {r["label"]: set() for r in clean_rows[:12]}
+    for f in report.findings:
+        if f.level == "error":
+            codes_by_label[clean_rows[f.lines[0] - 1]["label"]].add(f.code)
+    assert codes_by_label == {"neutral": {"made-up"}, "negative": {"invalid-record"}, "positive": set()}
+
+
+def test_reading_stops_at_the_bad_record_after_the_limit(tmp_path, clean_rows, monkeypatch):
+    monkeypatch.setattr(check_module, "MAX_PROBLEMS", 3)
+    rows = [{"text": r["text"]} if i % 2 else r for i, r in enumerate(clean_rows[:12])]  # lines 2, 4, ... 12
+    report = check(write_jsonl(tmp_path / "d.jsonl", rows), "classification", label_errors=False)
+    assert sorted(f.lines[0] for f in report.findings if f.level == "error") == [2, 4, 6, 8]  # the 4th ends it
+    assert report.examples == 0 and report.exit_code == 2
+
+
+def test_csv_rows_are_checked_in_one_reading_and_a_bad_header_stops_it(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\ngood one,a\nhello\rworld,a\ntoo,many,fields\n,b\nfine,b\n", encoding="utf-8")
+    report = check(path, "classification", label_errors=False)
+    assert {f.lines[0]: f.code for f in report.findings if f.level == "error"} == \
+        {3: "invalid-record", 4: "field-count", 5: "empty"}
+    assert report.examples == 2
+    path.write_text("te\rxt,label\ngood one,a\n,b\n", encoding="utf-8")
+    report = check(path, "classification", label_errors=False)
+    assert [(f.lines, f.code) for f in report.findings if f.level == "error"] == [([1], "invalid-record")]
+
+
+def test_a_file_of_only_bad_records_lists_them_and_nothing_more(tmp_path):
+    chat = [{"messages": [{"role": "robot", "content": "beep"}]}, {"messages": [{"role": "user", "content": "hi"}]}]
+    report = check(write_jsonl(tmp_path / "chat.jsonl", chat), "chat", label_errors=False)
+    assert [(f.lines, f.code) for f in report.findings] == [([1], "unknown-role"), ([2], "no-assistant")]
+    assert report.examples == 0
 
 
 def test_chat_and_dpo_files_get_their_own_problems(tmp_path):

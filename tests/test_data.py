@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tunelab.config import Config, DataConfig
 from tunelab.data import load_splits
 from tunelab.tasks import TASKS
 from tunelab.data.batching import global_batches, split_global, token_batches
-from tunelab.data.load import label_names, read_examples
+from tunelab.data.load import Problems, label_names, read_examples
+from tunelab.errors import UserError
 
 
 def test_jsonl_with_pairs_and_int_labels(tmp_path):
@@ -27,6 +30,32 @@ def test_csv_with_configured_columns_and_quotes(tmp_path):
     p.write_text('review,stars\n"great, really",5\nmeh,1\n', encoding="utf-8-sig")  # BOM is accepted
     rows = read_examples(p, DataConfig(text_column="review", label_column="stars"))
     assert [(r.text, r.label) for r in rows] == [("great, really", "5"), ("meh", "1")]
+
+
+def test_a_bad_record_stops_the_reading_unless_problems_are_collected(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n{"text": "b", \n{"text": "c", "label": "y"}\n{"text": "d"}\n'
+                 '{"text": "e", "label": "y"}\n', encoding="utf-8")
+    with pytest.raises(UserError) as first:  # training: the first bad record is the error
+        read_examples(p, DataConfig())
+    assert (first.value.line, first.value.code) == (2, "bad-json")
+    problems = Problems(limit=10)  # data check: every bad record noted, the rest read
+    rows = read_examples(p, DataConfig(), problems=problems)
+    assert [r.text for r in rows] == ["a", "c", "e"]
+    assert [(e.line, e.code) for e in problems.errors] == [(2, "bad-json"), (4, "missing-label")]
+    problems = Problems(limit=1)  # past the limit the next one is raised
+    with pytest.raises(UserError) as past:
+        read_examples(p, DataConfig(), problems=problems)
+    assert past.value.line == 4 and [e.line for e in problems.errors] == [2]
+
+
+def test_skip_invalid_skips_bad_content_even_when_problems_are_collected(tmp_path, capsys):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n{"text": " ", "label": "x"}\n{"text": "b", \n', encoding="utf-8")
+    problems = Problems(limit=10)
+    rows = read_examples(p, DataConfig(skip_invalid=True), problems=problems)
+    assert [r.text for r in rows] == ["a"] and [e.line for e in problems.errors] == [3]  # bad JSON is never skipped
+    assert "skipped 1 invalid records" in capsys.readouterr().err
 
 
 def test_folder_per_class(tmp_path):

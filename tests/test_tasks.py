@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score
 from tunelab.cli import main
 from tunelab.config import DataConfig
 from tunelab.data import fold_split, fraction
-from tunelab.data.load import Example
+from tunelab.data.load import Example, Problems
 from tunelab.errors import UserError
 from tunelab.evaluate.stats import bootstrap_ci, t_interval
 from tunelab.tasks import TASKS, Space
@@ -118,6 +118,23 @@ def test_ner_bad_records_name_the_line(tmp_path, content, expected):
     with pytest.raises(UserError) as e:
         NER.read(p, DataConfig())
     assert expected in str(e.value) and f"{p}:2:" in str(e.value)
+
+
+def test_ner_notes_every_bad_record_when_problems_are_collected(tmp_path):
+    conll = tmp_path / "d.conll"
+    conll.write_text("EU\tB-ORG\nrejects\tO\n\nPeter\tB-PER\nBlackburn\tX-PER\n\nlonely\nGerman\tB-MISC\n",
+                     encoding="utf-8")
+    problems = Problems(limit=10)
+    rows = NER.read(conll, DataConfig(), problems=problems)
+    assert [e.line for e in problems.errors] == [5, 7]
+    assert [r.text for r in rows] == ["EU rejects", "Peter", "German"]  # a bad line reads as a sentence break
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"tokens": ["a"], "tags": ["O"]}\n{"tokens": [], "tags": []}\n{"tokens": ["a"], "tags": "O"}\n'
+                     '{"tokens": ["b"], "tags": ["B-LOC"]}\n', encoding="utf-8")
+    problems = Problems(limit=10)
+    rows = NER.read(jsonl, DataConfig(), problems=problems)
+    assert [(e.line, e.code) for e in problems.errors] == [(2, "empty"), (3, "wrong-type")]
+    assert [r.text for r in rows] == ["a", "b"]
 
 
 @pytest.mark.parametrize("value, expected", [("abc", "must be a number"), (float("nan"), "finite number"),

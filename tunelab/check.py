@@ -1,8 +1,8 @@
 """`tunelab data check`: what is wrong with a data file, found before any compute is spent on it.
 
 Every record is read by the reader `tunelab train` uses for the task, so check and train never disagree about what
-is valid: a bad record is noted and blanked in a scratch copy, and the file is read again, until the reader
-accepts the rest. Then the examples are looked at as a whole: duplicates (exact after Unicode NFKC, case and
+is valid: in one pass, each bad record's error (which carries its line and its code) is noted and the reader goes
+on to the next record. Then the examples are looked at as a whole: duplicates (exact after Unicode NFKC, case and
 whitespace folding; near by MinHash over character 5-grams, which needs no word segmenter and so works for
 Japanese too, each pair confirmed by its true Jaccard similarity), duplicates with conflicting labels, leakage into
 an eval file, the label distribution and labels that look like misspellings of others, spam and noise, lengths in
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from tunelab.config import DataConfig
 from tunelab.data import encoding as enc
-from tunelab.data.load import Example, _decoded_lines, where_parts
+from tunelab.data.load import Example, Problems, where_parts
 from tunelab.errors import UserError
 
 LISTED = 10  # lines listed per finding in the table; --json lists them all
@@ -32,15 +31,6 @@ MAX_PROBLEMS = 1000  # format problems collected before giving up on a file
 LABELLED = ("classification", "multilabel", "regression")
 STRONG = 0.1  # out-of-fold probability of the given label under which a label error is reported as likely
 NEAR = 0.8  # Jaccard similarity of character 5-grams from which two texts are near duplicates
-
-CODES = [  # (words in the reader's message, short code)
-    ("not UTF-8", "encoding"), ("invalid JSON", "bad-json"), ("must be a JSON object", "not-an-object"),
-    ("missing text field", "missing-text"), ("missing label field", "missing-label"),
-    ("fields but the header has", "field-count"), ("unknown role", "unknown-role"),
-    ("missing content", "missing-content"), ("no assistant message", "no-assistant"), ("empty", "empty"),
-    ("must be a number", "not-a-number"), ("must be a finite number", "not-a-number"),
-    ("lists a label twice", "repeated-label"), ("must be a", "wrong-type"), ("identical", "identical-responses"),
-]
 
 
 @dataclass
@@ -73,50 +63,35 @@ class Report:
         return {**dataclasses.asdict(self), "exit_code": self.exit_code}
 
 
-def code_of(problem: str) -> str:
-    return next((code for words, code in CODES if words in problem), "invalid-record")
-
-
 # --- reading every record ---------------------------------------------------------------------------------------
 def read_all(path: Path, task, cfg: DataConfig, report: Report) -> list[Example]:
-    """The file's valid examples; each format problem becomes an error finding (with its line)."""
+    """The file's valid examples; each format problem becomes an error finding (with its line and its code, both
+    from the reader's error). The task's reader reads the file once, noting every bad record and reading on."""
     if not path.is_file():
         report.add("error", "not-found", "file not found" if not path.exists() else "not a file")
         return []
     codec = enc.detect(path.read_bytes())
     report.encoding = enc.name(codec) if codec else "unknown"
+    problems = Problems(MAX_PROBLEMS)
     try:
-        lines = _decoded_lines(path, cfg.encoding)  # training's own decoding, and its message when it fails
-    except UserError as e:
-        report.add("error", "encoding", e.problem, [e.line] if e.line else [])
+        examples, failure = task.read(path, cfg, problems=problems), None
+    except UserError as e:  # the whole file: its encoding, a CSV header, no examples, or too many bad records
+        examples, failure = [], e
+    if failure is not None and failure.code == "encoding":  # training's own decoding, and its message
+        report.add("error", "encoding", failure.problem, [failure.line] if failure.line else [])
         return []
     if codec not in ("utf-8", "utf-8-sig", None):
         report.add("note", "encoding", f"read as {enc.name(codec)} (--encoding {cfg.encoding})")
-    problems: dict[int, str] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / path.name
-        utf8 = dataclasses.replace(cfg, encoding="utf-8")
-        while True:
-            scratch.write_text("\n".join(lines), encoding="utf-8")
-            try:
-                examples = task.read(scratch, utf8)
-                break
-            except UserError as e:
-                fatal = e.line is None or not 1 <= e.line <= len(lines) or e.line in problems or \
-                    len(problems) >= MAX_PROBLEMS or (e.line == 1 and path.suffix.lower() in (".csv", ".tsv"))
-                if not fatal:  # note it, blank the record, read the rest again
-                    problems[e.line] = e.problem
-                    lines[e.line - 1] = ""
-                    continue
-                if e.line not in problems and not (problems and e.line is None):  # not "no examples" after blanking
-                    report.add("error", code_of(e.problem), e.problem, [e.line] if e.line else [])
-                examples = []
-                break
-    for line, problem in sorted(problems.items()):
-        report.add("error", code_of(problem), problem, [line])
-    for e in examples:  # the scratch copy's name back to the user's
-        e.where = e.where.replace(str(scratch), str(path))
+    if failure is not None and not (problems.errors and failure.line is None):  # not "no examples" after bad ones
+        report.add("error", code_of(failure), failure.problem, [failure.line] if failure.line else [])
+    for e in problems.errors:
+        report.add("error", code_of(e), e.problem, [e.line])
     return examples
+
+
+def code_of(error: UserError) -> str:
+    """A reader's error as a finding's code: the one given where it was raised."""
+    return error.code or "invalid-record"
 
 
 # --- looking at the examples as a whole -------------------------------------------------------------------------

@@ -9,11 +9,14 @@ EXCERPT = 40  # characters of a user's value quoted in an error message
 class UserError(Exception):
     """Bad input from the user: a file, a record or a setting that tunelab refuses.
 
-    The message names the file, the line or record and the problem; the CLI prints it and exits with 2.
+    The message names the file, the line or record and the problem; the CLI prints it and exits with 2. `code` is
+    the problem's kind as a short stable name (`bad-json`, `missing-label`, ...), given where the error is raised:
+    `tunelab data check` reports it, and it never has to be guessed from the message's words, which quote the
+    user's values. None where the problem has no kind of its own (check then says `invalid-record`).
     """
 
-    def __init__(self, problem: str, path: str | None = None, line: int | None = None):
-        self.problem, self.path, self.line = problem, path, line
+    def __init__(self, problem: str, path: str | None = None, line: int | None = None, code: str | None = None):
+        self.problem, self.path, self.line, self.code = problem, path, line, code
         where = path or ""
         if path and line is not None:
             where = f"{path}:{line}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data.load import Example, Records, json_records, warn
+from tunelab.data.load import Example, Problems, Records, json_records, warn
 from tunelab.errors import UserError, excerpt
 
 IGNORE = -100  # the label of a token that carries no loss
@@ -20,16 +20,16 @@ def content(value, path: Path, line: int, what: str) -> str:
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
         value = "".join(str(p.get("text", "")) for p in value)
     if not isinstance(value, str):
-        raise UserError(f"{what}: 'content' must be a string", str(path), line)
+        raise UserError(f"{what}: 'content' must be a string", str(path), line, "wrong-type")
     if not value.strip():
-        raise UserError(f"{what}: empty content", str(path), line)
+        raise UserError(f"{what}: empty content", str(path), line, "empty")
     return value
 
 
 def parse_messages(value, path: Path, line: int, need_assistant: bool = True) -> list[dict]:
     """OpenAI chat messages, checked: known roles, non-empty content, `weight` 0/1 on assistant messages only."""
     if not isinstance(value, list) or not value:
-        raise UserError("'messages' must be a non-empty list of {role, content} objects", str(path), line)
+        raise UserError("'messages' must be a non-empty list of {role, content} objects", str(path), line, "empty")
     out = []
     for n, m in enumerate(value, 1):
         what = f"message {n}"
@@ -38,9 +38,10 @@ def parse_messages(value, path: Path, line: int, need_assistant: bool = True) ->
         role = m.get("role")
         role = "system" if role == "developer" else role
         if role not in ROLES:
-            raise UserError(f"{what}: unknown role {excerpt(role)} (use system, user or assistant)", str(path), line)
+            raise UserError(f"{what}: unknown role {excerpt(role)} (use system, user or assistant)", str(path), line,
+                            "unknown-role")
         if "content" not in m or m["content"] is None:
-            raise UserError(f"{what}: missing content", str(path), line)
+            raise UserError(f"{what}: missing content", str(path), line, "missing-content")
         msg = {"role": role, "content": content(m["content"], path, line, what)}
         if "weight" in m:
             if role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
@@ -49,19 +50,20 @@ def parse_messages(value, path: Path, line: int, need_assistant: bool = True) ->
         out.append(msg)
     if need_assistant and not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
         raise UserError("no assistant message to learn from (every conversation needs one with weight 1)",
-                        str(path), line)
+                        str(path), line, "no-assistant")
     return out
 
 
-def read_records(path: str | Path, cfg: DataConfig, parse) -> list[Example]:
-    """Examples from a JSONL file, one per record; with data.skip_invalid, bad records are counted and skipped."""
+def read_records(path: str | Path, cfg: DataConfig, parse, problems: Problems | None = None) -> list[Example]:
+    """Examples from a JSONL file, one per record; with data.skip_invalid, bad records are counted and skipped;
+    given `problems`, bad records are noted there (`tunelab data check`)."""
     p = Path(path)
     if not p.is_file():
         raise UserError("file not found", str(p))
     if p.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
         raise UserError("this task reads JSONL (one JSON object per line)", str(p))
-    records = Records(p, cfg.skip_invalid)
-    for i, rec in json_records(p, cfg.encoding):
+    records = Records(p, cfg.skip_invalid, problems)
+    for i, rec in json_records(p, cfg.encoding, problems):
         records.add(lambda: Example("", parse(rec, p, i), where=f"{p}:{i}"))
     rows = records.done()
     if not rows:

@@ -47,17 +47,17 @@ def _decoded_lines(path: Path, encoding: str = "utf-8") -> list[str]:
         codec = enc.detect(raw)
         if codec is None:
             raise UserError("cannot tell the text encoding (not UTF-8, UTF-16, Shift_JIS or EUC-JP); "
-                            "name it with --encoding CODEC", str(path))
+                            "name it with --encoding CODEC", str(path), code="encoding")
         return raw.decode(codec).lstrip("\ufeff").split("\n")
     if encoding not in ("utf-8", "utf8"):
         try:
             return raw.decode(encoding).split("\n")
         except LookupError:
-            raise UserError(f"unknown encoding {encoding!r}", "--encoding") from None
+            raise UserError(f"unknown encoding {encoding!r}", "--encoding", code="encoding") from None
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise UserError(f"not {encoding} text (byte 0x{raw[e.start]:02x}); try --encoding auto", str(path),
-                            line) from None
+                            line, "encoding") from None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     lines = raw.split(b"\n")
@@ -70,24 +70,26 @@ def _decoded_lines(path: Path, encoding: str = "utf-8") -> list[str]:
             fix = f"it looks like {enc.name(codec)}: read it with --encoding auto, or re-save it as UTF-8" \
                 if codec else "re-save the file as UTF-8"
             raise UserError(f"not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); {fix}",
-                            str(path), i) from None
+                            str(path), i, "encoding") from None
     return out
 
 
 def class_label(value, path: Path, line: int, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise UserError(f"label '{key}' must be a string or an integer, got {excerpt(value)}", str(path), line)
+        raise UserError(f"label '{key}' must be a string or an integer, got {excerpt(value)}", str(path), line,
+                        "wrong-type")
     value = str(value).strip()
     if not value:
-        raise UserError(f"label '{key}' is empty", str(path), line)
+        raise UserError(f"label '{key}' is empty", str(path), line, "empty")
     return value
 
 
 def _text(value, path: Path, line: int, key: str, required: bool = True) -> str:
     if not isinstance(value, str):
-        raise UserError(f"'{key}' must be a string, got {excerpt(value)}", str(path), line)
+        raise UserError(f"'{key}' must be a string, got {excerpt(value)}", str(path), line, "wrong-type")
     if required and not value.strip():
-        raise UserError(f"'{key}' is empty (data.skip_invalid skips such records in training)", str(path), line)
+        raise UserError(f"'{key}' is empty (data.skip_invalid skips such records in training)", str(path), line,
+                        "empty")
     return value
 
 
@@ -95,20 +97,39 @@ def warn(message: str) -> None:
     log.warning("%s", message)
 
 
-class Records:
-    """Collects a file's examples; with data.skip_invalid a record with bad content is counted and skipped (a
-    warning names how many and the first), else its error stops the reading."""
+class Problems:
+    """The bad records of one file, noted instead of raised, so that `tunelab data check` reads a file once and
+    lists every bad record. A reader given one notes each bad record's error here and reads on; the error after
+    `limit` is raised, which ends the reading (a file that broken is not listed to its end)."""
 
-    def __init__(self, path: Path, skip: bool):
-        self.path, self.skip, self.rows, self.skipped = path, skip, [], []
+    def __init__(self, limit: int):
+        self.errors: list[UserError] = []
+        self.limit = limit
+
+    def note(self, error: UserError) -> None:
+        if len(self.errors) >= self.limit:
+            raise error
+        self.errors.append(error)
+
+
+class Records:
+    """Collects a file's examples. A record with bad content raises its error, which stops the reading; with
+    data.skip_invalid it is counted and skipped (a warning names how many and the first); given `problems`
+    (`tunelab data check`) its error is noted there."""
+
+    def __init__(self, path: Path, skip: bool, problems: Problems | None = None):
+        self.path, self.skip, self.problems, self.rows, self.skipped = path, skip, problems, [], []
 
     def add(self, make) -> None:
         try:
             self.rows.append(make())
         except UserError as e:
-            if not self.skip:
+            if self.skip:
+                self.skipped.append(e)
+            elif self.problems is None:
                 raise
-            self.skipped.append(e)
+            else:
+                self.problems.note(e)
 
     def done(self) -> list:
         if self.skipped:
@@ -122,42 +143,49 @@ def parse_json(text: str, path, line: int | None) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", str(path), line) from None
+        raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", str(path), line, "bad-json") from None
     except RecursionError:
-        raise UserError("invalid JSON (nested too deeply to read)", str(path), line) from None
+        raise UserError("invalid JSON (nested too deeply to read)", str(path), line, "bad-json") from None
     except ValueError:  # Python refuses integers of more than 4,300 digits (sys.get_int_max_str_digits)
-        raise UserError("invalid JSON (a number too long to read)", str(path), line) from None
+        raise UserError("invalid JSON (a number too long to read)", str(path), line, "bad-json") from None
 
 
-def json_records(path: Path, encoding: str = "utf-8"):
-    """(line number, object) for each non-blank line of a JSONL file; a bad line is named in the error."""
+def json_records(path: Path, encoding: str = "utf-8", problems: Problems | None = None):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is named in the error (or, given
+    `problems`, noted there and skipped)."""
     for i, line in enumerate(_decoded_lines(path, encoding), 1):
         if not line.strip():
             continue
-        rec = parse_json(line, path, i)
-        if not isinstance(rec, dict):
-            raise UserError("each line must be a JSON object", str(path), i)
+        try:
+            rec = parse_json(line, path, i)
+            if not isinstance(rec, dict):
+                raise UserError("each line must be a JSON object", str(path), i, "not-an-object")
+        except UserError as e:
+            if problems is None:
+                raise
+            problems.note(e)
+            continue
         yield i, rec
 
 
 def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
-               default_key: str = "label") -> list[Example]:
+               default_key: str = "label", problems: Problems | None = None) -> list[Example]:
     key = cfg.label_column or default_key
-    records = Records(path, cfg.skip_invalid)
+    records = Records(path, cfg.skip_invalid, problems)
 
     def example(i: int, rec: dict) -> Example:
         if cfg.text_column not in rec:
-            raise UserError(f"missing text field '{cfg.text_column}'", str(path), i)
+            raise UserError(f"missing text field '{cfg.text_column}'", str(path), i, "missing-text")
         label = None
         if need_label or key in rec:
             if key not in rec:
-                raise UserError(f"missing label field '{key}'", str(path), i)
+                raise UserError(f"missing label field '{key}'", str(path), i, "missing-label")
             label = parse(rec[key], path, i, key)
         pair = rec.get(cfg.text_pair_column)
         return Example(_text(rec[cfg.text_column], path, i, cfg.text_column), label,
                        None if pair is None else _text(pair, path, i, cfg.text_pair_column, False), f"{path}:{i}",
                        group=group_of(rec, cfg, path, i))
-    for i, rec in json_records(path, cfg.encoding):
+    for i, rec in json_records(path, cfg.encoding, problems):
         records.add(lambda: example(i, rec))
     return records.done()
 
@@ -176,28 +204,36 @@ def _columns(header: list[str]) -> str:
     return f"{len(header)} columns: {shown}{', …' if len(header) > 4 else ''}"
 
 
-def csv_rows(text: str, path: Path):
-    """(line number, fields) of each CSV (or .tsv) row; a row the csv module cannot parse (a lone carriage return
-    in an unquoted field, a NUL byte, a field past its size limit) is a UserError naming the line."""
+def csv_rows(text: str, path: Path, problems: Problems | None = None):
+    """(line number, fields) of each CSV (or .tsv) row, the header first; a row the csv module cannot parse (a lone
+    carriage return in an unquoted field, a NUL byte, a field past its size limit) is a UserError naming the line.
+    Given `problems`, such a row after the header is noted there and skipped (the csv reader starts afresh on the
+    next line); a header that cannot be read always raises: the rows mean nothing without it."""
     reader = csv.reader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    header_read = False
     while True:
         try:
             fields = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise UserError(f"not valid CSV ({e})", str(path), reader.line_num) from None
+            error = UserError(f"not valid CSV ({e})", str(path), reader.line_num)
+            if problems is None or not header_read:
+                raise error from None
+            problems.note(error)
+            continue
+        header_read = True
         yield reader.line_num, fields
 
 
 def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
-             default_key: str = "label") -> list[Example]:
+             default_key: str = "label", problems: Problems | None = None) -> list[Example]:
     key = cfg.label_column or default_key
-    rows = csv_rows("\n".join(_decoded_lines(path, cfg.encoding)), path)
+    rows = csv_rows("\n".join(_decoded_lines(path, cfg.encoding)), path, problems)
     try:
         _, header = next(rows)
     except StopIteration:
-        raise UserError("empty file", str(path)) from None
+        raise UserError("empty file", str(path), code="empty") from None
     header = [h.strip() for h in header]
     if cfg.text_column not in header:
         raise UserError(f"no '{cfg.text_column}' column in the header ({_columns(header)}); "
@@ -206,11 +242,12 @@ def read_csv(path: Path, cfg: DataConfig, need_label: bool = True, parse=class_l
     if need_label and not has_label:
         raise UserError(f"no '{key}' column in the header ({_columns(header)}); "
                         "set data.label_column", str(path), 1)
-    records = Records(path, cfg.skip_invalid)
+    records = Records(path, cfg.skip_invalid, problems)
 
     def example(line: int, fields: list[str]) -> Example:
         if len(fields) != len(header):
-            raise UserError(f"row has {len(fields)} fields but the header has {len(header)}", str(path), line)
+            raise UserError(f"row has {len(fields)} fields but the header has {len(header)}", str(path), line,
+                            "field-count")
         rec = dict(zip(header, fields))
         label = parse(rec[key], path, line, key) if has_label else None
         return Example(_text(rec[cfg.text_column], path, line, cfg.text_column), label,
@@ -235,23 +272,25 @@ def read_folder(path: Path, encoding: str = "utf-8") -> list[Example]:
 
 
 def read_examples(path: str | Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
-                  default_key: str = "label", folders: bool = True) -> list[Example]:
-    """All examples of one file or folder; an error names the file, the line and the problem."""
+                  default_key: str = "label", folders: bool = True, problems: Problems | None = None
+                  ) -> list[Example]:
+    """All examples of one file or folder; an error names the file, the line and the problem. Given `problems`,
+    bad records are noted there and the rest read (`tunelab data check`)."""
     p = Path(path)
     if not p.exists():
         raise UserError("file not found", str(p))
     if p.is_dir() and folders:
         rows = read_folder(p, cfg.encoding)
     elif p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = read_jsonl(p, cfg, need_label, parse, default_key)
+        rows = read_jsonl(p, cfg, need_label, parse, default_key, problems)
     elif p.suffix.lower() in (".csv", ".tsv"):
-        rows = read_csv(p, cfg, need_label, parse, default_key)
+        rows = read_csv(p, cfg, need_label, parse, default_key, problems)
     elif p.suffix.lower() == ".txt" and not need_label:
         rows = [Example(line, None, None, f"{p}:{i}") for i, line in enumerate(_decoded_lines(p, cfg.encoding), 1) if line.strip()]
     else:
         raise UserError("unknown data format (use .jsonl, .csv, .tsv or a folder per class)", str(p))
     if not rows:
-        raise UserError("no examples found (the file is empty)", str(p))
+        raise UserError("no examples found (the file is empty)", str(p), code="empty")
     return rows
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from tunelab import speed
 from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.batching import FORWARD_TOKENS, collate, token_batches
-from tunelab.data.load import Example, read_examples
+from tunelab.data.load import Example, Problems, read_examples
 
 NOT_INPUTS = ("labels", "teacher_logits", "labelled", "ref")  # what a task's or method's `collate` adds beside the inputs
 
@@ -74,8 +74,10 @@ class Task:
     def parse_label(self, value, path: Path, line: int, key: str):
         raise NotImplementedError
 
-    def read(self, path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
-        return read_examples(path, cfg, need_label, self.parse_label, self.label_key)
+    def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
+        """The examples of a file; a bad record raises its error, or, given `problems`, is noted there and skipped
+        (`tunelab data check` lists them all from one reading)."""
+        return read_examples(path, cfg, need_label, self.parse_label, self.label_key, problems=problems)
 
     def space(self, train: list[Example], path: str) -> Space:
         """Output space learned from the training examples (class names, target mean and scale)."""

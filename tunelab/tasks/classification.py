@@ -107,10 +107,10 @@ def _label_list(value, path: Path, line: int, key: str) -> list[str]:
         value = parse_json(value, path, line) if value.strip().startswith("[") else \
             [v for v in value.split("|") if v.strip()]
     if not isinstance(value, list):
-        raise UserError(f"'{key}' must be a list of labels, got {excerpt(value)}", str(path), line)
+        raise UserError(f"'{key}' must be a list of labels, got {excerpt(value)}", str(path), line, "wrong-type")
     labels = [class_label(v, path, line, key) for v in value]
     if len(set(labels)) != len(labels):
-        raise UserError(f"'{key}' lists a label twice: {excerpt(value)}", str(path), line)
+        raise UserError(f"'{key}' lists a label twice: {excerpt(value)}", str(path), line, "repeated-label")
     return labels
 
 

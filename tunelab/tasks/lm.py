@@ -24,7 +24,7 @@ from torch import nn
 
 from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
-from tunelab.data.load import Example, read_examples
+from tunelab.data.load import Example, Problems, read_examples
 from tunelab.errors import UserError
 from tunelab.tasks.base import Space, Task
 
@@ -52,8 +52,8 @@ class LanguageModeling(Task):
     eval_batch_size = 8
     shift = True  # causal: the logits at position t score token t + 1
 
-    def read(self, path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
-        return read_examples(path, cfg, need_label=False, folders=False)
+    def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
+        return read_examples(path, cfg, need_label=False, folders=False, problems=problems)
 
     def units(self, item: dict) -> int:
         labels = item["labels"][1:] if self.shift else item["labels"]
@@ -159,8 +159,8 @@ class MaskedLM(LanguageModeling):
 class ChatSFT(LanguageModeling):
     name = "chat"
 
-    def read(self, path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
-        return read_records(path, cfg, self.parse)
+    def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
+        return read_records(path, cfg, self.parse, problems)
 
     @staticmethod
     def parse(rec: dict, path: Path, line: int) -> list[dict]:

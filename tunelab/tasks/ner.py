@@ -16,7 +16,7 @@ from torch import nn
 
 from tunelab.config import DataConfig
 from tunelab.data.conll import TAG, read_conll
-from tunelab.data.load import Example, _decoded_lines, check_known_labels, group_of, json_records
+from tunelab.data.load import Example, Problems, Records, _decoded_lines, check_known_labels, group_of, json_records
 from tunelab.errors import UserError, excerpt
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import fit_logistic
@@ -46,8 +46,7 @@ def _tagger():
 
 def _tags(value, path: Path, line: int, n_tokens: int) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise UserError(f"'tags' must be a list of strings, got {excerpt(value)}",
-                        str(path), line)
+        raise UserError(f"'tags' must be a list of strings, got {excerpt(value)}", str(path), line, "wrong-type")
     if len(value) != n_tokens:
         raise UserError(f"{len(value)} tags for {n_tokens} tokens", str(path), line)
     for t in value:
@@ -56,14 +55,15 @@ def _tags(value, path: Path, line: int, n_tokens: int) -> list[str]:
     return list(value)
 
 
-def read_ner_jsonl(path: Path, cfg: DataConfig, need_label: bool) -> list[Example]:
+def read_ner_jsonl(path: Path, cfg: DataConfig, need_label: bool, problems: Problems | None = None) -> list[Example]:
     key = cfg.label_column or "tags"
-    rows = []
-    for i, rec in json_records(path, cfg.encoding):
+    records = Records(path, False, problems)  # no data.skip_invalid here: a bad record stops training
+
+    def example(i: int, rec: dict) -> Example:
         if "tokens" in rec:
             tokens = rec["tokens"]
             if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
-                raise UserError("'tokens' must be a non-empty list of non-empty strings", str(path), i)
+                raise UserError("'tokens' must be a non-empty list of non-empty strings", str(path), i, "empty")
         elif not need_label and isinstance(rec.get(cfg.text_column), str):
             tokens = segment(rec[cfg.text_column])
         else:
@@ -73,9 +73,11 @@ def read_ner_jsonl(path: Path, cfg: DataConfig, need_label: bool) -> list[Exampl
             if key not in rec:
                 raise UserError(f"missing '{key}' (one IOB2 tag per token)", str(path), i)
             tags = _tags(rec[key], path, i, len(tokens))
-        rows.append(Example(" ".join(tokens), tags, where=f"{path}:{i}", tokens=list(tokens),
-                            group=group_of(rec, cfg, path, i)))
-    return rows
+        return Example(" ".join(tokens), tags, where=f"{path}:{i}", tokens=list(tokens),
+                       group=group_of(rec, cfg, path, i))
+    for i, rec in json_records(path, cfg.encoding, problems):
+        records.add(lambda: example(i, rec))
+    return records.done()
 
 
 def _looks_like_conll(lines: list[str]) -> bool:
@@ -89,21 +91,21 @@ class Ner(Task):
     metrics = ("f1", "precision", "recall", "accuracy")
     model_class = "AutoModelForTokenClassification"
 
-    def read(self, path, cfg, need_label=True):
+    def read(self, path, cfg, need_label=True, problems=None):
         p = Path(path)
         if not p.is_file():
             raise UserError("file not found" if not p.exists() else "ner data must be a JSONL or CoNLL file", str(p))
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
-            rows = read_ner_jsonl(p, cfg, need_label)
+            rows = read_ner_jsonl(p, cfg, need_label, problems)
         elif suffix == ".txt" and not need_label and not _looks_like_conll(lines := _decoded_lines(p, cfg.encoding)):
             rows = [Example(l, None, where=f"{p}:{i}", tokens=segment(l)) for i, l in enumerate(lines, 1) if l.strip()]
         elif suffix in CONLL_SUFFIXES:
-            rows = read_conll(p, need_label, cfg.encoding)
+            rows = read_conll(p, need_label, cfg.encoding, problems)
         else:
             raise UserError("unknown ner data format (use .jsonl with tokens/tags, or a CoNLL file)", str(p))
         if not rows:
-            raise UserError("no sentences found (the file is empty)", str(p))
+            raise UserError("no sentences found (the file is empty)", str(p), code="empty")
         return rows
 
     def space(self, train, path):

@@ -19,7 +19,7 @@ from torch import nn
 from tunelab import losses
 from tunelab.config import DataConfig
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
-from tunelab.data.load import Example
+from tunelab.data.load import Example, Problems
 from tunelab.errors import UserError
 from tunelab.tasks.base import Space, Task, predict_outputs
 
@@ -51,8 +51,8 @@ class Preference(Task):
     default_layer_decay = 1.0
     eval_batch_size = 4  # pairs: 8 sequences
 
-    def read(self, path, cfg: DataConfig, need_label: bool = True) -> list[Example]:
-        return read_records(path, cfg, self.parse)
+    def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
+        return read_records(path, cfg, self.parse, problems)
 
     @staticmethod
     def parse(rec: dict, path: Path, line: int) -> dict:
@@ -61,7 +61,7 @@ class Preference(Task):
         if "input" in rec:
             inp = rec["input"]
             if not isinstance(inp, dict) or "messages" not in inp:
-                raise UserError("'input' must be an object with 'messages'", str(path), line)
+                raise UserError("'input' must be an object with 'messages'", str(path), line, "wrong-type")
             prompt = parse_messages(inp["messages"], path, line, need_assistant=False)
             keys = ("preferred_output", "non_preferred_output")
         elif "prompt" in rec:
@@ -77,7 +77,8 @@ class Preference(Task):
                 raise UserError(f"missing '{k}'", str(path), line)
         chosen, rejected = (_response(rec[k], path, line, k) for k in keys)
         if chosen.strip() == rejected.strip():
-            raise UserError("chosen and rejected responses are identical: the pair says nothing", str(path), line)
+            raise UserError("chosen and rejected responses are identical: the pair says nothing", str(path), line,
+                            "identical-responses")
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
     def encode(self, tokenizer, examples: list[Example], space: Space, max_length: int) -> list[dict]:

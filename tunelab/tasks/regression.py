@@ -38,9 +38,11 @@ class Regression(Task):
             try:
                 value = float(value.strip())
             except ValueError:
-                raise UserError(f"'{key}' must be a number, got {excerpt(value)}", str(path), line) from None
+                raise UserError(f"'{key}' must be a number, got {excerpt(value)}", str(path), line,
+                                "not-a-number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"'{key}' must be a finite number, got {excerpt(value)}", str(path), line)
+            raise UserError(f"'{key}' must be a finite number, got {excerpt(value)}", str(path), line,
+                            "not-a-number")
         return float(value)
 
     def space(self, train, path):
