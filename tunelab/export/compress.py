@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import UserError
+from tunelab.extras import need
 from tunelab.io import atomic_write_bytes
 from tunelab.speed import sample_inputs
 
@@ -127,8 +128,7 @@ class OnnxClassifier:
     training = False
 
     def __init__(self, path):
-        import onnxruntime
-
+        onnxruntime = need("onnxruntime", "onnx")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -154,6 +154,9 @@ class OnnxClassifier:
 
 def export_onnx(model: nn.Module, tokenizer, path) -> None:
     """The fp32 model as an ONNX graph with dynamic batch and sequence axes, written atomically."""
+    # torch.onnx's exporter builds the graph with onnx and onnxscript; ONNX Runtime fuses it (_fused) and checks it
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        need(module, "onnx")
     enc = sample_inputs(tokenizer)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     dynamic = {k: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for k in names}

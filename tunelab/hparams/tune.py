@@ -18,23 +18,25 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from typing import TYPE_CHECKING, Any
 
 from tunelab import config as config_mod
 from tunelab.config import Config
 from tunelab.errors import UserError
+from tunelab.extras import need
 from tunelab.io import atomic_write_json, atomic_write_text
 from tunelab.tasks import TASKS
 from tunelab.text import text_table
 from tunelab.validate import validate
 
+if TYPE_CHECKING:  # optuna is the 'tune' extra: imported when a search starts, so lr-find and the rest run without it
+    import optuna
+    from optuna.trial import FrozenTrial
+
 log = logging.getLogger(__name__)
 
 STUDY = "tunelab"  # fixed, so that a second `tune` on the same folder finds the first one's study
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FINISHED = ("COMPLETE", "PRUNED")  # trial states, by name
 # A frozen backbone tolerates (and needs) large steps; adapters less; moving every weight wants small ones.
 LR_RANGES = {"head": (1e-4, 1e-1), "lora": (1e-5, 1e-2)}
 OTHER_LR_RANGE = (1e-6, 1e-3)
@@ -89,6 +91,8 @@ def tune(cfg: Config, trials: int, output: str | Path = "runs/tune", timeout: fl
     """
     from tunelab.data import load_splits
 
+    optuna = need("optuna", "tune")
+
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and timeout <= 0:
@@ -102,7 +106,7 @@ def tune(cfg: Config, trials: int, output: str | Path = "runs/tune", timeout: fl
     study = _open_study(out, cfg, direction, pruner)
     cv = cfg.eval.folds >= 2 and cfg.eval.fold is None
     space = space or SearchSpace.default(cfg)
-    done = sum(t.state in FINISHED for t in study.trials)
+    done = sum(t.state.name in FINISHED for t in study.trials)
     if done < trials:
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             log.info("%s", _trial_line(trial, metric))
@@ -114,6 +118,7 @@ def tune(cfg: Config, trials: int, output: str | Path = "runs/tune", timeout: fl
 
 
 def _open_study(out: Path, cfg: Config, direction: str, pruner) -> optuna.Study:
+    optuna = need("optuna", "tune")
     out.mkdir(parents=True, exist_ok=True)
     # Median pruning compares a trial with the median of earlier ones at the same evaluation (Akiba et al.);
     # n_min_trials=2: a median of one earlier trial is that trial, too thin a reason to stop (seen on MiniLM).
@@ -128,8 +133,8 @@ def _open_study(out: Path, cfg: Config, direction: str, pruner) -> optuna.Study:
         raise UserError("this folder holds a search over a different config; choose another --output "
                         "(or repeat the first command to continue it)", str(out))
     for t in study.trials:
-        if t.state == TrialState.RUNNING:  # left by a killed `tune`: it will never finish
-            study.tell(t.number, state=TrialState.FAIL)
+        if t.state == optuna.trial.TrialState.RUNNING:  # left by a killed `tune`: it will never finish
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     if study.trials:  # continuing: a re-seeded sampler must not replay the first trials' random draws
         study.sampler = optuna.samplers.TPESampler(seed=cfg.train.seed + len(study.trials))
     return study
@@ -144,6 +149,7 @@ def _fingerprint(cfg: Config) -> dict:
 def _objective(trial: optuna.Trial, base: Config, space: SearchSpace, out: Path, metric: str, cv: bool) -> float:
     from tunelab.pipeline import train
 
+    optuna = need("optuna", "tune")
     sample(trial, space, base.tuning.name)
     cfg = apply(base, trial.params)
     cfg.output, cfg.overwrite = str(out / "trials" / f"trial-{trial.number:03d}"), True
@@ -170,11 +176,11 @@ def _objective(trial: optuna.Trial, base: Config, space: SearchSpace, out: Path,
 def write_reports(study: optuna.Study, base: Config, out: Path, metric: str) -> dict:
     """best.yaml, trials.csv, trials.json and trials.png, each written atomically; returns trials.json."""
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "seconds": (t.datetime_complete - t.datetime_start).total_seconds() if t.state in FINISHED else None,
+             "seconds": (t.datetime_complete - t.datetime_start).total_seconds() if t.state.name in FINISHED else None,
              "run_dir": t.user_attrs.get("run_dir")}
             for t in study.trials]
     best = None
-    if any(t.state == TrialState.COMPLETE for t in study.trials):
+    if any(t.state.name == "COMPLETE" for t in study.trials):
         b = study.best_trial  # among completed trials only: a pruned trial's value is a partial one
         best = {"number": b.number, "value": b.value, "params": b.params, "config": str(out / "best.yaml"),
                 **_untouched(b.user_attrs.get("run_dir"))}

@@ -22,6 +22,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from tunelab.extras import need
 from tunelab.serve.db import new_id, private_dir
 from tunelab.serve.worker import hold_lock, spawn
 
@@ -91,7 +92,9 @@ def log_config() -> dict:
 
 def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
           max_job_hours: float | None = None, body_timeout: float = 30.0) -> None:
-    import uvicorn
+    for module in ("fastapi", "python_multipart"):  # checked before anything starts; uploads need python-multipart
+        need(module, "serve")
+    uvicorn = need("uvicorn", "serve")
 
     from tunelab.serve.app import create_app
 

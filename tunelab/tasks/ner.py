@@ -18,6 +18,7 @@ from tunelab.config import DataConfig
 from tunelab.data.conll import TAG, read_conll
 from tunelab.data.load import Example, Problems, Records, _decoded_lines, check_known_labels, group_of, json_records
 from tunelab.errors import UserError, excerpt
+from tunelab.extras import need
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import fit_logistic
 
@@ -38,9 +39,8 @@ _TAGGER = None
 def _tagger():
     global _TAGGER  # one MeCab instance per process: building it loads the dictionary
     if _TAGGER is None:
-        import fugashi
-
-        _TAGGER = fugashi.Tagger()
+        need("unidic_lite", "ja")  # the dictionary fugashi.Tagger() loads
+        _TAGGER = need("fugashi", "ja").Tagger()
     return _TAGGER
 
 
