@@ -111,6 +111,9 @@ def test_openapi_documents_the_openai_error_shape_not_422(schema):
         assert "422" not in responses and responses["4XX"]["content"]["application/json"]["schema"]["$ref"] \
             .endswith("/ErrorBody"), path
     assert set(schema["components"]["schemas"]["Error"]["properties"]) == {"message", "type", "param", "code"}
+    chat = _body_schema(schema, "/v1/chat/completions")["properties"]
+    assert chat["max_tokens"]["anyOf"][0]["maximum"] == bodies.MAX_TOKENS and chat["n"]["const"] == 1
+    assert _body_schema(schema, "/v1/classifications")["properties"]["input"]["maxItems"] == bodies.MAX_INPUTS
 
 
 # ---- refusals, in OpenAI's shape -------------------------------------------------------------------------------
@@ -192,3 +195,36 @@ def test_unknown_top_level_keys_are_ignored_as_before(api):
     status, job = _job(api, integrations=[], user="someone")
     assert status == 200, job
 
+
+# ---- chat completions and classifications ----------------------------------------------------------------------
+
+CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": 2.5}, "temperature"), ({"temperature": True}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"max_tokens": 1.5}, "max_tokens"), ({"seed": -1}, "seed"), ({"n": 2}, "n"), ({"stop": "x"}, "stop"),
+    ({"stream": True, "stream_options": "x"}, "stream_options"), ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+])
+def test_chat_bodies_are_checked_before_any_model_loads(api, fields, param):
+    app, key, _, _ = api
+    _refused(*call(app, key, "/v1/chat/completions", {**CHAT, **fields}), param)
+
+
+@pytest.mark.parametrize("texts, param, words", [
+    ([], "input", "at least 1"), (["a"] * (bodies.MAX_INPUTS + 1), "input", f"at most {bodies.MAX_INPUTS}"),
+    (["fine", "  "], "input.1", "is empty"), ("x" * (bodies.MAX_CHARS + 1), "input.0", "at most"),
+    (5, "input", "list"),
+])
+def test_classification_bodies_are_checked_before_any_model_loads(api, texts, param, words):
+    app, key, _, _ = api
+    _refused(*call(app, key, "/v1/classifications", {"model": "ft:x", "input": texts}), param, words)
+
+
+def test_a_valid_body_reaches_the_route(api):
+    """Past its model, a body's model name is looked up: an unknown one is a 404, as before."""
+    app, key, _, _ = api
+    assert call(app, key, "/v1/classifications", {"model": "ft:none", "input": "fine"})[0] == 404
+    assert call(app, key, "/v1/chat/completions", {**CHAT, "model": "ft:none", "temperature": 2})[0] == 404

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from urllib.parse import unquote
 
-from fastapi import APIRouter, BackgroundTasks, Body, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -22,7 +22,7 @@ from tunelab.errors import UserError, cut
 from tunelab.io import read_jsonl_prefix
 from tunelab.rundir import RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import files, inference, job_request, jobs, keys, limits
-from tunelab.serve.bodies import CreateJob, ErrorBody
+from tunelab.serve.bodies import Chat, Classify, CreateJob, ErrorBody
 from tunelab.serve.db import connect, finite
 
 HERE = Path(__file__).parent
@@ -319,13 +319,13 @@ def get_model(model_id: str, home: Path = Home):
 
 
 @router.post("/v1/chat/completions")
-def chat(body: dict = Body(...), home: Path = Home):
+def chat(body: Chat, home: Path = Home):
     out = inference.chat(home, body)
     return out if isinstance(out, dict) else StreamingResponse(out, media_type="text/event-stream")
 
 
 @router.post("/v1/classifications")
-def classify(body: dict = Body(...), home: Path = Home):
+def classify(body: Classify, home: Path = Home):
     return inference.classify(home, body)
 
 

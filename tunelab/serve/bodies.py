@@ -17,7 +17,7 @@ import typing
 from functools import partial
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo,
                       create_model, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -279,3 +279,73 @@ class CreateJob(BaseModel):
         return {**(self.hyperparameters.model_dump(exclude_unset=True) if self.hyperparameters else {}),
                 **(inner.model_dump(exclude_unset=True) if inner else {})}
 
+
+# ---- POST /v1/chat/completions and /v1/classifications ----------------------------------------------------------
+
+MAX_TOKENS = 2048
+MAX_INPUTS = 256
+# Characters of a conversation or of one text to classify, counted before anything is tokenized: tokenizing 200,000
+# characters took 4 s of the server's time only to be refused for the model's context length.
+MAX_CHARS = 32_768
+
+
+# strict: true, 1.5 and "3" are no integers, and true and "1" no numbers; an integer is a number
+Tokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
+Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=2)]
+TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="A last chunk with the token counts.")
+
+
+class Chat(BaseModel):
+    """POST /v1/chat/completions: the OpenAI fields tunelab serves. OpenAI's other options are ignored, as they
+    always were; those it cannot honour (n > 1, stop sequences) are refused."""
+
+    model: str = Field(description="A generator: a base model of GET /v1/models or a fine-tuned chat, clm or dpo "
+                                   "model (ft:…).")
+    messages: list[dict[str, Any]] = Field(
+        min_length=1, description=f"OpenAI chat messages ({{role, content}}), read as the chat task reads its "
+                                  f"records; at most {MAX_CHARS:,} characters in all.")
+    max_tokens: Tokens | None = Field(None, description="Most tokens generated; default 128.")
+    max_completion_tokens: Tokens | None = Field(None, description="The same as max_tokens, which it overrides.")
+    temperature: Temperature | None = Field(None, description="0 always takes the most likely token; default 1.")
+    top_p: TopP | None = Field(None, description="Sample only from the most likely tokens that together hold this "
+                                                 "probability; default 1.")
+    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = Field(
+        None, description="Seed set before the answer, so a sampled answer can be reproduced; drawn when absent.")
+    n: Literal[1] = Field(1, description="Answers per request: only 1.")
+    stop: str | list[str] | None = Field(None, description="Not supported: the answer ends at the model's end of turn.")
+    stream: bool | None = Field(False, description="Send the answer as server-sent events of chat.completion.chunk.")
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop(cls, value):
+        if value is not None:
+            raise refuse("stop sequences are not supported; the answer ends at the model's end of turn")
+        return value
+
+
+def _texts(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise refuse("is empty")
+    return text
+
+
+Text = Annotated[str, StringConstraints(max_length=MAX_CHARS), AfterValidator(_not_blank)]
+
+
+class Classify(BaseModel):
+    """POST /v1/classifications (tunelab's): labels, values or entities from a fine-tuned classifier, regressor or
+    tagger. Other keys are ignored, as they always were."""
+
+    model: str = Field(description="A fine-tuned classification, multilabel, regression or ner model (ft:…).")
+    input: Annotated[list[Text], BeforeValidator(_texts, json_schema_input_type=str | list[str]),
+                     Field(min_length=1, max_length=MAX_INPUTS)] = Field(
+        description=f"One text or a list of up to {MAX_INPUTS} (each non-empty, at most {MAX_CHARS:,} characters).")
