@@ -13,15 +13,16 @@ import traceback
 from pathlib import Path
 from urllib.parse import unquote
 
-from fastapi import APIRouter, BackgroundTasks, Body, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, cut
 from tunelab.io import read_jsonl_prefix
 from tunelab.rundir import RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import files, inference, job_request, jobs, keys, limits
+from tunelab.serve.bodies import Chat, Classify, CreateJob, ErrorBody
 from tunelab.serve.db import connect, finite
 
 HERE = Path(__file__).parent
@@ -143,12 +144,20 @@ async def not_found(request: Request, e: LookupError):
 
 
 async def bad_request(request: Request, e: RequestValidationError):
+    """A body, query or path parameter its declaration refuses (bodies.py): the first problem, addressed by its
+    place in the request (`hyperparameters.n_epochs`, `config.train.lr`), in OpenAI's shape."""
     first = e.errors()[0] if e.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ())[1:])
-    return error(400, f"{where or 'request'}: {first.get('msg', 'invalid request')}", where or None)
+    where = ".".join(cut(str(p)) for p in first.get("loc", ())[1:])  # a dict key in it is the client's text
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        where, message = "", "the request body is not valid JSON"
+    elif not where and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        message = "the request body must be a JSON object"
+    return error(400, f"{where}: {message}" if where else message, where or None)
 
 
-router = APIRouter()
+# Declared for /openapi.json: a bad body is answered 400 in this shape (bad_request), not FastAPI's 422.
+router = APIRouter(responses={"4XX": {"model": ErrorBody, "description": "Refused, in OpenAI's error shape"}})
 
 
 @router.get("/health")
@@ -218,7 +227,7 @@ def _job(home: Path, job_id: str) -> dict:
 
 
 @router.post("/v1/fine_tuning/jobs")
-def create_job(background: BackgroundTasks, body: dict = Body(...), home: Path = Home):
+def create_job(body: CreateJob, background: BackgroundTasks, home: Path = Home):
     job = job_request.create(home, body)
     background.add_task(jobs.validate_pending, home)  # now, rather than at the next housekeeping round
     return jobs.public(job)
@@ -310,13 +319,13 @@ def get_model(model_id: str, home: Path = Home):
 
 
 @router.post("/v1/chat/completions")
-def chat(body: dict = Body(...), home: Path = Home):
+def chat(body: Chat, home: Path = Home):
     out = inference.chat(home, body)
     return out if isinstance(out, dict) else StreamingResponse(out, media_type="text/event-stream")
 
 
 @router.post("/v1/classifications")
-def classify(body: dict = Body(...), home: Path = Home):
+def classify(body: Classify, home: Path = Home):
     return inference.classify(home, body)
 
 

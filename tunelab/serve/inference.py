@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import secrets
 import tempfile
 import threading
@@ -16,15 +15,11 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from tunelab.errors import UserError, cut, excerpt
+from tunelab.errors import UserError, cut
 from tunelab.serve import job_request, jobs
+from tunelab.serve.bodies import MAX_CHARS, Chat, Classify
 
 CACHED = 2  # models kept loaded
-MAX_TOKENS = 2048
-MAX_INPUTS = 256
-# Characters of a conversation or of one text to classify, counted before anything is tokenized: tokenizing 200,000
-# characters took 4 s of the server's time only to be refused for the model's context length.
-MAX_CHARS = 32_768
 # The service's names for what the command line calls by its flags.
 PARAMS = {"--temperature": "temperature", "--top-p": "top_p", "--max-new-tokens": "max_tokens", "--prompt": "messages"}
 
@@ -69,31 +64,16 @@ def locate(home: Path, model: str) -> tuple[str, str | None]:
 
 # ---- chat completions ----------------------------------------------------------------------------------------
 
-def _sampling(body: dict) -> dict:
+def _sampling(body: Chat) -> dict:
+    """The request's sampling settings (types and ranges checked by its model), OpenAI's defaults for those absent."""
     from tunelab.generate import Sampling
 
-    if body.get("n", 1) != 1:
-        raise UserError("only n=1 is supported", "n")
-    if body.get("stop") is not None:
-        raise UserError("stop sequences are not supported; the answer ends at the model's end of turn", "stop")
-    def given(key, default):  # OpenAI clients send null for "the default"
-        return default if body.get(key) is None else body[key]
+    def given(value, default):  # OpenAI clients send null for "the default"
+        return default if value is None else value
 
-    limit = given("max_completion_tokens", given("max_tokens", Sampling.max_new_tokens))
-    out = {"max_new_tokens": limit, "temperature": given("temperature", 1.0), "top_p": given("top_p", 1.0),
-           "seed": given("seed", secrets.randbelow(2**31))}
-    for key, value in out.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (isinstance(value, float) and not math.isfinite(value)):
-            raise UserError(f"must be a finite number, got {excerpt(value)}", key)
-    if not 1 <= out["max_new_tokens"] <= MAX_TOKENS:  # before int(): exact for integers of any size
-        raise UserError(f"must be between 1 and {MAX_TOKENS}", "max_tokens")
-    if not 0 <= out["temperature"] <= 2:  # OpenAI's range; transformers wants a float
-        raise UserError(f"must be between 0 and 2, got {excerpt(out['temperature'])}", "temperature")
-    out["temperature"], out["top_p"] = float(out["temperature"]), float(out["top_p"])
-    if not 0 <= out["seed"] < 2**63 or out["seed"] != int(out["seed"]):
-        raise UserError(f"must be an integer in [0, 2^63), got {excerpt(out['seed'])}", "seed")
-    out["max_new_tokens"], out["seed"] = int(out["max_new_tokens"]), int(out["seed"])
+    out = {"max_new_tokens": given(body.max_completion_tokens, given(body.max_tokens, Sampling.max_new_tokens)),
+           "temperature": float(given(body.temperature, 1.0)), "top_p": float(given(body.top_p, 1.0)),
+           "seed": given(body.seed, secrets.randbelow(2**31))}
     with _service_names():
         Sampling(**out).check()
     return out
@@ -114,28 +94,25 @@ def _within(texts: list[str], param: str) -> None:
         raise UserError(f"{chars:,} characters; at most {MAX_CHARS:,} are read", param)
 
 
-def chat(home: Path, body: dict):
+def chat(home: Path, body: Chat):
     """A chat.completion dict, or (stream=True) an iterator of server-sent-event lines."""
     from tunelab.data.chat import parse_messages
     from tunelab.generate import encode, load_generator
 
-    source, task = locate(home, body.get("model"))
+    source, task = locate(home, body.model)
     if task is not None and task not in ("clm", "chat", "dpo"):
-        raise UserError(f"{body['model']} is a {task} model: call /v1/classifications", "model")
-    messages = parse_messages(body.get("messages"), "messages", None, need_assistant=False)
+        raise UserError(f"{body.model} is a {task} model: call /v1/classifications", "model")
+    messages = parse_messages(body.messages, "messages", None, need_assistant=False)
     _within([m["content"] for m in messages], "messages")
     sampling = _sampling(body)
     loaded = _load("generator:" + source, lambda: load_generator(source))
     model, tokenizer = loaded.objects
     with _service_names():
         prompt_tokens = len(encode(tokenizer, messages))
-    head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": body["model"]}
-    if body.get("stream"):
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise UserError(f"must be an object such as {{\"include_usage\": true}}, got {excerpt(options)}",
-                            "stream_options")
-        return _stream(loaded, messages, sampling, head, prompt_tokens, bool(options.get("include_usage")))
+    head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": body.model}
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return _stream(loaded, messages, sampling, head, prompt_tokens, usage)
     with loaded.lock, _service_names():
         c = _complete(loaded, messages, sampling)
     return {**head, "object": "chat.completion",
@@ -204,22 +181,15 @@ def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, usage: bool
 
 # ---- classifiers ---------------------------------------------------------------------------------------------
 
-def classify(home: Path, body: dict) -> dict:
+def classify(home: Path, body: Classify) -> dict:
     """Predictions of a fine-tuned classifier, regressor or tagger for one text or a list of texts."""
     from tunelab.predict import load_run, predict_examples
 
-    source, task = locate(home, body.get("model"))
+    source, task = locate(home, body.model)
     if task is None or task in ("clm", "mlm", "chat", "dpo", "reward"):
-        raise UserError(f"{body['model']} does not predict labels: use /v1/chat/completions for generators",
+        raise UserError(f"{body.model} does not predict labels: use /v1/chat/completions for generators",
                         "model")
-    texts = body.get("input")
-    texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise UserError("'input' must be a non-empty string or a list of non-empty strings", "input")
-    if len(texts) > MAX_INPUTS:
-        raise UserError(f"at most {MAX_INPUTS} texts per request", "input")
-    for text in texts:
-        _within([text], "input")
+    texts = body.input  # each a non-empty text within MAX_CHARS, at most MAX_INPUTS of them
     loaded = _load("run:" + source, lambda: load_run(source))
     cfg, task_obj = loaded.objects[0], loaded.objects[1]
     with tempfile.TemporaryDirectory() as tmp:  # the task's own reader (segmentation for ner, …)
@@ -232,4 +202,4 @@ def classify(home: Path, body: dict) -> dict:
         rows = predict_examples(loaded.objects, examples)
     data = [{"object": "classification", "index": i, **{k: v for k, v in r.items() if k != "text"}}
             for i, r in enumerate(rows)]
-    return {"object": "list", "model": body["model"], "task": task, "data": data}
+    return {"object": "list", "model": body.model, "task": task, "data": data}
