@@ -69,7 +69,8 @@ def test_the_label_error_search_names_the_check_extra(monkeypatch):
     from tunelab.check import Report, check_label_errors
     from tunelab.data.load import Example
 
-    monkeypatch.setitem(sys.modules, "cleanlab", None)
+    for name in ["cleanlab", *(m for m in sys.modules if m.startswith("cleanlab."))]:  # as if never installed,
+        monkeypatch.setitem(sys.modules, name, None)  # whether or not an earlier test imported it
     examples = [Example(text=f"text {i}", label="ab"[i % 2]) for i in range(20)]
     with pytest.raises(MissingExtra, match=r"'check' extra: pip install 'tunelab\[check\]' \(no module named 'clean"):
         check_label_errors(examples, Report("train.jsonl", "classification", "utf-8"))
