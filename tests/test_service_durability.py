@@ -30,7 +30,7 @@ def _integrity(svc) -> str:
     return sqlite3.connect(svc.home / "tunelab.db").execute("PRAGMA integrity_check").fetchone()[0]
 
 
-def _steps_once(svc, job_id: str, epochs: int = 6) -> None:
+def _steps_once(svc, job_id: str, epochs: int = 3) -> None:
     """The finished run's history has every step exactly once (a resume rewinds to its checkpoint)."""
     history = [json.loads(line) for line in (jobs.run_dir(svc.home, job_id) / "history.jsonl").read_text()
                .splitlines()]
@@ -43,7 +43,7 @@ def _steps_once(svc, job_id: str, epochs: int = 6) -> None:
 
 def test_worker_killed_mid_training_resumes_from_its_checkpoint(make_service):
     svc = make_service()
-    job_id = svc.slow_job()
+    job_id = svc.slow_job(epochs=3)  # killed after the first epoch's checkpoint, two more to resume into
     wait_until(lambda: _checkpointed(svc, job_id), 240, lambda: svc.tail(job_id))
     assert svc.job(job_id)["estimated_finish"] > time.time()
     [worker] = svc.worker_pids()
@@ -61,7 +61,7 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(make_service):
 
 def test_whole_server_killed_then_restarted_leaves_no_job_running(make_service):
     svc = make_service()
-    job_id = svc.slow_job()
+    job_id = svc.slow_job(epochs=3)
     waiting = svc.create(model="tiny-bert", training_file=svc.upload(svc.slow_data), hyperparameters={"n_epochs": 1})
     wait_until(lambda: _checkpointed(svc, job_id), 240, lambda: svc.tail(job_id))
     svc.kill()

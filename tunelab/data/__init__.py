@@ -6,8 +6,6 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sklearn.model_selection import train_test_split
-
 from tunelab.config import Config
 from tunelab.data.load import Example
 from tunelab.errors import UserError
@@ -67,6 +65,9 @@ def holdout(rows: list[Example], strata: list | None, size, seed: int,
     problem = split_problem(strata, len(rows), size, setting)
     if problem:
         raise UserError(problem, where or setting)
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes ~1.5 s to import, and a run
+    # given its eval file never splits (every `tunelab` process imports this module)
+
     rest, part = train_test_split(rows, test_size=size, random_state=seed, stratify=_usable_strata(strata, 2))
     return rest, part
 
