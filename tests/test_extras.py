@@ -25,6 +25,7 @@ def line(extra: str, what: str, module: str) -> str:
     # (Starlette, imported for the first time here, falls back to the old module name and warns)
     pytest.param("python_multipart", ["serve", "--home", "{out}"], "serve", "the fine-tuning service (tunelab serve)",
                  marks=pytest.mark.filterwarnings("ignore:Please use `import python_multipart`")),
+    ("pydantic", ["worker", "--home", "{out}"], "serve", "the fine-tuning service (tunelab serve)"),
     ("optuna", ["tune", "--train", "{data}", "--trials", "1", "--output", "{out}"], "tune",
      "the hyperparameter search (tunelab tune)"),
     ("datasketch", ["data", "check", "{data}", "--no-label-errors"], "check",

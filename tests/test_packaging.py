@@ -179,12 +179,15 @@ def test_the_wheel_installs_into_a_fresh_venv_and_trains_without_any_extra(tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1")
 
-    # Every module imports without the extras (they are imported where first used), but for the service's HTTP side,
-    # which only `tunelab serve` loads, after checking for them.
+    # Every module imports without the extras (they are imported where first used), but for the service's HTTP side
+    # and request bodies (with its workers, which read them), which `tunelab serve` and `tunelab worker` load only
+    # after checking for them.
     package, failed = sh(python, "-c", IMPORT_ALL, cwd=elsewhere, env=env).stdout.splitlines()
     assert Path(package).is_relative_to(site), package
     assert all((Path(package).parent / f).is_file() for f in html)
-    assert failed == "tunelab.serve.app: fastapi, tunelab.serve.limits: fastapi", failed
+    assert failed == ("tunelab.serve.app: fastapi, tunelab.serve.bodies: pydantic, tunelab.serve.inference: pydantic, "
+                      "tunelab.serve.job_request: pydantic, tunelab.serve.limits: fastapi, "
+                      "tunelab.serve.worker: pydantic"), failed
 
     assert "train" in sh(tunelab, "--help", cwd=elsewhere, env=env).stdout
     sh(tunelab, "train", "--model", tiny_model, "--train", toy_data["train"], "--eval", toy_data["eval"], "--epochs",

@@ -23,6 +23,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from tunelab.serve.server import need_service_stack
+
+    need_service_stack()
     from tunelab.serve.worker import run_worker
 
     _positive_hours(args.max_job_hours)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from tunelab.extras import need
 from tunelab.serve.db import new_id, private_dir
-from tunelab.serve.worker import hold_lock, spawn
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +89,19 @@ def log_config() -> dict:
     return config
 
 
+def need_service_stack():
+    """The 'serve' extra, checked before anything starts (uploads need python-multipart; request bodies, and so the
+    workers, pydantic): one line naming the extra where a part is missing. Returns uvicorn."""
+    for module in ("fastapi", "python_multipart", "pydantic"):
+        need(module, "serve")
+    return need("uvicorn", "serve")
+
+
 def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
           max_job_hours: float | None = None, body_timeout: float = 30.0) -> None:
-    for module in ("fastapi", "python_multipart"):  # checked before anything starts; uploads need python-multipart
-        need(module, "serve")
-    uvicorn = need("uvicorn", "serve")
-
+    uvicorn = need_service_stack()
     from tunelab.serve.app import create_app
+    from tunelab.serve.worker import hold_lock
 
     os.umask(0o077)  # the database, uploads, logs and run folders are the owner's alone (workers inherit it)
     home = private_dir(Path(home))
@@ -132,4 +137,6 @@ def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
 
 
 def _worker(home: Path, i: int, extra: list[str]) -> subprocess.Popen:
+    from tunelab.serve.worker import spawn
+
     return spawn(["worker", "--home", str(home), *extra], home / "logs" / f"worker-{i}.log")
