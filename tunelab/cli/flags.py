@@ -49,23 +49,20 @@ def _flag(key: str, f) -> str:
 def add_section_flags(parser: argparse.ArgumentParser, section: str, names: tuple[str, ...]) -> None:
     """Flags for a few settings of one config section (`data`), for commands that take only those: each flag's
     type, default and help come from the field, so they cannot drift from the training command's."""
-    fields = {k: (f, tp) for k, f, tp in iter_fields()}
+    fields = {k: f for k, f, _ in iter_fields()}
     for name in names:
-        f, tp = fields[f"{section}.{name}"]
-        parser.add_argument(_flag(f"{section}.{name}", f), dest=f"{section}:{name}", default=f.default, metavar="V",
+        key = f"{section}.{name}"
+        f = fields[key]
+        parser.add_argument(_flag(key, f), dest=f"{section}:{name}", default=f.default, metavar="V",
                             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
 
 
 def section_from_args(args: argparse.Namespace, section: str):
     """The config section (a DataConfig for `data`) with the values of the flags `add_section_flags` added,
     each checked against its field's type and range."""
-    cfg = Config()
-    for key, value in vars(args).items():
-        if key.startswith(f"{section}:"):
-            name = key.split(":", 1)[1]
-            config_mod.set_value(cfg, f"{section}.{name}", value, _flag(f"{section}.{name}", _field(section, name)))
+    cfg, fields = Config(), {k: f for k, f, _ in iter_fields()}
+    for dest, value in vars(args).items():
+        if dest.startswith(f"{section}:"):
+            key = f"{section}.{dest.split(':', 1)[1]}"
+            config_mod.set_value(cfg, key, value, _flag(key, fields[key]))
     return getattr(cfg, section)
-
-
-def _field(section: str, name: str):
-    return next(f for k, f, _ in iter_fields() if k == f"{section}.{name}")

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from tunelab.config import Config
+from tunelab.config import Config, TuningConfig
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_bytes
 from tunelab.losses import sigmoid_kl, softmax_kl
@@ -36,14 +36,14 @@ class Distill(Full):
     def __init__(self):
         self.teacher: Teacher | None = None
         self.transfer: list = []  # unlabelled examples: the teacher's soft targets only
-        self.temperature, self.alpha = 2.0, 0.5
+        self.tuning: TuningConfig | None = None  # the run's, for T and α (set by `build`)
 
     def build(self, cfg: Config, task, space, train: list) -> tuple[nn.Module, object]:
         """The student: the teacher itself with `tuning.student_layers` of its layers (and its tokenizer), or
         `--model`; with `tuning.prune_vocab`, shrunk to the vocabulary of the training and transfer texts."""
         self.teacher = Teacher(cfg.tuning.teacher)
         self.teacher.check(task, space)
-        self.temperature, self.alpha = cfg.tuning.kd_temperature, cfg.tuning.kd_alpha
+        self.tuning = cfg.tuning
         if cfg.tuning.student_layers:
             cfg.model.name = str(self.teacher.run / "model")
             model = self.teacher.student(cfg.tuning.student_layers)
@@ -79,7 +79,8 @@ class Distill(Full):
     def forward(self, task, model: nn.Module, batch: dict, space) -> tuple[torch.Tensor, dict[str, float]]:
         teacher, labelled, labels = batch.pop("teacher_logits"), batch.pop("labelled"), batch.pop("labels")
         logits = model(**batch).logits.float()
-        return distill_loss(task, logits, teacher, labels, labelled, self.temperature, self.alpha), {}
+        return distill_loss(task, logits, teacher, labels, labelled, self.tuning.kd_temperature,
+                            self.tuning.kd_alpha), {}
 
     def before_training(self, loop) -> str | None:
         return None  # the student learns the teacher's outputs (and a shortened teacher keeps its own head)
