@@ -6,10 +6,9 @@ computed once per split here, on exactly the examples the methods are scored on.
 """
 from __future__ import annotations
 
-import logging
-
 import copy
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path

@@ -1,9 +1,8 @@
 """K-fold cross-validation: one complete run per fold (each kept in `fold-K/`), then mean, sd and 95% CI."""
 from __future__ import annotations
 
-import logging
-
 import copy
+import logging
 from pathlib import Path
 
 from tunelab import config as config_mod

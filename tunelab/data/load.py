@@ -5,11 +5,10 @@ readers take the task's `parse_label` and default label key.
 """
 from __future__ import annotations
 
-import logging
-
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

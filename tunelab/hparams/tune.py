@@ -8,13 +8,12 @@ where it stopped: finished trials count towards `--trials`. One `tune` process p
 """
 from __future__ import annotations
 
-import logging
-
 import copy
 import csv
 import io
 import itertools
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path

@@ -7,10 +7,9 @@ tokenizer (with its chat template) into the cache, atomically. Later loads read 
 """
 from __future__ import annotations
 
-import logging
-
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import time

@@ -8,13 +8,12 @@ within a second of a cancel, or when the job has run longer than the service's l
 """
 from __future__ import annotations
 
-import logging
-
-import ctypes
 import csv
+import ctypes
 import fcntl
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
