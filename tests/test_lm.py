@@ -257,17 +257,17 @@ def test_skip_invalid_counts_what_it_skips(capsys, tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("policy,verb", [("truncate", "truncated"), ("drop", "dropped")])
-def test_overlong_conversations_are_truncated_or_dropped_and_counted(policy, verb, lm_config, capsys):
+def test_overlong_conversations_are_truncated_or_dropped_and_counted(policy, verb, lm_config, caplog):
     from tunelab.data.load import Example
 
     cfg = lm_config("chat")
     cfg.data.max_length, cfg.data.overlong = 24, policy
     job = build_job(cfg, torch.device("cpu"))
-    capsys.readouterr()
+    caplog.clear()
     long = [{"role": "user", "content": "name a color"}, {"role": "assistant", "content": "blue " * 40}]
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a cat"}]
     items = job.task.encode(job.tokenizer, [Example("", long), Example("", short)], job.splits.space, 24)
-    err = capsys.readouterr().err
+    err = caplog.text  # the library warns through logging (the CLI shows it)
     assert f"1 of 2 conversations are longer than max_length 24 tokens and were {verb}" in err
     assert len(items) == (2 if policy == "truncate" else 1) and all(len(it["input_ids"]) <= 24 for it in items)
 

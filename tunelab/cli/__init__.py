@@ -29,15 +29,27 @@ class _Terminal(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"tunelab: {record.levelname.lower()}: {text}"
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not the one it was made with (a caller, a test's
+    capture, may replace it between commands run in one process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property answers instead
+        pass
+
+
 def show_logs(level: int = logging.INFO) -> None:
     """Library code reports through the `tunelab` loggers; the command line shows them on stderr (stdout keeps
-    the results). Replaces the handler of an earlier call (tests call `main` many times in one process)."""
+    the results). Once per process: a later call only sets the level."""
     logger = logging.getLogger("tunelab")
-    for handler in [h for h in logger.handlers if isinstance(h.formatter, _Terminal)]:
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Terminal())
-    logger.addHandler(handler)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_Terminal())
+        logger.addHandler(handler)
     logger.setLevel(level)
 
 
