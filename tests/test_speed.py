@@ -41,6 +41,35 @@ def test_head_on_cached_features_trains_as_if_the_backbone_ran_every_step(task_c
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@pytest.mark.parametrize("task", ["classification", "ner"])  # the pooled output kept; every hidden state kept
+def test_feature_cache_holds_the_eval_mode_backbone_outputs_in_every_batch(task_config, task):
+    """The cache runs the frozen backbone without dropout in every batch: probing what the head reads after the
+    first batch once put the backbone back into train mode, so later batches were cached with dropout on."""
+    from tunelab.methods.features import cache_features, model_inputs
+    from tunelab.pipeline import build_job
+    from tunelab.validate import validate
+
+    cfg = task_config(task)
+    cfg.tuning.name = "head"
+    validate(cfg)
+    job = build_job(cfg, torch.device("cpu"))
+    model, items = job.model, job.train_items[:24]
+    model.train()
+    assert model.config.hidden_dropout_prob > 0  # else dropout could not show
+    modes = {name: m.training for name, m in model.named_modules()}
+    cache = cache_features(job.task, model, items, job.pad_id, torch.device("cpu"), tokens=64)  # several batches
+    assert cache is not None
+    assert {name: m.training for name, m in model.named_modules()} == modes  # left as it was found
+    base = getattr(model, model.base_model_prefix).eval()
+    with torch.no_grad():
+        for i, item in enumerate(items):
+            out = base(**model_inputs(job.task, [item], job.pad_id, torch.device("cpu")))
+            if cache.kept == "pooled":
+                assert torch.allclose(cache.pooled[i], out.pooler_output[0], atol=1e-5), i
+            else:
+                assert torch.allclose(cache.hidden[i], out.last_hidden_state[0], atol=1e-5), i
+
+
 @pytest.mark.parametrize("l1", [False, True])
 def test_reused_embedding_gradient_equals_pytorchs_and_keeps_its_buffer(monkeypatch, l1):
     monkeypatch.setattr(speed, "LARGE", 0)  # the test table is small

@@ -112,8 +112,8 @@ def _reads_only_pooled(task, model, cache: FrozenFeatures, rows: list[int], item
     """Does the head give the same answer when every token's hidden state is NaN? Then it reads only the pooled
     output (probed in eval mode, so that dropout cannot hide a difference)."""
     inputs = model_inputs(task, [items[i] for i in rows], pad_id, device)
-    was_training = model.training
-    model.eval()
+    modes = {module: module.training for module in model.modules()}  # restored module by module: the frozen
+    model.eval()  # base model stays in eval mode for the cache's later batches (model.train() would undo that)
     real = cache.hidden
     with cache.serving(model, rows):
         full = model(**inputs).logits
@@ -124,5 +124,6 @@ def _reads_only_pooled(task, model, cache: FrozenFeatures, rows: list[int], item
             blind = model(**inputs).logits
         finally:
             cache.hidden = real
-    model.train(was_training)
+    for module, training in modes.items():
+        module.training = training
     return bool(torch.isfinite(blind).all()) and torch.allclose(full, blind)
