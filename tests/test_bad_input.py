@@ -74,7 +74,7 @@ def test_eval_label_unseen_in_training(capsys, base_args, tmp_path):
     (["--set", "train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
     (["--epochs", "two"], "setting 'train.epochs' must be int, got 'two'"),
     (["--model", "/no/such/model"], "'/no/such/model' is neither a bundled model"),
-    (["--task", "poetry"], "unknown task 'poetry'"),
+    (["--task", "poetry"], "setting 'task' must be one of classification, multilabel"),
 ])
 def test_bad_settings(argv, expected, capsys, base_args, toy_data, tmp_path):
     code, err = run_cli(capsys, *base_args, "--train", toy_data["train"], *argv)

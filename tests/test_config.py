@@ -104,3 +104,10 @@ def test_the_tuning_choices_are_the_registered_methods():
     from tunelab.methods import METHODS
 
     assert set(choices(dict((k, tp) for k, _, tp in iter_fields())["tuning.name"])) == set(METHODS)
+
+
+def test_the_task_choices_are_the_registered_tasks():
+    """The same for tasks: the typed config and the service's request bodies name them without the registry."""
+    from tunelab.tasks import TASKS
+
+    assert list(choices(dict((k, tp) for k, _, tp in iter_fields())["task"])) == list(TASKS)

@@ -190,7 +190,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    task: str = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, chat, dpo, reward.", "--task")
+    task: Literal["classification", "multilabel", "regression", "ner", "clm", "mlm", "chat", "dpo", "reward"] = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, chat, dpo, reward.", "--task")
     output: str = setting("runs/run", "Run folder to write (config, metrics, history, plots, model, checkpoints).", "--output",
         path="output")
     overwrite: bool = setting(False, "Replace an existing, non-empty run folder instead of refusing.", "--overwrite")

@@ -23,7 +23,6 @@ from pydantic_core import PydanticCustomError
 
 from tunelab import config as config_mod
 from tunelab.errors import UserError, excerpt
-from tunelab.tasks import TASKS
 
 
 def refuse(message: str, kind: str = "invalid") -> PydanticCustomError:
@@ -223,6 +222,7 @@ class Settings(Strict):
 # ---- POST /v1/fine_tuning/jobs ----------------------------------------------------------------------------------
 
 TUNINGS = config_mod.choices(typing.get_type_hints(config_mod.TuningConfig)["name"])
+TASKS = config_mod.choices(typing.get_type_hints(config_mod.Config)["task"])
 Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
                           Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
@@ -240,7 +240,7 @@ class CreateJob(BaseModel):
     hyperparameters: DpoHyperparameters | None = Field(
         None, description="The same hyperparameters as method.<type>.hyperparameters (which win), the older way; "
                           "beta only for dpo.")
-    task: Literal[tuple(TASKS)] | None = Field(
+    task: Literal[TASKS] | None = Field(
         None, description="What the model learns; by default dpo for method.type dpo, else from the training "
                           "file (chat for messages, clm for plain text, classification for text + label).")
     # Not a Literal: an unknown method is refused with the run's other settings (param "config"), as it always was.
