@@ -146,7 +146,7 @@ def _one_reader_per_file():
     times (for the config, the weights and the tokenizer), and gguf's reader builds each of its fields in Python:
     2.4 million parts for Gemma 3's 262,144-token vocabulary, 35 s a time on one core. The reader is read-only and
     memory-mapped; transformers looks the class up on the module at each call, so this is where it finds it."""
-    import gguf
+    import gguf  # installed with the GGUF models (their install line), as transformers needs it to read them
 
     original, readers = gguf.GGUFReader, {}
 
