@@ -45,6 +45,8 @@ import os
 import torch
 from torch import nn
 
+from tunelab.modes import eval_mode
+
 log = logging.getLogger(__name__)
 
 LARGE = 8 << 20  # bytes: smaller tables gain nothing worth the indirection
@@ -207,16 +209,13 @@ def cut_to_first_token(model: nn.Module, probe: dict):
             or not hasattr(getattr(last.attention, "self", None), "query") \
             or getattr(last, "add_cross_attention", False) or getattr(last, "is_decoder", False):
         return None
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         full = model(**probe).logits
         last.forward = _first_token_layer.__get__(last)
         try:
             short = model(**probe).logits
         except Exception:  # noqa: BLE001 - a layout this code does not know: the model stays as it was
             short = None
-    model.train(was_training)
     if short is None or short.shape != full.shape or not torch.allclose(short, full, atol=1e-4):
         del last.forward
         return None
@@ -577,8 +576,6 @@ def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return False
-    was_training = model.training
-
     def step():
         model.eval()  # (for each pass: entering the first-token cut restores the model's mode)
         with torch.random.fork_rng(devices=[]):
@@ -588,14 +585,12 @@ def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
             grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
         return out.detach(), grads
 
-    try:
+    with eval_mode(model):
         with patch() as applies:  # the patched pass first: where the patch does not apply, no pass at all
             if not applies:
                 return False
             ours = step()
         theirs = step()
-    finally:
-        model.train(was_training)
     same = _close(ours[0], theirs[0]) and all((a is None) == (b is None) and (a is None or _close(a, b))
                                               for a, b in zip(ours[1], theirs[1]))
     if not same:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tunelab.data.batching import FORWARD_TOKENS, token_batches
+from tunelab.modes import eval_mode
 from tunelab.tasks.base import NOT_INPUTS
 
 BUDGET = 2 << 30  # bytes of cached hidden states (fp32) above which the backbone runs every step instead
@@ -73,26 +74,23 @@ def cache_features(task, model: nn.Module, items: list[dict], pad_id: int, devic
         return None
     lengths = [len(it["input_ids"]) for it in items]
     cache = FrozenFeatures(None, [None] * len(items), [None] * len(items), width)
-    was_training = base.training
-    base.eval()
     keep_hidden = True
-    for k, batch in enumerate(token_batches(lengths, tokens)):
-        out = base(**model_inputs(task, [items[i] for i in batch], pad_id, device))
-        cache.output_type = type(out)
-        pooled = getattr(out, "pooler_output", None)
-        for row, i in enumerate(batch):
-            cache.hidden[i] = out.last_hidden_state[row, :lengths[i]].float().clone()
-            cache.pooled[i] = pooled[row].float().clone() if pooled is not None else None
-        if k == 0:  # the first batch decides what to keep
-            keep_hidden = pooled is None or not _reads_only_pooled(task, model, cache, batch[:4], items, pad_id,
-                                                                   device)
-            if keep_hidden and sum(lengths) * width * 4 > BUDGET:
-                base.train(was_training)
-                return None
-        if not keep_hidden:
-            for i in batch:
-                cache.hidden[i] = None
-    base.train(was_training)
+    with eval_mode(base):
+        for k, batch in enumerate(token_batches(lengths, tokens)):
+            out = base(**model_inputs(task, [items[i] for i in batch], pad_id, device))
+            cache.output_type = type(out)
+            pooled = getattr(out, "pooler_output", None)
+            for row, i in enumerate(batch):
+                cache.hidden[i] = out.last_hidden_state[row, :lengths[i]].float().clone()
+                cache.pooled[i] = pooled[row].float().clone() if pooled is not None else None
+            if k == 0:  # the first batch decides what to keep
+                keep_hidden = pooled is None or not _reads_only_pooled(task, model, cache, batch[:4], items,
+                                                                       pad_id, device)
+                if keep_hidden and sum(lengths) * width * 4 > BUDGET:
+                    return None
+            if not keep_hidden:
+                for i in batch:
+                    cache.hidden[i] = None
     if not keep_hidden:
         cache.hidden = None
     if cache.pooled[0] is None:
@@ -112,10 +110,8 @@ def _reads_only_pooled(task, model, cache: FrozenFeatures, rows: list[int], item
     """Does the head give the same answer when every token's hidden state is NaN? Then it reads only the pooled
     output (probed in eval mode, so that dropout cannot hide a difference)."""
     inputs = model_inputs(task, [items[i] for i in rows], pad_id, device)
-    modes = {module: module.training for module in model.modules()}  # restored module by module: the frozen
-    model.eval()  # base model stays in eval mode for the cache's later batches (model.train() would undo that)
     real = cache.hidden
-    with cache.serving(model, rows):
+    with eval_mode(model), cache.serving(model, rows):  # (the frozen base stays in eval mode for later batches)
         full = model(**inputs).logits
         cache.hidden = list(real)
         for i in rows:
@@ -124,6 +120,4 @@ def _reads_only_pooled(task, model, cache: FrozenFeatures, rows: list[int], item
             blind = model(**inputs).logits
         finally:
             cache.hidden = real
-    for module, training in modes.items():
-        module.training = training
     return bool(torch.isfinite(blind).all()) and torch.allclose(full, blind)

@@ -27,6 +27,7 @@ from torch import nn
 from tunelab.config import TuningConfig
 from tunelab.methods.base import Method, freeze_all_but
 from tunelab.models import layer_depth, num_blocks
+from tunelab.modes import eval_mode
 
 L2_GRID = tuple(10.0 ** (k / 2) for k in range(2, -11, -1))  # λ of mean loss + λ/2 ‖W‖², strongest first (warm starts)
 INNER_FOLDS = 5
@@ -115,18 +116,17 @@ def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor | None:
     seen: list[torch.Tensor] = []
     hook = linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
     rows: list[int] = []
-    was_training = loop.model.training
-    loop.model.eval()
     try:
         lengths = [len(it["input_ids"]) for it in loop.train_items]
-        for batch in global_batches(lengths, 64, seed=0, epoch=0, shuffle=False):
-            inputs = model_inputs(loop.task, [loop.train_items[i] for i in batch], loop.pad_id, loop.dist.device)
-            with features.serving(loop.model, batch) if features else contextlib.nullcontext():
-                loop.model(**inputs)
-            rows += batch
+        with eval_mode(loop.model):
+            for batch in global_batches(lengths, 64, seed=0, epoch=0, shuffle=False):
+                inputs = model_inputs(loop.task, [loop.train_items[i] for i in batch], loop.pad_id,
+                                      loop.dist.device)
+                with features.serving(loop.model, batch) if features else contextlib.nullcontext():
+                    loop.model(**inputs)
+                rows += batch
     finally:
         hook.remove()
-        loop.model.train(was_training)
     if any(part.dim() != 2 for part in seen):  # a per-token head (a decoder's score reads every position)
         return None
     z = torch.cat(seen)

@@ -16,6 +16,7 @@ from tunelab import speed
 from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.batching import FORWARD_TOKENS, collate, token_batches
 from tunelab.data.load import Example, Problems, read_examples
+from tunelab.modes import eval_mode
 
 NOT_INPUTS = ("labels", "teacher_logits", "labelled", "ref")  # what a task's or method's `collate` adds beside the inputs
 
@@ -226,16 +227,13 @@ def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int
     `task.eval_batch_size` items and `FORWARD_TOKENS` padded tokens at a time, longest first, in a fixed order:
     the same items always meet the same batches, so outputs repeat bit for bit."""
     batch_size = task.eval_batch_size
-    was_training = model.training
-    model.eval()
     out: list = [None] * len(items)
     lengths = [len(it["input_ids"]) for it in items]
-    with speed.onednn_linears(model):
+    with eval_mode(model), speed.onednn_linears(model):
         for batch in token_batches(lengths, FORWARD_TOKENS, batch_size):
             inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 rows = task.outputs(model, inputs, [lengths[i] for i in batch])
             for row, i in zip(rows, batch):
                 out[i] = row
-    model.train(was_training)
     return out

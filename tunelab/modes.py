@@ -1,0 +1,20 @@
+"""Train and eval mode, switched for a block and given back module by module."""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode within the block; after it, every module back in its own mode. `model.train(was)` would
+    put all of them into one mode: a frozen backbone that a method keeps in eval mode (head) would come back with its
+    dropout on."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
