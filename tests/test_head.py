@@ -47,13 +47,19 @@ def test_head_matches_sklearn_logistic_regression_and_converges():
     assert len(cv) > 5 and cv[fitted["l2"]] == min(cv.values()) < 0.3, cv
 
 
+def relabelled(y: torch.Tensor, share: float) -> torch.Tensor:
+    """`y` with about `share` of its labels drawn again at random among the 3 classes (seeded)."""
+    noisy = y.clone()
+    flip = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) < share
+    noisy[flip] = torch.randint(0, 3, (int(flip.sum()),), generator=torch.Generator().manual_seed(1))
+    return noisy
+
+
 def test_l2_is_chosen_inside_the_training_split():
     """Noisy labels on few examples want a strong penalty; clean, plentiful ones a weak one."""
     task, space = TASKS["classification"], Space(labels=["a", "b", "c"])
     x, y = separable(300, 2)
-    noisy = y.clone()
-    flip = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) < 0.5
-    noisy[flip] = torch.randint(0, 3, (int(flip.sum()),), generator=torch.Generator().manual_seed(1))
+    noisy = relabelled(y, 0.5)
     clean = fit_linear(task, space, x, y, y.tolist(), True, None, seed=0)
     dirty = fit_linear(task, space, x, noisy, noisy.tolist(), True, None, seed=0)
     assert dirty["l2"] > clean["l2"]
@@ -78,9 +84,7 @@ def test_the_l2_path_stops_past_its_minimum_and_chooses_as_the_whole_grid(monkey
 
     task, space = TASKS["classification"], Space(labels=["a", "b", "c"])
     x, y = separable(300, 2)
-    noisy = y.clone()
-    flip = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) < 0.3
-    noisy[flip] = torch.randint(0, 3, (int(flip.sum()),), generator=torch.Generator().manual_seed(1))
+    noisy = relabelled(y, 0.3)
     short = fit_linear(task, space, x, noisy, noisy.tolist(), True, None, seed=0)
     monkeypatch.setattr(head, "PATIENCE", len(head.L2_GRID))
     whole = fit_linear(task, space, x, noisy, noisy.tolist(), True, None, seed=0)
