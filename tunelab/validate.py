@@ -1,5 +1,5 @@
-"""A config checked against what the registries know, before any file is written: the task exists, the method
-applies to it, the metric is one of its own. tunelab.config checks the settings themselves (types, ranges,
+"""A config checked against what the registries know, before any file is written: the method applies to the
+task, the metric is one of the task's own. tunelab.config checks the settings themselves (types, ranges,
 choices, combinations); this module adds what needs the tasks and methods, which config must not import."""
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from tunelab.tasks import TASKS
 
 
 def validate(cfg: Config) -> None:
-    if cfg.task not in TASKS:
-        raise UserError(f"unknown task '{cfg.task}' (known: {', '.join(TASKS)})", "--task")
-    config_mod.validate(cfg)
+    config_mod.validate(cfg)  # the task is one of config's closed choice, which names the registered tasks
     task = TASKS[cfg.task]
     if cfg.train.metric not in ("auto", "loss", *task.metrics):
         raise UserError(f"metric '{cfg.train.metric}' is not one of the {cfg.task} task's "
