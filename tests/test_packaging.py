@@ -40,6 +40,9 @@ def pins(file: str) -> dict[str, Version]:
 
 
 LOCK, NODEPS = pins("requirements.txt"), pins("requirements-nodeps.txt")
+# What the GGUF models' install lines (tunelab/models/gguf.py) put in with --no-deps: name -> version
+GGUF_INSTALLS = {canonicalize_name(name): Version(version) for spec in GGUF_MODELS.values()
+                 for name, _, version in (word.partition("==") for word in spec.install.split() if "==" in word)}
 
 
 def declared() -> dict[str, list[tuple[str, Requirement]]]:
@@ -55,11 +58,10 @@ def declared() -> dict[str, list[tuple[str, Requirement]]]:
 
 def test_every_pin_is_declared_and_within_its_declared_range():
     decl, problems = declared(), []
-    gguf_installs = " ".join(spec.install for spec in GGUF_MODELS.values())
     for name, version in {**LOCK, **NODEPS}.items():
         if name in LOCK and name not in decl:
             problems.append(f"{name}=={version} is pinned in requirements.txt but pyproject.toml declares it nowhere")
-        elif name not in decl and f"{name}=={version}" not in gguf_installs:
+        elif name not in decl and GGUF_INSTALLS.get(name) != version:
             # the GGUF model packages go in with --no-deps, by the install line their model's message gives
             problems.append(f"{name}=={version} (requirements-nodeps.txt) is neither declared nor in a GGUF model's "
                             "install line (tunelab/models/gguf.py)")
@@ -109,8 +111,7 @@ def test_every_module_tunelab_and_its_tests_import_is_declared():
     third_party -= set(sys.stdlib_module_names) | local
     providers = importlib.metadata.packages_distributions()
     # the GGUF conversion's reader comes with the GGUF models, by the install line their messages give
-    decl = {*declared(), *(canonicalize_name(word.split("==")[0]) for spec in GGUF_MODELS.values()
-                           for word in spec.install.split() if "==" in word)}
+    decl = {*declared(), *GGUF_INSTALLS}
     undeclared = {m: providers.get(m) for m in third_party
                   if not any(canonicalize_name(d) in decl for d in providers.get(m, []))}
     assert not undeclared, f"imported but declared nowhere in pyproject.toml (module: distributions): {undeclared}"
