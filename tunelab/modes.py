@@ -11,7 +11,8 @@ def eval_mode(model: nn.Module):
     """`model` in eval mode within the block; after it, every module back in its own mode. `model.train(was)` would
     put all of them into one mode: a frozen backbone that a method keeps in eval mode (head) would come back with its
     dropout on."""
-    modes = [(module, module.training) for module in model.modules()]
+    # (or a stand-in that answers like a module: the ONNX Runtime classifier has `training`, eval() and train())
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else [(model, model.training)]
     model.eval()
     try:
         yield model
