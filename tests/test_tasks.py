@@ -163,6 +163,22 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
     assert small == bootstrap_ci(CLS, [0, 1, 1, 0] * 10, [0, 1, 0, 0] * 10, space, 500, seed=1)
 
 
+def test_resampled_classification_scores_equal_scoring_each_resample():
+    """The vectorised bootstrap (one confusion matrix per resample at once) gives the same numbers as `score` on
+    each resample, also with a class the model never predicts and one absent from a resample."""
+    import numpy as np
+
+    space = Space(["a", "b", "c", "d"])
+    rng = np.random.default_rng(0)
+    golds = rng.integers(0, 4, 50).tolist()
+    for preds in ([g if rng.random() < 0.6 else int(rng.integers(0, 4)) for g in golds], [0] * 50):
+        idx = rng.integers(0, 50, (200, 50))
+        fast = CLS.score_resamples(preds, golds, space, idx)
+        for r, row in enumerate(idx):
+            one = CLS.score([preds[i] for i in row], [golds[i] for i in row], space)
+            assert {k: fast[k][r] for k in one} == one
+
+
 def test_t_interval_by_hand():
     s = t_interval([0.7, 0.8, 0.9])
     half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, df=2)

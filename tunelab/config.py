@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -204,9 +205,14 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "tuning": TuningConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolving the annotations is slow: once per class
+
+
 def iter_fields(cls: type = Config, prefix: str = ""):
     """Yield (dotted key, dataclass field, python type) for every leaf setting."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
@@ -276,9 +282,14 @@ def _unknown(key: str, known: list[str], source: str) -> UserError:
     return UserError(f"unknown config key '{key}'{hint}", source)
 
 
+@functools.cache
+def _leaves() -> dict[str, tuple[dataclasses.Field, Any]]:
+    return {k: (f, tp) for k, f, tp in iter_fields()}
+
+
 def set_value(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
     """Set one dotted key, checking the name and the type."""
-    fields = {k: (f, tp) for k, f, tp in iter_fields()}
+    fields = _leaves()
     if key not in fields:
         raise _unknown(key, list(fields), source)
     target: Any = cfg

@@ -18,11 +18,13 @@ def bootstrap_ci(task: Task, preds: list, golds: list, space: Space, resamples: 
         return {}
     rng = np.random.default_rng(seed)
     n = len(golds)
-    draws: dict[str, list[float]] = {}
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        for k, v in task.score([preds[i] for i in idx], [golds[i] for i in idx], space).items():
-            draws.setdefault(k, []).append(v)
+    idx = rng.integers(0, n, (resamples, n))  # the same draws, row by row, as one call per resample
+    draws = task.score_resamples(preds, golds, space, idx)
+    if draws is None:
+        draws = {}
+        for row in idx:
+            for k, v in task.score([preds[i] for i in row], [golds[i] for i in row], space).items():
+                draws.setdefault(k, []).append(v)
     tail = (1 - level) / 2 * 100
     return {k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for k, v in draws.items()}
 

@@ -184,6 +184,12 @@ class Task:
         """The task's scalar metrics (the ones in `metrics`); bootstrap intervals resample these."""
         raise NotImplementedError
 
+    def score_resamples(self, preds: list, golds: list, space: Space, idx) -> dict | None:
+        """The metrics of many resamples at once (`idx`: resamples × examples, indices into preds and golds) as
+        arrays, one value per resample, equal to `score` on each; None where the task has no faster way than
+        calling `score` per resample."""
+        return None
+
     def details(self, preds: list, golds: list, space: Space) -> dict:
         """Non-scalar results for metrics.json and plots (confusion matrix, per-type scores)."""
         return {}

@@ -12,23 +12,31 @@ from tunelab.errors import UserError, excerpt
 from tunelab.tasks.base import Space, Task
 
 
-def prf_from_confusion(cm: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro precision/recall/F1 from a confusion matrix (rows true, columns predicted).
+def prf_from_confusion(cm: np.ndarray) -> dict:
+    """Accuracy and macro precision/recall/F1 from a confusion matrix (rows true, columns predicted), or from a
+    stack of them (one value per matrix, as arrays).
 
-    Same definitions as scikit-learn with zero_division=0; computed here because bootstrap intervals
-    call it a thousand times and sklearn's input checks dominate at that scale.
+    Same definitions as scikit-learn with zero_division=0; computed here because bootstrap intervals score a
+    thousand resamples and sklearn's input checks dominate at that scale.
     """
-    tp = np.diag(cm).astype(float)
-    predicted, actual = cm.sum(0), cm.sum(1)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(float)
+    predicted, actual = cm.sum(-2), cm.sum(-1)
     p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     r = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
-    return {"accuracy": float(tp.sum() / max(cm.sum(), 1)), "f1_macro": float(f.mean()),
-            "precision_macro": float(p.mean()), "recall_macro": float(r.mean())}
+    out = {"accuracy": tp.sum(-1) / np.maximum(cm.sum((-2, -1)), 1), "f1_macro": f.mean(-1),
+           "precision_macro": p.mean(-1), "recall_macro": r.mean(-1)}
+    return {k: float(v) for k, v in out.items()} if cm.ndim == 2 else out
 
 
 def confusion(golds, preds, n: int) -> np.ndarray:
     return np.bincount(np.asarray(golds) * n + np.asarray(preds), minlength=n * n).reshape(n, n)
+
+
+def confusions(golds, preds, n: int, idx: np.ndarray) -> np.ndarray:
+    """One confusion matrix per row of `idx` (resamples × examples): resamples × n × n."""
+    codes = (np.asarray(golds) * n + np.asarray(preds))[idx] + (np.arange(len(idx)) * n * n)[:, None]
+    return np.bincount(codes.ravel(), minlength=len(idx) * n * n).reshape(len(idx), n, n)
 
 
 def fit_logistic(x, y, multi: bool = False, scoring: str | None = None):
@@ -83,6 +91,9 @@ class Classification(Task):
 
     def score(self, preds, golds, space):
         return prf_from_confusion(confusion(golds, preds, len(space.labels)))
+
+    def score_resamples(self, preds, golds, space, idx):
+        return prf_from_confusion(confusions(golds, preds, len(space.labels), idx))
 
     def details(self, preds, golds, space):
         return {"confusion_matrix": confusion(golds, preds, len(space.labels)).tolist()}
