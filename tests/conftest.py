@@ -248,8 +248,9 @@ def lm_config(tiny_llama, tiny_model, lm_data, tmp_path):
 
 @pytest.fixture(scope="session")
 def slow_data(tmp_path_factory) -> Path:
-    """Enough toy rows that a tiny-BERT job at batch size 2 trains for some seconds per epoch."""
-    return write_jsonl(tmp_path_factory.mktemp("service-data") / "slow.jsonl", make_rows(600, 3))
+    """Enough toy rows that a tiny-BERT job at batch size 2 trains for some seconds per epoch (135 steps: 270 train
+    rows once the service holds out its validation tenth; 600 rows until 2026-12-08)."""
+    return write_jsonl(tmp_path_factory.mktemp("service-data") / "slow.jsonl", make_rows(300, 3))
 
 
 @pytest.fixture
@@ -303,6 +304,7 @@ def one_and_two_processes(cfg, tmp_path: Path) -> tuple[Path, Path]:
     import subprocess
     import sys
 
+    import forkrun
     from servicekit import free_port
 
     from tunelab.config import save_yaml
@@ -313,8 +315,7 @@ def one_and_two_processes(cfg, tmp_path: Path) -> tuple[Path, Path]:
     cfg.train.batch_size, cfg.output = 4, str(tmp_path / "two")
     save_yaml(cfg, tmp_path / "two.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "tunelab", "train", str(tmp_path / "one.yaml")], check=True, env=env,
-                   capture_output=True)
+    forkrun.run(["train", tmp_path / "one.yaml"], env=env, check=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), "-m", "tunelab", "train", str(tmp_path / "two.yaml")],
                           env=env, capture_output=True, text=True)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+import forkrun
 from conftest import make_rows, write_jsonl
 
 from tunelab import check as check_module
@@ -209,16 +208,16 @@ def test_likely_label_errors_are_found(tmp_path):
 @pytest.mark.slow
 def test_the_cli_prints_a_table_or_json_and_exits_by_the_worst_finding(tmp_path, clean_rows):
     ok = write_jsonl(tmp_path / "ok.jsonl", clean_rows)
-    run = [sys.executable, "-m", "tunelab", "data", "check", "--no-label-errors"]
-    done = subprocess.run(run + [str(ok)], capture_output=True, text=True)
+    run = ["data", "check", "--no-label-errors"]
+    done = forkrun.run(run + [ok])
     assert done.returncode == 0 and "result: clean (exit code 0)" in done.stdout, done.stderr
     dup = write_jsonl(tmp_path / "dup.jsonl", clean_rows + [clean_rows[0]])
-    done = subprocess.run(run + [str(dup), "--json"], capture_output=True, text=True)
+    done = forkrun.run(run + [dup, "--json"])
     data = json.loads(done.stdout)
     assert done.returncode == 1 and data["exit_code"] == 1 and data["findings"][0]["code"] == "exact-duplicate"
     sjis = tmp_path / "sjis.csv"
     sjis.write_bytes("text,label\r\nとても良い,positive\r\n最悪でした,negative\r\n".encode("cp932"))
-    done = subprocess.run(run + [str(sjis)], capture_output=True, text=True)
+    done = forkrun.run(run + [sjis])
     assert done.returncode == 2 and "looks like Shift_JIS (CP932)" in done.stdout and "Traceback" not in done.stderr
-    done = subprocess.run(run + [str(sjis), "--encoding", "auto"], capture_output=True, text=True)
+    done = forkrun.run(run + [sjis, "--encoding", "auto"])
     assert "2 examples read as classification data (Shift_JIS (CP932))" in done.stdout

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+import forkrun
 from conftest import make_rows, write_jsonl
 
 from tunelab.check import check
@@ -99,12 +98,10 @@ def test_refusals(tmp_path, messy):
 @pytest.mark.slow
 def test_the_cli(tmp_path, messy):
     train, evaluation = messy
-    done = subprocess.run([sys.executable, "-m", "tunelab", "data", "clean", str(train), "-o", str(tmp_path / "c.jsonl"),
-                           "--drop-duplicates", "--drop-noise"], capture_output=True, text=True)
+    done = forkrun.run(["data", "clean", train, "-o", tmp_path / "c.jsonl", "--drop-duplicates", "--drop-noise"])
     assert done.returncode == 0, done.stderr
     assert "kept 43 of 45 records" in done.stdout and "exact-duplicate" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "tunelab", "data", "clean", str(train), "-o", str(tmp_path / "d.jsonl")],
-                          capture_output=True, text=True)
+    done = forkrun.run(["data", "clean", train, "-o", tmp_path / "d.jsonl"])
     assert done.returncode == 2 and "choose what to fix" in done.stderr and "Traceback" not in done.stderr
 
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx as onnx_module
 import pytest
 import torch
+import forkrun
 from conftest import make_rows, train_classifier, write_jsonl
 
 import tunelab
@@ -35,8 +34,7 @@ def classifier(tmp_path_factory, tiny_model):
 
 
 def test_int8_and_onnx_agree_with_fp32_and_predict_with_them(classifier, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tunelab", "export", str(classifier), "--int8", "--onnx"],
-                          capture_output=True, text=True)
+    done = forkrun.run(["export", classifier, "--int8", "--onnx"])
     assert done.returncode == 0, done.stderr
     assert "int8" in done.stdout and "onnx" in done.stdout
     result = json.loads((classifier / "compression.json").read_text())
@@ -91,8 +89,7 @@ def test_compression_refuses_what_it_cannot_do(classifier, task_config, tmp_path
     with pytest.raises(UserError, match="not regression runs"):
         compress(regression, True, False)
     assert predict(regression, texts, tmp_path / "reg.jsonl", runtime="int8").is_file()  # int8 applies to any head
-    done = subprocess.run([sys.executable, "-m", "tunelab", "predict", str(fresh), "--input", str(texts),
-                           "--runtime", "onnx"], capture_output=True, text=True)
+    done = forkrun.run(["predict", fresh, "--input", texts, "--runtime", "onnx"])
     assert done.returncode == 2 and "Traceback" not in done.stderr and "tunelab export" in done.stderr
 
 

@@ -49,7 +49,7 @@ def loss_points(page) -> int:
 def test_dashboard_in_browser(page, service, tmp_path):
     from playwright.sync_api import expect
 
-    job_id = service.slow_job(epochs=3)  # trains long enough for the curve to grow while watched
+    job_id = service.slow_job(epochs=6)  # trains long enough (810 steps) for the curve to grow while watched
 
     # (1) No key: 401 with the sign-in form and no job data.
     response = page.goto(service.url + "/")

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
+import forkrun
 from tunelab.config import DataConfig
 from tunelab.data.encoding import detect
 from tunelab.data.load import read_examples
@@ -78,12 +77,11 @@ def test_refusals_name_the_file_and_the_problem(tmp_path):
 def test_the_cli_trains_on_a_shift_jis_csv_with_encoding_auto(tmp_path, tiny_model):
     path = tmp_path / "excel.csv"
     path.write_bytes(_csv(ROWS * 6).encode("cp932"))
-    base = [sys.executable, "-m", "tunelab", "train", "--model", tiny_model, "--train", str(path), "--epochs", "1",
+    base = ["train", "--model", tiny_model, "--train", str(path), "--epochs", "1",
             "--max-length", "32", "--eval-split", "0.25", "--train.progress", "false", "--eval.bootstrap", "0",
             "--eval.probe", "false"]
-    refused = subprocess.run(base + ["--output", str(tmp_path / "a")], capture_output=True, text=True)
+    refused = forkrun.run(base + ["--output", tmp_path / "a"])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "excel.csv:2: not UTF-8 text" in refused.stderr and "Shift_JIS (CP932)" in refused.stderr
-    done = subprocess.run(base + ["--output", str(tmp_path / "b"), "--encoding", "auto"], capture_output=True,
-                          text=True)
+    done = forkrun.run(base + ["--output", tmp_path / "b", "--encoding", "auto"])
     assert done.returncode == 0, done.stderr

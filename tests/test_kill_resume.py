@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import forkrun
 from conftest import make_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -18,15 +17,14 @@ pytestmark = pytest.mark.slow
 
 def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", make_rows(600, 3))
-    args = [sys.executable, "-m", "tunelab", "train", "--model", tiny_model, "--train", str(data),
+    args = ["train", "--model", tiny_model, "--train", str(data),
             "--tuning", "full", "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--max-length", "32",
             "--train.checkpoint_every", "20", "--train.progress", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(args + ["--output", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    forkrun.run(args + ["--output", tmp_path / "straight"], env=env, check=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--output", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = forkrun.start(args + ["--output", killed], env=env)
     latest = killed / "checkpoints" / "latest"
     deadline = time.time() + 120
     # 225 steps in all: killed after the checkpoint of step 40 or later, with most of the run still ahead
@@ -37,8 +35,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tiny_model, tmp_pat
     proc.wait()
     assert not (killed / "metrics.json").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "tunelab", "train", "--resume", str(killed)], env=env,
-                             capture_output=True, text=True)
+    resumed = forkrun.run(["train", "--resume", killed], env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(killed / "model" / "model.safetensors"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import forkrun
 from conftest import make_rows, write_jsonl
 
 
@@ -103,8 +104,7 @@ def test_auto_pooling_is_saved_with_the_run(pooled_run):
 
 def _predict(run: Path, data: str) -> list[str]:
     out = run / "predictions.jsonl"
-    subprocess.run([sys.executable, "-m", "tunelab", "predict", str(run), "--input", data, "--output", str(out)],
-                   check=True, capture_output=True)
+    forkrun.run(["predict", run, "--input", data, "--output", out], check=True)
     return [json.loads(line)["label"] for line in out.read_text().splitlines()]
 
 

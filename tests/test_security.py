@@ -7,12 +7,11 @@ import os
 import select
 import socket
 import stat
-import subprocess
-import sys
 import time
 from urllib.parse import quote
 
 import pytest
+import forkrun
 from conftest import make_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -361,7 +360,7 @@ def test_deep_and_huge_json_gets_a_clear_error_from_upload_and_cli(guarded, tmp_
         path.write_bytes(data)
         for argv in (["data", "check", str(path), "--task", "classification"],
                      ["train", "--model", tiny_model, "--train", str(path), "--output", str(tmp_path / "run")]):
-            done = subprocess.run([sys.executable, "-m", "tunelab", *argv], capture_output=True, text=True)
+            done = forkrun.run(argv)
             assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
             assert f"{name}:1" in done.stdout + done.stderr and "invalid JSON" in done.stdout + done.stderr
 

@@ -10,6 +10,7 @@ import sys
 import openai
 import pytest
 import yaml
+import forkrun
 from conftest import make_chat_rows, make_preference_rows, make_rows, write_jsonl
 from servicekit import wait_until
 
@@ -186,8 +187,7 @@ def test_every_route_but_health_needs_a_valid_key(service):
 
 def test_keys_are_shown_once_stored_hashed_never_logged_and_revocable(service):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "tunelab", "keys", *args, "--home", str(service.home)],
-                              capture_output=True, text=True)
+        return forkrun.run(["keys", *args, "--home", service.home])
 
     made = cli("create", "--name", "ci bot")
     assert made.returncode == 0

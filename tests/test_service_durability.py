@@ -35,7 +35,7 @@ def _steps_once(svc, job_id: str, epochs: int = 3) -> None:
     history = [json.loads(line) for line in (jobs.run_dir(svc.home, job_id) / "history.jsonl").read_text()
                .splitlines()]
     steps = [r["step"] for r in history if "loss" in r]
-    assert steps == list(range(1, len(steps) + 1)) and len(steps) == epochs * 270  # 540 train rows, batch 2
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == epochs * 135  # 270 train rows, batch 2
     events = [e["data"]["step"] for e in svc.events(job_id) if e["type"] == "metrics" and "train_loss" in e["data"]]
     assert sorted(events) == steps  # one event per step: the steps an attempt redid after its resume are not
     # reported again (before the fix, every step between the checkpoint and the kill came twice)
@@ -183,7 +183,7 @@ def test_a_job_past_the_time_limit_fails_and_keeps_its_checkpoints(make_service)
     # busy (starting the training process took up to 12 s with two test workers and a build beside them)
     svc = make_service(args=("--max-job-hours", str(25 / 3600)))
     job_id = svc.create(model="tiny-bert", training_file=svc.upload(svc.slow_data), seed=0,
-                        hyperparameters={"n_epochs": 6, "batch_size": 2},
+                        hyperparameters={"n_epochs": 12, "batch_size": 2},
                         config={"data": {"max_length": 32}, "train": {"checkpoint_every": 10},
                                 "eval": {"bootstrap": 0, "probe": False}})["id"]
     failed = svc.wait(job_id, ("failed", "succeeded"), 120)
@@ -194,7 +194,7 @@ def test_a_job_past_the_time_limit_fails_and_keeps_its_checkpoints(make_service)
     kept = svc.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"]
     # the last checkpoints (every 10 steps and at epoch ends) stay, for a look or a resume; training did not finish.
     # The service keeps 3, plus the one being written when the stop came (the kill can fall before the pruning).
-    assert 1 <= len(kept) <= 4 and max(c["step_number"] for c in kept) < 6 * 270, kept
+    assert 1 <= len(kept) <= 4 and max(c["step_number"] for c in kept) < 12 * 135, kept
 
 
 def test_a_job_is_forgiven_a_dead_server_three_times_then_counted(tmp_path):
