@@ -73,13 +73,20 @@ class Service:
                 self.proc.wait()
 
     def worker_pids(self) -> list[int]:
-        """The server's worker processes (its children: a worker's own fork shows the same command line until it
-        execs)."""
+        """The server's worker processes (its children: the training processes a worker forks show the same
+        command line, but their parent is the worker)."""
         return [pid for pid in _pids(["tunelab", "worker", "--home", str(self.home)])
                 if _parent(pid) == self.proc.pid]
 
     def training_pids(self, job_id: str = "") -> list[int]:
-        return _pids(["tunelab", "train", str(self.home / "jobs" / job_id)])
+        """The training processes of this service's jobs (of `job_id` alone where given): the children a worker
+        forks, named tunelab-train, found by the job lock they hold, whatever their parent is now (one that
+        outlived its worker is found too)."""
+        jobs = self.home / "jobs"
+        wanted = (lambda lock: lock == jobs / job_id / "lock") if job_id else \
+            (lambda lock: lock.name == "lock" and lock.parent.parent == jobs)
+        return [pid for pid in _pids(["tunelab", "--home", str(self.home)])
+                if _name(pid) == "tunelab-train" and any(wanted(f) for f in _open_files(pid))]
 
     # ---- HTTP --------------------------------------------------------------------------------------------------
 
@@ -174,6 +181,26 @@ def _pids(parts: list[str]) -> list[int]:
         if all(any(p in a for a in args) for p in parts):
             found.append(int(proc.name))
     return found
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _open_files(pid: int) -> list[Path]:
+    out = []
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                out.append(Path(os.readlink(fd)))
+            except OSError:  # closed while read
+                pass
+    except OSError:  # the process is gone
+        pass
+    return out
 
 
 def _parent(pid: int) -> int | None:

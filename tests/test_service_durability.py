@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 
 import pytest
@@ -212,3 +213,17 @@ def test_a_job_is_forgiven_a_dead_server_three_times_then_counted(tmp_path):
         job = jobs.get(tmp_path, "ftjob-x")
         assert (job["status"], job["attempts"], job["free_restarts"]) == (
             ("queued", 0, round + 1) if round < 3 else ("queued", round - 2, 3)), (round, dict(job))
+
+
+def test_a_worker_without_the_training_stack_starts_jobs_as_new_processes(monkeypatch, tmp_path, caplog):
+    """Jobs are forked from a worker that imported the training stack (the tests above find them by the child's
+    name); where that import fails, the worker says so and starts each job as `python -m tunelab` instead."""
+    from tunelab.serve import worker
+
+    monkeypatch.setattr(worker, "PRELOAD", ("tunelab.cli", "no_such_module_xyz"))
+    monkeypatch.setattr(worker.Preloaded, "done", False)
+    worker.Preloaded.load()
+    assert not worker.Preloaded.done and "jobs start as new processes" in caplog.text
+    child = worker.start(["data", "check", str(tmp_path / "missing.jsonl")], tmp_path / "train.log")
+    assert isinstance(child, subprocess.Popen) and child.wait(120) == 2
+    assert "missing.jsonl" in (tmp_path / "train.log").read_text()
