@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -145,11 +146,11 @@ def start(args: list[str], log: Path, pass_fds=()) -> Forked | subprocess.Popen:
         os.environ.update(CHILD_ENV)
         sys.stdout.reconfigure(line_buffering=True)  # as PYTHONUNBUFFERED for a fresh interpreter: the log is live
         sys.stderr.reconfigure(line_buffering=True)
-        from tunelab.cli import main
-
-        code = main(args)
+        sys.argv = ["tunelab", *args]
+        runpy.run_module("tunelab", run_name="__main__")  # the package's __main__, as `python -m tunelab` runs it
+        code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - reported in the job's log, as a fresh interpreter would
         traceback.print_exc()
     finally:
