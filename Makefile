@@ -33,8 +33,9 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| (echo "the dashboard test needs Debian's chromium: apt-get install -y chromium" && false)
 
-# Two workers, one thread each; whole modules go to one worker (--dist loadscope: module fixtures are built once).
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope
+# Two workers, one thread each; whole modules go to one worker (--dist loadscope: module fixtures are built once),
+# in the order tests/conftest.py gives them, longest first (xdist would otherwise order them by their test count).
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 test: venv browser
 	$(PYTEST) --durations=10
