@@ -283,13 +283,14 @@ def _unknown(key: str, known: list[str], source: str) -> UserError:
 
 
 @functools.cache
-def _leaves() -> dict[str, tuple[dataclasses.Field, Any]]:
+def fields_by_key() -> dict[str, tuple[dataclasses.Field, Any]]:
+    """{dotted key: (dataclass field, python type)} of every leaf setting, built once."""
     return {k: (f, tp) for k, f, tp in iter_fields()}
 
 
 def set_value(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
     """Set one dotted key, checking the name and the type."""
-    fields = _leaves()
+    fields = fields_by_key()
     if key not in fields:
         raise _unknown(key, list(fields), source)
     target: Any = cfg

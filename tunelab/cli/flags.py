@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tunelab import config as config_mod
-from tunelab.config import Config, iter_fields
+from tunelab.config import Config, fields_by_key, iter_fields
 from tunelab.errors import UserError
 
 
@@ -49,10 +49,9 @@ def _flag(key: str, f) -> str:
 def add_section_flags(parser: argparse.ArgumentParser, section: str, names: tuple[str, ...]) -> None:
     """Flags for a few settings of one config section (`data`), for commands that take only those: each flag's
     type, default and help come from the field, so they cannot drift from the training command's."""
-    fields = {k: f for k, f, _ in iter_fields()}
     for name in names:
         key = f"{section}.{name}"
-        f = fields[key]
+        f, _ = fields_by_key()[key]
         parser.add_argument(_flag(key, f), dest=f"{section}:{name}", default=f.default, metavar="V",
                             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
 
@@ -60,9 +59,9 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, names: tupl
 def section_from_args(args: argparse.Namespace, section: str):
     """The config section (a DataConfig for `data`) with the values of the flags `add_section_flags` added,
     each checked against its field's type and range."""
-    cfg, fields = Config(), {k: f for k, f, _ in iter_fields()}
+    cfg = Config()
     for dest, value in vars(args).items():
         if dest.startswith(f"{section}:"):
             key = f"{section}.{dest.split(':', 1)[1]}"
-            config_mod.set_value(cfg, key, value, _flag(key, fields[key]))
+            config_mod.set_value(cfg, key, value, _flag(key, fields_by_key()[key][0]))
     return getattr(cfg, section)
