@@ -5,6 +5,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,59 @@ def make_ner_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+CLASSES = (0, 1, 7)  # image tasks' digits
+MULTI = {"0": ["round"], "1": ["line"], "7": ["line", "corner"]}  # image-multilabel's labels of each digit
+
+
+def digit_images(per_class: int, offset: int, size: int = 32):
+    """(PIL image, label) of scikit-learn's 8x8 digits of CLASSES, up-sampled to size x size grey images."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    out = []
+    for c in CLASSES:
+        idx = np.flatnonzero(d.target == c)[offset:offset + per_class]
+        for i in idx:
+            pixels = (d.images[i] / 16 * 255).astype(np.uint8)
+            out.append((Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.NEAREST), str(c)))
+    return out
+
+
+def write_folder(root: Path, images) -> Path:
+    for k, (img, label) in enumerate(images):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        img.save(root / label / f"{k}.png")
+    return root
+
+
+def build_tiny_cnn(folder: Path, size: int = 32) -> str:
+    """timm's test_efficientnet (a few channels, 0.1M parameters), random weights, at size x size inputs."""
+    import timm
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    from tunelab.models.vision import pretrained_cfg
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_efficientnet", pretrained=False)
+    cfg = {**pretrained_cfg(net), "input_size": [3, size, size], "crop_pct": 1.0, "interpolation": "bilinear"}
+    model = TimmWrapperForImageClassification(TimmWrapperConfig.from_dict(
+        {"architecture": "test_efficientnet", "num_classes": net.num_classes, "pretrained_cfg": cfg}))
+    model.timm_model.load_state_dict(net.state_dict())
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def write_image_table(root: Path, images, name: str = "data.jsonl") -> Path:
+    """Image multi-label data: the images under root/pics/ and a JSONL of their paths and MULTI's labels."""
+    (root / "pics").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, (img, digit) in enumerate(images):
+        img.save(root / "pics" / f"{k}.png")
+        rows.append({"image": f"pics/{k}.png", "labels": MULTI[digit]})
+    return write_jsonl(root / name, rows)
+
+
 TASK_ROWS = {"classification": make_rows, "regression": make_regression_rows, "multilabel": make_multilabel_rows,
              "ner": make_ner_rows}
 
@@ -77,6 +131,11 @@ TASK_ROWS = {"classification": make_rows, "regression": make_regression_rows, "m
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn(tmp_path_factory) -> str:
+    return build_tiny_cnn(tmp_path_factory.mktemp("tiny-cnn"))
 
 
 @pytest.fixture(scope="session")
@@ -109,20 +168,27 @@ def toy_data(tmp_path_factory) -> dict[str, str]:
 def task_data(tmp_path_factory) -> dict[str, dict[str, str]]:
     """Train/eval files of a small learnable problem per task."""
     folder = tmp_path_factory.mktemp("task-data")
-    return {task: {"train": str(write_jsonl(folder / f"{task}-train.jsonl", make(96, 1))),
+    data = {task: {"train": str(write_jsonl(folder / f"{task}-train.jsonl", make(96, 1))),
                    "eval": str(write_jsonl(folder / f"{task}-eval.jsonl", make(30, 2)))}
             for task, make in TASK_ROWS.items()}
+    images = folder / "images"
+    data["image-classification"] = {"train": str(write_folder(images / "train", digit_images(24, 0))),
+                                    "eval": str(write_folder(images / "eval", digit_images(8, 100)))}
+    data["image-multilabel"] = {"train": str(write_image_table(images / "multi", digit_images(24, 0), "train.jsonl")),
+                                "eval": str(write_image_table(images / "multi-eval", digit_images(8, 100),
+                                                              "eval.jsonl"))}
+    return data
 
 
 @pytest.fixture
-def task_config(tiny_model, task_data, tmp_path):
-    """A factory: toy_config for any task."""
+def task_config(tiny_model, tiny_cnn, task_data, tmp_path):
+    """A factory: toy_config for any task (image tasks: the tiny CNN on digits)."""
     from tunelab.config import Config
 
     def make(task: str):
         cfg = Config()
         cfg.task = task
-        cfg.model.name = tiny_model
+        cfg.model.name = tiny_cnn if task.startswith("image-") else tiny_model
         cfg.data.train, cfg.data.eval, cfg.data.max_length = task_data[task]["train"], task_data[task]["eval"], 32
         cfg.output = str(tmp_path / f"run-{task}")
         cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 2, 8, 5e-3

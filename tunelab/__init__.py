@@ -1,6 +1,9 @@
 """tunelab: adapt pretrained models to your own task, and measure honestly whether it worked."""
+from tunelab import vision_ops
 from tunelab.config import Config
 from tunelab.errors import UserError
+
+vision_ops.install()  # before anything imports transformers, which imports torchvision where it is installed
 
 __version__ = "0.1.0"
 __all__ = ["Config", "UserError", "train", "TrainResult"]

@@ -68,10 +68,10 @@ class Report:
 def read_all(path: Path, task, cfg: DataConfig, report: Report) -> list[Example]:
     """The file's valid examples; each format problem becomes an error finding (with its line and its code, both
     from the reader's error). The task's reader reads the file once, noting every bad record and reading on."""
-    if not path.is_file():
+    if not path.is_file() and not (path.is_dir() and task.modality == "image"):
         report.add("error", "not-found", "file not found" if not path.exists() else "not a file")
         return []
-    codec = enc.detect(path.read_bytes())
+    codec = enc.detect(path.read_bytes()) if path.is_file() else "utf-8"
     report.encoding = enc.name(codec) if codec else "unknown"
     problems = Problems(MAX_PROBLEMS)
     try:
@@ -85,8 +85,8 @@ def read_all(path: Path, task, cfg: DataConfig, report: Report) -> list[Example]
         report.add("note", "encoding", f"read as {enc.name(codec)} (--encoding {cfg.encoding})")
     if failure is not None and not (problems.errors and failure.line is None):  # not "no examples" after bad ones
         report.add("error", code_of(failure), failure.problem, [failure.line] if failure.line else [])
-    for e in problems.errors:
-        report.add("error", code_of(e), e.problem, [e.line])
+    for e in problems.errors:  # (an image in a class folder has no line: the finding names its file)
+        report.add("error", code_of(e), e.problem, [e.line] if e.line else [], None if e.line else e.path)
     return examples
 
 
@@ -406,6 +406,8 @@ def check(path: str | Path, task_name: str | None = None, eval_path: str | None 
     report.examples = len(examples)
     if not examples:
         return report
+    if task.modality == "image":
+        return check_images(examples, task, eval_path, cfg, report)
     check_duplicates(examples, report)
     if task_name in LABELLED:
         check_labels(examples, task_name, report)
@@ -436,6 +438,100 @@ def check(path: str | Path, task_name: str | None = None, eval_path: str | None 
     if model and task_name in LABELLED:
         estimate_time(examples, task, model, tokenizer, cfg.max_length, batch_size, epochs, report)  # model's tokens
     return report
+
+
+# --- images -------------------------------------------------------------------------------------------------------
+NEAR_BITS = 6  # perceptual hashes (64 bits) this close or closer: near-duplicate images
+
+
+def check_images(examples: list[Example], task, eval_path, cfg: DataConfig, report: Report) -> Report:
+    """Bad image files (already noted by the reader), exact and near-duplicate images, the label distribution,
+    and leakage of training images into an eval set."""
+    report.encoding = "images"
+    hashes = image_hashes(examples)
+    check_image_duplicates(examples, hashes, report)
+    check_labels(examples, task.name.removeprefix("image-").replace("-", ""), report)
+    if eval_path:
+        eval_report = Report(str(eval_path), task.name, "images")
+        evaluation = read_all(Path(eval_path), task, cfg, eval_report)
+        report.findings += eval_report.findings
+        if evaluation:
+            check_image_leakage(examples, hashes, evaluation, image_hashes(evaluation), str(eval_path), report)
+    return report
+
+
+def image_hashes(examples: list[Example]):
+    """(exact keys, perceptual hashes): a digest of each decoded image's pixels, and its 64-bit pHash (DCT of a
+    32x32 grey version; robust to resizing, re-compression and small edits) as an unsigned integer."""
+    import hashlib
+
+    import numpy as np
+
+    imagehash = need("imagehash", "vision", "near-duplicate images")
+    exact = [hashlib.sha1(repr(e.image.size).encode() + e.image.tobytes()).hexdigest() for e in examples]
+    perceptual = np.array([int(str(imagehash.phash(e.image)), 16) for e in examples], dtype=np.uint64)
+    return exact, perceptual
+
+
+def _close_pairs(a, b=None) -> list[tuple[int, int]]:
+    """(i, j) with Hamming distance <= NEAR_BITS between hashes a[i] and b[j] (within a when b is None: i < j)."""
+    import numpy as np
+
+    other = a if b is None else b
+    pairs = []
+    for i in range(len(a)):
+        distance = np.bitwise_count(np.bitwise_xor(other, a[i]))
+        for j in np.flatnonzero(distance <= NEAR_BITS).tolist():
+            if b is not None or j > i:
+                pairs.append((i, j))
+    return pairs
+
+
+def _named(examples: list[Example], members: list[int]) -> tuple[list[int], str]:
+    """Lines (CSV or JSONL data) and a short list of the image files, for a finding."""
+    lines = [line_of(examples[i]) for i in members if line_of(examples[i])]
+    files = [Path(examples[i].text).name for i in members]
+    return lines, ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else "")
+
+
+def check_image_duplicates(examples: list[Example], hashes, report: Report) -> None:
+    exact, perceptual = hashes
+    by_key = defaultdict(list)
+    for i, key in enumerate(exact):
+        by_key[key].append(i)
+    for g in (g for g in by_key.values() if len(g) > 1):
+        lines, files = _named(examples, g)
+        labels = {label_key(examples[i].label) for i in g}
+        if len(labels) > 1:
+            report.add("warning", "conflicting-labels", f"the same image with different labels "
+                       f"({', '.join(map(str, sorted(labels, key=str)))}): {files}", lines)
+        else:
+            report.add("warning", "exact-duplicate", f"{len(g)} copies of one image: {files}", lines)
+    firsts = sorted(g[0] for g in by_key.values())
+    for g in groups(_close_pairs(perceptual[firsts]), len(firsts)):
+        members = [firsts[i] for i in g]
+        lines, files = _named(examples, members)
+        labels = {label_key(examples[i].label) for i in members}
+        conflict = len(labels) > 1
+        report.add("warning", "near-duplicate-conflict" if conflict else "near-duplicate",
+                   f"{len(members)} nearly identical images (perceptual hashes within {NEAR_BITS} of 64 bits)"
+                   f"{' with different labels' if conflict else ''}: {files}", lines)
+
+
+def check_image_leakage(train: list[Example], train_hashes, evaluation: list[Example], eval_hashes, eval_path: str,
+                        report: Report) -> None:
+    seen = set(train_hashes[0])
+    exact = [j for j, key in enumerate(eval_hashes[0]) if key in seen]
+    if exact:
+        lines, files = _named(evaluation, exact)
+        report.add("warning", "leak-exact", f"{_n(len(exact), 'eval image')} also in the training data: {files}",
+                   lines, eval_path)
+    rest = [j for j in range(len(evaluation)) if j not in set(exact)]
+    near = sorted({rest[j] for _, j in _close_pairs(train_hashes[1], eval_hashes[1][rest])}) if rest else []
+    if near:
+        lines, files = _named(evaluation, near)
+        report.add("warning", "leak-near", f"{_n(len(near), 'eval image')} nearly identical to training images: "
+                   f"{files}", lines, eval_path)
 
 
 def render(report: Report) -> str:

@@ -59,7 +59,7 @@ def setting(default: Any, help: str, flag: str | None = None, *, range: Range | 
 
 @dataclass
 class ModelConfig:
-    name: str = setting("minilm", "Bundled alias (minilm) or a local Hugging Face model folder.", "--model",
+    name: str = setting("minilm", "Bundled alias (minilm, smollm2, gemma3-270m; images: efficientnet-lite0) or a local Hugging Face model folder (an image model: a timm_wrapper folder, as the Hub's timm/ repositories hold).", "--model",
         path="model")
     dropout: float | None = setting(None, "Override every dropout probability in the model (None keeps the model's).",
         range=Range(0, 1, hi_open=True))
@@ -69,7 +69,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = setting("", "Training data: JSONL, CSV with a header, or a folder with one sub-folder of .txt files per class.", "--train",
+    train: str = setting("", "Training data: JSONL, CSV with a header, or a folder with one sub-folder of .txt files (images: image files) per class.", "--train",
         path="data")
     eval: str | None = setting(None, "Evaluation data in the same formats; when absent, --eval-split of the training data is held out.", "--eval",
         path="data")
@@ -81,6 +81,7 @@ class DataConfig:
     test_split: float = setting(0.0, "When no --test file is given: carve this fraction of the training data off (stratified, before the eval holdout and train_fraction) as a test set that nothing looks at until the end; 0: none.",
         range=Range(0, 1, hi_open=True))
     text_column: str = setting("text", "Column or JSON key holding the text.")
+    image_column: str = setting("image", "Image tasks, CSV or JSONL data: the column or JSON key holding each image's path, relative to the data file's folder.")
     text_pair_column: str = setting("text_pair", "Column or JSON key holding the optional second text of a pair.")
     label_column: str | None = setting(None, "Column or JSON key holding the label; None uses the task's (label, labels, target or tags).")
     group_column: str | None = setting(None, "Column or JSON key of a group id: cross-validation folds never split a group.")
@@ -165,7 +166,7 @@ class TrainConfig:
         range=Range(0, 2**32 - 1))
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "cpu, cuda, or auto (cuda when available).")
     bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
-    augment: str = setting("", "Text augmentation of the training split: comma-separated swap, delete, insert, neighbour (replacement by nearest neighbours in the model's input embeddings); Japanese is split into MeCab words. Empty: off.", "--augment")
+    augment: str = setting("", "Augmentation of the training split, comma-separated. Text: swap, delete, insert, neighbour (replacement by nearest neighbours in the model's input embeddings); Japanese is split into MeCab words. Images (torchvision transforms.v2, drawn anew every epoch): flip, vflip, rotate, zoom (random resized crop), color (jitter), randaugment, trivialaugment. Empty: off.", "--augment")
     augment_rate: float = setting(0.1, "augment: the share of a text's words each augmented copy changes.",
         range=Range(0, 1, True, True))
     augment_copies: int = setting(1, "augment: augmented copies added per training example.",
@@ -191,7 +192,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    task: Literal["classification", "multilabel", "regression", "ner", "clm", "mlm", "chat", "dpo", "reward"] = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, chat, dpo, reward.", "--task")
+    task: Literal["classification", "multilabel", "regression", "ner", "clm", "mlm", "chat", "dpo", "reward", "image-classification", "image-multilabel"] = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, chat, dpo, reward; images: image-classification, image-multilabel.", "--task")
     output: str = setting("runs/run", "Run folder to write (config, metrics, history, plots, model, checkpoints).", "--output",
         path="output")
     overwrite: bool = setting(False, "Replace an existing, non-empty run folder instead of refusing.", "--overwrite")
@@ -382,8 +383,10 @@ def validate(cfg: Config) -> None:
          "--tuning distill needs --teacher RUN_DIR, and --teacher only applies to it"),
         (not cfg.data.transfer or cfg.tuning.name == "distill", "--transfer only applies to --tuning distill"),
         (not cfg.tuning.prune_vocab or cfg.tuning.name == "distill", "tuning.prune_vocab only applies to --tuning distill"),
-        (not cfg.train.augment or cfg.task in ("classification", "multilabel", "regression"),
-         "train.augment applies to classification, multilabel and regression (text with a label per text)"),
+        (not cfg.train.augment or cfg.task in ("classification", "multilabel", "regression", "image-classification",
+                                               "image-multilabel"),
+         "train.augment applies to classification, multilabel and regression (text with a label per text) and to "
+         "image tasks"),
         (cfg.eval.folds == 0 or cfg.eval.folds >= 2, "eval.folds must be 0 (off) or at least 2"),
         (cfg.eval.fold is None or 0 <= cfg.eval.fold < max(cfg.eval.folds, 1), "eval.fold must be in [0, folds)"),
         (not (cfg.eval.folds and cfg.data.eval), "--folds splits the training data into folds; drop --eval "

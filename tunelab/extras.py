@@ -21,6 +21,7 @@ EXTRAS = {
     "tune": "the hyperparameter search (tunelab tune)",
     "ja": "Japanese word segmentation (MeCab)",
     "check": "the data check (tunelab data check, tunelab data clean)",
+    "vision": "image tasks (torchvision, timm and the bundled EfficientNet-Lite0)",
     "data": "the bundled corpora (tunelab data tweets, topics, japanese-ner, chitchat, chatterbot-ja)",
 }
 

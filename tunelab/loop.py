@@ -170,7 +170,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=t.lr,
                                   fused=d.device.type in ("cpu", "cuda"))
     global_batch = t.batch_size * t.grad_accum * d.world
-    lengths = [len(it["input_ids"]) for it in loop.train_items]
+    lengths = [loop.task.length(it) for it in loop.train_items]
     steps_per_epoch = math.ceil(len(lengths) / global_batch)
     total_steps = steps_per_epoch * t.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -188,14 +188,16 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     bar = tqdm(total=total_steps, initial=state.step, disable=not (t.progress and d.main), unit="step",
                dynamic_ncols=True, mininterval=2.0)
     started, seen, tokens, step_seconds = time.perf_counter(), 0, 0, 0.0
-    sequence = not loop.task.judged_by_start  # classifier-style tasks (language-model stages have other models)
+    # text classifier-style tasks (language-model stages have other models; image networks no token positions)
+    sequence = not loop.task.judged_by_start and loop.task.modality == "text"
     probe = model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device)
     with speed.apply(model, probe, on=t.speedups, dropout=t.fast_dropout, sequence=sequence,
                      single_process=d.world == 1, sole_writer=t.l1 == 0, checked=state.checked) as fast:
         tables = fast["tables"]
         state.checked = {k: fast[k] for k in speed.CHECKED}
         features = None
-        if loop.method.replays_features and cfg.tuning.cache_features and sequence:
+        if loop.method.replays_features and cfg.tuning.cache_features and sequence and \
+                loop.task.replayable(loop.train_items):
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
             step_seconds = time.perf_counter() - started  # the cache is part of the training's time
         warmed = loop.method.before_training(loop) if state.step == 0 else None  # a resume keeps its weights

@@ -16,7 +16,7 @@ from tunelab.distributed import setup, teardown
 from tunelab.errors import UserError
 from tunelab.evaluate import evaluate, predict_outputs
 from tunelab.evaluate.baselines import baselines
-from tunelab.evaluate.plots import confusion, loss_curve
+from tunelab.evaluate.plots import augmented, confusion, loss_curve, mistakes
 from tunelab.evaluate.stats import bootstrap_ci
 from tunelab.export import export_model, folder_mb, measure_inference
 from tunelab.io import atomic_write_json
@@ -24,6 +24,7 @@ from tunelab.methods import METHODS, apply_defaults
 from tunelab.methods.base import Method
 from tunelab.data.augment import augment_examples, parse_ops
 from tunelab.models import count_params
+from tunelab.models.vision import parse_image_ops
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
 from tunelab.validate import validate
@@ -76,11 +77,16 @@ def build_job(cfg: Config, device: torch.device) -> Job:
         # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
         # know the id the batches are padded with.
         model.config.pad_token_id = pad_id
+    text_augment = cfg.train.augment and task.modality == "text"  # (images: augmented as batches are drawn)
     train = splits.train + (augment_examples(splits.train, parse_ops(cfg.train.augment), cfg.train.augment_rate,
                                              cfg.train.augment_copies, cfg.train.seed, tokenizer,
-                                             model.get_input_embeddings().weight) if cfg.train.augment else [])
+                                             model.get_input_embeddings().weight) if text_augment else [])
     model = method.prepare(model, cfg.tuning).to(device)
-    train_items = task.encode(tokenizer, train, space, cfg.data.max_length)
+    if task.modality == "image":
+        train_items = task.encode(tokenizer, train, space, cfg.data.max_length,
+                                  tokenizer.train_transform(parse_image_ops(cfg.train.augment)))
+    else:
+        train_items = task.encode(tokenizer, train, space, cfg.data.max_length)
     eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)
@@ -123,7 +129,7 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
         if test_items:  # the baselines where the model is graded: on the same untouched examples
             metrics["baseline_test"] = _baselines(job, test_items, start_test, dist.device)
         model_dir, plain = export_model(run, job.model, job.method, job.tokenizer, job.task, job.splits.space)
-        metrics["inference"] = {**measure_inference(plain, job.eval_items, job.pad_id, dist.device),
+        metrics["inference"] = {**measure_inference(plain, job.eval_items, job.pad_id, dist.device, task=job.task),
                                 "model_mb": folder_mb(model_dir)}
         _plots(run, cfg, job, loop.history, metrics)
         atomic_write_json(run / "metrics.json", metrics)  # written last: its presence marks a complete run
@@ -201,6 +207,13 @@ def _plots(run: Path, cfg: Config, job: Job, history: list[dict], metrics: dict)
     loss_curve(history, run / "loss_curve.png", title)
     if "confusion_matrix" in metrics["details"]:
         confusion(metrics["details"]["confusion_matrix"], job.splits.labels, run / "confusion_matrix.png", title)
+    if job.task.modality == "image":
+        outputs = predict_outputs(job.task, job.model, job.eval_items, job.pad_id, torch.device("cpu")
+                                  if not next(job.model.parameters()).is_cuda else torch.device("cuda"))
+        mistakes(job.task, outputs, job.eval_items, job.splits.eval, job.splits.space, run / "mistakes.png", title)
+        if job.train_items and not job.task.replayable(job.train_items):
+            c = job.tokenizer.data_config
+            augmented(job.train_items[:8], c["mean"], c["std"], run / "augmentations.png", job.cfg.train.augment)
 
 
 def _as_config(cfg) -> Config:

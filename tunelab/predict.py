@@ -20,7 +20,7 @@ def load_run(run_dir: str | Path, runtime: str = "auto"):
     cfg, task, model, tokenizer, space = runs.load_run(run_dir)
     run = Path(run_dir)
     runtime = _resolve(run, task, runtime)
-    if not task.judged_by_start and runtime != "onnx":  # (onnx answers from its own graph, exported from a cut model)
+    if not task.judged_by_start and task.modality == "text" and runtime != "onnx":  # (onnx answers from its own graph, exported from a cut model)
         # a sequence classifier's last layer need only compute the first position: exact, checked on a probe
         speed.cut_to_first_token(model, speed.sample_inputs(tokenizer))
     return cfg, task, _runtime(model, run, runtime, task), tokenizer, space

@@ -21,6 +21,6 @@ def validate(cfg: Config) -> None:
     if task.judged_by_start and cfg.eval.folds:
         raise UserError(f"cross-validation is not offered for the {cfg.task} task; give --eval or data.eval_split",
                         "--folds")
-    if cfg.model.pooling != "auto" and not task.pools:
+    if cfg.model.pooling != "auto" and (not task.pools or task.modality != "text"):
         raise UserError(f"model.pooling applies to classification, multilabel and regression, not {cfg.task}",
                         "model.pooling")

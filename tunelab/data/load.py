@@ -27,6 +27,7 @@ class Example:
     where: str = ""  # "file:line" for messages
     tokens: list[str] | None = None  # ner: the words the tags belong to
     group: str | None = None  # cross-validation never splits a group
+    image: Any = None  # image tasks: the decoded 8-bit RGB picture (PIL); `text` is then its file's path
 
 
 def where_parts(where: str) -> tuple[str, int | None]:

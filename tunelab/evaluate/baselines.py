@@ -58,11 +58,15 @@ def baselines(task: Task, space: Space, train_items: list[dict], eval_items: lis
         found = {"before_training": start["_preds"]} if start else {}
     else:
         name, preds = task.baseline([it["_gold"] for it in train_items], golds, space)
-        found = {name: preds}
+        found = {name: preds, **task.more_baselines(train_items, eval_items, space)}
     if probe and not task.judged_by_start:
-        encoder = frozen_encoder(model_cfg, device)
-        train_x = features(encoder, train_items, pad_id, device)
-        eval_x = features(encoder, eval_items, pad_id, device)
+        own = task.probe_features(model_cfg, [train_items, eval_items], device)
+        if own is not None:
+            train_x, eval_x = own
+        else:
+            encoder = frozen_encoder(model_cfg, device)
+            train_x = features(encoder, train_items, pad_id, device)
+            eval_x = features(encoder, eval_items, pad_id, device)
         found["linear_probe"] = task.probe(train_x, train_items, eval_x, eval_items, space)
     out = {}
     for name, preds in found.items():

@@ -43,17 +43,24 @@ def folder_mb(folder: Path) -> float:
 
 @torch.no_grad()
 def measure_inference(model: nn.Module, items: list[dict], pad_id: int, device, single: int = 30,
-                      batch_size: int = 32) -> dict:
-    """Median latency of one request (batch of 1) and throughput at `batch_size`, on eval examples."""
+                      batch_size: int = 32, task=None) -> dict:
+    """Median latency of one request (batch of 1) and throughput at `batch_size`, on eval examples (batched by
+    `task`'s collate where given: images)."""
     model.eval()
-    sample = [{"input_ids": it["input_ids"], "attention_mask": it.get("attention_mask") or [1] * len(it["input_ids"]),
-               **({"token_type_ids": it["token_type_ids"]} if "token_type_ids" in it else {})}
-              for it in items[: max(single, batch_size * 4)]]
+    if task is not None and task.modality != "text":
+        sample = items[: max(single, batch_size * 4)]
+    else:
+        sample = [{"input_ids": it["input_ids"],
+                   "attention_mask": it.get("attention_mask") or [1] * len(it["input_ids"]),
+                   **({"token_type_ids": it["token_type_ids"]} if "token_type_ids" in it else {})}
+                  for it in items[: max(single, batch_size * 4)]]
     if not sample:
         return {}
 
     def run(batch):
-        inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        inputs = task.collate(batch, pad_id) if task is not None and task.modality != "text" else \
+            collate(batch, pad_id)
+        inputs = {k: v.to(device) for k, v in inputs.items() if k != "labels"}
         with speed.onednn_linears(model):  # as tunelab predict runs it
             model(**inputs)
         if device.type == "cuda":

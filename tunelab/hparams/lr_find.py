@@ -119,7 +119,7 @@ def _sweep(cfg: Config, min_lr: float, max_lr: float, steps: int) -> tuple[list[
 
 def _batches(job, global_batch: int):
     """Training batches epoch after epoch, as the loop would see them (method epoch hooks included)."""
-    lengths = [len(it["input_ids"]) for it in job.train_items]
+    lengths = [job.task.length(it) for it in job.train_items]
     epoch = 0
     while True:
         job.method.on_epoch_start(job.model, epoch, job.cfg.tuning)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tunelab.config import Config, TrainConfig, TuningConfig
-from tunelab.models import build_model, load_tokenizer, pooling_for
+from tunelab.models import build_model, pooling_for, resolve
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -39,7 +39,8 @@ class Method:
     def build(self, cfg: Config, task, space, train: list) -> tuple[nn.Module, object]:
         """The model this method starts from (before `prepare`) and its tokenizer; `train` is the training split."""
         cfg.model.pooling = pooling_for(cfg.model, task)  # resolved once: config.yaml says what the run used
-        return build_model(cfg.model, task, space, self.pretrained), load_tokenizer(cfg.model)
+        return build_model(cfg.model, task, space, self.pretrained), \
+            task.processor(resolve(cfg.model.name), cfg.model.trust_remote_code)
 
     def extra_items(self, cfg: Config, task, space, tokenizer, train: list, train_items: list[dict]) -> list[dict]:
         """Items trained on beside the training split's (distill: unlabelled transfer texts); may add fields to

@@ -72,7 +72,7 @@ def cache_features(task, model: nn.Module, items: list[dict], pad_id: int, devic
     width = getattr(model.config, "hidden_size", None)
     if not items or not isinstance(base, nn.Module) or base is model or width is None:
         return None
-    lengths = [len(it["input_ids"]) for it in items]
+    lengths = [task.length(it) for it in items]
     cache = FrozenFeatures(None, [None] * len(items), [None] * len(items), width)
     keep_hidden = True
     with eval_mode(base):

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from tunelab.config import TuningConfig
+from tunelab.data.batching import collate
 from tunelab.methods.base import Method, freeze_all_but
-from tunelab.models import layer_depth, num_blocks
+from tunelab.models import is_head, layer_depth, num_blocks
 from tunelab.modes import eval_mode
 
 L2_GRID = tuple(10.0 ** (k / 2) for k in range(2, -11, -1))  # λ of mean loss + λ/2 ‖W‖², strongest first (warm starts)
@@ -58,7 +59,8 @@ class Head(Method):
     def solve(self, loop, features) -> dict | None:
         """Fit the head to convergence in place (see the module's docstring); None where it is stepped instead."""
         linear = _linear_head(loop.model)
-        if loop.cfg.tuning.head_solver != "lbfgs" or linear is None or not loop.task.pools:
+        if loop.cfg.tuning.head_solver != "lbfgs" or linear is None or not loop.task.pools or \
+                not loop.task.replayable(loop.train_items):  # augmented views: stepped, a fresh view each batch
             return None
         return fit_head(loop, linear, features, per_feature=True)
 
@@ -80,7 +82,7 @@ def fit_head(loop, linear: nn.Linear, features, per_feature: bool) -> dict | Non
     z = head_inputs(loop, linear, features)
     if z is None:
         return None
-    y = loop.task.collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
+    y = collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
     fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in loop.train_items],
                         linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed, per_feature)
     with torch.no_grad():
@@ -92,9 +94,7 @@ def fit_head(loop, linear: nn.Linear, features, per_feature: bool) -> dict | Non
 
 
 def _is_head(model: nn.Module, name: str) -> bool:
-    """The task head is everything outside the pretrained base model (`classifier`, `score`, ...)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    return not name.startswith(prefix + ".")
+    return is_head(model, name)
 
 
 def _linear_head(model: nn.Module) -> nn.Linear | None:
@@ -117,7 +117,7 @@ def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor | None:
     hook = linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
     rows: list[int] = []
     try:
-        lengths = [len(it["input_ids"]) for it in loop.train_items]
+        lengths = [loop.task.length(it) for it in loop.train_items]
         with eval_mode(loop.model):
             for batch in global_batches(lengths, 64, seed=0, epoch=0, shuffle=False):
                 inputs = model_inputs(loop.task, [loop.train_items[i] for i in batch], loop.pad_id,

@@ -28,6 +28,8 @@ class Lora(Method):
         # The task type tells peft which new head stays fully trainable (modules_to_save) and how to run the model.
         # A masked-LM head's decoder is tied to the input embeddings; only its new transform layer trains.
         kind, extra = self._kind(type(model).__name__)
+        if _is_image_network(model):  # peft's plain model: its forward passes pixel_values through
+            kind, extra = None, [model.timm_model.pretrained_cfg["classifier"]]
         config = LoraConfig(task_type=kind, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             target_modules=targets, modules_to_save=extra)
         with warnings.catch_warnings():  # peft calls a transformers API that v5 deprecates; nothing for users to do
@@ -53,17 +55,25 @@ class Lora(Method):
         model.save_pretrained(folder / "adapter")
 
 
+def _is_image_network(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "timm_model", None), "pretrained_cfg")
+
+
 def _targets(model: nn.Module, asked: list[str]) -> list[str]:
     """The full names of the linear modules that get adapters: every linear layer (or GPT-2's Conv1D) inside the
     transformer blocks (attention and MLP, as QLoRA found best: Dettmers et al. 2023), or those whose name is or
-    ends with one of `asked`."""
+    ends with one of `asked`. In an image network (timm) the convolutions count too, those peft can adapt: the
+    ungrouped ones (pointwise 1x1 and full kxk), not the depthwise (grouped) ones."""
+    image = _is_image_network(model)
     linear = [name for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+              if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+              or (image and isinstance(m, nn.Conv2d) and m.groups == 1)]
     if asked:
         found = [n for n in linear if any(n == a or n.endswith("." + a) for a in asked)]
         missing = [a for a in asked if not any(n == a or n.endswith("." + a) for n in linear)]
         if missing:
-            raise UserError(f"lora target modules {missing} are not linear layers of the model", "tuning.lora_targets")
+            raise UserError(f"lora target modules {missing} are not linear layers (or, in an image network, "
+                            "ungrouped convolutions) of the model", "tuning.lora_targets")
         return found
     top = num_blocks(model)
     found = [n for n in linear if 1 <= layer_depth(model, n + ".weight") <= top]

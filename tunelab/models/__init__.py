@@ -22,16 +22,20 @@ BUNDLED = {"minilm": _minilm}
 
 
 def resolve(name: str) -> Path:
-    """The local folder of a bundled alias (GGUF ones are converted on first use) or a Hugging Face folder."""
+    """The local folder of a bundled alias (GGUF and image ones are converted on first use) or a Hugging Face
+    folder."""
+    from tunelab.models import vision
     from tunelab.models.gguf import GGUF_MODELS, prepare
 
     if name in BUNDLED:
         return BUNDLED[name]()
     if name in GGUF_MODELS:
         return prepare(name)
+    if name in vision.VISION_MODELS:
+        return vision.prepare(name)
     p = Path(name)
     if not (p / "config.json").is_file():
-        known = ", ".join([*BUNDLED, *GGUF_MODELS])
+        known = ", ".join([*BUNDLED, *GGUF_MODELS, *vision.VISION_MODELS])
         raise UserError(f"'{name}' is neither a bundled model ({known}) nor a folder with a config.json", "--model")
     return p
 
@@ -80,8 +84,12 @@ _BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 def layer_depth(model: nn.Module, name: str) -> int:
     """Depth of a parameter: 0 for embeddings, i+1 for encoder block i, n_blocks+1 for head and pooler.
 
-    Works by name on the common layouts (BERT `encoder.layer.N`, Llama `layers.N`, GPT `h.N`).
+    Works by name on the common layouts (BERT `encoder.layer.N`, Llama `layers.N`, GPT `h.N`); an image network
+    (timm) by timm's own grouping: the stem 0, stage i i+1, the final layers and the classifier the top.
     """
+    depths = _timm_depths(model)
+    if depths is not None:
+        return depths.get(name, depths.get(name[name.find("timm_model."):], max(depths.values())))
     m = _BLOCK.search("." + name)
     if m:
         return int(m.group(1)) + 1
@@ -91,8 +99,39 @@ def layer_depth(model: nn.Module, name: str) -> int:
 
 
 def num_blocks(model: nn.Module) -> int:
+    depths = _timm_depths(model)
+    if depths is not None:
+        return max(depths.values()) - 1
     found = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _BLOCK.search("." + n))]
     return max(found) + 1 if found else 0
+
+
+def is_head(model: nn.Module, name: str) -> bool:
+    """Is the parameter `name` part of the task head: everything outside the pretrained base model (`classifier`,
+    `score`, ...); in an image network, its classifier layer (timm's pretrained_cfg names it)."""
+    if _timm_depths(model) is not None:
+        return name.startswith(f"timm_model.{model.timm_model.pretrained_cfg['classifier']}.")
+    prefix = getattr(model, "base_model_prefix", "")
+    return not name.startswith(prefix + ".")
+
+
+def _timm_depths(model: nn.Module) -> dict[str, int] | None:
+    """{parameter name: depth} of a transformers TimmWrapper model, from timm's coarse parameter groups (which its
+    own layer-wise decay uses); None for any other model. Computed once per model."""
+    net = getattr(model, "timm_model", None)
+    if net is None or not hasattr(net, "group_matcher"):
+        return None
+    cached = model.__dict__.get("_tunelab_depths")
+    if cached is None:
+        from timm.models import group_parameters
+
+        groups = group_parameters(net, net.group_matcher(coarse=True))
+        cached = {f"timm_model.{n}": rank for rank, gid in enumerate(sorted(groups)) for n in groups[gid]}
+        classifier = f"timm_model.{net.pretrained_cfg['classifier']}."
+        top = max(cached.values())
+        cached.update({n: top for n in cached if n.startswith(classifier)})  # the classifier is always the top
+        model.__dict__["_tunelab_depths"] = cached
+    return cached
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

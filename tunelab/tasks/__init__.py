@@ -1,6 +1,7 @@
 """Tasks: what the model learns. Adding one is a module plus one line in this plain dict."""
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import Classification, Multilabel
+from tunelab.tasks.image import ImageClassification, ImageMultilabel
 from tunelab.tasks.lm import CausalLM, ChatSFT, MaskedLM
 from tunelab.tasks.preference import DPO, RewardModel
 from tunelab.tasks.ner import Ner
@@ -16,6 +17,8 @@ TASKS: dict[str, Task] = {
     "chat": ChatSFT(),
     "dpo": DPO(),
     "reward": RewardModel(),
+    "image-classification": ImageClassification(),
+    "image-multilabel": ImageMultilabel(),
 }
 
 __all__ = ["TASKS", "Space", "Task"]

@@ -48,6 +48,7 @@ class Space:
 
 class Task:
     name = ""
+    modality = "text"  # what an example is: "text" (tokenized) or "image" (pixels; tunelab.tasks.image)
     label_key = "label"
     metrics: tuple[str, ...] = ()  # scalar metrics `score` returns; the first is the main one
     lower_is_better = frozenset({"loss", "mse", "mae"})
@@ -92,6 +93,12 @@ class Task:
         return None
 
     # --- model ----------------------------------------------------------------------------------------------
+    def processor(self, folder: Path, trust_remote_code: bool = False):
+        """What turns raw inputs into model inputs for the model in `folder`: its tokenizer."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
     def model_kwargs(self, space: Space) -> dict:
         return {}
 
@@ -134,6 +141,23 @@ class Task:
     def gold(self, label, space: Space):
         """The gold answer of one label (what the metrics see)."""
         return self.target(label, space)
+
+    def length(self, item: dict) -> int:
+        """The item's size for batching: its tokens (images: 1)."""
+        return len(item["input_ids"])
+
+    def replayable(self, items: list[dict]) -> bool:
+        """Do the items give the same model inputs every time they are batched (no augmentation drawn anew)?"""
+        return True
+
+    def probe_features(self, model_cfg: ModelConfig, item_lists: list[list[dict]], device) -> list | None:
+        """The linear probe's frozen features for each list of items; None: the text encoder's mean-pooled states
+        (tunelab.evaluate.baselines)."""
+        return None
+
+    def more_baselines(self, train_items: list[dict], eval_items: list[dict], space: Space) -> dict[str, list]:
+        """{name: predictions on eval_items} of the task's own extra baselines (images: pixel logistic regression)."""
+        return {}
 
     def units(self, item: dict) -> int:
         """How many loss terms one example contributes (tokens for ner): the loss is averaged over these."""
@@ -234,7 +258,7 @@ def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int
     the same items always meet the same batches, so outputs repeat bit for bit."""
     batch_size = task.eval_batch_size
     out: list = [None] * len(items)
-    lengths = [len(it["input_ids"]) for it in items]
+    lengths = [task.length(it) for it in items]
     with eval_mode(model), speed.onednn_linears(model):
         for batch in token_batches(lengths, FORWARD_TOKENS, batch_size):
             inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}

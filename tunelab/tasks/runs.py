@@ -12,9 +12,7 @@ from tunelab.tasks import TASKS
 def load_run(run_dir: str | Path):
     """(config, task, model in eval mode, tokenizer, space) of a complete run folder, on the CPU in fp32 (what
     `tunelab predict --runtime torch` answers with, and what distillation's teacher labels with)."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging
-
 
     logging.disable_progress_bar()
     run = Path(run_dir)
@@ -23,7 +21,7 @@ def load_run(run_dir: str | Path):
     cfg = config_mod.load_yaml(run / "config.yaml")
     task = TASKS[cfg.task]
     model = load_trained(task.model_class, run / "model")
-    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    tokenizer = task.processor(run / "model")
     space = task.space_of(model.config)
     if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
         space = space.configure(cfg)
