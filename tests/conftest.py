@@ -124,6 +124,17 @@ def write_image_table(root: Path, images, name: str = "data.jsonl") -> Path:
     return write_jsonl(root / name, rows)
 
 
+# The first lines of a "plain transformers" process (one that never imports tunelab): this venv holds PyPI's
+# torchvision, a CUDA build, beside the CPU torch, and transformers imports torchvision whenever it is installed, which
+# fails there ("operator torchvision::nms does not exist"). tunelab/vision_ops.py, loaded from its file (not the
+# tunelab package, nothing of which is then imported), declares the operators that cannot load; a user's matching
+# torch and torchvision need nothing (see README, Images).
+VISION_OPS = Path(__file__).resolve().parents[1] / "tunelab" / "vision_ops.py"
+PLAIN_PRELUDE = ("import importlib.util as _u\n"
+                 f"_s = _u.spec_from_file_location('vision_ops', {str(VISION_OPS)!r})\n"
+                 "_m = _u.module_from_spec(_s)\n_s.loader.exec_module(_m)\n_m.install()\n")
+
+
 TASK_ROWS = {"classification": make_rows, "regression": make_regression_rows, "multilabel": make_multilabel_rows,
              "ner": make_ner_rows}
 
@@ -338,12 +349,12 @@ def make_service(tmp_path_factory, tiny_model, tiny_llama, slow_data):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_model, tiny_llama, slow_data):
+def service(tmp_path_factory, tiny_model, tiny_llama, tiny_cnn, slow_data):
     """One `tunelab serve` with one worker shared by a test module."""
     from servicekit import Service
 
-    svc = Service(tmp_path_factory.mktemp("service"), {"tiny-bert": tiny_model, "tiny-llama": tiny_llama},
-                  slow_data)
+    svc = Service(tmp_path_factory.mktemp("service"), {"tiny-bert": tiny_model, "tiny-llama": tiny_llama,
+                                                       "tiny-cnn": tiny_cnn}, slow_data)
     svc.start()
     yield svc
     svc.stop()

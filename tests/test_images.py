@@ -326,3 +326,54 @@ def test_efficientnet_lite0_head_on_a_few_dozen_digits_beats_chance_by_far(tmp_p
                  "--eval.bootstrap", "100"]) == 0
     m = _metrics(out)
     assert m["eval"]["accuracy"] >= 0.8  # chance is 1/3
+
+
+# --- data check, compare, compression ---------------------------------------------------------------------------
+def test_data_check_finds_bad_duplicate_and_leaked_images(tmp_path, capsys):
+    from PIL import Image
+
+    from tunelab.check import check, render
+
+    train = write_folder(tmp_path / "train", digit_images(6, 0))
+    evaluation = write_folder(tmp_path / "eval", digit_images(4, 100))
+    (train / "0" / "empty.png").write_bytes(b"")
+    first = sorted((train / "1").iterdir())[0]
+    Image.open(first).save(train / "1" / "copy.png")  # an exact copy
+    Image.open(first).resize((36, 36)).save(train / "7" / "resized.png")  # near: resized, and labelled 7
+    Image.open(sorted((train / "0").glob("0*.png"))[0]).save(evaluation / "0" / "leak.png")
+    report = check(train, "image-classification", str(evaluation))
+    codes = {f.code for f in report.findings}
+    assert {"bad-image", "exact-duplicate", "near-duplicate-conflict", "leak-exact"} <= codes, render(report)
+    bad = next(f for f in report.findings if f.code == "bad-image")
+    assert bad.file.endswith("empty.png") and report.exit_code == 2
+    text = render(report)
+    assert "copy.png" in text and "leak.png" in text and "resized.png" in text
+
+
+@pytest.mark.slow
+def test_compare_draws_the_image_learning_curve_unchanged(tiny_cnn, digits, tmp_path):
+    out = tmp_path / "compare"
+    assert main(["compare", "--task", "image-classification", "--model", tiny_cnn, "--train", digits["train"],
+                 "--eval", digits["eval"], "--tuning", "head,full", "--train-fractions", "0.5,1.0",
+                 "--output", str(out), "--train.progress", "false", "--eval.bootstrap", "50"]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert {(r["method"], r["fraction"]) for r in result["rows"]} == {(m, f) for m in ("head", "full")
+                                                                      for f in (0.5, 1.0)}
+    assert {b["name"] for b in result["baselines"]} >= {"majority", "pixel_logistic", "linear_probe"}
+    assert (out / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_onnx_and_int8_exports_of_an_image_classifier_agree_with_torch(tiny_cnn, digits, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_cnn, digits, out, "--tuning", "full", "--lr", "3e-3", "--epochs", "2")) == 0
+    assert main(["export", str(out), "--onnx", "--int8"]) == 0
+    report = json.loads((out / "compression.json").read_text())
+    assert report["onnx"]["max_abs_difference"] < 1e-4 and report["onnx"]["agreement"] == 1.0
+    assert report["int8"]["agreement"] >= 0.8  # statically quantized: close, not equal
+    assert (out / "int8" / "model.onnx").is_file()
+    for runtime in ("onnx", "int8"):
+        preds = tmp_path / f"{runtime}.jsonl"
+        assert main(["predict", str(out), "--input", digits["eval"], "--runtime", runtime, "--output",
+                     str(preds)]) == 0
+        assert len(preds.read_text().splitlines()) == 30

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import forkrun
-from conftest import make_rows, write_jsonl
+from conftest import PLAIN_PRELUDE, make_rows, write_jsonl
 
 
 def sentence_folder(tiny_model: str, where: Path, mode: str = "mean") -> str:
@@ -132,7 +132,8 @@ def test_exported_model_predicts_as_tunelab_in_plain_transformers(pooled_run, tm
     result, data = pooled_run
     ours = _predict(result.run_dir, data)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    plain = subprocess.run([sys.executable, "-c", PLAIN, str(result.model_dir), data], env=env, cwd=tmp_path,
+    plain = subprocess.run([sys.executable, "-c", PLAIN_PRELUDE + PLAIN, str(result.model_dir), data], env=env,
+                           cwd=tmp_path,
                            capture_output=True, text=True)
     assert plain.returncode == 0, plain.stderr[-2000:]
     theirs = json.loads(plain.stdout.splitlines()[-1])
@@ -153,7 +154,8 @@ def test_unknown_model_type_is_refused_without_tunelab_or_trust(pooled_run, tmp_
     code = ("import sys; from transformers import AutoModelForSequenceClassification as A; "
             "A.from_pretrained(sys.argv[1])")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    plain = subprocess.run([sys.executable, "-c", code, str(result.model_dir)], env=env, cwd=tmp_path,
+    plain = subprocess.run([sys.executable, "-c", PLAIN_PRELUDE + code, str(result.model_dir)], env=env,
+                           cwd=tmp_path,
                            capture_output=True, text=True)
     assert plain.returncode != 0 and "trust_remote_code" in plain.stderr
 

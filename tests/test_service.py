@@ -2,6 +2,7 @@
 keys and authentication; uploads that must be refused."""
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import subprocess
@@ -11,7 +12,7 @@ import openai
 import pytest
 import yaml
 import forkrun
-from conftest import make_chat_rows, make_preference_rows, make_rows, write_jsonl
+from conftest import digit_images, make_chat_rows, make_preference_rows, make_rows, write_folder, write_jsonl
 from servicekit import wait_until
 
 
@@ -276,3 +277,93 @@ def test_database_is_wal_and_sound(service):
     con = sqlite3.connect(service.home / "tunelab.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# ---- images ------------------------------------------------------------------------------------------------------
+def zip_of(folder, path, extra: dict | None = None):
+    """A zip of `folder`'s files under their relative names (plus `extra` {name: bytes} entries)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(folder).as_posix())
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return path
+
+
+def test_an_image_classifier_from_a_zip_trains_and_answers_base64_images(service, tmp_path):
+    import base64
+    import io
+
+    train = zip_of(write_folder(tmp_path / "train" / "digits", digit_images(16, 0)), tmp_path / "digits.zip",
+                   {"__MACOSX/._junk": b"x"})
+    valid = zip_of(write_folder(tmp_path / "valid", digit_images(6, 100)), tmp_path / "valid.zip")
+    client = service.client()
+    with open(train, "rb") as f:
+        uploaded = client.files.create(file=f, purpose="fine-tune")
+    assert uploaded.records == 48 and uploaded.format == "image_folder"
+    assert client.files.content(uploaded.id).read() == train.read_bytes()  # the archive, as it was sent
+    job = client.fine_tuning.jobs.create(model="tiny-cnn", training_file=uploaded.id,
+                                         validation_file=service.upload(valid), extra_body={"tuning": "head"})
+    wait_until(lambda: client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed"), 300,
+               lambda: service.tail(job.id))
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded", done.error
+    images = digit_images(2, 150)
+    inputs = []
+    for img, _ in images:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        inputs.append({"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()})
+    status, out = service.request("POST", "/v1/classifications", {"model": done.fine_tuned_model, "input": inputs})
+    assert status == 200, out
+    assert len(out["data"]) == 6 and {r["label"] for r in out["data"]} <= {"0", "1", "7"}
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in out["data"])
+    status, metrics = service.request("GET", f"/v1/fine_tuning/jobs/{job.id}/metrics")
+    assert status == 200 and metrics["mistakes"].startswith("data:image/png;base64,")  # the dashboard's grid
+    bad = [{"image": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}]
+    status, err = service.request("POST", "/v1/classifications", {"model": done.fine_tuned_model, "input": bad})
+    assert status == 400 and err["error"]["param"] == "input[0]" and "not a readable image" in err["error"]["message"]
+    status, err = service.request("POST", "/v1/classifications", {"model": done.fine_tuned_model, "input": ["text"]})
+    assert status == 400 and "classifies images" in err["error"]["message"]
+
+
+@pytest.mark.parametrize("attack", ["traversal", "absolute", "symlink", "bomb", "bad image"])
+def test_a_hostile_zip_is_refused_and_leaves_nothing_behind(attack, service, tmp_path):
+    import stat
+    import zipfile
+
+    path = tmp_path / "x.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        img, _ = digit_images(1, 0)[0]
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        for c in ("a", "b"):
+            z.writestr(f"{c}/ok.png", buf.getvalue())
+        if attack == "traversal":
+            z.writestr("a/../../evil.png", buf.getvalue())
+        elif attack == "absolute":
+            z.writestr("/tmp/evil.png", buf.getvalue())
+        elif attack == "symlink":
+            link = zipfile.ZipInfo("a/link.png")
+            link.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(link, "/etc/passwd")
+        elif attack == "bomb":
+            z.writestr("a/zeros.png", b"\0" * (64 << 20))  # 64 MiB of zeros deflate to ~64 KiB
+        else:
+            z.writestr("b/broken.png", b"\x89PNG not really")
+    before = sorted(p.name for p in (service.home / "files").iterdir()) if (service.home / "files").exists() else []
+    body, kind = _multipart(path.name, path.read_bytes())
+    status, err = service.request("POST", "/v1/files", data=body, headers={"Content-Type": kind})
+    assert status == 400, err
+    expected = {"traversal": "'..' part", "absolute": "absolute path", "symlink": "symbolic link",
+                "bomb": "zip bomb", "bad image": "x.zip/b/broken.png"}[attack]
+    assert expected in err["error"]["message"] or expected in (err["error"]["param"] or ""), err
+    assert str(service.home) not in json.dumps(err)
+    assert sorted(p.name for p in (service.home / "files").iterdir()) == before
+    assert not (tmp_path.parent / "evil.png").exists()
+

@@ -34,23 +34,39 @@ class ImageError(ValueError):
 
 def load_image(path: Path):
     """The image at `path` as an 8-bit RGB PIL image (see the module's docstring), or ImageError saying why not."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if not path.is_file():
         raise ImageError("image file not found")
     if path.stat().st_size == 0:
         raise ImageError("empty image file (0 bytes)")
+    return decode_image(path)
+
+
+def image_from_bytes(data: bytes):
+    """An image sent as bytes (the service's base64 inputs), decoded as load_image decodes a file."""
+    import io
+
+    if not data:
+        raise ImageError("empty image (0 bytes)")
+    return decode_image(io.BytesIO(data))
+
+
+def decode_image(source):
+    """A file's or a byte stream's image as 8-bit RGB (see load_image), or ImageError."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale where that suffices
                 img.load()
                 img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageError(f"not a readable image ({_reason(e)})") from None
+    except UnidentifiedImageError:  # (its message quotes the file's path: never sent back by the service)
+        raise ImageError("not a readable image (no format Pillow knows: PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"not a readable image ({_reason(e, source)})") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data inside a known format
-        raise ImageError(f"corrupt image data ({_reason(e)})") from None
+        raise ImageError(f"corrupt image data ({_reason(e, source)})") from None
     if min(img.size) < MIN_SIDE:
         raise ImageError(f"image is {img.size[0]}x{img.size[1]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
     img = to_rgb(img)
@@ -77,8 +93,11 @@ def to_rgb(img):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _reason(error: Exception) -> str:
+def _reason(error: Exception, source) -> str:
+    """The library's words for what went wrong, without the file's path."""
     text = str(error).split("\n")[0]
+    if isinstance(source, Path):
+        text = text.replace(repr(str(source)), "the file").replace(str(source), "the file")
     return text if len(text) <= 120 else text[:117] + "..."
 
 
@@ -104,13 +123,14 @@ def read_image_examples(path: str | Path, cfg: DataConfig, need_label: bool = Tr
     return rows
 
 
-def _example(file: Path, label, where: str, line: int | None, group=None) -> Example:
+def _example(file: Path, label, where: str, line: int | None, group=None, written: str = "") -> Example:
+    """`written`: the path as the data file gives it (what an error on its line quotes)."""
     from tunelab.errors import UserError
 
     try:
         image = load_image(file)
     except ImageError as e:
-        raise UserError(f"{file}: {e}" if line is not None else str(e), where, line, "bad-image") from None
+        raise UserError(f"{written or file}: {e}" if line is not None else str(e), where, line, "bad-image") from None
     return Example(str(file), label, None, f"{where}:{line}" if line is not None else where, group=group,
                    image=image)
 
@@ -154,7 +174,7 @@ def _read_table(path: Path, cfg: DataConfig, need_label: bool, parse, key: str,
             if key not in rec:
                 raise UserError(f"missing label field '{key}'", str(path), line, "missing-label")
             label = parse(rec[key], path, line, key)
-        return _example(file, label, str(path), line, group_of(rec, cfg, path, line))
+        return _example(file, label, str(path), line, group_of(rec, cfg, path, line), value.strip())
 
     if path.suffix.lower() in (".csv", ".tsv"):
         rows = csv_rows("\n".join(_decoded_lines(path, cfg.encoding)), path, problems)

@@ -135,7 +135,8 @@ class OnnxClassifier:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **batch) -> SimpleNamespace:
-        feed = {k: v.cpu().to(torch.int64) for k, v in batch.items() if k in self.inputs}
+        feed = {k: v.cpu().float() if v.is_floating_point() else v.cpu().to(torch.int64)  # pixels, or token ids
+                for k, v in batch.items() if k in self.inputs}
         logits = []
         for part in zip(*(v.split(ONNX_ROWS) for v in feed.values())):
             part = dict(zip(feed, part))
@@ -153,19 +154,53 @@ class OnnxClassifier:
 
 
 def export_onnx(model: nn.Module, tokenizer, path) -> None:
-    """The fp32 model as an ONNX graph with dynamic batch and sequence axes, written atomically."""
+    """The fp32 model as an ONNX graph with dynamic batch and sequence axes (an image network: a dynamic batch of
+    images at the size its pre-processing gives), written atomically."""
     # torch.onnx's exporter builds the graph with onnx and onnxscript; ONNX Runtime fuses it (_fused) and checks it
     for module in ("onnx", "onnxscript", "onnxruntime"):
         need(module, "onnx")
-    enc = sample_inputs(tokenizer)
-    names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    dynamic = {k: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for k in names}
+    if hasattr(tokenizer, "data_config"):  # an image processor (tunelab.models.vision.ImageProcessor)
+        names, enc = ["pixel_values"], {"pixel_values": torch.zeros(2, *tokenizer.data_config["input_size"])}
+        dynamic = {"pixel_values": {0: torch.export.Dim("batch")}}
+    else:
+        enc = sample_inputs(tokenizer)
+        names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        dynamic = {k: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for k in names}
     # torch.onnx's notes on absent torchvision ops and axis names are not ours
     with _quiet("torch.onnx"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model.eval(), (), kwargs={k: enc[k] for k in names}, input_names=names,
                                     output_names=["logits"], dynamic_shapes=dynamic, dynamo=True, verbose=False)
     atomic_write_bytes(path, _fused(program.model_proto, model.config).SerializeToString())
+
+
+def quantize_onnx_int8(source, out, calibration: list[torch.Tensor]) -> None:
+    """Static int8 quantization of an image network's ONNX graph by ONNX Runtime: weights per output channel,
+    activations with scales calibrated on `calibration` (batches of pixel_values from the training images), in QDQ
+    format, written atomically to `out`. Convolutions are where an image network spends its time, and dynamic
+    quantization (the text models' int8) leaves them in fp32."""
+    import os
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"pixel_values": batch.numpy()}
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet("root"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared, quantized = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "int8.onnx")
+        quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with open(quantized, "rb") as f:
+            atomic_write_bytes(out, f.read())
 
 
 def _fused(proto, config):

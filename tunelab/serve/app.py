@@ -210,7 +210,8 @@ def get_file(file_id: str, home: Path = Home):
 @router.get("/v1/files/{file_id}/content")
 def file_content(file_id: str, home: Path = Home):
     row = _file(home, file_id)
-    return FileResponse(files.path_of(home, row), media_type="application/octet-stream", filename=row["filename"])
+    return FileResponse(files.content_path(home, row), media_type="application/octet-stream",
+                        filename=row["filename"])
 
 
 @router.delete("/v1/files/{file_id}")
@@ -284,12 +285,18 @@ def checkpoints(home: Path, job: dict) -> list[dict]:
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/metrics")
 def job_metrics(job_id: str, home: Path = Home):
-    """tunelab's addition for the dashboard: the run's history, its metrics.json and sample generations."""
+    """tunelab's addition for the dashboard: the run's history, its metrics.json, sample generations and, for an
+    image classifier, its grid of the most confident mistakes (a PNG data URL)."""
+    import base64
+
     run = RunDir(jobs.run_dir(home, _job(home, job_id)["id"]))
-    samples = run.path / "samples.jsonl"
-    return finite({"history": run.history(), "metrics": run.metrics(),
+    samples, mistakes = run.path / "samples.jsonl", run.path / "mistakes.png"
+    metrics = run.metrics()
+    return finite({"history": run.history(), "metrics": metrics,
                    "samples": [{"prompt": r["prompt"], "answer": r["answer"]} for r in read_jsonl_prefix(samples)]
-                   if samples.is_file() else None})
+                   if samples.is_file() else None,
+                   "mistakes": "data:image/png;base64," + base64.b64encode(mistakes.read_bytes()).decode()
+                   if metrics and mistakes.is_file() else None})
 
 
 # ---- models and inference ----------------------------------------------------------------------------------

@@ -340,12 +340,45 @@ def _not_blank(text: str) -> str:
 
 Text = Annotated[str, StringConstraints(max_length=MAX_CHARS), AfterValidator(_not_blank)]
 
+MAX_IMAGE_BYTES = 10 << 20  # one image to classify, decoded from its base64
+IMAGE_TYPES = ("png", "jpeg", "jpg", "webp", "bmp", "gif")
+
+
+def _data_url(value: Any) -> bytes:
+    """The bytes of a `data:image/<type>;base64,<data>` URL (what OpenAI's image inputs take), checked."""
+    import base64
+    import binascii
+
+    if not isinstance(value, str):
+        raise refuse("must be a data URL string: data:image/png;base64,...")
+    head, comma, data = value.partition(",")
+    kind = head.removeprefix("data:image/").removesuffix(";base64")
+    if not comma or not head.startswith("data:image/") or not head.endswith(";base64") or kind not in IMAGE_TYPES:
+        raise refuse(f"must be a data URL of an image: data:image/({'|'.join(IMAGE_TYPES)});base64,...")
+    if len(data) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
+        raise refuse(f"is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise refuse("is not valid base64") from None
+
+
+class ImageInput(BaseModel):
+    """One image to classify: {"image": "data:image/png;base64,..."}."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: Annotated[bytes, BeforeValidator(_data_url, json_schema_input_type=str)] = Field(
+        description=f"The image as a data URL (data:image/png;base64,...; {', '.join(IMAGE_TYPES)}), at most "
+                    f"{MAX_IMAGE_BYTES // 2**20} MiB.")
+
 
 class Classify(BaseModel):
     """POST /v1/classifications (tunelab's): labels, values or entities from a fine-tuned classifier, regressor or
     tagger. Other keys are ignored, as they always were."""
 
     model: str = Field(description="A fine-tuned classification, multilabel, regression or ner model (ft:…).")
-    input: Annotated[list[Text], BeforeValidator(_texts, json_schema_input_type=str | list[str]),
+    input: Annotated[list[Text] | list[ImageInput],
+                     BeforeValidator(_texts, json_schema_input_type=str | list[str] | list[ImageInput]),
                      Field(min_length=1, max_length=MAX_INPUTS)] = Field(
-        description=f"One text or a list of up to {MAX_INPUTS} (each non-empty, at most {MAX_CHARS:,} characters).")
+        description=f"One text or a list of up to {MAX_INPUTS} (each non-empty, at most {MAX_CHARS:,} characters); "
+                    "for an image model, a list of images: [{\"image\": \"data:image/png;base64,...\"}].")

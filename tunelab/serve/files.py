@@ -13,8 +13,11 @@ from tunelab.data.formats import FORMAT_TASK, detect_format
 from tunelab.errors import UserError
 from tunelab.serve.db import connect, new_id, now, private_dir
 
-EXTENSIONS = (".jsonl", ".csv", ".txt")
-# The format a file's records have, and the task a job on it gets when the request names none.
+EXTENSIONS = (".jsonl", ".csv", ".txt", ".zip")
+MAX_UNPACKED = 4 << 30  # bytes an uploaded zip of images may unpack to (tunelab.serve.archive)
+# The task a job gets when the request names none, for the image formats (text formats: tunelab.data.formats)
+IMAGE_TASK = {"image_folder": "image-classification", "image_label": "image-classification",
+              "image_labels": "image-multilabel"}
 
 
 def display_name(filename: str | None) -> str:
@@ -32,7 +35,16 @@ def check(path: Path, task: str, name: str) -> int:
     try:
         return len(TASKS[task].read(path, DataConfig(train=str(path))))
     except UserError as e:
-        raise UserError(e.problem, name, e.line) from None
+        where = e.path if task.startswith("image-") and e.line is None and e.path else name
+        if task.startswith("image-") and where != name:  # an image of an archive: named inside it, never by our path
+            where = f"{name}/{Path(where).relative_to(path).as_posix()}" if Path(where).is_relative_to(path) \
+                else name
+        raise UserError(e.problem, where, e.line) from None
+
+
+def task_of(fmt: str) -> str:
+    """The task a job on a file of this format gets when its request names none."""
+    return IMAGE_TASK.get(fmt) or FORMAT_TASK[fmt]
 
 
 def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str | None = None) -> dict:
@@ -41,7 +53,10 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
     name = display_name(filename)
     ext = Path(name).suffix.lower()
     if ext not in EXTENSIONS:
-        raise UserError(f"unsupported file type {ext or '(none)'!r}: upload .jsonl, .csv or .txt", name)
+        raise UserError(f"unsupported file type {ext or '(none)'!r}: upload .jsonl, .csv, .txt or a .zip of images",
+                        name)
+    if ext == ".zip":
+        return _store_archive(home, data, name, purpose, task)
     if b"\x00" in data[:8192]:
         raise UserError("a binary file, not text", name)
     try:
@@ -70,6 +85,62 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
     connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records) "
                           "VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records)", row)
     return row
+
+
+def _store_archive(home: Path, data: bytes, name: str, purpose: str, task: str | None) -> dict:
+    """A zip of images: unpacked safely under a server-made id, its data checked with the image task's reader (every
+    image decoded), the archive itself kept for GET …/content."""
+    import shutil
+
+    from tunelab.serve.archive import data_entry, unpack
+
+    if task is not None and not task.startswith("image-"):
+        raise UserError(f"a .zip upload holds images; task {task!r} reads text files", "task")
+    file_id = new_id("file")
+    folder = private_dir(Path(home) / "files")
+    tmp = folder / f".upload-{file_id}"
+    try:
+        root = unpack(data, tmp, name, MAX_UNPACKED)
+        entry, kind = data_entry(root)
+        fmt = kind if kind == "image_folder" else _table_format(entry, name)
+        records = check(entry, task or IMAGE_TASK[fmt], name) if fmt == "image_folder" else \
+            _check_table(entry, task or IMAGE_TASK[fmt], name)
+        with open(os.open(folder / f".upload-{file_id}.zip", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(data)
+        os.replace(folder / f".upload-{file_id}.zip", folder / f"{file_id}.zip")
+        os.replace(tmp, folder / file_id)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (folder / f".upload-{file_id}.zip").unlink(missing_ok=True)
+    row = {"id": file_id, "filename": name, "bytes": len(data), "created_at": now(), "purpose": purpose,
+           "path": (Path(file_id) / entry.relative_to(tmp)).as_posix(), "format": fmt, "records": records}
+    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records) "
+                          "VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records)", row)
+    return row
+
+
+def _table_format(table: Path, name: str) -> str:
+    """image_labels for a table whose first record has `labels` (multi-label), else image_label."""
+    head = table.read_bytes()[:65536].decode("utf-8", errors="replace")
+    if table.suffix.lower() == ".csv":
+        columns = [c.strip().strip('"') for c in head.split("\n", 1)[0].split(",")]
+        return "image_labels" if "labels" in columns and "label" not in columns else "image_label"
+    fmt = detect_format(head, ".jsonl", name)
+    return "image_labels" if fmt == "text_labels" else "image_label"
+
+
+def _check_table(table: Path, task: str, name: str) -> int:
+    from tunelab.tasks import TASKS
+
+    try:
+        return len(TASKS[task].read(table, DataConfig(train=str(table))))
+    except UserError as e:
+        raise UserError(e.problem, f"{name}/{table.name}", e.line) from None
+
+
+def content_path(home: Path, row: dict) -> Path:
+    """What GET …/content sends: the uploaded file (a zip of images, not its unpacked folder)."""
+    return Path(home) / "files" / f"{row['id']}.zip" if row["format"] in IMAGE_TASK else path_of(home, row)
 
 
 def get(home: Path, file_id: str) -> dict | None:
@@ -103,10 +174,16 @@ def delete(home: Path, file_id: str) -> bool:
 
         raise Conflict(f"job {busy['id']} still needs this file; cancel it or wait until it ends", file_id)
     con.execute("DELETE FROM files WHERE id = ?", (file_id,))
-    path_of(home, row).unlink(missing_ok=True)
+    if row["format"] in IMAGE_TASK:  # an archive: its unpacked folder and the zip
+        import shutil
+
+        shutil.rmtree(Path(home) / "files" / row["id"], ignore_errors=True)
+    content_path(home, row).unlink(missing_ok=True)
     return True
 
 
 def remove_partial_uploads(home: Path) -> None:
+    import shutil
+
     for tmp in (Path(home) / "files").glob(".upload-*"):
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError, cut
 from tunelab.serve import job_request, jobs
-from tunelab.serve.bodies import MAX_CHARS, Chat, Classify
+from tunelab.serve.bodies import MAX_CHARS, Chat, Classify, ImageInput
 
 CACHED = 2  # models kept loaded
 # The service's names for what the command line calls by its flags.
@@ -189,9 +189,20 @@ def classify(home: Path, body: Classify) -> dict:
     if task is None or task in ("clm", "mlm", "chat", "dpo", "reward"):
         raise UserError(f"{body.model} does not predict labels: use /v1/chat/completions for generators",
                         "model")
-    texts = body.input  # each a non-empty text within MAX_CHARS, at most MAX_INPUTS of them
+    texts = body.input  # each a non-empty text within MAX_CHARS (or an image), at most MAX_INPUTS of them
     loaded = _load("run:" + source, lambda: load_run(source))
     cfg, task_obj = loaded.objects[0], loaded.objects[1]
+    images = isinstance(texts[0], ImageInput)
+    if images != (task_obj.modality == "image"):
+        raise UserError(f"{body.model} classifies {'images' if not images else 'texts'}: send "
+                        + ('[{"image": "data:image/png;base64,..."}]' if not images else "texts"), "input")
+    if images:
+        examples = _image_examples(texts)
+        with loaded.lock:
+            rows = predict_examples(loaded.objects, examples)
+        data = [{"object": "classification", "index": i, **{k: v for k, v in r.items() if k != "image"}}
+                for i, r in enumerate(rows)]
+        return {"object": "list", "model": body.model, "task": task, "data": data}
     with tempfile.TemporaryDirectory() as tmp:  # the task's own reader (segmentation for ner, …)
         path = Path(tmp) / "input.jsonl"
         path.write_text("".join(json.dumps({cfg.data.text_column: t}) + "\n" for t in texts), encoding="utf-8")
@@ -203,3 +214,17 @@ def classify(home: Path, body: Classify) -> dict:
     data = [{"object": "classification", "index": i, **{k: v for k, v in r.items() if k != "text"}}
             for i, r in enumerate(rows)]
     return {"object": "list", "model": body.model, "task": task, "data": data}
+
+
+def _image_examples(inputs: list[ImageInput]) -> list:
+    """The request's images decoded as training reads image files; a bad one is a 400 naming its index."""
+    from tunelab.data.images import ImageError, image_from_bytes
+    from tunelab.data.load import Example
+
+    examples = []
+    for i, item in enumerate(inputs):
+        try:
+            examples.append(Example(f"input[{i}]", None, where=f"input[{i}]", image=image_from_bytes(item.image)))
+        except ImageError as e:
+            raise UserError(str(e), f"input[{i}]") from None
+    return examples

@@ -92,7 +92,7 @@ def create(home: Path, body: CreateJob) -> dict:
     source = model_source(home, body.model)
     train_file = _file(home, body.training_file, "training_file")
     valid_file = _file(home, body.validation_file, "validation_file") if body.validation_file is not None else None
-    task = body.task or ("dpo" if body.kind == "dpo" else files.FORMAT_TASK[train_file["format"]])
+    task = body.task or ("dpo" if body.kind == "dpo" else files.task_of(train_file["format"]))
     job_id = new_id("ftjob")
     row = {"id": job_id, "created_at": now(), "model": body.model, "training_file": train_file["id"],
            "validation_file": valid_file["id"] if valid_file else None, "task": task,
