@@ -90,6 +90,17 @@ def test_csv_paths_are_relative_to_the_file(tmp_path):
     assert examples[0].where == f"{tmp_path / 'data.csv'}:2"
 
 
+def test_a_flat_folder_of_images_reads_for_prediction_only(tmp_path):
+    from tunelab.data.images import read_image_examples
+
+    for k, (img, _) in enumerate(digit_images(2, 0)):
+        img.save(tmp_path / f"{k}.png")
+    examples = read_image_examples(tmp_path, DataConfig(), need_label=False)
+    assert len(examples) == 6 and all(e.label is None for e in examples)
+    with pytest.raises(UserError, match="one sub-folder of images per class"):
+        read_image_examples(tmp_path, DataConfig())
+
+
 BAD = {
     "corrupt": (b"\x89PNG\r\n\x1a\nthis is not really a png", "not a readable image"),
     "truncated": (None, "corrupt image data"),

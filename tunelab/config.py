@@ -124,7 +124,8 @@ class TuningConfig:
         range=Range(0, 1000))
     prune_vocab: bool = setting(False, "distill: keep only the vocabulary the training and transfer texts use (plus every single character) and shrink the student's embeddings to it; WordPiece tokenizers.")
     lora_targets: list[str] = setting([], "lora: names (or name endings) of the linear modules that get adapters, e.g. query,value; empty: every linear layer of the attention and MLP blocks.")
-    warm_head: bool = setting(True, "full: before the first step, set the new linear head to its solved optimum on the pretrained features (linear probing then fine-tuning, LP-FT); classification, multilabel, regression.")
+    warm_head: bool = setting(True, "full, partial: before the first step, set the new linear head to its solved optimum on the pretrained features (linear probing then fine-tuning, LP-FT); classification, multilabel, regression.")
+    bn_statistics: Literal["frozen", "update"] = setting("frozen", "Networks with batch norm (image CNNs): frozen keeps a pretrained network's running means and variances as pre-training left them while its weights train (the batch-norm scale and shift still train); update lets every training batch move them, as PyTorch's train mode does. scratch always updates them.")
     head_solver: Literal["lbfgs", "sgd"] = setting("lbfgs", "head: lbfgs (the linear head fitted to convergence on the frozen features by full-batch L-BFGS, L2 chosen by cross-validation inside the training split) or sgd (the loop's epochs and learning rate).")
     head_l2: float | None = setting(None, "head, lbfgs: the L2 penalty (lambda in mean loss + lambda/2 |W|^2 on standardised features); None: chosen by 5-fold cross-validation on the training split.",
         range=Range(0, 1e6))

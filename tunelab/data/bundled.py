@@ -305,3 +305,29 @@ def topics(output: Path, train_size: int, eval_size: int, seed: int = 0) -> dict
     random.Random(seed).shuffle(train)
     random.Random(seed + 1).shuffle(evaluation)
     return _write_splits(output, train, evaluation, source=str(root))
+
+
+def digits(output: Path, train_size: int, eval_size: int, seed: int = 0, size: int = 64) -> dict:
+    """Image classification from scikit-learn's bundled handwritten digits (UCI ML, 1,797 8x8 grey images, ten
+    classes): each image up-sampled to `size` x `size` pixels (nearest neighbour: the pixels stay blocks) and saved
+    as PNG under output/{train,eval}/<digit>/, a folder per class. Balanced: each digit gets train_size / 10 and
+    eval_size / 10 of its own images, disjoint."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    output = Path(output)
+    counts = {"train": 0, "eval": 0}
+    for digit in range(10):
+        rows = [int(i) for i in np.flatnonzero(data.target == digit)]
+        part_train, part_eval = _split(rows, train_size // 10, eval_size // 10, seed)
+        for split, part in (("train", part_train), ("eval", part_eval)):
+            folder = output / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                pixels = (data.images[i] / 16 * 255).round().astype(np.uint8)
+                Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.NEAREST).save(folder / f"{i}.png")
+            counts[split] += len(part)
+    return {"train": str(output / "train"), "eval": str(output / "eval"), "train_examples": counts["train"],
+            "eval_examples": counts["eval"], "source": "sklearn.datasets.load_digits"}

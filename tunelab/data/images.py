@@ -9,8 +9,9 @@ becomes the 8-bit RGB picture a network pre-trained on ImageNet expects:
   colour) is laid over white first;
 - 16- and 32-bit images (PNG's 16-bit grayscale, TIFF) are scaled to 8 bits by their type's full range
   (a 16-bit value v becomes round(v / 257)), never clipped.
-Images larger than `MAX_SIDE` are shrunk (aspect kept) when read: the networks see 224 pixels or so, and a
-folder of 12-megapixel photos would otherwise fill the memory.
+Images larger than `MAX_SIDE` are shrunk (aspect kept) when read: the networks see 224 pixels or so, and the
+decoded images stay in memory for the whole run (at most 0.75 MB each), where 12-megapixel photos would fill it.
+For prediction (need_label False) a folder may also hold the images themselves, with no class sub-folders.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tunelab.data.load import Example, Problems, Records, class_label, csv_rows,
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_SIDE = 8  # pixels: a smaller image (a 1x1 tracking pixel, a broken thumbnail) is refused
-MAX_SIDE = 1024  # pixels: larger images are shrunk when read
+MAX_SIDE = 512  # pixels: larger images are shrunk when read (the networks see 224-384; zoom crops need some more)
 
 
 class ImageError(ValueError):
@@ -112,7 +113,7 @@ def read_image_examples(path: str | Path, cfg: DataConfig, need_label: bool = Tr
     if not p.exists():
         raise UserError("file not found", str(p))
     if p.is_dir():
-        rows = _read_folder(p, cfg, problems)
+        rows = _read_folder(p, cfg, problems, need_label)
     elif p.suffix.lower() in (".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
         rows = _read_table(p, cfg, need_label, parse, cfg.label_column or default_key, problems)
     else:
@@ -139,18 +140,28 @@ def _refuse(error: Exception):
     raise error
 
 
-def _read_folder(root: Path, cfg: DataConfig, problems: Problems | None) -> list[Example]:
+def _read_folder(root: Path, cfg: DataConfig, problems: Problems | None, need_label: bool = True) -> list[Example]:
+    """A sub-folder per class; without labels (prediction), the folder's own images, or its sub-folders' with no
+    label: a class the model never saw is no error where nothing is scored."""
     from tunelab.errors import UserError
 
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    records = Records(root, cfg.skip_invalid, problems)
+    if not need_label and not classes:
+        for f in _images(root):
+            records.add(lambda: _example(f, None, str(f), None))
+        return records.done()
     if not classes:
         raise UserError("an image folder needs one sub-folder of images per class", str(root))
-    records = Records(root, cfg.skip_invalid, problems)
     for d in classes:
-        for f in sorted(d.iterdir()):
-            if f.is_file() and f.suffix.lower() in EXTENSIONS and not f.name.startswith("."):
-                records.add(lambda: _example(f, d.name, str(f), None))
+        for f in _images(d):
+            records.add(lambda: _example(f, d.name if need_label else None, str(f), None))
     return records.done()
+
+
+def _images(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.iterdir())
+            if f.is_file() and f.suffix.lower() in EXTENSIONS and not f.name.startswith(".")]
 
 
 def _read_table(path: Path, cfg: DataConfig, need_label: bool, parse, key: str,

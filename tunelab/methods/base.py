@@ -35,6 +35,7 @@ class Method:
     # or an adapter starts from zero and needs larger steps than weights that are already good.
     lr: float = 5e-5
     epochs: int = 3
+    bn_statistics = "frozen"  # set per run from tuning.bn_statistics (see train_mode)
 
     def build(self, cfg: Config, task, space, train: list) -> tuple[nn.Module, object]:
         """The model this method starts from (before `prepare`) and its tokenizer; `train` is the training split."""
@@ -67,8 +68,16 @@ class Method:
         """Called before each epoch (also on resume): e.g. gradual unfreezing."""
 
     def train_mode(self, model: nn.Module) -> None:
-        """Put the model in training mode (head keeps the frozen backbone in eval mode)."""
+        """Put the model in training mode (head keeps the frozen backbone in eval mode). A pretrained network's
+        batch-norm layers stay in inference mode: they normalise with the statistics learnt in pre-training, which
+        a few batches of a small dataset would otherwise drag away from what the rest of the network (and a head
+        solved on its features) expects; their scale and shift still train. Keras's fine-tuning guide gives the
+        same advice; tuning.bn_statistics "update" turns it off. Random weights (scratch) always update them."""
         model.train()
+        if self.pretrained and self.bn_statistics == "frozen":
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def export(self, model: nn.Module) -> nn.Module:
         """The plain transformers model to save (lora merges its adapters into a copy)."""

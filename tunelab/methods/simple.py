@@ -16,7 +16,8 @@ class Scratch(Method):
 
 
 class Partial(Method):
-    """The top `partial_layers` blocks, the pooler and the head train; the rest stays frozen."""
+    """The top `partial_layers` blocks, the pooler and the head train; the rest stays frozen. Like full, it starts
+    from the head solved on the pretrained features (tuning.warm_head, LP-FT)."""
 
     lr = 3e-4  # the sweep in the README: 0.765 against 0.713 at 1e-4 (a fresh head on two blocks)
 
@@ -25,3 +26,9 @@ class Partial(Method):
         lowest = n - cfg.partial_layers + 1  # depth of the lowest block that trains
         freeze_all_but(model, lambda name: layer_depth(model, name) >= max(lowest, 1))
         return model
+
+    def before_training(self, loop) -> str | None:
+        from tunelab.methods.head import warm_head
+
+        return "head solved on the pretrained features (LP-FT)" if loop.cfg.tuning.warm_head and warm_head(loop) \
+            else None

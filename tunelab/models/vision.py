@@ -33,14 +33,14 @@ def is_image_model(folder: Path) -> bool:
         return False
 
 
-def prepare(alias: str) -> Path:
-    """The cached timm_wrapper folder of a bundled image model, converted on first use."""
+def prepare(alias: str, force: bool = False) -> Path:
+    """The cached timm_wrapper folder of a bundled image model, converted on first use (or again with `force`)."""
     from tunelab.io import atomic_dir
     from tunelab.models.gguf import cache_root, is_prepared
 
     assert alias in VISION_MODELS, alias
     folder = cache_root() / alias
-    if not is_prepared(folder):
+    if force or not is_prepared(folder):
         atomic_dir(folder, _convert_efficientnet_lite0)
     return folder
 

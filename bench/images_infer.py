@@ -1,0 +1,141 @@
+"""Image inference: tunelab's predictor (torch, ONNX, int8) against the plain timm forward, the same model,
+interleaved.
+
+    python bench/images_infer.py RUN [--rounds 5] [--single 100]
+    python bench/images_infer.py --make DIR   # first makes DIR/run: EfficientNet-Lite0's head on 600 digits,
+                                              # exported with --onnx --int8 (steps already done are skipped)
+
+Every arm answers the run's eval images from decoded pictures to labels in this one process:
+- baseline: timm itself: `timm.create_model(architecture)` with the run's exported weights, its pre-processing from
+  `timm.data.create_transform(**resolve_data_config(model=...))`, images 32 at a time, argmax of the logits;
+- tunelab: `tunelab.predict.load_run(RUN, runtime)` + `predict_examples` (what `tunelab predict` runs), with the
+  runtimes torch, onnx and int8 (`tunelab export RUN --onnx --int8`).
+Per round, rounds interleaving the arms: batch throughput over all eval images (images/s) and `--single`
+one-image requests (p50, p95 latency in ms). Printed: medians over rounds, ratios to the baseline, each arm's
+agreement with the baseline's labels, the machine and its load.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import machine, make  # bench/common.py, beside this script
+
+RECIPE = [  # (what it makes, tunelab command)
+    ("digits/eval", "data digits --output {d}/digits --train-size 600 --eval-size 300 --seed 0"),
+    ("run/model", "train --task image-classification --model efficientnet-lite0 --tuning head "
+                  "--train {d}/digits/train --eval {d}/digits/eval --eval.bootstrap 0 --eval.probe false "
+                  "--train.progress false --output {d}/run"),
+    ("run/int8/model.onnx", "export {d}/run --onnx --int8"),
+]
+
+
+class Baseline:
+    """timm alone: the architecture with the run's weights, timm's own evaluation transform."""
+
+    def __init__(self, model_dir: Path):
+        import json
+
+        import timm
+        import torch
+        from safetensors.torch import load_file
+
+        config = json.loads((model_dir / "config.json").read_text())
+        self.labels = config["label_names"]
+        self.model = timm.create_model(config["architecture"], pretrained=False, num_classes=len(self.labels),
+                                       pretrained_cfg_overlay=config["pretrained_cfg"])
+        weights = load_file(str(model_dir / "model.safetensors"))
+        self.model.load_state_dict({k.removeprefix("timm_model."): v for k, v in weights.items()})
+        self.model.eval()
+        self.transform = timm.data.create_transform(**timm.data.resolve_data_config(model=self.model))
+        self.torch = torch
+
+    def __call__(self, images, batch_size: int = 32) -> list[str]:
+        labels = []
+        with self.torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                x = self.torch.stack([self.transform(img) for img in images[i:i + batch_size]])
+                labels += [self.labels[j] for j in self.model(x).argmax(-1).tolist()]
+        return labels
+
+
+class Tunelab:
+    def __init__(self, run: Path, runtime: str):
+        from tunelab.predict import load_run
+
+        self.loaded = load_run(run, runtime)
+
+    def __call__(self, images) -> list[str]:
+        from tunelab.data.load import Example
+        from tunelab.predict import predict_examples
+
+        return [row["label"] for row in predict_examples(self.loaded, [Example("", None, image=img)
+                                                                       for img in images])]
+
+
+def timed(fn, images, single: int) -> dict:
+    fn(images[:4])  # warm-up
+    tic = time.perf_counter()
+    fn(images)
+    throughput = len(images) / (time.perf_counter() - tic)
+    latencies = []
+    for img in images[:single]:
+        tic = time.perf_counter()
+        fn([img])
+        latencies.append((time.perf_counter() - tic) * 1000)
+    q = statistics.quantiles(latencies, n=20)
+    return {"throughput": throughput, "p50": statistics.median(latencies), "p95": q[18]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", nargs="?", type=Path)
+    p.add_argument("--make", type=Path, help="make DIR/run first (see above), then measure it")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--single", type=int, default=100, help="one-image requests timed per round")
+    args = p.parse_args(argv)
+    if args.make:
+        make(args.make, RECIPE)
+        args.run = args.make / "run"
+    if not args.run:
+        p.error("give RUN, or --make DIR")
+    from tunelab.config import load_yaml
+    from tunelab.tasks import TASKS
+
+    cfg = load_yaml(args.run / "config.yaml")
+    images = [e.image for e in TASKS[cfg.task].read(cfg.data.eval, cfg.data, need_label=False)]
+    arms = {"timm fp32": Baseline(args.run / "model"), "tunelab torch": Tunelab(args.run, "torch")}
+    for runtime, made in (("onnx", "onnx/model.onnx"), ("int8", "int8/model.onnx")):
+        if (args.run / made).is_file():
+            arms[f"tunelab {runtime}"] = Tunelab(args.run, runtime)
+    labels = {name: fn(images) for name, fn in arms.items()}
+    reference = labels["timm fp32"]
+    load_before = os.getloadavg()[0]
+    figures: dict[str, list[dict]] = {name: [] for name in arms}
+    for r in range(args.rounds):
+        for name, fn in arms.items():
+            figures[name].append(timed(fn, images, args.single))
+            f = figures[name][-1]
+            print(f"round {r + 1} {name:14} {f['throughput']:7.1f} img/s  p50 {f['p50']:6.2f} ms  p95 "
+                  f"{f['p95']:6.2f} ms", flush=True)
+    load_after = os.getloadavg()[0]
+
+    print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
+    print(f"{len(images)} eval images of {cfg.data.eval}; medians of {args.rounds} interleaved rounds "
+          f"({args.single} single requests each)")
+    base = {k: statistics.median(f[k] for f in figures["timm fp32"]) for k in ("throughput", "p50", "p95")}
+    print(f"{'':14} {'img/s':>7} {'p50 ms':>7} {'p95 ms':>7}  {'batch ×':>7} {'p50 ×':>6}  {'agrees':>7}")
+    for name in arms:
+        m = {k: statistics.median(f[k] for f in figures[name]) for k in ("throughput", "p50", "p95")}
+        agree = sum(a == b for a, b in zip(labels[name], reference)) / len(reference)
+        print(f"{name:14} {m['throughput']:7.1f} {m['p50']:7.2f} {m['p95']:7.2f}  "
+              f"{m['throughput'] / base['throughput']:6.2f}× {m['p50'] / base['p50']:5.2f}×  {agree:7.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
