@@ -388,3 +388,19 @@ def test_onnx_and_int8_exports_of_an_image_classifier_agree_with_torch(tiny_cnn,
         assert main(["predict", str(out), "--input", digits["eval"], "--runtime", runtime, "--output",
                      str(preds)]) == 0
         assert len(preds.read_text().splitlines()) == 30
+
+
+@pytest.mark.parametrize("statistics", ["frozen", "update"])
+def test_batch_norm_statistics_stay_as_pretrained_unless_asked(statistics, tiny_cnn, digits, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_cnn, digits, out, "--tuning", "full", "--lr", "3e-3", "--epochs", "1",
+                           "--tuning.bn_statistics", statistics, "--eval.probe", "false")) == 0
+    before, after = load_file(f"{tiny_cnn}/model.safetensors"), load_file(str(out / "model" / "model.safetensors"))
+    stats = [k for k in before if k.endswith("running_mean")]
+    moved = [k for k in stats if not torch.equal(before[k], after[k])]
+    weights = [k for k in before if k.endswith("bn1.weight") and k in after]
+    assert stats and weights
+    assert (moved == []) if statistics == "frozen" else (len(moved) == len(stats))
+    assert any(not torch.equal(before[k], after[k]) for k in weights)  # the scale still trains

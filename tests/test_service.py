@@ -330,7 +330,7 @@ def test_an_image_classifier_from_a_zip_trains_and_answers_base64_images(service
     assert status == 400 and "classifies images" in err["error"]["message"]
 
 
-@pytest.mark.parametrize("attack", ["traversal", "absolute", "symlink", "bomb", "bad image"])
+@pytest.mark.parametrize("attack", ["traversal", "absolute", "symlink", "bomb", "bad image", "table escape"])
 def test_a_hostile_zip_is_refused_and_leaves_nothing_behind(attack, service, tmp_path):
     import stat
     import zipfile
@@ -354,6 +354,8 @@ def test_a_hostile_zip_is_refused_and_leaves_nothing_behind(attack, service, tmp
             z.writestr(link, "/etc/passwd")
         elif attack == "bomb":
             z.writestr("a/zeros.png", b"\0" * (64 << 20))  # 64 MiB of zeros deflate to ~64 KiB
+        elif attack == "table escape":  # a table naming an image outside the archive: another upload's, say
+            z.writestr("data.csv", "image,label\na/ok.png,a\n../../tunelab.db,b\n")
         else:
             z.writestr("b/broken.png", b"\x89PNG not really")
     before = sorted(p.name for p in (service.home / "files").iterdir()) if (service.home / "files").exists() else []
@@ -361,9 +363,31 @@ def test_a_hostile_zip_is_refused_and_leaves_nothing_behind(attack, service, tmp
     status, err = service.request("POST", "/v1/files", data=body, headers={"Content-Type": kind})
     assert status == 400, err
     expected = {"traversal": "'..' part", "absolute": "absolute path", "symlink": "symbolic link",
-                "bomb": "zip bomb", "bad image": "x.zip/b/broken.png"}[attack]
+                "bomb": "zip bomb", "bad image": "x.zip/b/broken.png", "table escape": "leads outside the archive"}[attack]
     assert expected in err["error"]["message"] or expected in (err["error"]["param"] or ""), err
     assert str(service.home) not in json.dumps(err)
     assert sorted(p.name for p in (service.home / "files").iterdir()) == before
     assert not (tmp_path.parent / "evil.png").exists()
 
+
+def test_image_tasks_never_read_a_table_uploaded_on_its_own(service, tmp_path):
+    """A CSV or JSONL of image paths uploaded alone would name files of the service (other uploads' images): image
+    data comes only as a zip, whose paths were checked to stay inside it, and a job cannot point it elsewhere."""
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"image": "../files/x/cat.png", "label": "cat"}\n{"image": "y.png", "label": "dog"}\n')
+    body, kind = _multipart(table.name, table.read_bytes())
+    task_field = b'--tunelabboundary\r\nContent-Disposition: form-data; name="task"\r\n\r\nimage-classification\r\n'
+    status, err = service.request("POST", "/v1/files", data=task_field + body, headers={"Content-Type": kind})
+    assert status == 400 and "upload them as a .zip" in err["error"]["message"], err
+    text_id = service.upload(write_jsonl(tmp_path / "text.jsonl", make_rows(20, 1)))
+    status, err = service.request("POST", "/v1/fine_tuning/jobs", {"model": "tiny-cnn", "training_file": text_id,
+                                                                   "task": "image-classification"})
+    assert status == 400 and "image tasks train on an uploaded .zip" in err["error"]["message"], err
+    images = zip_of(write_folder(tmp_path / "pics", digit_images(4, 0)), tmp_path / "pics.zip")
+    zip_id = service.upload(images)
+    status, err = service.request("POST", "/v1/fine_tuning/jobs", {
+        "model": "tiny-cnn", "training_file": zip_id, "config": {"data": {"image_column": "other"}}})
+    assert status == 400 and "data.image_column" in err["error"]["message"], err
+    status, err = service.request("POST", "/v1/fine_tuning/jobs", {"model": "tiny-bert", "training_file": zip_id,
+                                                                   "task": "classification"})
+    assert status == 400 and "it holds images" in err["error"]["message"], err

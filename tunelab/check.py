@@ -390,6 +390,11 @@ def check(path: str | Path, task_name: str | None = None, eval_path: str | None 
 
     cfg = cfg or DataConfig()
     path = Path(path)
+    if task_name is None and path.is_dir():  # class folders of images, or of .txt files
+        from tunelab.data.images import EXTENSIONS
+
+        images = any(f.suffix.lower() in EXTENSIONS for d in path.iterdir() if d.is_dir() for f in d.iterdir())
+        task_name = "image-classification" if images else "classification"
     if task_name is None:
         try:
             head = path.read_bytes()[:65536]

@@ -103,10 +103,13 @@ def _reason(error: Exception, source) -> str:
 
 
 def read_image_examples(path: str | Path, cfg: DataConfig, need_label: bool = True, parse=class_label,
-                        default_key: str = "label", problems: Problems | None = None) -> list[Example]:
+                        default_key: str = "label", problems: Problems | None = None,
+                        root: Path | None = None) -> list[Example]:
     """The images of a class-per-folder tree, or of a CSV/JSONL file whose `data.image_column` holds paths
     (relative to the file's folder). Each Example carries its decoded image; `where` names the image's file (and
-    the data file's line). Bad images raise (or are skipped, or noted in `problems`) like any bad record."""
+    the data file's line). Bad images raise (or are skipped, or noted in `problems`) like any bad record. Given
+    `root` (the service's unpacked archive), a table's path that leads outside it is refused before anything is
+    opened."""
     from tunelab.errors import UserError
 
     p = Path(path)
@@ -115,7 +118,7 @@ def read_image_examples(path: str | Path, cfg: DataConfig, need_label: bool = Tr
     if p.is_dir():
         rows = _read_folder(p, cfg, problems, need_label)
     elif p.suffix.lower() in (".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
-        rows = _read_table(p, cfg, need_label, parse, cfg.label_column or default_key, problems)
+        rows = _read_table(p, cfg, need_label, parse, cfg.label_column or default_key, problems, root)
     else:
         raise UserError("unknown image data format (use a folder with one sub-folder of images per class, or a "
                         ".csv/.jsonl file with an image path column)", str(p))
@@ -165,7 +168,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _read_table(path: Path, cfg: DataConfig, need_label: bool, parse, key: str,
-                problems: Problems | None) -> list[Example]:
+                problems: Problems | None, root: Path | None = None) -> list[Example]:
     from tunelab.errors import UserError
 
     column = cfg.image_column
@@ -180,6 +183,8 @@ def _read_table(path: Path, cfg: DataConfig, need_label: bool, parse, key: str,
             raise UserError(f"image path '{column}' must be relative to the data file's folder, got an absolute "
                             "path", str(path), line, "absolute-path")
         file = path.parent / file
+        if root is not None and not file.resolve().is_relative_to(root.resolve()):
+            raise UserError(f"image path '{column}' leads outside the archive", str(path), line, "outside")
         label = None
         if need_label or key in rec:
             if key not in rec:

@@ -57,6 +57,9 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
                         name)
     if ext == ".zip":
         return _store_archive(home, data, name, purpose, task)
+    if task is not None and task.startswith("image-"):  # a table's paths would reach the service's own files
+        raise UserError(f"task {task!r} reads images: upload them as a .zip (a folder per class, or a CSV/JSONL "
+                        "with the images it names)", name)
     if b"\x00" in data[:8192]:
         raise UserError("a binary file, not text", name)
     try:
@@ -104,7 +107,7 @@ def _store_archive(home: Path, data: bytes, name: str, purpose: str, task: str |
         entry, kind = data_entry(root)
         fmt = kind if kind == "image_folder" else _table_format(entry, name)
         records = check(entry, task or IMAGE_TASK[fmt], name) if fmt == "image_folder" else \
-            _check_table(entry, task or IMAGE_TASK[fmt], name)
+            _check_table(entry, task or IMAGE_TASK[fmt], name, tmp)
         with open(os.open(folder / f".upload-{file_id}.zip", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(data)
         os.replace(folder / f".upload-{file_id}.zip", folder / f"{file_id}.zip")
@@ -129,11 +132,16 @@ def _table_format(table: Path, name: str) -> str:
     return "image_labels" if fmt == "text_labels" else "image_label"
 
 
-def _check_table(table: Path, task: str, name: str) -> int:
+def _check_table(table: Path, task: str, name: str, root: Path) -> int:
+    """Every record of an archive's table read (each image decoded); every image it names must lie inside the
+    archive (`root`): a path like ../other-upload/cat.png is refused, never read."""
+    from tunelab.data.images import read_image_examples
     from tunelab.tasks import TASKS
 
+    reader = TASKS[task]
     try:
-        return len(TASKS[task].read(table, DataConfig(train=str(table))))
+        return len(read_image_examples(table, DataConfig(train=str(table)), True, reader.parse_label,
+                                       reader.label_key, root=root))
     except UserError as e:
         raise UserError(e.problem, f"{name}/{table.name}", e.line) from None
 

@@ -93,6 +93,11 @@ def create(home: Path, body: CreateJob) -> dict:
     train_file = _file(home, body.training_file, "training_file")
     valid_file = _file(home, body.validation_file, "validation_file") if body.validation_file is not None else None
     task = body.task or ("dpo" if body.kind == "dpo" else files.task_of(train_file["format"]))
+    for key, row in (("training_file", train_file), ("validation_file", valid_file)):
+        if row is not None and task.startswith("image-") != (row["format"] in files.IMAGE_TASK):
+            raise UserError(f"task {task!r} cannot train on {row['filename']!r}: " + (
+                "image tasks train on an uploaded .zip of images" if task.startswith("image-") else
+                "it holds images (tasks image-classification, image-multilabel)"), key)
     job_id = new_id("ftjob")
     row = {"id": job_id, "created_at": now(), "model": body.model, "training_file": train_file["id"],
            "validation_file": valid_file["id"] if valid_file else None, "task": task,
@@ -104,6 +109,10 @@ def create(home: Path, body: CreateJob) -> dict:
     # refuses bad settings now (paths that are not the caller's ids included), with the request's names
     cfg = training_config(home, row)
     cfg.output = "unused"
+    if task.startswith("image-") and (cfg.data.image_column, cfg.data.label_column) != ("image", None):
+        # the upload was checked (every path inside its archive) with these columns: another would be unchecked
+        raise UserError("image jobs read the columns their upload was checked with: data.image_column and "
+                        "data.label_column cannot be set", "config")
     try:
         validate(cfg)
     except UserError as e:

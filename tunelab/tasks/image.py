@@ -95,9 +95,12 @@ class ImageTask:
     def probe_features(self, model_cfg: ModelConfig, item_lists: list[list[dict]], device) -> list[np.ndarray]:
         """The pretrained network's pooled features (its own global pooling, no head) for each list of items."""
         from transformers import AutoModel
+        from transformers.utils import logging
 
         from tunelab.models import resolve
 
+        logging.set_verbosity_error()  # its report of the classifier left unused is expected: features only
+        logging.disable_progress_bar()
         encoder = AutoModel.from_pretrained(resolve(model_cfg.name), use_safetensors=True).to(device).eval()
         out = []
         with torch.no_grad():
