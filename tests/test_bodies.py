@@ -113,7 +113,8 @@ def test_openapi_documents_the_openai_error_shape_not_422(schema):
     assert set(schema["components"]["schemas"]["Error"]["properties"]) == {"message", "type", "param", "code"}
     chat = _body_schema(schema, "/v1/chat/completions")["properties"]
     assert chat["max_tokens"]["anyOf"][0]["maximum"] == bodies.MAX_TOKENS and chat["n"]["const"] == 1
-    assert _body_schema(schema, "/v1/classifications")["properties"]["input"]["maxItems"] == bodies.MAX_INPUTS
+    forms = _body_schema(schema, "/v1/classifications")["properties"]["input"]["oneOf"]  # texts, or images
+    assert [f["maxItems"] for f in forms] == [bodies.MAX_INPUTS] * 2
 
 
 # ---- refusals, in OpenAI's shape -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tunelab.errors import UserError, cut
 from tunelab.io import read_jsonl_prefix
 from tunelab.rundir import RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import files, inference, job_request, jobs, keys, limits
-from tunelab.serve.bodies import Chat, Classify, CreateJob, ErrorBody
+from tunelab.serve.bodies import UNION_TAGS, Chat, Classify, CreateJob, ErrorBody
 from tunelab.serve.db import connect, finite
 
 HERE = Path(__file__).parent
@@ -147,7 +147,10 @@ async def bad_request(request: Request, e: RequestValidationError):
     """A body, query or path parameter its declaration refuses (bodies.py): the first problem, addressed by its
     place in the request (`hyperparameters.n_epochs`, `config.train.lr`), in OpenAI's shape."""
     first = e.errors()[0] if e.errors() else {}
-    where = ".".join(cut(str(p)) for p in first.get("loc", ())[1:])  # a dict key in it is the client's text
+    loc = list(first.get("loc", ()))[1:]
+    # the tag of a field's form (texts or images) is pydantic's, not a place in the request
+    loc = [p for i, p in enumerate(loc) if not (p in UNION_TAGS and i > 0 and loc[i - 1] == "input")]
+    where = ".".join(cut(str(p)) for p in loc)  # a dict key in it is the client's text
     message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
         where, message = "", "the request body is not valid JSON"

@@ -17,8 +17,8 @@ import typing
 from functools import partial
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo,
-                      create_model, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field,
+                      StringConstraints, Tag, ValidationInfo, create_model, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from tunelab import config as config_mod
@@ -363,6 +363,15 @@ def _data_url(value: Any) -> bytes:
         raise refuse("is not valid base64") from None
 
 
+def _input_kind(value: Any) -> str:
+    """Which form a classification's input has: images (a list of objects) or texts (everything else)."""
+    return "images" if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) else "texts"
+
+
+# The tags of the input's two forms: pydantic puts them in an error's location, where the client never wrote them
+UNION_TAGS = ("texts", "images")
+
+
 class ImageInput(BaseModel):
     """One image to classify: {"image": "data:image/png;base64,..."}."""
 
@@ -377,8 +386,8 @@ class Classify(BaseModel):
     tagger. Other keys are ignored, as they always were."""
 
     model: str = Field(description="A fine-tuned classification, multilabel, regression or ner model (ft:…).")
-    input: Annotated[list[Text] | list[ImageInput],
-                     BeforeValidator(_texts, json_schema_input_type=str | list[str] | list[ImageInput]),
-                     Field(min_length=1, max_length=MAX_INPUTS)] = Field(
+    input: Annotated[Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS), Tag("texts")]
+                     | Annotated[list[ImageInput], Field(min_length=1, max_length=MAX_INPUTS), Tag("images")],
+                     Discriminator(_input_kind), BeforeValidator(_texts)] = Field(
         description=f"One text or a list of up to {MAX_INPUTS} (each non-empty, at most {MAX_CHARS:,} characters); "
                     "for an image model, a list of images: [{\"image\": \"data:image/png;base64,...\"}].")
