@@ -3,13 +3,13 @@ interleaved.
 
     python bench/images_infer.py RUN [--rounds 5] [--single 100]
     python bench/images_infer.py --make DIR   # first makes DIR/run: EfficientNet-Lite0's head on 600 digits,
-                                              # exported with --onnx --int8 (steps already done are skipped)
+                                              # exported with --onnx (steps already done are skipped)
 
 Every arm answers the run's eval images from decoded pictures to labels in this one process:
 - baseline: timm itself: `timm.create_model(architecture)` with the run's exported weights, its pre-processing from
   `timm.data.create_transform(**resolve_data_config(model=...))`, images 32 at a time, argmax of the logits;
 - tunelab: `tunelab.predict.load_run(RUN, runtime)` + `predict_examples` (what `tunelab predict` runs), with the
-  runtimes torch, onnx and int8 (`tunelab export RUN --onnx --int8`).
+  runtimes torch and onnx (`tunelab export RUN --onnx`).
 Per round, rounds interleaving the arms: batch throughput over all eval images (images/s) and `--single`
 one-image requests (p50, p95 latency in ms). Printed: medians over rounds, ratios to the baseline, each arm's
 agreement with the baseline's labels, the machine and its load.
@@ -30,7 +30,7 @@ RECIPE = [  # (what it makes, tunelab command)
     ("run/model", "train --task image-classification --model efficientnet-lite0 --tuning head "
                   "--train {d}/digits/train --eval {d}/digits/eval --eval.bootstrap 0 --eval.probe false "
                   "--train.progress false --output {d}/run"),
-    ("run/int8/model.onnx", "export {d}/run --onnx --int8"),
+    ("run/onnx/model.onnx", "export {d}/run --onnx"),
 ]
 
 
@@ -109,9 +109,8 @@ def main(argv=None) -> int:
     cfg = load_yaml(args.run / "config.yaml")
     images = [e.image for e in TASKS[cfg.task].read(cfg.data.eval, cfg.data, need_label=False)]
     arms = {"timm fp32": Baseline(args.run / "model"), "tunelab torch": Tunelab(args.run, "torch")}
-    for runtime, made in (("onnx", "onnx/model.onnx"), ("int8", "int8/model.onnx")):
-        if (args.run / made).is_file():
-            arms[f"tunelab {runtime}"] = Tunelab(args.run, runtime)
+    if (args.run / "onnx" / "model.onnx").is_file():
+        arms["tunelab onnx"] = Tunelab(args.run, "onnx")
     labels = {name: fn(images) for name, fn in arms.items()}
     reference = labels["timm fp32"]
     load_before = os.getloadavg()[0]

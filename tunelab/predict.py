@@ -51,10 +51,8 @@ def _runtime(model, run: Path, runtime: str, task):
         return model
     if not _sequence_classifier(task):
         raise UserError(f"the {runtime} runtime is for sequence classifiers, not {task.name} runs", "--runtime")
-    if runtime == "int8" and task.modality == "image":  # static int8 of the ONNX graph (tunelab export --int8)
-        if not (run / INT8_ONNX).is_file():
-            raise UserError("no int8/model.onnx in the run: make it with `tunelab export RUN --int8`", str(run))
-        return OnnxClassifier(run / INT8_ONNX)
+    if runtime == "int8" and task.modality == "image":
+        raise UserError(NO_IMAGE_INT8, "--runtime")
     if runtime == "int8":
         return quantize_int8(model, _smoothing(run))
     if not (run / "onnx" / "model.onnx").is_file():
@@ -63,7 +61,12 @@ def _runtime(model, run: Path, runtime: str, task):
 
 
 SMOOTHING = Path("int8") / "smoothing.safetensors"  # the int8 input scales that `tunelab export --int8` calibrates
-INT8_ONNX = Path("int8") / "model.onnx"  # an image network's statically quantized graph (`tunelab export --int8`)
+# Dynamic int8 (the text models') quantizes linear layers only, which in a CNN is its classifier; ONNX Runtime's
+# static QDQ quantization of EfficientNet-Lite0's graph (calibrated on 128 training images, per-channel weights,
+# with or without the classifier and pooling kept in fp32) agreed with fp32 on 8-10% of the digits example's
+# predictions: not offered until that is understood.
+NO_IMAGE_INT8 = ("int8 is not offered for image networks yet (static quantization of EfficientNet-Lite0 disagreed "
+                 "with fp32); use --onnx")
 
 
 def _smoothing(run: Path) -> dict | None:
@@ -126,7 +129,9 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
         raise UserError("choose --int8, --onnx or both", "tunelab export")
     if task.outputs_are not in ("softmax", "sigmoid"):
         raise UserError(f"compression is checked on classifiers, not {task.name} runs", str(run))
-    if onnx or (int8 and task.modality == "image"):  # (an image network's int8 is its ONNX graph quantized)
+    if int8 and task.modality == "image":
+        raise UserError(NO_IMAGE_INT8, "--int8")
+    if onnx:
         export_onnx(model, tokenizer, run / "onnx" / "model.onnx")
     examples = task.read(cfg.data.eval or cfg.data.train, cfg.data, need_label=False)[:512]
     items = task.encode(tokenizer, examples, space, cfg.data.max_length)
@@ -148,11 +153,7 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
     result = {"examples": len(items), "data": str(cfg.data.eval or cfg.data.train),
               "fp32": {"model_mb": state_mb(model), **measure_inference(model, items, pad, torch.device("cpu"),
                                                                         task=task)}}
-    if int8 and task.modality == "image":
-        result["int8_calibration"] = _calibrate_image(run, cfg, task, tokenizer, space)
-        quantized = _runtime(model, run, "int8", task)
-        result["int8"] = figures(quantized, (run / INT8_ONNX).stat().st_size / 2**20)
-    elif int8:
+    if int8:
         result["int8_smoothing"] = _calibrate(run, cfg, task, model, tokenizer, space, probs)
         quantized = _runtime(model, run, "int8", task)  # the loaded fp32 model stays as it is (a copy is quantized)
         result["int8"] = figures(quantized, state_mb(quantized))
@@ -160,19 +161,6 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
         result["onnx"] = figures(_runtime(model, run, "onnx", task), (run / "onnx" / "model.onnx").stat().st_size / 2**20)
     atomic_write_json(run / "compression.json", result)
     return result
-
-
-def _calibrate_image(run: Path, cfg, task, processor, space, images: int = 128) -> dict:
-    """Quantize the run's ONNX graph to int8, its activation ranges calibrated on up to `images` training images
-    (not the ones the variant is checked on)."""
-    from tunelab.export.compress import quantize_onnx_int8
-
-    examples = task.read(cfg.data.train, cfg.data, need_label=False)[:images]
-    items = task.encode(processor, examples, space, cfg.data.max_length)
-    batches = [task.collate(items[i:i + 16], 0)["pixel_values"] for i in range(0, len(items), 16)]
-    (run / INT8_ONNX).parent.mkdir(exist_ok=True)
-    quantize_onnx_int8(run / "onnx" / "model.onnx", run / INT8_ONNX, batches)
-    return {"calibration_examples": len(items), "format": "ONNX Runtime static QDQ, int8 weights per channel"}
 
 
 def _calibrate(run: Path, cfg, task, model, tokenizer, space, probs) -> dict:

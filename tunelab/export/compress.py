@@ -174,35 +174,6 @@ def export_onnx(model: nn.Module, tokenizer, path) -> None:
     atomic_write_bytes(path, _fused(program.model_proto, model.config).SerializeToString())
 
 
-def quantize_onnx_int8(source, out, calibration: list[torch.Tensor]) -> None:
-    """Static int8 quantization of an image network's ONNX graph by ONNX Runtime: weights per output channel,
-    activations with scales calibrated on `calibration` (batches of pixel_values from the training images), in QDQ
-    format, written atomically to `out`. Convolutions are where an image network spends its time, and dynamic
-    quantization (the text models' int8) leaves them in fp32."""
-    import os
-    import tempfile
-
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calibration)
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"pixel_values": batch.numpy()}
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet("root"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared, quantized = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "int8.onnx")
-        quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        with open(quantized, "rb") as f:
-            atomic_write_bytes(out, f.read())
-
-
 def _fused(proto, config):
     """A BERT encoder's graph with ONNX Runtime's transformer fusions (its own SkipLayerNormalization and BiasGelu
     operators: one pass over memory where the plain graph makes three or four), the graph as it was for other
