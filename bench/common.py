@@ -53,3 +53,22 @@ def make(folder: Path, recipe: list[tuple[str, str]]) -> None:
         args = command.format(d=folder).split()
         print("tunelab " + " ".join(args), flush=True)
         subprocess.run([sys.executable, "-m", "tunelab", *args], check=True)
+
+
+def timed(fn, inputs: list, single: int) -> dict:
+    """What an inference arm costs: `fn` over all `inputs` at once (items/s, after a warm-up), then `single`
+    one-item requests (p50 and p95 latency, ms)."""
+    import statistics
+    import time
+
+    fn(inputs[:4])  # warm-up
+    tic = time.perf_counter()
+    fn(inputs)
+    throughput = len(inputs) / (time.perf_counter() - tic)
+    latencies = []
+    for item in inputs[:single]:
+        tic = time.perf_counter()
+        fn([item])
+        latencies.append((time.perf_counter() - tic) * 1000)
+    q = statistics.quantiles(latencies, n=20)
+    return {"throughput": throughput, "p50": statistics.median(latencies), "p95": q[18]}

@@ -20,10 +20,9 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from common import machine, make  # bench/common.py, beside this script
+from common import machine, make, timed  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command)
     ("digits/eval", "data digits --output {d}/digits --train-size 600 --eval-size 300 --seed 0"),
@@ -75,20 +74,6 @@ class Tunelab:
 
         return [row["label"] for row in predict_examples(self.loaded, [Example("", None, image=img)
                                                                        for img in images])]
-
-
-def timed(fn, images, single: int) -> dict:
-    fn(images[:4])  # warm-up
-    tic = time.perf_counter()
-    fn(images)
-    throughput = len(images) / (time.perf_counter() - tic)
-    latencies = []
-    for img in images[:single]:
-        tic = time.perf_counter()
-        fn([img])
-        latencies.append((time.perf_counter() - tic) * 1000)
-    q = statistics.quantiles(latencies, n=20)
-    return {"throughput": throughput, "p50": statistics.median(latencies), "p95": q[18]}
 
 
 def main(argv=None) -> int:

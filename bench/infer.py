@@ -19,10 +19,9 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from common import machine, make  # bench/common.py, beside this script
+from common import machine, make, timed  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command)
     ("data/eval.jsonl", "data tweets --output {d}/data --train-size 1000 --eval-size 600 --seed 0"),
@@ -67,20 +66,6 @@ class Tunelab:
         from tunelab.predict import predict_examples
 
         return [row["label"] for row in predict_examples(self.loaded, [Example(text=t, label=None) for t in texts])]
-
-
-def timed(fn, texts: list[str], single: int) -> dict:
-    fn(texts[:4])  # warm-up
-    tic = time.perf_counter()
-    fn(texts)
-    throughput = len(texts) / (time.perf_counter() - tic)
-    latencies = []
-    for text in texts[:single]:
-        tic = time.perf_counter()
-        fn([text])
-        latencies.append((time.perf_counter() - tic) * 1000)
-    q = statistics.quantiles(latencies, n=20)
-    return {"throughput": throughput, "p50": statistics.median(latencies), "p95": q[18]}
 
 
 def main(argv=None) -> int:
