@@ -22,7 +22,7 @@ import numpy as np
 
 from tunelab.config import DataConfig
 from tunelab.data.load import Example, Problems, Records, class_label, csv_rows, group_of, json_records, \
-    _decoded_lines
+    _columns, _decoded_lines
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_SIDE = 8  # pixels: a smaller image (a 1x1 tracking pixel, a broken thumbnail) is refused
@@ -201,8 +201,7 @@ def _read_table(path: Path, cfg: DataConfig, need_label: bool, parse, key: str,
         header = [h.strip() for h in header]
         for name in (column, *([key] if need_label else [])):
             if name not in header:
-                raise UserError(f"no '{name}' column in the header ({len(header)} columns: "
-                                f"{', '.join(header[:4])}{', ...' if len(header) > 4 else ''})", str(path), 1)
+                raise UserError(f"no '{name}' column in the header ({_columns(header)})", str(path), 1)
         for line, fields in rows:
             if not fields or not any(f.strip() for f in fields):
                 continue
