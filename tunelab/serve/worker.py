@@ -238,7 +238,7 @@ class Run:
         self.rundir = RunDir(self.run_dir)
         self.history = HistoryTail(self.run_dir / "history.jsonl")  # the rows not yet turned into events
         self.emitted: set[tuple[bool, int]] = set()  # (evaluation?, step) rows already turned into events
-        self.resumed_at = 0  # steps up to here were reported by an earlier attempt
+        self.resumed_at = 0  # the step this attempt resumed from (its pace is measured from there)
         self.started = time.monotonic()
         self.estimated_at = float("-inf")  # the first reported step gives the first estimate, then every 5 s
         self.checkpoints: set[int] = set()  # steps of the checkpoints already announced
@@ -330,8 +330,10 @@ class Run:
     def _follow(self) -> None:
         """New history rows → metric events; new checkpoint folders → message events."""
         for row in self.history.new_rows():
+            # Every row, those before the checkpoint this attempt resumed from too: the attempt that wrote them may
+            # have been killed before it reported them all. The events' `once` keys drop what it did report.
             key = ("loss" not in row, row.get("step", 0))
-            if key[1] > self.resumed_at and key not in self.emitted:
+            if key not in self.emitted:
                 self.emitted.add(key)
                 self._metric_event(row)
         for step in self.rundir.checkpoint_steps():
