@@ -114,6 +114,25 @@ def build_tiny_cnn(folder: Path, size: int = 32) -> str:
     return str(folder)
 
 
+def hub_cache(hf_home: Path, repo_id: str, files: dict[str, bytes], commit: str = "a" * 40) -> Path:
+    """A Hugging Face hub cache holding `files` of `repo_id` at `commit` (its `main`), laid out as huggingface_hub
+    writes it: blobs named by their hash, the snapshot's files linking to them, refs/main naming the commit.
+    Returns the snapshot folder."""
+    import hashlib
+
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob.name))
+    return snapshot
+
+
 def write_image_table(root: Path, images, name: str = "data.jsonl") -> Path:
     """Image multi-label data: the images under root/pics/ and a JSONL of their paths and MULTI's labels."""
     (root / "pics").mkdir(parents=True, exist_ok=True)

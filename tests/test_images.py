@@ -200,6 +200,30 @@ def test_full_and_partial_lower_the_loss_and_train_what_they_say(tiny_cnn, digit
         assert (train == total) if trainable is None else (0 < train < total)
 
 
+def test_distill_teaches_an_image_student_from_a_run_and_unlabelled_pictures(tiny_cnn, digits, tmp_path,
+                                                                            monkeypatch, capsys):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    teacher = tmp_path / "teacher"
+    assert main(train_args(tiny_cnn, digits, teacher, "--tuning", "head")) == 0
+    transfer = tmp_path / "unlabelled"  # pictures without labels, in one folder: the teacher labels them
+    transfer.mkdir()
+    for k, (img, _) in enumerate(digit_images(10, 150)):
+        img.save(transfer / f"{k}.png")
+    out = tmp_path / "student"
+    assert main(train_args(tiny_cnn, digits, out, "--tuning", "distill", "--teacher", str(teacher), "--transfer",
+                           str(transfer), "--augment", "flip", "--lr", "3e-3", "--epochs", "6")) == 0
+    m = _metrics(out)
+    assert m["train"]["transfer_examples"] == 30 and m["train"]["trainable_params"] == m["train"]["total_params"]
+    losses = [h["loss"] for h in map(json.loads, (out / "history.jsonl").read_text().splitlines()) if "loss" in h]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert m["eval"]["accuracy"] > m["baseline"]["majority"]["accuracy"] + 0.2
+    assert len(list((tmp_path / "teacher-logits").glob("*.safetensors"))) == 1  # labelled once, then cached
+    capsys.readouterr()
+    assert main(train_args(tiny_cnn, digits, tmp_path / "shrunk", "--tuning", "distill", "--teacher", str(teacher),
+                           "--tuning.student_layers", "2")) == 2
+    assert "an image student is the network --model names" in capsys.readouterr().err
+
+
 def test_partial_unfreezes_the_top_stages_and_the_stem_stays_frozen(tiny_cnn):
     from tunelab.config import TuningConfig
     from tunelab.methods import METHODS

@@ -59,7 +59,7 @@ def setting(default: Any, help: str, flag: str | None = None, *, range: Range | 
 
 @dataclass
 class ModelConfig:
-    name: str = setting("minilm", "Bundled alias (minilm, smollm2, gemma3-270m; images: efficientnet-lite0) or a local Hugging Face model folder (an image model: a timm_wrapper folder, as the Hub's timm/ repositories hold).", "--model",
+    name: str = setting("minilm", "Bundled alias (minilm, smollm2, gemma3-270m; images: efficientnet-lite0), an image network by its library's name (timm:NAME[.TAG], torchvision:NAME[.WEIGHTS]; weights from that library's cache, downloaded there first when online) or a local Hugging Face model folder (an image model: a timm_wrapper folder, or a folder as the Hub's timm/ repositories hold).", "--model",
         path="model")
     dropout: float | None = setting(None, "Override every dropout probability in the model (None keeps the model's).",
         range=Range(0, 1, hi_open=True))
@@ -87,7 +87,7 @@ class DataConfig:
     group_column: str | None = setting(None, "Column or JSON key of a group id: cross-validation folds never split a group.")
     train_fraction: float = setting(1.0, "Train on this fraction of the training split (a nested, stratified sample: a learning-curve point).",
         range=Range(0, 1, lo_open=True))
-    transfer: str | None = setting(None, "distill: unlabelled texts (JSONL with text, or .txt lines) that the teacher labels softly; the student learns them too.", "--transfer",
+    transfer: str | None = setting(None, "distill: unlabelled texts (JSONL with text, or .txt lines; images: a folder of image files) that the teacher labels softly; the student learns them too.", "--transfer",
         path="data")
     max_length: int = setting(128, "Longest input in tokens; longer texts are truncated.", "--max-length",
         range=Range(8, 65536))

@@ -153,11 +153,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_models_prepare(args) -> int:
-    from tunelab.models import vision
+    from tunelab.models import libraries, vision
     from tunelab.models.gguf import GGUF_MODELS, prepare
 
     if args.alias in vision.VISION_MODELS:
         print(f"{args.alias}: {vision.prepare(args.alias, force=args.force)}")
+        return 0
+    if libraries.is_library_name(args.alias):
+        print(f"{args.alias}: {libraries.prepare_named(args.alias, force=args.force)}")
         return 0
     if args.alias not in GGUF_MODELS:
         raise UserError(f"unknown model '{args.alias}' to prepare (known: "
@@ -225,8 +228,9 @@ def add_parsers(sub) -> None:
 
     mo = sub.add_parser("models", help="Bundled models: list them, convert GGUF generators once.")
     msub = mo.add_subparsers(dest="models_command", required=True)
-    mp = msub.add_parser("prepare", help="Convert a GGUF generator (or the bundled image network) to a cached "
-                                         "safetensors folder ($TUNELAB_CACHE).")
+    mp = msub.add_parser("prepare", help="Convert a GGUF generator, the bundled image network or one named by its "
+                                         "library (timm:NAME, torchvision:NAME) to a cached safetensors folder "
+                                         "($TUNELAB_CACHE).")
     mp.add_argument("alias")
     mp.add_argument("--force", action="store_true", help="Convert again even when the cache holds it.")
     mp.set_defaults(func=cmd_models_prepare)

@@ -8,8 +8,13 @@ loss; the pipeline and the loop only call the Method hooks. Multilabel
 students match each label's sigmoid(teacher / T) the same way (against binary cross-entropy); regression students
 the teacher's number (mean squared error in the standardised units they train in; T does not apply). Soft
 targets are per example, so the teacher may have another tokenizer and architecture: it reads the raw texts with
-its own. They are computed once and cached under $TUNELAB_CACHE/teacher-logits, keyed by the teacher's weights,
-its max length and the texts. Unlabelled transfer texts (`--transfer`) get only the soft term.
+its own (an image teacher: the pictures with its own pre-processing, so a larger network at a larger input size
+teaches EfficientNet-Lite0 as well). They are computed once and cached under $TUNELAB_CACHE/teacher-logits, keyed
+by the teacher's weights, its max length and the texts (or the pictures' pixels). Unlabelled transfer examples
+(`--transfer`) get only the soft term. With image augmentation the student sees random views of a picture but
+learns the teacher's outputs on the picture itself, computed once; Beyer et al. (2022, "a good teacher is patient
+and consistent") show the teacher seeing the very same views distils better, at the cost of a teacher forward pass
+per step, which this method does not pay.
 The student trains every weight (as `full`); with `tuning.student_layers` it is the teacher itself with fewer
 layers, initialised from evenly spaced teacher layers (0, 2, 4 of 6 for 3: DistilBERT's every other layer).
 """
@@ -44,6 +49,9 @@ class Distill(Full):
         self.teacher = Teacher(cfg.tuning.teacher)
         self.teacher.check(task, space)
         self.tuning = cfg.tuning
+        if task.modality != "text" and (cfg.tuning.student_layers or cfg.tuning.prune_vocab):
+            raise UserError("tuning.student_layers and tuning.prune_vocab shrink a transformer's layers and "
+                            "vocabulary; an image student is the network --model names", "--tuning")
         if cfg.tuning.student_layers:
             cfg.model.name = str(self.teacher.run / "model")
             model = self.teacher.student(cfg.tuning.student_layers)
@@ -63,7 +71,10 @@ class Distill(Full):
     def extra_items(self, cfg: Config, task, space, tokenizer, train: list, train_items: list[dict]) -> list[dict]:
         """The teacher's outputs on every training item; the transfer texts as items of their own, with a
         placeholder label of the right shape that the `_unlabelled` mark keeps out of the loss."""
-        transfer_items = task.encode(tokenizer, self.transfer, space, cfg.data.max_length) if self.transfer else []
+        # Transfer pictures are augmented as the training split's are (the item's transform); texts were already.
+        same_views = {"transform": train_items[0]["_transform"]} if task.modality == "image" else {}
+        transfer_items = task.encode(tokenizer, self.transfer, space, cfg.data.max_length, **same_views) \
+            if self.transfer else []
         for item in transfer_items:
             item["labels"], item["_unlabelled"] = train_items[0]["labels"], True
         for item, outputs in zip(train_items + transfer_items, self.teacher.logits(train + self.transfer)):
@@ -202,7 +213,8 @@ def _renumber_post_processor(post: dict | None, new_id: dict[int, int]) -> None:
 
 
 class Teacher:
-    """A finished classifier run (classification, multilabel or regression) that labels texts softly."""
+    """A finished classifier run (classification, multilabel or regression; of texts or images) that labels
+    examples softly."""
 
     def __init__(self, run_dir: str):
         from tunelab.tasks.runs import load_run
@@ -235,7 +247,7 @@ class Teacher:
 
         key = hashlib.sha256()
         key.update(_file_digest(self.run / "model" / "model.safetensors").encode())
-        key.update(json.dumps([self.cfg.data.max_length, [(e.text, e.text_pair) for e in examples]]).encode())
+        key.update(json.dumps([self.cfg.data.max_length, [self.task.content_key(e) for e in examples]]).encode())
         path = cache_root().parent / "teacher-logits" / f"{key.hexdigest()}.safetensors"
         if path.is_file():
             return load_file(str(path))["logits"].tolist()

@@ -22,9 +22,9 @@ BUNDLED = {"minilm": _minilm}
 
 
 def resolve(name: str) -> Path:
-    """The local folder of a bundled alias (GGUF and image ones are converted on first use) or a Hugging Face
-    folder."""
-    from tunelab.models import vision
+    """The local folder of a bundled alias (GGUF and image ones are converted on first use), of an image network
+    named by its library (`timm:NAME`, `torchvision:NAME`, converted on first use) or a Hugging Face folder."""
+    from tunelab.models import libraries, vision
     from tunelab.models.gguf import GGUF_MODELS, prepare
 
     if name in BUNDLED:
@@ -33,10 +33,13 @@ def resolve(name: str) -> Path:
         return prepare(name)
     if name in vision.VISION_MODELS:
         return vision.prepare(name)
+    if libraries.is_library_name(name):
+        return libraries.prepare_named(name)
     p = Path(name)
     if not (p / "config.json").is_file():
         known = ", ".join([*BUNDLED, *GGUF_MODELS, *vision.VISION_MODELS])
-        raise UserError(f"'{name}' is neither a bundled model ({known}) nor a folder with a config.json", "--model")
+        raise UserError(f"'{name}' is neither a bundled model ({known}), an image network by its library's name "
+                        "(timm:NAME, torchvision:NAME) nor a folder with a config.json", "--model")
     return p
 
 

@@ -25,12 +25,13 @@ VISION_MODELS = ("efficientnet-lite0",)
 
 
 def is_image_model(folder: Path) -> bool:
-    """A timm_wrapper folder (an image model)."""
+    """A timm_wrapper folder (an image model), or a timm folder as the Hub's `timm/` repositories hold them (no
+    model_type: transformers reads its `architecture` as timm_wrapper)."""
     try:
-        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type") == \
-            "timm_wrapper"
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return config.get("model_type") == "timm_wrapper" or ("model_type" not in config and "architecture" in config)
 
 
 def prepare(alias: str, force: bool = False) -> Path:

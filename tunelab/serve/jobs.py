@@ -28,8 +28,9 @@ class Conflict(UserError):
 def bundled_models() -> list[str]:
     from tunelab.models import BUNDLED
     from tunelab.models.gguf import GGUF_MODELS
+    from tunelab.models.vision import VISION_MODELS
 
-    return [*BUNDLED, *GGUF_MODELS]
+    return [*BUNDLED, *GGUF_MODELS, *VISION_MODELS]
 
 
 def local_models(home: Path) -> list[str]:

@@ -134,6 +134,10 @@ class Task:
             items.append(item)
         return items
 
+    def content_key(self, example: Example) -> list:
+        """What identifies an example's input (not its label) in a cache key: its texts."""
+        return [example.text, example.text_pair]
+
     def target(self, label, space: Space):
         """The training target of one label (what the loss sees)."""
         raise NotImplementedError

@@ -75,6 +75,12 @@ class ImageTask:
             items.append(item)
         return items
 
+    def content_key(self, example: Example) -> list:
+        """The picture's pixels (a digest), not its file name: a file replaced under the same name is new."""
+        import hashlib
+
+        return [hashlib.sha256(example.image.tobytes()).hexdigest(), list(example.image.size)]
+
     def length(self, item: dict) -> int:
         return 1
 
@@ -132,7 +138,7 @@ class ImageTask:
 
 class ImageClassification(ImageTask, Classification):
     name = "image-classification"
-    tunings = ("scratch", "head", "partial", "full", "lora")
+    tunings = ("scratch", "head", "partial", "full", "lora", "distill")
 
     def predict_row(self, example, pred, output, space):
         row = super().predict_row(example, pred, output, space)
@@ -142,7 +148,7 @@ class ImageClassification(ImageTask, Classification):
 
 class ImageMultilabel(ImageTask, Multilabel):
     name = "image-multilabel"
-    tunings = ("scratch", "head", "partial", "full", "lora")
+    tunings = ("scratch", "head", "partial", "full", "lora", "distill")
 
     def finalize(self, model, space: Space) -> None:
         model.config.tunelab_task = self.name
