@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import tunelab  # noqa: F401  (first: it lets torchvision import beside the CPU torch, before transformers does)
+
 WORDS = {
     "positive": ["good", "great", "happy", "love", "excellent", "nice"],
     "negative": ["bad", "awful", "sad", "hate", "terrible", "poor"],

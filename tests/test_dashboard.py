@@ -111,4 +111,35 @@ def test_dashboard_in_browser(page, service, tmp_path):
     expect(error).to_contain_text("robot")
     assert len(service.client().fine_tuning.jobs.list(limit=100).data) == jobs_before, "a job started from a bad file"
 
+    # (6) An image job from zips holding a CSV of paths and labels: its page shows its most confident mistakes.
+    client = service.client()
+    ids = [client.files.create(file=open(_image_table_zip(tmp_path / f"{name}.zip", per_class, offset), "rb"),
+                               purpose="fine-tune") for name, per_class, offset in (("train", 12, 0), ("eval", 6, 100))]
+    assert [f.format for f in ids] == ["image_label", "image_label"] and ids[0].records == 36
+    image_job = client.fine_tuning.jobs.create(model="tiny-cnn", training_file=ids[0].id, validation_file=ids[1].id,
+                                               extra_body={"tuning": "head"})
+    service.wait(image_job.id, "succeeded", 300)
+    page.goto(f"{service.url}/#job={image_job.id}")
+    grid = page.get_by_test_id("mistakes")
+    expect(grid).to_be_visible(timeout=20_000)
+    page.wait_for_function("() => document.querySelector('[data-testid=mistakes]').naturalWidth > 0")  # decoded
+
     assert not page.script_errors, f"JavaScript errors on the dashboard: {page.script_errors}"
+
+
+def _image_table_zip(path: Path, per_class: int, offset: int) -> Path:
+    """A zip of digit PNGs under pics/ and data.csv naming each with its label."""
+    import io
+    import zipfile
+
+    from conftest import digit_images
+
+    rows = ["image,label"]
+    with zipfile.ZipFile(path, "w") as z:
+        for k, (img, label) in enumerate(digit_images(per_class, offset)):
+            png = io.BytesIO()
+            img.save(png, "PNG")
+            z.writestr(f"pics/{k}.png", png.getvalue())
+            rows.append(f"pics/{k}.png,{label}")
+        z.writestr("data.csv", "\n".join(rows) + "\n")
+    return path
