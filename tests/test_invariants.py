@@ -78,3 +78,25 @@ def test_two_process_ddp_equals_one_process(toy_config, tmp_path):
     assert json.loads((two / "metrics.json").read_text())["train"]["world_size"] == 2
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     assert_weights_close(one, two, toy_config.train.lr)
+
+
+def test_an_augmented_image_run_resumed_after_a_crash_equals_the_uninterrupted_one(task_config, tmp_path):
+    """The random views of a resumed run are the ones the uninterrupted run drew: the augmentation's random state
+    is part of every checkpoint."""
+    cfg = task_config("image-classification")
+    cfg.tuning.name, cfg.train.augment = "full", "flip,rotate,zoom,randaugment"
+    cfg.train.checkpoint_every, cfg.train.eval_every, cfg.train.epochs = 4, 5, 2  # 9 steps an epoch
+    cfg.output = str(tmp_path / "straight")
+    straight = train(cfg)
+
+    def crash_at_11(step: int) -> None:
+        if step == 11:  # in the second epoch, after the step-8 checkpoint: steps 9-11 are lost and redone
+            raise Crash
+
+    cfg.output = str(tmp_path / "resumed")
+    with pytest.raises(Crash):
+        train(cfg, on_step=crash_at_11)
+    resumed = train(cfg, resume=True)
+    a, b = weights(straight.run_dir), weights(resumed.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(straight.run_dir) == losses(resumed.run_dir)

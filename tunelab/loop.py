@@ -176,6 +176,9 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.schedule, int(t.warmup_ratio * total_steps), total_steps))
 
+    # The speed-ups' probe batch is made before a checkpoint restores the random state: collating augmented pictures
+    # draws from it, and a resumed run must draw the views the uninterrupted one drew.
+    probe = model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device)
     state = TrainState()
     last = checkpoint.latest(loop.run) if resume else None
     if last is not None:
@@ -190,7 +193,6 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     started, seen, tokens, step_seconds = time.perf_counter(), 0, 0, 0.0
     # text classifier-style tasks (language-model stages have other models; image networks no token positions)
     sequence = not loop.task.judged_by_start and loop.task.modality == "text"
-    probe = model_inputs(loop.task, loop.train_items[:8], loop.pad_id, d.device)
     with speed.apply(model, probe, on=t.speedups, dropout=t.fast_dropout, sequence=sequence,
                      single_process=d.world == 1, sole_writer=t.l1 == 0, checked=state.checked) as fast:
         tables = fast["tables"]
