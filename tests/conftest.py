@@ -384,8 +384,6 @@ def service(tmp_path_factory, tiny_model, tiny_llama, tiny_cnn, slow_data):
 def train_classifier(folder: Path, tiny_model: str, train_rows: int, seed: int):
     """A tiny-BERT classification run on toy rows (3 epochs, quiet, no bootstrap or probe): a teacher, or a run to
     compress."""
-    import tunelab
-
     cfg = {"model": {"name": tiny_model}, "output": str(folder / "run"),
            "data": {"train": str(write_jsonl(folder / "train.jsonl", make_rows(train_rows, seed))),
                     "eval": str(write_jsonl(folder / "eval.jsonl", make_rows(60, seed + 1))), "max_length": 32},

@@ -66,7 +66,7 @@ LANGUAGE = [(t, m) for t, m in COMBOS if TASKS[t].judged_by_start]
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_model, task_data, tmp_path_factory):
+def teacher(tiny_model, tiny_cnn, task_data, tmp_path_factory):
     """distill's teacher for a task: a finished run of that task on the same data, trained on first use."""
     from tunelab.config import Config
 
@@ -75,7 +75,7 @@ def teacher(tiny_model, task_data, tmp_path_factory):
     def of(task: str) -> str:
         if task not in runs:
             cfg = Config()
-            cfg.task, cfg.model.name = task, tiny_model
+            cfg.task, cfg.model.name = task, tiny_cnn if task.startswith("image-") else tiny_model
             cfg.output = str(tmp_path_factory.mktemp(f"teacher-{task}") / "run")
             cfg.data.train, cfg.data.eval = task_data[task]["train"], task_data[task]["eval"]
             cfg.data.max_length = 32

@@ -22,7 +22,7 @@ import numpy as np
 
 from tunelab.config import DataConfig
 from tunelab.data.load import Example, Problems, Records, class_label, csv_rows, group_of, json_records, \
-    _columns, _decoded_lines
+    label_of, _columns, _decoded_lines
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_SIDE = 8  # pixels: a smaller image (a 1x1 tracking pixel, a broken thumbnail) is refused
@@ -185,11 +185,7 @@ def _read_table(path: Path, cfg: DataConfig, need_label: bool, parse, key: str,
         file = path.parent / file
         if root is not None and not file.resolve().is_relative_to(root.resolve()):
             raise UserError(f"image path '{column}' leads outside the archive", str(path), line, "outside")
-        label = None
-        if need_label or key in rec:
-            if key not in rec:
-                raise UserError(f"missing label field '{key}'", str(path), line, "missing-label")
-            label = parse(rec[key], path, line, key)
+        label = label_of(rec, key, need_label, parse, path, line)
         return _example(file, label, str(path), line, group_of(rec, cfg, path, line), value.strip())
 
     if path.suffix.lower() in (".csv", ".tsv"):

@@ -176,11 +176,7 @@ def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class
     def example(i: int, rec: dict) -> Example:
         if cfg.text_column not in rec:
             raise UserError(f"missing text field '{cfg.text_column}'", str(path), i, "missing-text")
-        label = None
-        if need_label or key in rec:
-            if key not in rec:
-                raise UserError(f"missing label field '{key}'", str(path), i, "missing-label")
-            label = parse(rec[key], path, i, key)
+        label = label_of(rec, key, need_label, parse, path, i)
         pair = rec.get(cfg.text_pair_column)
         return Example(_text(rec[cfg.text_column], path, i, cfg.text_column), label,
                        None if pair is None else _text(pair, path, i, cfg.text_pair_column, False), f"{path}:{i}",
@@ -188,6 +184,15 @@ def read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True, parse=class
     for i, rec in json_records(path, cfg.encoding, problems):
         records.add(lambda: example(i, rec))
     return records.done()
+
+
+def label_of(rec: dict, key: str, need_label: bool, parse, path: Path, line: int):
+    """The record's label under `key`, parsed; None where labels are optional (prediction) and it has none."""
+    if not need_label and key not in rec:
+        return None
+    if key not in rec:
+        raise UserError(f"missing label field '{key}'", str(path), line, "missing-label")
+    return parse(rec[key], path, line, key)
 
 
 def group_of(rec: dict, cfg: DataConfig, path: Path, line: int) -> str | None:

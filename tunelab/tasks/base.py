@@ -125,14 +125,14 @@ class Task:
         kwargs = dict(truncation=True, max_length=max_length, padding=False)
         both = all(p is not None for p in pairs)
         enc = tokenizer(texts, pairs, **kwargs) if both else tokenizer(texts, **kwargs)
-        items = []
-        for i, e in enumerate(examples):
-            item = {k: enc[k][i] for k in enc.keys()}
-            if e.label is not None:
-                item["labels"] = self.target(e.label, space)
-                item["_gold"] = self.gold(e.label, space)
-            items.append(item)
-        return items
+        return [self.labelled({k: enc[k][i] for k in enc.keys()}, e, space) for i, e in enumerate(examples)]
+
+    def labelled(self, item: dict, example: Example, space: Space) -> dict:
+        """`item` with the example's training target and gold answer, where it has a label."""
+        if example.label is not None:
+            item["labels"] = self.target(example.label, space)
+            item["_gold"] = self.gold(example.label, space)
+        return item
 
     def content_key(self, example: Example) -> list:
         """What identifies an example's input (not its label) in a cache key: its texts."""

@@ -66,14 +66,7 @@ class ImageTask:
     def encode(self, processor, examples: list[Example], space: Space, max_length: int, transform=None) -> list[dict]:
         """Items of pictures and the transform that makes their pixel_values (the evaluation one by default)."""
         transform = transform or processor.eval_transform()
-        items = []
-        for e in examples:
-            item = {"_image": e.image, "_transform": transform}
-            if e.label is not None:
-                item["labels"] = self.target(e.label, space)
-                item["_gold"] = self.gold(e.label, space)
-            items.append(item)
-        return items
+        return [self.labelled({"_image": e.image, "_transform": transform}, e, space) for e in examples]
 
     def content_key(self, example: Example) -> list:
         """The picture's pixels (a digest), not its file name: a file replaced under the same name is new."""
