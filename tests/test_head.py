@@ -120,7 +120,8 @@ def test_head_run_reaches_sklearn_on_its_own_cached_features(task_config):
         job = build_job(c, torch.device("cpu"))
         loop = Loop(c, job.task, job.splits.space, job.model, job.method, job.train_items, job.eval_items,
                     job.pad_id, result.run_dir, setup("cpu"))
-        return head_inputs(loop, _linear_head(job.model), None).numpy(), [it["_gold"] for it in job.train_items]
+        return head_inputs(loop, _linear_head(job.model), None, job.train_items).numpy(), \
+            [it["_gold"] for it in job.train_items]
 
     x, y = features(cfg.data.train)
     x_eval, y_eval = features(cfg.data.eval)
@@ -161,7 +162,8 @@ def test_method_defaults_fill_what_is_not_given(task_config):
 @pytest.mark.slow
 def test_full_starts_from_the_solved_head(task_config, tmp_path):
     """LP-FT: before full fine-tuning's first step the head is the solved one, so the objective starts lower than
-    with the random head; a resume does not redo it; distill students never get it."""
+    with the random head; a resume does not redo it; a distill student gets it unless it is the teacher cut
+    shorter."""
     from test_contract import build, training_objective
 
     from tunelab.distributed import Dist
@@ -177,4 +179,8 @@ def test_full_starts_from_the_solved_head(task_config, tmp_path):
     assert warm_head(loop)
     assert training_objective(job) < 0.9 * random_head
     assert method.before_training(loop) and fit(loop)["warm_start"]
-    assert METHODS["distill"]().before_training(loop) is None
+    shortened = METHODS["distill"]()  # a student cut from the teacher keeps the teacher's trained head
+    cfg.tuning.student_layers = 1
+    assert shortened.before_training(loop) is None
+    cfg.tuning.student_layers = 0  # a student built from --model starts from its solved head, as full does
+    assert METHODS["distill"]().before_training(loop)

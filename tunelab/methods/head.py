@@ -73,17 +73,19 @@ def warm_head(loop) -> bool:
              if isinstance(m, nn.Linear) and _is_head(loop.model, name + ".weight")]
     if len(heads) != 1 or not loop.task.pools or type(heads[0]) is not nn.Linear:
         return False
-    return fit_head(loop, heads[0], None, per_feature=False) is not None
+    labelled = [it for it in loop.train_items if not it.get("_unlabelled")]  # (distill's transfer set has no gold)
+    return fit_head(loop, heads[0], None, per_feature=False, items=labelled) is not None
 
 
-def fit_head(loop, linear: nn.Linear, features, per_feature: bool) -> dict | None:
-    """Set `linear` to the solved optimum on what it reads (see fit_linear); returns the fit's record, or None
-    where it reads more than one vector per item."""
-    z = head_inputs(loop, linear, features)
+def fit_head(loop, linear: nn.Linear, features, per_feature: bool, items: list[dict] | None = None) -> dict | None:
+    """Set `linear` to the solved optimum on what it reads for `items` (default: every training item; see
+    fit_linear); returns the fit's record, or None where it reads more than one vector per item."""
+    items = loop.train_items if items is None else items
+    z = head_inputs(loop, linear, features, items)
     if z is None:
         return None
-    y = collate([{"input_ids": [0], "labels": it["labels"]} for it in loop.train_items], 0)["labels"]
-    fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in loop.train_items],
+    y = collate([{"input_ids": [0], "labels": it["labels"]} for it in items], 0)["labels"]
+    fitted = fit_linear(loop.task, loop.space, z, y, [it["_gold"] for it in items],
                         linear.bias is not None, loop.cfg.tuning.head_l2, loop.cfg.train.seed, per_feature)
     with torch.no_grad():
         linear.weight.copy_(fitted.pop("weight").to(linear.weight))
@@ -107,9 +109,10 @@ def _linear_head(model: nn.Module) -> nn.Linear | None:
 
 
 @torch.no_grad()
-def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor | None:
-    """What `linear` reads for every training item, in eval mode (no dropout): one forward pass, or the replay of
-    the cached backbone outputs. None where it reads more than one vector per item."""
+def head_inputs(loop, linear: nn.Linear, features, items: list[dict]) -> torch.Tensor | None:
+    """What `linear` reads for each of `items`, in eval mode (no dropout): one forward pass, or the replay of
+    the cached backbone outputs (`features`: of every training item, in order). None where it reads more than one
+    vector per item."""
     from tunelab.data.batching import global_batches
     from tunelab.methods.features import model_inputs
 
@@ -117,11 +120,10 @@ def head_inputs(loop, linear: nn.Linear, features) -> torch.Tensor | None:
     hook = linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
     rows: list[int] = []
     try:
-        lengths = [loop.task.length(it) for it in loop.train_items]
+        lengths = [loop.task.length(it) for it in items]
         with eval_mode(loop.model):
             for batch in global_batches(lengths, 64, seed=0, epoch=0, shuffle=False):
-                inputs = model_inputs(loop.task, [loop.train_items[i] for i in batch], loop.pad_id,
-                                      loop.dist.device)
+                inputs = model_inputs(loop.task, [items[i] for i in batch], loop.pad_id, loop.dist.device)
                 with features.serving(loop.model, batch) if features else contextlib.nullcontext():
                     loop.model(**inputs)
                 rows += batch
