@@ -66,7 +66,7 @@ def grid(rows: int, cols: int, size: float):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * 1.1 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * 1.1 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes
