@@ -193,11 +193,11 @@ def _baselines(base: Config, frac: float) -> list[dict]:
     from tunelab.data import load_splits
     from tunelab.evaluate.baselines import baselines
     from tunelab.evaluate.stats import t_interval
-    from tunelab.models import resolve
+    from tunelab.models import folder_of
 
     task = TASKS[base.task]
     log.info("\n=== baselines at fraction %g ===", frac)
-    tok = task.processor(resolve(base.model.name), base.model.trust_remote_code)
+    tok = task.processor(folder_of(base.model), base.model.trust_remote_code)
     per_fold = []
     for k in range(max(base.eval.folds, 1)):
         cfg = copy.deepcopy(base)

@@ -59,11 +59,12 @@ def setting(default: Any, help: str, flag: str | None = None, *, range: Range | 
 
 @dataclass
 class ModelConfig:
-    name: str = setting("minilm", "Bundled alias (minilm, smollm2, gemma3-270m; images: efficientnet-lite0), an image network by its library's name (timm:NAME[.TAG], torchvision:NAME[.WEIGHTS]; weights from that library's cache, downloaded there first when online) or a local Hugging Face model folder (an image model: a timm_wrapper folder, or a folder as the Hub's timm/ repositories hold).", "--model",
+    name: str = setting("minilm", "Bundled alias (minilm, smollm2, gemma3-270m; images: efficientnet-lite0), a Hugging Face Hub name (ORG/NAME[@REVISION], through the Hugging Face cache; HF_HUB_OFFLINE=1 reads that cache alone), an image network by its library's name (timm:NAME[.TAG], torchvision:NAME[.WEIGHTS]; weights from that library's cache, downloaded there first when online) or a local Hugging Face model folder (an image model: a timm_wrapper folder, or a folder as the Hub's timm/ repositories hold).", "--model",
         path="model")
     dropout: float | None = setting(None, "Override every dropout probability in the model (None keeps the model's).",
         range=Range(0, 1, hi_open=True))
     trust_remote_code: bool = setting(False, "Allow code shipped with a model folder to run. Off by default: it is arbitrary code.")
+    allow_pickle: bool = setting(False, "A Hub model with only pickled weights (pytorch_model.bin): read them once with torch.load(weights_only=True) and keep a safetensors copy. Off by default: unpickling can run code.")
     pooling: Literal["auto", "cls", "mean", "max", "last"] = setting("auto", "classification, multilabel, regression: how token states become one vector for the head: auto (a sentence-transformers folder's own pooling, else the model's own head: BERT's pooler over [CLS], a decoder's last token), cls (first token's state), mean, max, or last (last non-padding token).")
 
 

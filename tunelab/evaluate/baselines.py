@@ -19,10 +19,10 @@ def frozen_encoder(model_cfg: ModelConfig, device) -> torch.nn.Module:
     from transformers import AutoModel
     from transformers.utils import logging
 
-    from tunelab.models import resolve
+    from tunelab.models import folder_of
 
     logging.disable_progress_bar()
-    return AutoModel.from_pretrained(resolve(model_cfg.name), trust_remote_code=model_cfg.trust_remote_code,
+    return AutoModel.from_pretrained(folder_of(model_cfg), trust_remote_code=model_cfg.trust_remote_code,
                                      use_safetensors=True).to(device).eval()
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tunelab.config import Config, TrainConfig, TuningConfig
-from tunelab.models import build_model, pooling_for, resolve
+from tunelab.models import build_model, folder_of, pooling_for
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -41,7 +41,7 @@ class Method:
         """The model this method starts from (before `prepare`) and its tokenizer; `train` is the training split."""
         cfg.model.pooling = pooling_for(cfg.model, task)  # resolved once: config.yaml says what the run used
         return build_model(cfg.model, task, space, self.pretrained), \
-            task.processor(resolve(cfg.model.name), cfg.model.trust_remote_code)
+            task.processor(folder_of(cfg.model), cfg.model.trust_remote_code)
 
     def extra_items(self, cfg: Config, task, space, tokenizer, train: list, train_items: list[dict]) -> list[dict]:
         """Items trained on beside the training split's (distill: unlabelled transfer texts); may add fields to

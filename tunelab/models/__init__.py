@@ -21,10 +21,16 @@ def _minilm() -> Path:
 BUNDLED = {"minilm": _minilm}
 
 
-def resolve(name: str) -> Path:
+def folder_of(cfg: ModelConfig) -> Path:
+    """The local folder of the model a run names, with the run's settings for Hub models."""
+    return resolve(cfg.name, cfg.allow_pickle, cfg.trust_remote_code)
+
+
+def resolve(name: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """The local folder of a bundled alias (GGUF and image ones are converted on first use), of an image network
-    named by its library (`timm:NAME`, `torchvision:NAME`, converted on first use) or a Hugging Face folder."""
-    from tunelab.models import libraries, vision
+    named by its library (`timm:NAME`, `torchvision:NAME`, converted on first use), a Hugging Face folder, or a Hub
+    name (ORG/NAME[@REVISION], through huggingface_hub's cache: tunelab.models.hub)."""
+    from tunelab.models import hub, libraries, vision
     from tunelab.models.gguf import GGUF_MODELS, prepare
 
     if name in BUNDLED:
@@ -35,11 +41,14 @@ def resolve(name: str) -> Path:
         return vision.prepare(name)
     if libraries.is_library_name(name):
         return libraries.prepare_named(name)
+    if hub.is_hub_name(name):
+        return hub.snapshot(name, allow_pickle, trust_remote_code)
     p = Path(name)
     if not (p / "config.json").is_file():
         known = ", ".join([*BUNDLED, *GGUF_MODELS, *vision.VISION_MODELS])
-        raise UserError(f"'{name}' is neither a bundled model ({known}), an image network by its library's name "
-                        "(timm:NAME, torchvision:NAME) nor a folder with a config.json", "--model")
+        raise UserError(f"'{name}' is neither a bundled model ({known}), a Hub name (ORG/NAME), an image network "
+                        "by its library's name (timm:NAME, torchvision:NAME) nor a folder with a config.json",
+                        "--model")
     return p
 
 
@@ -50,13 +59,13 @@ def pooling_for(cfg: ModelConfig, task) -> str:
 
     if cfg.pooling != "auto" or not task.pools:
         return cfg.pooling
-    return sentence_pooling(resolve(cfg.name)) or "auto"
+    return sentence_pooling(folder_of(cfg)) or "auto"
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve(cfg.name), trust_remote_code=cfg.trust_remote_code)
+    return AutoTokenizer.from_pretrained(folder_of(cfg), trust_remote_code=cfg.trust_remote_code)
 
 
 def build_model(cfg: ModelConfig, task, space, pretrained: bool) -> nn.Module:
@@ -65,7 +74,7 @@ def build_model(cfg: ModelConfig, task, space, pretrained: bool) -> nn.Module:
 
     logging.set_verbosity_error()  # the "newly initialised head" warning is expected here
     logging.disable_progress_bar()  # our own bar is the one that matters
-    model = task.build(cfg, resolve(cfg.name), space, pretrained)
+    model = task.build(cfg, folder_of(cfg), space, pretrained)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     return model

@@ -96,11 +96,11 @@ class ImageTask:
         from transformers import AutoModel
         from transformers.utils import logging
 
-        from tunelab.models import resolve
+        from tunelab.models import folder_of
 
         logging.set_verbosity_error()  # its report of the classifier left unused is expected: features only
         logging.disable_progress_bar()
-        encoder = AutoModel.from_pretrained(resolve(model_cfg.name), use_safetensors=True).to(device).eval()
+        encoder = AutoModel.from_pretrained(folder_of(model_cfg), use_safetensors=True).to(device).eval()
         out = []
         with torch.no_grad():
             for items in item_lists:
