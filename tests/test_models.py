@@ -85,3 +85,10 @@ def test_gemma3_joins_its_chunks_converts_and_continues_text(monkeypatch, tmp_pa
     messages = [{"role": "user", "content": "おはよう"}, {"role": "assistant", "content": "おはようございます"}]
     _, labels = render(tok, messages, [1])
     assert tok.decode([t for t in labels if t != IGNORE]) == "おはようございます<end_of_turn>"
+    # Gemma's 262k vocabulary reads the Japanese that MiniLM's cannot (tests/test_coverage.py): no unknown token and
+    # hardly a stray byte
+    from test_coverage import JAPANESE
+    from tunelab.models.coverage import coverage
+
+    found = coverage(tok, JAPANESE, "gemma3-270m")
+    assert found.unknown == 0 and found.byte_share < 0.02 and found.warning() is None

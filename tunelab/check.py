@@ -297,6 +297,17 @@ def check_lengths(examples: list[Example], tokenizer, model_name: str, max_lengt
                    f"of {model_name} and would be cut (longest: {lengths[-1]})", over)
 
 
+def check_language(examples: list[Example], tokenizer, model_name: str, report: Report) -> None:
+    """The share of the texts' tokens that the model's tokenizer cannot read (tunelab.models.coverage)."""
+    from tunelab.models.coverage import coverage
+
+    found = coverage(tokenizer, [t for e in examples for t in (e.text, e.text_pair) if isinstance(t, str)],
+                     Path(model_name).name)
+    report.stats["language"] = found.stats()
+    if found.warning():
+        report.add("warning", "language", found.warning())
+
+
 def check_label_errors(examples: list[Example], report: Report, folds: int = 5) -> None:
     """Confident learning (Northcutt et al. 2021, via cleanlab) on out-of-fold probabilities of a TF-IDF
     character n-gram logistic regression: examples whose given label the others say is unlikely."""
@@ -438,6 +449,7 @@ def check(path: str | Path, task_name: str | None = None, eval_path: str | None 
         name = model or ModelConfig().name
         tokenizer = load_tokenizer(ModelConfig(name=name))
         check_lengths(examples, tokenizer, name, cfg.max_length, report)
+        check_language(examples, tokenizer, name, report)
     if label_errors and task_name == "classification":
         check_label_errors(examples, report)
     if model and task_name in LABELLED:
@@ -566,6 +578,10 @@ def render(report: Report) -> str:
         t = stats["tokens"]
         lines.append(f"tokens ({t['model']}): median {t['median']}, 95% ≤ {t['p95']}, max {t['max']}; "
                      f"--max-length {t['max_length']}")
+    if "language" in stats:
+        g = stats["language"]
+        lines.append(f"language ({g['model']}): {g['unknown_share']:.1%} of the tokens unknown, "
+                     f"{g['byte_share']:.1%} single bytes")
     if "estimate" in stats:
         e = stats["estimate"]
         lines.append(f"training time ({e['model']}, batch {e['batch_size']}, {e['epochs']} epochs): about "

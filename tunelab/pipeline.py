@@ -1,6 +1,7 @@
 """`tunelab.train(config)`: data → model → method → loop → evaluate → export, one named call per stage."""
 from __future__ import annotations
 
+import logging
 import resource
 import shutil
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     method = METHODS[cfg.tuning.name]()
     method.bn_statistics = cfg.tuning.bn_statistics
     model, tokenizer = method.build(cfg, task, space, splits.train)
+    if task.modality == "text":
+        _check_language(tokenizer, splits.train, cfg.model.name)
     pad_id = tokenizer.pad_token_id or 0
     if task.model_class == "AutoModelForSequenceClassification":
         # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
@@ -94,6 +97,16 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     transfer_items = method.extra_items(cfg, task, space, tokenizer, train, train_items)
     return Job(cfg, task, splits, tokenizer, method, model, train_items, eval_items, transfer_items,
                len(train) - len(splits.train))
+
+
+def _check_language(tokenizer, examples: list, model: str) -> None:
+    """Warn when the model's tokenizer does not read the training texts' language (tunelab.models.coverage)."""
+    from tunelab.models.coverage import coverage
+
+    line = coverage(tokenizer, [t for e in examples for t in (e.text, e.text_pair) if isinstance(t, str)],
+                    Path(model).name).warning()
+    if line:
+        logging.getLogger(__name__).warning("%s", line)
 
 
 def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, on_eval=None) -> TrainResult:
