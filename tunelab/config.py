@@ -168,6 +168,7 @@ class TrainConfig:
         range=Range(0, 2**32 - 1))
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "cpu, cuda, or auto (cuda when available).")
     bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
+    gradient_checkpointing: bool = setting(False, "Keep only each transformer layer's inputs in the forward pass and recompute the rest in the backward pass: activation memory falls to about one layer's, for about a third more compute (transformers' activation checkpointing, non-reentrant). The gradients are the same.")
     augment: str = setting("", "Augmentation of the training split, comma-separated. Text: swap, delete, insert, neighbour (replacement by nearest neighbours in the model's input embeddings); Japanese is split into MeCab words. Images (torchvision transforms.v2, drawn anew every epoch): flip, vflip, rotate, zoom (random resized crop), color (jitter), randaugment, trivialaugment. Empty: off.", "--augment")
     augment_rate: float = setting(0.1, "augment: the share of a text's words each augmented copy changes.",
         range=Range(0, 1, True, True))

@@ -24,7 +24,7 @@ from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS, apply_defaults
 from tunelab.methods.base import Method
 from tunelab.data.augment import augment_examples, parse_ops
-from tunelab.models import count_params
+from tunelab.models import count_params, enable_checkpointing
 from tunelab.models.vision import parse_image_ops
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
@@ -86,6 +86,8 @@ def build_job(cfg: Config, device: torch.device) -> Job:
                                              cfg.train.augment_copies, cfg.train.seed, tokenizer,
                                              model.get_input_embeddings().weight) if text_augment else [])
     model = method.prepare(model, cfg.tuning).to(device)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(model)
     if task.modality == "image":
         train_items = task.encode(tokenizer, train, space, cfg.data.max_length,
                                   tokenizer.train_transform(parse_image_ops(cfg.train.augment)))

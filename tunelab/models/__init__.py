@@ -80,6 +80,19 @@ def build_model(cfg: ModelConfig, task, space, pretrained: bool) -> nn.Module:
     return model
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing (train.gradient_checkpointing) on every transformers model inside `model` (a peft
+    wrapper's base model, our pooled classifier's backbone): non-reentrant, so frozen inputs need no gradient."""
+    from transformers import PreTrainedModel
+
+    targets = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    if not targets:
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing",
+                        "train.gradient_checkpointing")
+    for m in targets:
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
