@@ -3,6 +3,7 @@ DPO starts at ln 2 with a frozen reference, resume is exact, exports load in pla
 records are refused by file and line. (That every stage trains and round-trips is in test_contract.py.)"""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -57,6 +58,29 @@ def test_chat_items_train_the_end_of_turn_and_prompt_completion_reads(lm_config,
     for it in job.train_items:
         trained = [t for t in it["labels"] if t != -100]
         assert trained[-1] == eos and job.tokenizer.decode(trained) == "an apple<|im_end|>"
+
+
+def test_alpaca_records_become_a_user_turn_and_the_trained_answer(lm_config, tmp_path, capsys):
+    from tunelab.cli import main
+    from tunelab.data.formats import detect_format
+
+    cfg = lm_config("chat")
+    p = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": "Name a fruit.", "input": "", "output": "An apple."},
+            {"instruction": "Translate to French.", "input": "good morning", "output": "bonjour",
+             "system": "Be brief."}] * 3
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert detect_format(p.read_text(), ".jsonl", "alpaca.jsonl") == "chat"  # what the service calls an upload
+    cfg.data.train = str(p)
+    job = build_job(cfg, torch.device("cpu"))
+    tok = job.tokenizer
+    first, second = job.train_items[0], job.train_items[1]
+    assert tok.decode([t for t in first["labels"] if t != -100]) == "An apple.<|im_end|>"
+    prompt = tok.decode([t for t, lab in zip(second["input_ids"], second["labels"]) if lab == -100])
+    assert "Be brief." in prompt and "Translate to French.\n\ngood morning" in prompt
+    p.write_text(json.dumps({"instruction": "Name a fruit.", "output": 3}) + "\n")
+    assert main(["data", "check", str(p), "--task", "chat"]) == 2
+    assert "alpaca.jsonl:1" in capsys.readouterr().out
 
 
 def test_sft_resume_after_crash_equals_uninterrupted(lm_config, tmp_path):

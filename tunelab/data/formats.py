@@ -26,7 +26,7 @@ def detect_format(data: str, ext: str, name: str) -> str:
     if not isinstance(rec, dict):
         raise UserError("each line must be a JSON object", name, line)
     keys = set(rec)
-    if "messages" in keys or {"prompt", "completion"} <= keys:
+    if "messages" in keys or {"prompt", "completion"} <= keys or {"instruction", "output"} <= keys:
         return "chat"
     if {"prompt", "chosen"} <= keys or {"input", "preferred_output"} <= keys:
         return "preference"
@@ -37,5 +37,6 @@ def detect_format(data: str, ext: str, name: str) -> str:
             return fmt
     if "text" in keys:
         return "text"
-    raise UserError("unknown record format: expected messages, prompt/completion, prompt/chosen/rejected, "
+    raise UserError("unknown record format: expected messages, prompt/completion, instruction/output (Alpaca), "
+                    "prompt/chosen/rejected, "
                     "text with label, labels or target, tokens with tags, or text", name, line)

@@ -156,6 +156,18 @@ class MaskedLM(LanguageModeling):
         return inputs, labels
 
 
+def alpaca_messages(rec: dict, path: Path, line: int) -> list[dict]:
+    """An Alpaca record as chat messages (see ChatSFT.parse)."""
+    user = content(rec["instruction"], path, line, "instruction")
+    extra = rec.get("input")
+    if extra not in (None, ""):
+        user += "\n\n" + content(extra, path, line, "input")
+    system = [{"role": "system", "content": content(rec["system"], path, line, "system")}] \
+        if rec.get("system") not in (None, "") else []
+    return [*system, {"role": "user", "content": user},
+            {"role": "assistant", "content": content(rec["output"], path, line, "output")}]
+
+
 class ChatSFT(LanguageModeling):
     name = "chat"
 
@@ -164,13 +176,20 @@ class ChatSFT(LanguageModeling):
 
     @staticmethod
     def parse(rec: dict, path: Path, line: int) -> list[dict]:
-        """`{"messages": [...]}` (OpenAI chat format) or `{"prompt", "completion"}`."""
+        """`{"messages": [...]}` (OpenAI chat format), `{"prompt", "completion"}`, or Alpaca's `{"instruction",
+        "input", "output"}` (Taori et al., 2023; `input` optional, a `system` key too): the instruction, then a
+        blank line and the input when there is one, is the user's turn and the output the assistant's. The model's
+        own chat template renders it, in place of Alpaca's "Below is an instruction..." preamble, which was written
+        for base models without one."""
         if "messages" in rec:
             return parse_messages(rec["messages"], path, line)
         if "prompt" in rec and "completion" in rec:
             return [{"role": "user", "content": content(rec["prompt"], path, line, "prompt")},
                     {"role": "assistant", "content": content(rec["completion"], path, line, "completion")}]
-        raise UserError("expected 'messages' (OpenAI chat format) or 'prompt' and 'completion'", str(path), line)
+        if "instruction" in rec and "output" in rec:
+            return alpaca_messages(rec, path, line)
+        raise UserError("expected 'messages' (OpenAI chat format), 'prompt' and 'completion', or 'instruction' and "
+                        "'output' (Alpaca)", str(path), line)
 
     def encode(self, tokenizer, examples: list[Example], space: Space, max_length: int) -> list[dict]:
         items, long = [], 0
