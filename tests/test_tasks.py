@@ -246,12 +246,16 @@ def test_unknown_metric_for_the_task_is_refused(toy_config):
         validate(toy_config)
 
 
-def test_linear_probe_and_majority_sit_beside_the_model(task_config):
+@pytest.mark.parametrize("task", ["classification", "ner"])
+def test_linear_probe_and_majority_sit_beside_the_model(task, task_config):
     from tunelab.pipeline import train
 
-    cfg = task_config("classification")
+    cfg = task_config(task)
     cfg.eval.probe = True
     m = train(cfg).metrics
+    if task == "ner":  # the probe reads each word's first sub-token, tags as names (it once broke on those)
+        assert m["baseline"]["linear_probe"]["f1"] > m["baseline"]["majority"]["f1"]
+        return
     assert set(m["baseline"]) == {"majority", "linear_probe"}
     assert m["baseline"]["majority"]["accuracy"] == pytest.approx(1 / 3, abs=0.05)  # 30 balanced eval rows
     assert m["baseline"]["linear_probe"]["accuracy"] > m["baseline"]["majority"]["accuracy"]

@@ -48,8 +48,9 @@ def fit_logistic(x, y, multi: bool = False, scoring: str | None = None):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    labels = np.asarray(y)
-    rarest = min(int(c[c > 0].min()) for col in (labels.T if multi else [labels]) if (c := np.bincount(col)).size)
+    labels = np.asarray(y)  # class ids, tag names (NER), or a 0/1 column per label (multi)
+    rarest = min(int(np.unique(col, return_counts=True)[1].min()) for col in (labels.T if multi else [labels])
+                 if len(col))
     folds = min(5, rarest)
     clf = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, scoring=scoring, max_iter=2000, l1_ratios=(0,),
                                use_legacy_attributes=False) \
