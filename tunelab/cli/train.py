@@ -131,6 +131,14 @@ def cmd_tune(args) -> int:
 
 
 
+def cmd_estimate(args) -> int:
+    from tunelab.estimate import estimate, render
+
+    cfg = config_from_args(args)
+    print(render(estimate(cfg), cfg, args.device_memory))
+    return 0
+
+
 def add_parsers(sub) -> None:
     """The training commands commands."""
     t = sub.add_parser("train", help="Train one model: data, method, loop, evaluation, export.")
@@ -156,6 +164,13 @@ def add_parsers(sub) -> None:
     lf.add_argument("--steps", type=int, default=100, help="Optimizer steps from --min-lr to --max-lr (at least 10).")
     lf.add_argument("--output", default="runs/lr-find", help="Folder for lr_find.json and lr_find.png.")
     lf.set_defaults(func=cmd_lr_find)
+
+    es = sub.add_parser("estimate", help="Parameters and the memory a training step of this config needs (no data "
+                                         "read, no weights loaded), and whether it fits a device.")
+    add_config_flags(es, skip=("output",))
+    es.add_argument("--device-memory", type=float, metavar="GIB", help="The device's memory in GiB: says whether "
+                    "the run fits and what to change when it does not.")
+    es.set_defaults(func=cmd_estimate)
 
     tu = sub.add_parser("tune", help="Search learning rate, batch size, epochs and more with Optuna.")
     add_config_flags(tu, skip=("output",))

@@ -1,0 +1,92 @@
+"""tunelab estimate: the counts are the run's own, the activations counted on the meta device agree with a real
+forward pass, and the whole estimate is within 25% of a measured run's peak memory (MiniLM, full)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from tunelab.cli import main
+
+
+def _estimate(task_config, tuning: str, **train):
+    from tunelab.estimate import estimate
+
+    cfg = task_config("classification")
+    cfg.tuning.name = tuning
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg, estimate(cfg)
+
+
+def test_the_counts_are_the_runs_and_the_meta_activations_match_a_real_forward(task_config):
+    from tunelab.pipeline import build_job
+
+    cfg, full = _estimate(task_config, "full")
+    job = build_job(cfg, torch.device("cpu"))
+    # the estimate reads no data, so its head has 2 labels; this run's has 3: one more row of 32 weights and a bias
+    assert full.total_params == sum(p.numel() for p in job.model.parameters()) - 33 == full.trainable_params
+    assert full.parts["optimizer"] == 2 * full.parts["gradients"] == 8 * full.trainable_params
+    _, lora = _estimate(task_config, "lora")
+    assert 0 < lora.trainable_params < 0.5 * lora.total_params and lora.parts["optimizer"] < full.parts["optimizer"]
+
+    # the same forward on real tensors: the bytes autograd saves, counted the same way
+    job.model.train()
+    batch = {"input_ids": torch.randint(5, 1000, (cfg.train.batch_size, cfg.data.max_length)),
+             "labels": torch.zeros(cfg.train.batch_size, dtype=torch.long)}
+    saved = {}
+
+    def pack(t):
+        saved[id(t)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        job.model(**batch)
+    real = sum(saved.values())
+    from tunelab.models import num_blocks
+
+    meta = full.parts["activations"]
+    largest = max(saved.values())
+    assert meta == pytest.approx(real + 2 * largest + real / num_blocks(job.model), rel=0.05)
+
+    _, checkpointed = _estimate(task_config, "full", gradient_checkpointing=True)
+    _, head = _estimate(task_config, "head")
+    # two layers: checkpointing keeps their inputs and recomputes one layer at a time, so at best about half
+    assert checkpointed.parts["activations"] < 0.75 * full.parts["activations"]
+    assert head.parts["activations"] < 0.05 * full.parts["activations"]
+
+
+def test_estimate_says_whether_it_fits_and_what_to_change(tiny_model, capsys):
+    assert main(["estimate", "--model", tiny_model, "--task", "classification", "--tuning", "full",
+                 "--batch-size", "64", "--max-length", "64", "--device-memory", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "fits a 0.5 GiB device: no" in out and "--train.gradient_checkpointing true" in out
+    assert "--tuning lora" not in out or "trains adapters only" in out
+
+
+@pytest.mark.slow
+def test_the_estimate_is_within_a_quarter_of_minilm_fulls_measured_peak(tmp_path):
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while market prices rise and people talk".split()
+    data = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(rng.choices(words, k=200)), "label": "ab"[i % 2]}
+                                                 for i in range(64)])  # every row fills max length 128
+    args = ["--model", "minilm", "--task", "classification", "--tuning", "full", "--max-length", "128",
+            "--batch-size", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # fresh processes: a process's peak memory is the largest it ever had
+    said = subprocess.run([sys.executable, "-m", "tunelab", "estimate", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert said.returncode == 0, said.stderr
+    estimated = float(next(line for line in said.stdout.splitlines() if "CPU run" in line).split()[2]
+                      .replace(",", ""))
+    ran = subprocess.run([sys.executable, "-m", "tunelab", "train", *args, "--train", str(data), "--epochs", "1",
+                          "--output", str(tmp_path / "run"), "--train.progress", "false", "--eval.bootstrap", "0",
+                          "--eval.probe", "false"], env=env, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    measured = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["peak_rss_mb"]
+    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
