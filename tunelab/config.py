@@ -64,6 +64,7 @@ class ModelConfig:
     dropout: float | None = setting(None, "Override every dropout probability in the model (None keeps the model's).",
         range=Range(0, 1, hi_open=True))
     trust_remote_code: bool = setting(False, "Allow code shipped with a model folder to run. Off by default: it is arbitrary code.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = setting("float32", "Text models: the dtype of the weights that do not train (a LoRA or head run's frozen backbone); trained weights stay float32 (the optimizer's master copy) and forward passes run under autocast in this dtype. auto: bfloat16 on a GPU that has it (else float16), on a CPU only where it has bfloat16 units (AVX512-BF16 or AMX), else float32. The exported model is saved in this dtype.")
     allow_pickle: bool = setting(False, "A Hub model with only pickled weights (pytorch_model.bin): read them once with torch.load(weights_only=True) and keep a safetensors copy. Off by default: unpickling can run code.")
     pooling: Literal["auto", "cls", "mean", "max", "last"] = setting("auto", "classification, multilabel, regression: how token states become one vector for the head: auto (a sentence-transformers folder's own pooling, else the model's own head: BERT's pooler over [CLS], a decoder's last token), cls (first token's state), mean, max, or last (last non-padding token).")
 

@@ -67,6 +67,10 @@ class Loop:
 
 
 def _autocast_dtype(loop: Loop):
+    """The forward passes' autocast dtype: model.dtype's (resolved by the pipeline), or bfloat16 on a GPU with
+    train.bf16; None for plain float32."""
+    if loop.cfg.model.dtype not in ("float32", "auto"):
+        return getattr(torch, loop.cfg.model.dtype)
     return torch.bfloat16 if loop.cfg.train.bf16 and loop.dist.device.type == "cuda" else None
 
 
@@ -94,7 +98,8 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
         sync = i == len(micro) - 1 or d.world == 1
         with (ddp.no_sync() if not sync else contextlib.nullcontext(),
               features.serving(loop.model, idx) if features else contextlib.nullcontext()):
-            with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None):
+            with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None,
+                                cache_enabled=False):  # (see pipeline.train: weights change every step)
                 loss, extra = loop.method.forward(loop.task, ddp, inputs, loop.space)
             loss = loss * scale
             for k, v in extra.items():
@@ -102,7 +107,8 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
             if t.l1 > 0:  # one L1 term per step, shared out over the micro-batches in proportion to their size
                 l1 = sum(p.abs().sum() for p in params if p.ndim > 1)
                 loss = loss + t.l1 * l1 * len(idx) * weight * d.world / len(batch)
-            loss.backward()
+            with torch.autocast(d.device.type, enabled=False):  # (a run in model.dtype is inside one)
+                loss.backward()
         total += loss.detach() * weight
     if t.max_grad_norm > 0:
         speed.clip_grad_norm_(params, t.max_grad_norm, tables)

@@ -24,7 +24,7 @@ from tunelab.io import atomic_write_json
 from tunelab.methods import METHODS, apply_defaults
 from tunelab.methods.base import Method
 from tunelab.data.augment import augment_examples, parse_ops
-from tunelab.models import count_params, enable_checkpointing
+from tunelab.models import count_params, enable_checkpointing, set_precision, weight_dtype
 from tunelab.models.vision import parse_image_ops
 from tunelab.tasks import TASKS, Task
 from tunelab.loop import Loop, fit
@@ -86,6 +86,12 @@ def build_job(cfg: Config, device: torch.device) -> Job:
                                              cfg.train.augment_copies, cfg.train.seed, tokenizer,
                                              model.get_input_embeddings().weight) if text_augment else [])
     model = method.prepare(model, cfg.tuning).to(device)
+    dtype = weight_dtype(cfg.model.dtype, device)
+    cfg.model.dtype = str(dtype).removeprefix("torch.")  # auto, resolved: config.yaml says what ran
+    if dtype != torch.float32:
+        if task.modality != "text":
+            raise UserError("model.dtype applies to text models; image networks train in float32", "model.dtype")
+        set_precision(model, dtype)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
     if task.modality == "image":
@@ -123,6 +129,19 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
 
         return cross_validate(cfg, resume=resume)
     dist = setup(cfg.train.device)
+    # A model with float32 trained weights beside bfloat16 frozen ones (model.dtype) runs every forward pass, from
+    # the first evaluation to the export's timing, under autocast (the loop's backward passes step out of it).
+    # Without autocast's cache of cast weights: inside one long autocast region it would keep serving the weights
+    # as they were cast at the first forward pass, never the trained ones.
+    low = weight_dtype(cfg.model.dtype, dist.device)
+    with torch.autocast(dist.device.type, dtype=low, enabled=low != torch.float32, cache_enabled=False):
+        result = _train(cfg, dist, resume, on_step, on_eval)
+    dist.barrier()
+    teardown(dist)
+    return result
+
+
+def _train(cfg: Config, dist, resume: bool, on_step, on_eval) -> TrainResult:
     job = build_job(cfg, dist.device)
     test_items = _test_items(job, dist.device)
     run = _prepare_run_dir(Path(cfg.output), cfg, resume, dist.main)
@@ -149,8 +168,6 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
                                 "model_mb": folder_mb(model_dir)}
         _plots(run, cfg, job, loop.history, metrics)
         atomic_write_json(run / "metrics.json", metrics)  # written last: its presence marks a complete run
-    dist.barrier()
-    teardown(dist)
     return TrainResult(run, run / "model", metrics)
 
 

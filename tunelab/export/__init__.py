@@ -24,6 +24,9 @@ def export_model(run: Path, model: nn.Module, method: Method, tokenizer, task, s
     if plain is model:
         plain = copy.deepcopy(model)  # finalize may change weights (regression scaling): never the trained model
     task.finalize(plain, space)
+    low = {p.dtype for p in plain.parameters()} - {torch.float32}
+    if low:  # model.dtype: the frozen weights' dtype, the trained ones (float32 masters) with them
+        plain.to(low.pop())
 
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)

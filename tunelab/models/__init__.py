@@ -93,6 +93,33 @@ def enable_checkpointing(model: nn.Module) -> None:
         m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def cpu_has_bf16() -> bool:
+    """Does this CPU have bfloat16 units (AVX512-BF16 or AMX-BF16)? Without them PyTorch emulates bfloat16
+    arithmetic: slower than float32 and less precise, so `auto` keeps float32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def weight_dtype(name: str, device: torch.device) -> torch.dtype:
+    """model.dtype as a torch dtype on `device` (auto resolved as its help says)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def set_precision(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen weights in `dtype`, trained ones in float32 (the optimizer updates float32 master weights)."""
+    model.to(dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):

@@ -6,6 +6,8 @@ metrics, bootstrap intervals and baselines all work on the same lists.
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,7 +268,10 @@ def predict_outputs(task: Task, model: nn.Module, items: list[dict], pad_id: int
     with eval_mode(model), speed.onednn_linears(model):
         for batch in token_batches(lengths, FORWARD_TOKENS, batch_size):
             inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            # (None leaves autocast as the caller set it: a model.dtype run is inside one)
+            cast = torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False) \
+                if autocast_dtype is not None else contextlib.nullcontext()
+            with cast:
                 rows = task.outputs(model, inputs, [lengths[i] for i in batch])
             for row, i in zip(rows, batch):
                 out[i] = row
