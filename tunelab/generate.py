@@ -63,15 +63,16 @@ def model_folder(name: str) -> Path:
         raise UserError(e.problem, "MODEL") from None
 
 
-def load_generator(model: str):
-    """(model, tokenizer) of a causal language model, on the GPU when there is one. Never runs code shipped with
-    the model: a folder that needs it is refused."""
+def load_generator(model: str, device: str = "auto"):
+    """(model, tokenizer) of a causal language model, on `device` (auto: the GPU when there is one). Never runs
+    code shipped with the model: a folder that needs it is refused."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.utils import logging
 
-    from tunelab.models import pick_device
+    from tunelab.models import device_for
 
+    where = device_for(device)  # before the load: a missing GPU should not cost one
     logging.disable_progress_bar()
     folder = model_folder(model)
     try:
@@ -91,7 +92,7 @@ def load_generator(model: str):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model: {e}", str(folder)) from None
-    return lm.to(pick_device("auto")).eval(), tokenizer
+    return lm.to(where).eval(), tokenizer
 
 
 def render(tokenizer, messages_or_text: str | list[dict]) -> str:

@@ -13,13 +13,19 @@ from tunelab.io import atomic_write_json, atomic_write_jsonl
 from tunelab.tasks import runs
 
 
-def load_run(run_dir: str | Path, runtime: str = "auto"):
+def load_run(run_dir: str | Path, runtime: str = "auto", device: str = "cpu"):
     """(config, task, model, tokenizer, space) of a complete run folder; `runtime` int8 quantizes the model, onnx
     answers with RUN/onnx/model.onnx through ONNX Runtime (see tunelab.export.compress), auto is onnx where the run
-    has that export and torch otherwise."""
+    has that export and torch otherwise. The torch runtime runs on `device` (int8 and onnx are CPU runtimes)."""
+    from tunelab.models import device_for
+
+    where = device_for(device)
     cfg, task, model, tokenizer, space = runs.load_run(run_dir)
     run = Path(run_dir)
-    runtime = _resolve(run, task, runtime)
+    runtime = _resolve(run, task, runtime) if where.type == "cpu" else "torch" if runtime == "auto" else runtime
+    if runtime != "torch" and where.type != "cpu":
+        raise UserError(f"the {runtime} runtime runs on the CPU; on {device} use --runtime torch", "--runtime")
+    model.to(where)
     if not task.judged_by_start and task.modality == "text" and runtime != "onnx":  # (onnx answers from its own graph, exported from a cut model)
         # a sequence classifier's last layer need only compute the first position: exact, checked on a probe
         speed.cut_to_first_token(model, speed.sample_inputs(tokenizer))
@@ -77,8 +83,8 @@ def _smoothing(run: Path) -> dict | None:
 
 
 def predict(run_dir: str | Path, input_path: str | Path, output: str | Path | None = None,
-            runtime: str = "auto") -> Path:
-    cfg, task, model, tokenizer, space = load_run(run_dir, runtime)
+            runtime: str = "auto", device: str = "cpu") -> Path:
+    cfg, task, model, tokenizer, space = load_run(run_dir, runtime, device)
     if task.judged_by_start:
         raise UserError(f"a {cfg.task} run does not predict labels; use `tunelab generate {run_dir} --prompt ...` "
                         "to talk to it, or `tunelab eval` to score it on a file", str(run_dir))
@@ -92,13 +98,21 @@ def predict_examples(loaded, examples) -> list[dict]:
     """One prediction row per example (label and probabilities, labels, value or entities) from `load_run`'s tuple."""
     cfg, task, model, tokenizer, space = loaded
     items = task.encode(tokenizer, examples, space, cfg.data.max_length)
-    outputs = predict_outputs(task, model, items, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    outputs = predict_outputs(task, model, items, tokenizer.pad_token_id or 0, _device_of(model))
     preds = task.decode(outputs, items, space)
     return [task.predict_row(e, p, o, space) for e, p, o in zip(examples, preds, outputs)]
 
 
-def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path | None = None) -> dict:
-    cfg, task, model, tokenizer, space = load_run(run_dir)
+def _device_of(model) -> torch.device:
+    """Where a loaded model runs: its parameters' device (ONNX and int8 runtimes: the CPU)."""
+    params = getattr(model, "parameters", None)
+    first = next(params(), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path | None = None,
+                  device: str = "cpu") -> dict:
+    cfg, task, model, tokenizer, space = load_run(run_dir, "auto", device)
     examples = task.read(data_path, cfg.data)
     task.check(examples, space)
     items = task.encode(tokenizer, examples, space, cfg.data.max_length)
@@ -106,8 +120,9 @@ def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path
     if task.uses_reference:  # dpo rewards are relative to the reference: the model the run started from
         from tunelab.models import build_model
 
-        task.prepare_items(build_model(cfg.model, task, space, pretrained=True), items, pad_id, torch.device("cpu"))
-    m = evaluate(task, model, items, space, pad_id, torch.device("cpu"))
+        task.prepare_items(build_model(cfg.model, task, space, pretrained=True).to(_device_of(model)), items, pad_id,
+                           _device_of(model))
+    m = evaluate(task, model, items, space, pad_id, _device_of(model))
     metrics = {k: v for k, v in m.items() if not k.startswith("_")}
     metrics["ci95"] = bootstrap_ci(task, m["_preds"], [it["_gold"] for it in items], space, cfg.eval.bootstrap)
     metrics.update(m["_details"], examples=len(items), data=str(data_path))

@@ -14,7 +14,7 @@ from tunelab.text import text_table
 def cmd_predict(args) -> int:
     from tunelab.predict import predict
 
-    out = predict(args.run_dir, args.input, args.output, args.runtime)
+    out = predict(args.run_dir, args.input, args.output, args.runtime, args.device)
     print(f"wrote {out}")
     return 0
 
@@ -62,7 +62,7 @@ def _streamer(tokenizer):
 
 
 def answer_prompts(model_name: str, prompts: list[str], sampling, system: str | None = None,
-                   raw: bool = False, output: str | Path | None = None) -> list[dict]:
+                   raw: bool = False, output: str | Path | None = None, device: str = "auto") -> list[dict]:
     """Answer each prompt, streaming to stdout; rows {prompt, answer, new_tokens, seconds}, also written to
     `output` (JSONL) when given."""
     from tunelab import generate as gen
@@ -72,7 +72,7 @@ def answer_prompts(model_name: str, prompts: list[str], sampling, system: str | 
         raise UserError("empty prompt", "--prompt")
     if raw and system is not None:
         raise UserError("a system message needs the chat template; leave out --raw or --system", "--system")
-    model, tokenizer = gen.load_generator(model_name)
+    model, tokenizer = gen.load_generator(model_name, device)
     head = [{"role": "system", "content": system}] if system is not None else []
     rows = []
     for i, prompt in enumerate(prompts):
@@ -123,7 +123,7 @@ def chat_loop(model, tokenizer, sampling, system: str | None = None) -> list[dic
 
 def cmd_generate(args) -> int:
     try:
-        answer_prompts(args.model, args.prompt, _sampling(args), args.system, args.raw, args.output)
+        answer_prompts(args.model, args.prompt, _sampling(args), args.system, args.raw, args.output, args.device)
     except KeyboardInterrupt:
         print("\ntunelab: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -135,7 +135,7 @@ def cmd_chat(args) -> int:
 
     sampling = _sampling(args)
     sampling.check()  # before the model loads: a bad flag should not cost a load
-    model, tokenizer = load_generator(args.model)
+    model, tokenizer = load_generator(args.model, args.device)
     chat_loop(model, tokenizer, sampling, args.system)
     return 0
 
@@ -143,7 +143,7 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from tunelab.predict import evaluate_file
 
-    m = evaluate_file(args.run_dir, args.data, args.output)
+    m = evaluate_file(args.run_dir, args.data, args.output, args.device)
     for k, v in m.items():
         if isinstance(v, float):
             ci = m["ci95"].get(k)
@@ -193,6 +193,9 @@ def cmd_models_list(args) -> int:
 
 
 
+DEVICE_HELP = "Where the model runs: cpu, cuda, cuda:N, or auto (cuda when there is one); default {default}."
+
+
 def add_parsers(sub) -> None:
     """The commands on finished runs and models commands."""
     pr = sub.add_parser("predict", help="Predict labels and class probabilities with a finished run.")
@@ -202,6 +205,7 @@ def add_parsers(sub) -> None:
     pr.add_argument("--runtime", default="auto", choices=("auto", "torch", "int8", "onnx"),
                     help="torch (fp32), int8 (dynamic quantization), onnx (RUN/onnx/model.onnx, ONNX Runtime), or "
                          "auto: onnx where the run has that export (tunelab export RUN --onnx), else torch.")
+    pr.add_argument("--device", default="cpu", help=DEVICE_HELP.format(default="cpu"))
     pr.set_defaults(func=cmd_predict)
     ex = sub.add_parser("export", help="Make int8 and ONNX variants of a classifier run and check them against fp32.")
     ex.add_argument("run_dir")
@@ -217,18 +221,21 @@ def add_parsers(sub) -> None:
                     help="Feed the prompt as plain text to continue, without the chat template (base models).")
     add_sampling_flags(ge)
     ge.add_argument("--output", metavar="FILE.jsonl", help="Also write {prompt, answer, new_tokens, seconds} rows here.")
+    ge.add_argument("--device", default="auto", help=DEVICE_HELP.format(default="auto"))
     ge.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="Talk with a generator in the terminal; it keeps the conversation.")
     ch.add_argument("model", help="Run folder (its model/), bundled alias or model folder.")
     ch.add_argument("--system", help="System message at the start of the conversation.")
     add_sampling_flags(ch)
+    ch.add_argument("--device", default="auto", help=DEVICE_HELP.format(default="auto"))
     ch.set_defaults(func=cmd_chat)
 
     ev = sub.add_parser("eval", help="Evaluate a finished run on a labelled file.")
     ev.add_argument("run_dir")
     ev.add_argument("--data", required=True)
     ev.add_argument("--output", help="Where to write the metrics JSON (default RUN_DIR/eval-NAME.json).")
+    ev.add_argument("--device", default="cpu", help=DEVICE_HELP.format(default="cpu"))
     ev.set_defaults(func=cmd_eval)
 
     mo = sub.add_parser("models", help="Bundled models: list them, convert GGUF generators once.")

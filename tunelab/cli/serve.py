@@ -17,6 +17,10 @@ def cmd_serve(args) -> int:
     _positive_hours(args.max_job_hours)
     if not 0 < args.body_timeout <= 3600:
         raise UserError("must be between 0 and 3600 seconds", "--body-timeout")
+    from tunelab.models import device_for
+    from tunelab.serve import inference
+
+    inference.DEVICE = str(device_for(args.device))  # where the endpoints' models answer (checked before serving)
     serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb, args.max_job_hours,
           args.body_timeout)
     return 0
@@ -68,6 +72,8 @@ def add_parsers(sub) -> None:
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--workers", type=int, default=1, help="Worker processes started (and restarted) with the server.")
     se.add_argument("--max-upload-mb", type=float, default=100, help="Largest file accepted by POST /v1/files.")
+    se.add_argument("--device", default="cpu", help="Where the inference endpoints' models run: cpu, cuda, cuda:N or "
+                    "auto (cuda when there is one). Training jobs choose their own (train.device).")
     se.add_argument("--body-timeout", type=float, default=30,
                     help="Seconds a client may pause while sending a request body; then 408 and the connection closes.")
     se.set_defaults(func=cmd_serve)

@@ -198,6 +198,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_for(name: str, flag: str = "--device") -> torch.device:
+    """The device a command was asked to run on (auto, cpu, cuda, cuda:N); a GPU that is not there is a
+    UserError, not a CUDA traceback."""
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)", flag) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"'{name}': no CUDA device is visible to PyTorch on this machine", flag)
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)", flag)
+    return device
+
+
 def load_trained(model_class: str, folder: str | Path) -> nn.Module:
     """A model that a run exported (RUN/model), by the task's Auto class, from safetensors only. Through this module,
     so our own model types (tunelab-pooled) are registered with transformers first, in any process."""

@@ -34,6 +34,9 @@ _cache: OrderedDict[str, Loaded] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+DEVICE = "cpu"  # where loaded models answer: `tunelab serve --device` sets it before the server starts
+
+
 def _load(key: str, loader) -> Loaded:
     with _cache_lock:
         if key in _cache:
@@ -105,7 +108,7 @@ def chat(home: Path, body: Chat):
     messages = parse_messages(body.messages, "messages", None, need_assistant=False)
     _within([m["content"] for m in messages], "messages")
     sampling = _sampling(body)
-    loaded = _load("generator:" + source, lambda: load_generator(source))
+    loaded = _load("generator:" + source, lambda: load_generator(source, DEVICE))
     model, tokenizer = loaded.objects
     with _service_names():
         prompt_tokens = len(encode(tokenizer, messages))
@@ -190,7 +193,7 @@ def classify(home: Path, body: Classify) -> dict:
         raise UserError(f"{body.model} does not predict labels: use /v1/chat/completions for generators",
                         "model")
     texts = body.input  # each a non-empty text within MAX_CHARS (or an image), at most MAX_INPUTS of them
-    loaded = _load("run:" + source, lambda: load_run(source))
+    loaded = _load("run:" + source, lambda: load_run(source, "auto", DEVICE))
     cfg, task_obj = loaded.objects[0], loaded.objects[1]
     images = isinstance(texts[0], ImageInput)
     if images != (task_obj.modality == "image"):
