@@ -238,7 +238,11 @@ def test_topics_are_balanced_disjoint_and_stable(tmp_path):
     again = topics(tmp_path / "b", 400, 200, seed=0)
     rows = {split: [json.loads(line) for line in Path(info[split]).read_text(encoding="utf-8").splitlines()]
             for split in ("train", "eval")}
-    assert collections.Counter(r["label"] for r in rows["eval"]) == {t: 40 for t in TOPICS}
+    assert collections.Counter(r["label"] for r in rows["eval"]) == {t: 40 for t in TOPICS["english"]}
     assert min(collections.Counter(r["label"] for r in rows["train"]).values()) >= 75
     assert not {r["text"] for r in rows["train"]} & {r["text"] for r in rows["eval"]}
     assert Path(info["train"]).read_bytes() == Path(again["train"]).read_bytes()
+    ja = topics(tmp_path / "ja", 240, 90, seed=0, language="japanese")  # the Japanese classification example
+    rows = [json.loads(line) for line in Path(ja["eval"]).read_text(encoding="utf-8").splitlines()]
+    assert collections.Counter(r["label"] for r in rows) == {"ai": 30, "emotion": 30, "psychology": 30}
+    assert sum(any("\u3040" <= c <= "\u30ff" for c in r["text"]) for r in rows) >= 85  # kana: Japanese text

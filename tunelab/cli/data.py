@@ -20,7 +20,7 @@ def _print_pairs(info: dict) -> None:
 def cmd_data_topics(args) -> int:
     from tunelab.data.bundled import topics
 
-    info = topics(Path(args.output), args.train_size, args.eval_size, args.seed)
+    info = topics(Path(args.output), args.train_size, args.eval_size, args.seed, args.language)
     _print_written(info, "statements", f") from {info['source']}")
     return 0
 
@@ -160,8 +160,10 @@ def add_parsers(sub) -> None:
                       cmd_data_tweets, 900, train_size=3000)
     tw.add_argument("--transfer-size", type=int, default=0,
                     help="Also write transfer.jsonl: this many other tweets, texts only (for --tuning distill).")
-    _data_parser(dsub, "topics", "Write balanced train/eval JSONL (5 topics: ai, coding, emotion, psychology, "
-                 "trivia) from the bundled English chatterbot dialogues.", cmd_data_topics, 200, train_size=400)
+    tp = _data_parser(dsub, "topics", "Write balanced train/eval JSONL from the bundled chatterbot dialogues: in "
+                      "English 5 topics (ai, coding, emotion, psychology, trivia), in Japanese 3 (ai, emotion, "
+                      "psychology).", cmd_data_topics, 200, train_size=400)
+    tp.add_argument("--language", choices=("english", "japanese"), default="english")
     dg = _data_parser(dsub, "digits", "Write train/eval image folders (a sub-folder per digit) from scikit-learn's "
                       "bundled 8x8 handwritten digits, up-sampled.", cmd_data_digits, 300, train_size=600)
     dg.add_argument("--size", type=int, default=64, help="Side of the written images in pixels (default 64).")

@@ -279,28 +279,31 @@ def chatterbot_japanese(output: Path, eval_size: int = 20, seed: int = 0) -> dic
     return _write_splits(output, train, evaluation, available=len(rows))
 
 
-TOPICS = ("ai", "coding", "emotion", "psychology", "trivia")  # chatterbot's English files with 120+ statements
+# chatterbot's files with the most statements: in English 120+ each; in Japanese the three with 140+ lines
+TOPICS = {"english": ("ai", "coding", "emotion", "psychology", "trivia"), "japanese": ("ai", "emotion", "psychology")}
 
 
-def topics(output: Path, train_size: int, eval_size: int, seed: int = 0) -> dict:
-    """Balanced topic classification from chatterbot-corpus's English dialogues (BSD licence): every statement of
-    the `TOPICS` files, labelled with its file's topic. A second corpus for checking that defaults chosen on the
-    tweets are not tuned to them: other texts (questions and answers), other labels, five classes. Statements
-    that occur under two topics are left out; each class gets train_size / 5 and eval_size / 5 of its own."""
+def topics(output: Path, train_size: int, eval_size: int, seed: int = 0, language: str = "english") -> dict:
+    """Balanced topic classification from chatterbot-corpus's dialogues (BSD licence): every statement of the
+    language's `TOPICS` files, labelled with its file's topic. A second corpus for checking that defaults chosen on
+    the tweets are not tuned to them: other texts (questions and answers), other labels; in Japanese, the text
+    classification that an English model cannot read. Statements that occur under two topics are left out; each
+    class gets train_size / k and eval_size / k of its own (k topics)."""
     import yaml
 
-    root = package_dir("chatterbot_corpus", "data", "the topic corpus (tunelab data topics)") / "data" / "english"
+    root = package_dir("chatterbot_corpus", "data", "the topic corpus (tunelab data topics)") / "data" / language
+    names = TOPICS[language]
     by_text: dict[str, set[str]] = {}
-    for topic in TOPICS:
+    for topic in names:
         for conversation in yaml.safe_load((root / f"{topic}.yml").read_text(encoding="utf-8"))["conversations"]:
             for statement in conversation:
                 text = " ".join(str(statement).split())
                 if text:
                     by_text.setdefault(text, set()).add(topic)
     train, evaluation = [], []
-    for topic in TOPICS:
+    for topic in names:
         rows = [{"text": t, "label": topic} for t, found in sorted(by_text.items()) if found == {topic}]
-        part_train, part_eval = _split(rows, train_size // len(TOPICS), eval_size // len(TOPICS), seed)
+        part_train, part_eval = _split(rows, train_size // len(names), eval_size // len(names), seed)
         train, evaluation = train + part_train, evaluation + part_eval
     random.Random(seed).shuffle(train)
     random.Random(seed + 1).shuffle(evaluation)
