@@ -195,3 +195,35 @@ def test_a_pooled_teacher_shortened_and_pruned_saves_what_it_is(pooled_run, tmp_
     assert model.backbone.get_input_embeddings().num_embeddings == saved["backbone"]["vocab_size"] < 30_522 / 4
     out = predict(result.run_dir, write_jsonl(tmp_path / "in.jsonl", make_rows(10, 20)))
     assert len(out.read_text().splitlines()) == 10
+
+
+def test_ner_on_a_decoder_transformers_has_no_token_head_for_trains_and_reloads(tmp_path):
+    """Gemma 3 has no token classifier in transformers: NER gets tunelab's own head over the backbone, which
+    trains, and loads back through AutoModelForTokenClassification with the same predictions."""
+    import json
+
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, Gemma3TextConfig, Gemma3ForCausalLM
+
+    from conftest import build_tiny_llama, make_ner_rows, write_jsonl
+    from tunelab.cli import main
+
+    llama = build_tiny_llama(tmp_path / "llama")  # for its tokenizer
+    tok = AutoTokenizer.from_pretrained(llama)
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id,
+                              max_position_embeddings=256, sliding_window=64)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    tok.save_pretrained(tmp_path / "gemma")
+    train = write_jsonl(tmp_path / "train.jsonl", make_ner_rows(60, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", make_ner_rows(20, 2))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "ner", "--model", str(tmp_path / "gemma"), "--train", str(train), "--eval",
+                 str(held), "--output", str(out), "--epochs", "6", "--lr", "5e-3", "--train.progress", "false",
+                 "--eval.bootstrap", "0", "--eval.probe", "false"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval"]["f1"] > m["baseline"]["majority"]["f1"] + 0.2
+    model = AutoModelForTokenClassification.from_pretrained(out / "model").eval()
+    assert type(model).__name__ == "BackboneForTokenClassification"
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForTokenClassification"].endswith("BackboneForTokenClassification")

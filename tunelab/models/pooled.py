@@ -1,4 +1,5 @@
-"""A sequence classifier that pools its encoder's token states the way the encoder was trained to be read.
+"""A sequence classifier that pools its encoder's token states the way the encoder was trained to be read, and a
+token classifier over any backbone.
 
 transformers' `BertForSequenceClassification` reads the [CLS] token through BERT's pooler; a sentence-transformers
 model such as all-MiniLM-L6-v2 was trained to be *mean*-pooled instead, and its [CLS] state carries little of
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
 POOLINGS = ("cls", "mean", "max", "last")
 MODEL_TYPE = "tunelab-pooled"
@@ -118,6 +119,20 @@ class PooledForSequenceClassification(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+class BackboneForTokenClassification(PooledForSequenceClassification):
+    """A tag per token (NER) from any `AutoModel` backbone: one linear layer over each token's state, for the
+    architectures transformers has no token classifier for (Gemma 3's decoder, for one). A causal decoder's
+    state at a token has read only what comes before it; the tags are learnt all the same."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs):
+        kwargs.pop("output_hidden_states", None)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100) \
+            if labels is not None else None
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor, config: PooledConfig) -> torch.Tensor:
     """transformers' sequence-classification loss for the config's problem type."""
     kind = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
@@ -130,12 +145,13 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, config: PooledConfig) -> t
 
 def register() -> None:
     """Make `AutoConfig` and `AutoModelForSequenceClassification` know the model type (idempotent)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(MODEL_TYPE, PooledConfig)
         AutoModelForSequenceClassification.register(PooledConfig, PooledForSequenceClassification)
+        AutoModelForTokenClassification.register(PooledConfig, BackboneForTokenClassification)
 
 
 def save_code(folder: Path) -> None:
@@ -145,7 +161,8 @@ def save_code(folder: Path) -> None:
     path = folder / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["auto_map"] = {"AutoConfig": f"{MODULE}.PooledConfig",
-                          "AutoModelForSequenceClassification": f"{MODULE}.PooledForSequenceClassification"}
+                          "AutoModelForSequenceClassification": f"{MODULE}.PooledForSequenceClassification",
+                          "AutoModelForTokenClassification": f"{MODULE}.BackboneForTokenClassification"}
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 

@@ -117,6 +117,20 @@ class Ner(Task):
     def check(self, examples, space):
         check_known_labels(examples, space.labels, flat=lambda tags: tags)
 
+    def build(self, cfg, folder, space, pretrained):
+        """transformers' token classifier for the architecture; for one it has none (Gemma 3), tunelab's
+        (tunelab.models.pooled.BackboneForTokenClassification: the backbone and a linear layer per token)."""
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+
+        model_type = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code).model_type
+        if model_type in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES or model_type == "tunelab-pooled":
+            return super().build(cfg, folder, space, pretrained)
+        from tunelab.models.pooled import BackboneForTokenClassification
+
+        return BackboneForTokenClassification.from_backbone(folder, "tokens", cfg.trust_remote_code, pretrained,
+                                                            **self.model_kwargs(space))
+
     def model_kwargs(self, space):
         return space.label_mapping()
 
