@@ -73,6 +73,10 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     apply_defaults(cfg)  # the method's own lr and epochs where none were given
     method = METHODS[cfg.tuning.name]()
     method.bn_statistics = cfg.tuning.bn_statistics
+    dtype = weight_dtype(cfg.model.dtype, device)
+    cfg.model.dtype = str(dtype).removeprefix("torch.")  # auto, resolved (the model loads in it; config.yaml says so)
+    if dtype != torch.float32 and task.modality != "text":
+        raise UserError("model.dtype applies to text models; image networks train in float32", "model.dtype")
     model, tokenizer = method.build(cfg, task, space, splits.train)
     if task.modality == "text":
         _check_language(tokenizer, splits.train, cfg.model.name)
@@ -86,11 +90,7 @@ def build_job(cfg: Config, device: torch.device) -> Job:
                                              cfg.train.augment_copies, cfg.train.seed, tokenizer,
                                              model.get_input_embeddings().weight) if text_augment else [])
     model = method.prepare(model, cfg.tuning).to(device)
-    dtype = weight_dtype(cfg.model.dtype, device)
-    cfg.model.dtype = str(dtype).removeprefix("torch.")  # auto, resolved: config.yaml says what ran
     if dtype != torch.float32:
-        if task.modality != "text":
-            raise UserError("model.dtype applies to text models; image networks train in float32", "model.dtype")
         set_precision(model, dtype)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)

@@ -110,13 +110,15 @@ class Task:
 
         cls = getattr(transformers, self.model_class)
         kwargs = self.model_kwargs(space)
+        dtype = {"dtype": getattr(torch, cfg.dtype)} if cfg.dtype not in ("auto", "float32") else {}
         if self.pools and cfg.pooling != "auto":  # pooled our way (the model's own head is `auto`)
             from tunelab.models.pooled import PooledForSequenceClassification
 
             return PooledForSequenceClassification.from_backbone(folder, cfg.pooling, cfg.trust_remote_code,
                                                                  pretrained, **kwargs)
-        if pretrained:
-            return cls.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **kwargs)
+        if pretrained:  # (in model.dtype straight from the file: a 7B model never needs its float32 size)
+            return cls.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+                                       **dtype, **kwargs)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
         return cls.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
