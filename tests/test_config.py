@@ -103,7 +103,22 @@ def test_the_tuning_choices_are_the_registered_methods():
     """config may not import the method registry (layers point one way), so the closed choice names them."""
     from tunelab.methods import METHODS
 
-    assert set(choices(dict((k, tp) for k, _, tp in iter_fields())["tuning.name"])) == set(METHODS)
+    assert set(choices(dict((k, tp) for k, _, tp in iter_fields())["tuning.name"])) == {"auto", *METHODS}
+
+
+def test_auto_tuning_is_lora_for_a_decoder_with_a_head_and_full_otherwise(task_config, tiny_llama):
+    """auto resolves when the config is validated: a decoder under a head (classification, ner) gets lora; an
+    encoder, or a decoder's own language-model stage, full."""
+    from tunelab.validate import validate
+
+    for task, model, expected in (("classification", tiny_llama, "lora"), ("ner", tiny_llama, "lora"),
+                                  ("classification", None, "full"), ("image-classification", None, "full")):
+        cfg = task_config(task)
+        cfg.tuning.name = "auto"
+        if model:
+            cfg.model.name = model
+        validate(cfg)
+        assert cfg.tuning.name == expected, (task, model)
 
 
 def test_the_task_choices_are_the_registered_tasks():

@@ -10,7 +10,11 @@ from tunelab.tasks import TASKS
 
 
 def validate(cfg: Config) -> None:
+    """Check `cfg` against the registries; `tuning.name` auto is resolved here, in place (config.yaml keeps the
+    method that ran)."""
     config_mod.validate(cfg)  # the task is one of config's closed choice, which names the registered tasks
+    if cfg.tuning.name == "auto":
+        cfg.tuning.name = default_tuning(cfg)
     task = TASKS[cfg.task]
     if cfg.train.metric not in ("auto", "loss", *task.metrics):
         raise UserError(f"metric '{cfg.train.metric}' is not one of the {cfg.task} task's "
@@ -24,3 +28,21 @@ def validate(cfg: Config) -> None:
     if cfg.model.pooling != "auto" and (not task.pools or task.modality != "text"):
         raise UserError(f"model.pooling applies to classification, multilabel and regression, not {cfg.task}",
                         "model.pooling")
+
+
+def default_tuning(cfg: Config) -> str:
+    """lora for a decoder backbone (its config.json names a causal-LM architecture) under a task with a new head
+    (classification, multilabel, regression, ner); full for everything else."""
+    import json
+
+    from tunelab.models import folder_of
+
+    task = TASKS[cfg.task]
+    if task.modality != "text" or task.judged_by_start or "lora" not in task.tunings:
+        return "full"
+    try:
+        archs = json.loads((folder_of(cfg.model) / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError):
+        return "full"  # (a model that cannot be read is refused where it is loaded, with its reason)
+    decoder = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs or [])
+    return "lora" if decoder else "full"
