@@ -53,7 +53,11 @@ def estimate(cfg: Config) -> Estimate:
     from tunelab.tasks import TASKS
     from tunelab.tasks.base import Space
 
+    from tunelab.validate import default_tuning
+
     runtime = _rss_bytes()
+    if cfg.tuning.name == "auto":
+        cfg.tuning.name = default_tuning(cfg)
     task, method = TASKS[cfg.task], METHODS[cfg.tuning.name]()
     if cfg.tuning.name == "distill" or task.modality != "text":
         raise UserError("estimate covers text and language-model tasks with scratch, head, partial, full and lora",
