@@ -388,7 +388,7 @@ def train_classifier(folder: Path, tiny_model: str, train_rows: int, seed: int):
            "data": {"train": str(write_jsonl(folder / "train.jsonl", make_rows(train_rows, seed))),
                     "eval": str(write_jsonl(folder / "eval.jsonl", make_rows(60, seed + 1))), "max_length": 32},
            "train": {"epochs": 3, "batch_size": 8, "lr": 5e-3, "progress": False},
-           "tuning": {"warm_head": False},  # 100x a real model's learning rate: see toy_config
+           "tuning": {"name": "full", "warm_head": False},  # 100x a real model's learning rate: see toy_config
            "eval": {"bootstrap": 0, "probe": False}}
     return tunelab.train(cfg)
 

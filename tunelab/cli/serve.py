@@ -18,9 +18,13 @@ def cmd_serve(args) -> int:
     if not 0 < args.body_timeout <= 3600:
         raise UserError("must be between 0 and 3600 seconds", "--body-timeout")
     from tunelab.models import device_for
+    from tunelab.serve.server import need_service_stack
+
+    device = str(device_for(args.device))  # checked before anything starts
+    need_service_stack()  # (the extra first: the inference module needs it)
     from tunelab.serve import inference
 
-    inference.DEVICE = str(device_for(args.device))  # where the endpoints' models answer (checked before serving)
+    inference.DEVICE = device  # where the endpoints' models answer
     serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb, args.max_job_hours,
           args.body_timeout)
     return 0
