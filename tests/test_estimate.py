@@ -90,3 +90,16 @@ def test_the_estimate_is_within_a_quarter_of_minilm_fulls_measured_peak(tmp_path
     assert ran.returncode == 0, ran.stderr[-2000:]
     measured = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["peak_rss_mb"]
     assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+
+
+def test_a_runs_peak_memory_is_its_own_not_its_parents(tmp_path):
+    """metrics.json's peak_rss_mb: Linux carries getrusage's ru_maxrss over from the parent across fork and exec, so
+    a run started by a large process reported the parent's peak (a clean-clone suite saw 3.6 GB for MiniLM)."""
+    script = ("import subprocess, sys\n"
+              "big = bytearray(1 << 30)\n"
+              "big[::4096] = b'\\x01' * (len(big) // 4096)  # a parent with 1 GiB resident\n"
+              "child = 'from tunelab.pipeline import _peak_rss_mb; print(_peak_rss_mb())'\n"
+              "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True).stdout)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) < 900  # the child's own (torch and transformers imported: ~0.4-0.6 GB)

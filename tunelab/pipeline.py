@@ -273,6 +273,15 @@ def _prepare_run_dir(run: Path, cfg: Config, resume: bool, main: bool) -> Path:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: Linux's high-water mark of its own address space (VmHWM).
+    getrusage's ru_maxrss is no good here: Linux carries it over from the parent across fork and exec, so a run
+    started by a large process (a test worker that loaded Gemma, say) reported the parent's 3.6 GB as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
