@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -49,7 +48,10 @@ PASSES = {"full": 3, "lora": 2, "head": 1}  # training FLOPs per token in forwar
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak (VmHWM; ru_maxrss would include what the parent had: tunelab.pipeline._peak_rss_mb)."""
+    from tunelab.pipeline import _peak_rss_mb
+
+    return _peak_rss_mb()
 
 
 def read(data: Path, split: str) -> list[dict]:
