@@ -72,3 +72,33 @@ def timed(fn, inputs: list, single: int) -> dict:
         latencies.append((time.perf_counter() - tic) * 1000)
     q = statistics.quantiles(latencies, n=20)
     return {"throughput": throughput, "p50": statistics.median(latencies), "p95": q[18]}
+
+
+def compare_arms(arms: dict, inputs: list, baseline: str, rounds: int, single: int, unit: str, what: str) -> None:
+    """Time inference arms ({name: fn(inputs) -> labels}) in `rounds` interleaved rounds (`timed`), then print
+    their medians against the `baseline` arm's, with how often each arm's labels agree with the baseline's."""
+    import statistics
+
+    labels = {name: fn(inputs) for name, fn in arms.items()}
+    reference = labels[baseline]
+    width = max(len(name) for name in arms)
+    load_before = os.getloadavg()[0]
+    figures: dict[str, list[dict]] = {name: [] for name in arms}
+    for r in range(rounds):
+        for name, fn in arms.items():
+            figures[name].append(timed(fn, inputs, single))
+            f = figures[name][-1]
+            print(f"round {r + 1} {name:{width}} {f['throughput']:7.1f} {unit}  p50 {f['p50']:6.2f} ms  p95 "
+                  f"{f['p95']:6.2f} ms", flush=True)
+    load_after = os.getloadavg()[0]
+
+    print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
+    print(f"{len(inputs)} {what}; medians of {rounds} interleaved rounds ({single} single requests each)")
+    medians = {name: {k: statistics.median(f[k] for f in figures[name]) for k in ("throughput", "p50", "p95")}
+               for name in arms}
+    base = medians[baseline]
+    print(f"{'':{width}} {unit:>7} {'p50 ms':>7} {'p95 ms':>7}  {'batch ×':>7} {'p50 ×':>6}  {'agrees':>7}")
+    for name, m in medians.items():
+        agree = sum(a == b for a, b in zip(labels[name], reference)) / len(reference)
+        print(f"{name:{width}} {m['throughput']:7.1f} {m['p50']:7.2f} {m['p95']:7.2f}  "
+              f"{m['throughput'] / base['throughput']:6.2f}× {m['p50'] / base['p50']:5.2f}×  {agree:7.2%}")

@@ -17,12 +17,10 @@ agreement with the baseline's labels, the machine and its load.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 from pathlib import Path
 
-from common import machine, make, timed  # bench/common.py, beside this script
+from common import compare_arms, make  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command)
     ("digits/eval", "data digits --output {d}/digits --train-size 600 --eval-size 300 --seed 0"),
@@ -96,28 +94,8 @@ def main(argv=None) -> int:
     arms = {"timm fp32": Baseline(args.run / "model"), "tunelab torch": Tunelab(args.run, "torch")}
     if (args.run / "onnx" / "model.onnx").is_file():
         arms["tunelab onnx"] = Tunelab(args.run, "onnx")
-    labels = {name: fn(images) for name, fn in arms.items()}
-    reference = labels["timm fp32"]
-    load_before = os.getloadavg()[0]
-    figures: dict[str, list[dict]] = {name: [] for name in arms}
-    for r in range(args.rounds):
-        for name, fn in arms.items():
-            figures[name].append(timed(fn, images, args.single))
-            f = figures[name][-1]
-            print(f"round {r + 1} {name:14} {f['throughput']:7.1f} img/s  p50 {f['p50']:6.2f} ms  p95 "
-                  f"{f['p95']:6.2f} ms", flush=True)
-    load_after = os.getloadavg()[0]
-
-    print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
-    print(f"{len(images)} eval images of {cfg.data.eval}; medians of {args.rounds} interleaved rounds "
-          f"({args.single} single requests each)")
-    base = {k: statistics.median(f[k] for f in figures["timm fp32"]) for k in ("throughput", "p50", "p95")}
-    print(f"{'':14} {'img/s':>7} {'p50 ms':>7} {'p95 ms':>7}  {'batch ×':>7} {'p50 ×':>6}  {'agrees':>7}")
-    for name in arms:
-        m = {k: statistics.median(f[k] for f in figures[name]) for k in ("throughput", "p50", "p95")}
-        agree = sum(a == b for a, b in zip(labels[name], reference)) / len(reference)
-        print(f"{name:14} {m['throughput']:7.1f} {m['p50']:7.2f} {m['p95']:7.2f}  "
-              f"{m['throughput'] / base['throughput']:6.2f}× {m['p50'] / base['p50']:5.2f}×  {agree:7.2%}")
+    compare_arms(arms, images, "timm fp32", args.rounds, args.single, "img/s",
+                 f"eval images of {cfg.data.eval}")
     return 0
 
 
