@@ -102,3 +102,22 @@ def compare_arms(arms: dict, inputs: list, baseline: str, rounds: int, single: i
         agree = sum(a == b for a, b in zip(labels[name], reference)) / len(reference)
         print(f"{name:{width}} {m['throughput']:7.1f} {m['p50']:7.2f} {m['p95']:7.2f}  "
               f"{m['throughput'] / base['throughput']:6.2f}× {m['p50'] / base['p50']:5.2f}×  {agree:7.2%}")
+
+
+def inference_arguments(argv, doc: str, recipe: list[tuple[str, str]], single: int, what: str):
+    """The inference benchmarks' command line: RUN, or --make DIR to make DIR/run by `recipe` first; --rounds;
+    --single (one-`what` requests timed per round). Returns the parsed arguments with `run` set."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("run", nargs="?", type=Path)
+    p.add_argument("--make", type=Path, help="make DIR/run first (see above), then measure it")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--single", type=int, default=single, help=f"one-{what} requests timed per round")
+    args = p.parse_args(argv)
+    if args.make:
+        make(args.make, recipe)
+        args.run = args.make / "run"
+    if not args.run:
+        p.error("give RUN, or --make DIR")
+    return args

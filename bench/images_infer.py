@@ -16,11 +16,10 @@ agreement with the baseline's labels, the machine and its load.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from common import compare_arms, make  # bench/common.py, beside this script
+from common import compare_arms, inference_arguments  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command)
     ("digits/eval", "data digits --output {d}/digits --train-size 600 --eval-size 300 --seed 0"),
@@ -75,17 +74,7 @@ class Tunelab:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", nargs="?", type=Path)
-    p.add_argument("--make", type=Path, help="make DIR/run first (see above), then measure it")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--single", type=int, default=100, help="one-image requests timed per round")
-    args = p.parse_args(argv)
-    if args.make:
-        make(args.make, RECIPE)
-        args.run = args.make / "run"
-    if not args.run:
-        p.error("give RUN, or --make DIR")
+    args = inference_arguments(argv, __doc__, RECIPE, 100, "image")
     from tunelab.config import load_yaml
     from tunelab.tasks import TASKS
 

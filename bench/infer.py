@@ -15,11 +15,10 @@ baseline, the agreement of each runtime's labels with the baseline's on every ev
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from common import compare_arms, make  # bench/common.py, beside this script
+from common import compare_arms, inference_arguments  # bench/common.py, beside this script
 
 RECIPE = [  # (what it makes, tunelab command)
     ("data/eval.jsonl", "data tweets --output {d}/data --train-size 1000 --eval-size 600 --seed 0"),
@@ -69,17 +68,7 @@ class Tunelab:
 def main(argv=None) -> int:
     import json
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", nargs="?", type=Path)
-    p.add_argument("--make", type=Path, help="make DIR/run first (see above), then measure it")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--single", type=int, default=200, help="one-text requests timed per round")
-    args = p.parse_args(argv)
-    if args.make:
-        make(args.make, RECIPE)
-        args.run = args.make / "run"
-    if not args.run:
-        p.error("give RUN, or --make DIR")
+    args = inference_arguments(argv, __doc__, RECIPE, 200, "text")
     from tunelab.config import load_yaml
 
     cfg = load_yaml(args.run / "config.yaml")
