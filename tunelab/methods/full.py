@@ -25,10 +25,9 @@ class Full(Method):
                        depth_lr=lambda name: train.lr * cfg.layer_decay ** (top - layer_depth(model, name)))
 
     def before_training(self, loop) -> str | None:
-        from tunelab.methods.head import warm_head
+        from tunelab.methods.head import lp_ft
 
-        return "head solved on the pretrained features (LP-FT)" if loop.cfg.tuning.warm_head and warm_head(loop) \
-            else None
+        return lp_ft(loop)
 
     def on_epoch_start(self, model: nn.Module, epoch: int, cfg: TuningConfig) -> None:
         if not cfg.gradual_unfreeze:

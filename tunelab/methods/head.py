@@ -65,6 +65,11 @@ class Head(Method):
         return fit_head(loop, linear, features, per_feature=True)
 
 
+def lp_ft(loop) -> str | None:
+    """What full and partial do before their first step (tuning.warm_head): the head solved first; names it."""
+    return "head solved on the pretrained features (LP-FT)" if loop.cfg.tuning.warm_head and warm_head(loop) else None
+
+
 def warm_head(loop) -> bool:
     """Linear probing, then fine-tuning (LP-FT; Kumar et al., ICLR 2022): set the new head's linear layer to its
     solved optimum on the pretrained features before any weight moves, so that fine-tuning starts from a good

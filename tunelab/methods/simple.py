@@ -28,7 +28,6 @@ class Partial(Method):
         return model
 
     def before_training(self, loop) -> str | None:
-        from tunelab.methods.head import warm_head
+        from tunelab.methods.head import lp_ft
 
-        return "head solved on the pretrained features (LP-FT)" if loop.cfg.tuning.warm_head and warm_head(loop) \
-            else None
+        return lp_ft(loop)
