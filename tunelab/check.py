@@ -299,10 +299,9 @@ def check_lengths(examples: list[Example], tokenizer, model_name: str, max_lengt
 
 def check_language(examples: list[Example], tokenizer, model_name: str, report: Report) -> None:
     """The share of the texts' tokens that the model's tokenizer cannot read (tunelab.models.coverage)."""
-    from tunelab.models.coverage import coverage
+    from tunelab.models.coverage import examples_coverage
 
-    found = coverage(tokenizer, [t for e in examples for t in (e.text, e.text_pair) if isinstance(t, str)],
-                     Path(model_name).name)
+    found = examples_coverage(tokenizer, examples, model_name)
     report.stats["language"] = found.stats()
     if found.warning():
         report.add("warning", "language", found.warning())

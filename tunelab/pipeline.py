@@ -109,10 +109,9 @@ def build_job(cfg: Config, device: torch.device) -> Job:
 
 def _check_language(tokenizer, examples: list, model: str) -> None:
     """Warn when the model's tokenizer does not read the training texts' language (tunelab.models.coverage)."""
-    from tunelab.models.coverage import coverage
+    from tunelab.models.coverage import examples_coverage
 
-    line = coverage(tokenizer, [t for e in examples for t in (e.text, e.text_pair) if isinstance(t, str)],
-                    Path(model).name).warning()
+    line = examples_coverage(tokenizer, examples, model).warning()
     if line:
         logging.getLogger(__name__).warning("%s", line)
 

@@ -63,6 +63,14 @@ def coverage(tokenizer, texts: list[str], model: str) -> Coverage:
                     sum(i in stray for i in flat), suggestion(sample))
 
 
+def examples_coverage(tokenizer, examples: list, model: str) -> Coverage:
+    """`coverage` of the texts (and text pairs) of data examples, the model named by its folder's last part."""
+    from pathlib import Path
+
+    return coverage(tokenizer, [t for e in examples for t in (e.text, e.text_pair) if isinstance(t, str)],
+                    Path(model).name)
+
+
 def byte_ids(tokenizer) -> set[int]:
     """Ids of the pieces that are one byte of a multi-byte character alone: SentencePiece's byte fallback
     (`<0xE3>`) or, in a byte-level BPE, a single symbol of GPT-2's byte alphabet for a byte of 0x80 or more."""
