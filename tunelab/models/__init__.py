@@ -112,6 +112,12 @@ def weight_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+def low_precision(name: str) -> torch.dtype | None:
+    """A resolved model.dtype's torch dtype where it is a half precision (what loads the weights and what autocast
+    runs in); None for float32 (and auto, not resolved yet)."""
+    return None if name in ("float32", "auto") else getattr(torch, name)
+
+
 def set_precision(model: nn.Module, dtype: torch.dtype) -> None:
     """Frozen weights in `dtype`, trained ones in float32 (the optimizer updates float32 master weights)."""
     model.to(dtype)

@@ -110,7 +110,10 @@ class Task:
 
         cls = getattr(transformers, self.model_class)
         kwargs = self.model_kwargs(space)
-        dtype = {"dtype": getattr(torch, cfg.dtype)} if cfg.dtype not in ("auto", "float32") else {}
+        from tunelab.models import low_precision
+
+        low = low_precision(cfg.dtype)
+        dtype = {"dtype": low} if low is not None else {}
         if self.pools and cfg.pooling != "auto":  # pooled our way (the model's own head is `auto`)
             from tunelab.models.pooled import PooledForSequenceClassification
 
