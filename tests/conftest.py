@@ -393,30 +393,38 @@ def train_classifier(folder: Path, tiny_model: str, train_rows: int, seed: int):
     return tunelab.train(cfg)
 
 
-def one_and_two_processes(cfg, tmp_path: Path) -> tuple[Path, Path]:
-    """Train `cfg` for one epoch twice: one process at batch 8 (run folder `one`), and torchrun with 2 processes
+def one_and_two_processes(cfg, tmp_path: Path, epochs: int = 1) -> tuple[Path, Path]:
+    """Train `cfg` for `epochs` twice: one process at batch 8 (run folder `one`), and torchrun with 2 processes
     (gloo, CPU) at batch 4 each (`two`): the same global batch."""
     import os
-    import subprocess
-    import sys
 
     import forkrun
-    from servicekit import free_port
 
     from tunelab.config import save_yaml
 
-    cfg.train.epochs = 1
+    cfg.train.epochs = epochs
     cfg.train.batch_size, cfg.output = 8, str(tmp_path / "one")
     save_yaml(cfg, tmp_path / "one.yaml")
     cfg.train.batch_size, cfg.output = 4, str(tmp_path / "two")
     save_yaml(cfg, tmp_path / "two.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    forkrun.run(["train", tmp_path / "one.yaml"], env=env, check=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "tunelab", "train", str(tmp_path / "two.yaml")],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    forkrun.run(["train", tmp_path / "one.yaml"], env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    torchrun(["train", str(tmp_path / "two.yaml")])
     return tmp_path / "one", tmp_path / "two"
+
+
+def torchrun(argv: list[str], processes: int = 2):
+    """`torchrun --nproc_per_node N -m tunelab ARGV` (gloo on the CPU), asserted to succeed."""
+    import os
+    import subprocess
+    import sys
+
+    from servicekit import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           "--master_port", str(free_port()), "-m", "tunelab", *argv],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 # The modules that take longest go first: `make test` hands whole modules to 2 xdist workers (--dist loadscope,

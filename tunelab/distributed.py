@@ -1,11 +1,16 @@
-"""Process-group setup: one process by default; `torchrun` sets WORLD_SIZE and we join its group."""
+"""Process-group setup: one process by default; `torchrun` sets WORLD_SIZE and we join its group. With
+`train.strategy: fsdp` the model is sharded over the processes (`shard`) and gathered back whole after training
+(`gather`)."""
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from tunelab.models import pick_device
 
@@ -15,6 +20,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    sharded: bool = False  # train.strategy fsdp over more than one process: the model's weights are shards
 
     @property
     def main(self) -> bool:
@@ -25,7 +31,7 @@ class Dist:
             dist.barrier()
 
 
-def setup(device: str) -> Dist:
+def setup(device: str, strategy: str = "ddp") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(0, 1, pick_device(device))
@@ -36,9 +42,59 @@ def setup(device: str) -> Dist:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev)
+    return Dist(rank, world, dev, sharded=strategy == "fsdp")
 
 
 def teardown(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the modules of the classes transformers names in `_no_split_modules` (a
+    transformer layer, the embeddings), the units FSDP gathers one at a time."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+
+
+def shard(model: nn.Module, d: Dist) -> nn.Module:
+    """Shard `model` in place over every process with FSDP2 (torch.distributed.fsdp.fully_shard): each block
+    (`blocks`), then the rest as one unit. Each process keeps 1/world of each parameter (a DTensor), so of its
+    gradient and its optimizer state; a block's full weights exist only while it runs forward or backward, and
+    gradients are reduce-scattered (averaged, as DDP's are). Returns a copy of the plain model on the meta device
+    (no memory), for `gather`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    skeleton = _meta_copy(model)
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return skeleton
+
+
+def gather(model: nn.Module, skeleton: nn.Module, d: Dist) -> nn.Module:
+    """The sharded `model`'s weights gathered whole into `skeleton` (from `shard`), on every process: the plain
+    model that evaluation, the baselines and the export read. Collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    skeleton.to_empty(device=d.device)
+    skeleton.load_state_dict(full, strict=True)
+    with torch.no_grad():  # buffers are not sharded (and not all are in the state dict): every process has them
+        for name, buf in model.named_buffers():
+            skeleton.get_buffer(name).copy_(buf)
+    if hasattr(skeleton, "tie_weights"):  # to_empty made separate tensors of tied ones (input/output embeddings)
+        skeleton.tie_weights()
+    return skeleton
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers are empty tensors on the meta device: the copy costs
+    no memory, keeps every module, flag and tie of the original, and `to_empty` gives it storage."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tunelab import checkpoint, speed
+from tunelab import checkpoint, distributed, speed
 from tunelab.checkpoint import TrainState
 from tunelab.config import Config
 from tunelab.data.batching import global_batches, split_global
 from tunelab.distributed import Dist
+from tunelab.errors import UserError
 from tunelab.evaluate import evaluate
 from tunelab.io import atomic_write_jsonl, read_jsonl_prefix
 from tunelab.methods.base import Method
@@ -98,8 +100,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
     for i, idx in enumerate(micro):
         inputs = {k: v.to(d.device) for k, v in loop.method.collate(loop.task, [loop.train_items[j] for j in idx],
                                                                     loop.pad_id).items()}
-        sync = i == len(micro) - 1 or d.world == 1
-        with (ddp.no_sync() if not sync else contextlib.nullcontext(),
+        with (_gradient_sync(ddp, d, i == len(micro) - 1),
               features.serving(loop.model, idx) if features else contextlib.nullcontext()):
             with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None,
                                 cache_enabled=False):  # (see pipeline.train: weights change every step)
@@ -113,7 +114,9 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
             with torch.autocast(d.device.type, enabled=False):  # (a run in model.dtype is inside one)
                 loss.backward()
         total += loss.detach() * weight
-    if t.max_grad_norm > 0:
+    if t.max_grad_norm > 0 and d.sharded:  # torch's clip reads the norm of sharded gradients over every process
+        nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    elif t.max_grad_norm > 0:
         speed.clip_grad_norm_(params, t.max_grad_norm, tables)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -127,6 +130,42 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
     return float(total), loop.task.train_log(sums, units)
 
 
+def _keep_global_batch(t, d: Dist, saved: int | None) -> None:
+    """A run resumed on another number of processes keeps the examples per optimizer step it started with (the
+    steps, the schedule and the data order depend on it): the accumulated micro-batches make up the difference."""
+    if not saved or saved == t.batch_size * t.grad_accum * d.world:
+        return
+    if saved % d.world:
+        raise UserError(f"this run takes {saved} examples per optimizer step, which {d.world} processes cannot "
+                        f"share equally: resume it on a number of processes that divides {saved}", "--resume")
+    per_process = saved // d.world
+    t.batch_size = math.gcd(t.batch_size, per_process)
+    t.grad_accum = per_process // t.batch_size
+    if d.main:
+        logging.getLogger(__name__).warning(
+            "resuming on %d process(es): %d micro-batch(es) of %d per process keep the run's %d examples per step",
+            d.world, t.grad_accum, t.batch_size, saved)
+
+
+def _gradient_sync(ddp: nn.Module, d: Dist, last: bool):
+    """Processes average their gradients on a step's last micro-batch only (one process: nothing to average)."""
+    if d.sharded:
+        ddp.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return ddp.no_sync() if d.world > 1 and not last else contextlib.nullcontext()
+
+
+def _checkpoint(loop: Loop, optimizer, scheduler, state: TrainState) -> None:
+    """A resumable checkpoint of this step: sharded for train.strategy fsdp (every process writes its part, on
+    one process too, so that any number of processes resumes it), else the first process's plain one."""
+    t = loop.cfg.train
+    if t.strategy == "fsdp":
+        checkpoint.save_sharded(loop.run, loop.model, optimizer, scheduler, state, t.keep_checkpoints)
+    elif loop.dist.main:
+        checkpoint.save(loop.run, loop.model, optimizer, scheduler, state, t.keep_checkpoints)
+    loop.dist.barrier()
+
+
 def _evaluate(loop: Loop, state: TrainState) -> dict:
     """Evaluate, record, and update early-stopping state (every process does it: same weights, same answer)."""
     t = loop.cfg.train
@@ -135,8 +174,8 @@ def _evaluate(loop: Loop, state: TrainState) -> dict:
     value = m[loop.metric]
     if loop.task.better(loop.metric, value, state.best):
         state.best, state.best_step, state.bad_evals = value, state.step, 0
-        if t.early_stopping_patience > 0 and loop.dist.main:
-            checkpoint.save_best(loop.run, loop.model)
+        if t.early_stopping_patience > 0 and (loop.dist.main or loop.dist.sharded):
+            checkpoint.save_best(loop.run, loop.model, sharded=loop.dist.sharded)
     else:
         state.bad_evals += 1
     if t.early_stopping_patience > 0 and state.bad_evals >= t.early_stopping_patience:
@@ -165,19 +204,25 @@ def _record_solution(loop: Loop, state: TrainState, solved: dict, optimizer, sch
     solved["evaluations"] = len(trace)
     state.step, state.epoch, state.batch_in_epoch = len(trace), loop.cfg.train.epochs, 0
     _log(loop, _evaluate(loop, state))
-    if loop.dist.main:
-        checkpoint.save(loop.run, loop.model, optimizer, scheduler, state, loop.cfg.train.keep_checkpoints)
-    loop.dist.barrier()
+    _checkpoint(loop, optimizer, scheduler, state)
 
 
 def fit(loop: Loop, resume: bool = False) -> dict:
-    """Train in place; returns timing and state figures for metrics.json."""
+    """Train in place; returns timing and state figures for metrics.json. A sharded run (train.strategy fsdp)
+    ends with `loop.model` a new plain model holding the trained weights whole."""
     cfg, t, d, model = loop.cfg, loop.cfg.train, loop.dist, loop.model
+    last = checkpoint.latest(loop.run) if resume else None
+    warmed = skeleton = None
+    if d.sharded:  # sharded before the optimizer holds its parameters; the warm start reads the plain model
+        warmed = loop.method.before_training(loop) if last is None else None
+        skeleton = distributed.shard(model, d)
     groups = loop.method.param_groups(model, t, cfg.tuning)
     # The fused AdamW (one kernel over all tensors) is the same update as the default one: the default's per-tensor
     # loop took 24% of a MiniLM full-tuning step on 2 CPU cores (bench/NOTES.md), fused 4%.
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=t.lr,
                                   fused=d.device.type in ("cpu", "cuda"))
+    if last is not None:
+        _keep_global_batch(t, d, checkpoint.read_state(last).global_batch)
     global_batch = t.batch_size * t.grad_accum * d.world
     lengths = [loop.task.length(it) for it in loop.train_items]
     steps_per_epoch = math.ceil(len(lengths) / global_batch)
@@ -190,21 +235,22 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     # it forward and backward with and without a speed-up and hold both (8 items of 256 tokens made that check,
     # not training, SmolLM2 LoRA's peak: 7.2 GB against 4.9 without it).
     probe = model_inputs(loop.task, loop.train_items[:2], loop.pad_id, d.device)
-    state = TrainState()
-    last = checkpoint.latest(loop.run) if resume else None
+    state = TrainState(global_batch=global_batch)
     if last is not None:
         state = checkpoint.load(last, model, optimizer, scheduler)
+        state.global_batch = global_batch
         loop.history = [h for h in read_jsonl_prefix(loop.run / "history.jsonl") if h["step"] <= state.step]
         if d.main:
             atomic_write_jsonl(loop.run / "history.jsonl", loop.history)
-    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if d.world > 1 else model
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
+        if d.world > 1 and not d.sharded else model
 
     bar = tqdm(total=total_steps, initial=state.step, disable=not (t.progress and d.main), unit="step",
                dynamic_ncols=True, mininterval=2.0)
     started, seen, tokens, step_seconds = time.perf_counter(), 0, 0, 0.0
     # text classifier-style tasks (language-model stages have other models; image networks no token positions)
     sequence = not loop.task.judged_by_start and loop.task.modality == "text"
-    with speed.apply(model, probe, on=t.speedups, dropout=t.fast_dropout, sequence=sequence,
+    with speed.apply(model, probe, on=t.speedups and not d.sharded, dropout=t.fast_dropout, sequence=sequence,
                      single_process=d.world == 1, sole_writer=t.l1 == 0, checked=state.checked) as fast:
         tables = fast["tables"]
         state.checked = {k: fast[k] for k in speed.CHECKED}
@@ -213,7 +259,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
                 loop.task.replayable(loop.train_items):
             features = cache_features(loop.task, model, loop.train_items, loop.pad_id, d.device)
             step_seconds = time.perf_counter() - started  # the cache is part of the training's time
-        warmed = loop.method.before_training(loop) if state.step == 0 else None  # a resume keeps its weights
+        if not d.sharded:
+            warmed = loop.method.before_training(loop) if state.step == 0 else None  # a resume keeps its weights
         solved = loop.method.solve(loop, features) if state.epoch < t.epochs else None
         if solved is not None:  # fitted in one call (head): its iterations are the log, then one evaluation
             _record_solution(loop, state, solved, optimizer, scheduler)
@@ -241,9 +288,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
                 if (t.eval_every and state.step % t.eval_every == 0) or (not t.eval_every and end_of_epoch):
                     _log(loop, _evaluate(loop, state))
                 if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or end_of_epoch or state.stopped_early:
-                    if d.main:
-                        checkpoint.save(loop.run, model, optimizer, scheduler, state, t.keep_checkpoints)
-                    d.barrier()
+                    _checkpoint(loop, optimizer, scheduler, state)
                 if loop.on_step:
                     loop.on_step(state.step)
                 if state.stopped_early:
@@ -251,6 +296,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             if state.stopped_early:
                 break
     bar.close()
+    if d.sharded:
+        model = loop.model = distributed.gather(model, skeleton, d)
     if t.early_stopping_patience > 0:
         checkpoint.load_best(loop.run, model)  # the best weights (by t.metric) replace the last ones
     seconds = time.perf_counter() - started

@@ -127,7 +127,7 @@ def train(cfg: Config | dict | str | Path, resume: bool = False, on_step=None, o
         from tunelab.crossval import cross_validate
 
         return cross_validate(cfg, resume=resume)
-    dist = setup(cfg.train.device)
+    dist = setup(cfg.train.device, cfg.train.strategy)
     # A model with float32 trained weights beside bfloat16 frozen ones (model.dtype) runs every forward pass, from
     # the first evaluation to the export's timing, under autocast (the loop's backward passes step out of it).
     # Without autocast's cache of cast weights: inside one long autocast region it would keep serving the weights
@@ -150,6 +150,7 @@ def _train(cfg: Config, dist, resume: bool, on_step, on_eval) -> TrainResult:
     loop = Loop(cfg, job.task, job.splits.space, job.model, job.method, job.train_items + job.transfer_items,
                 job.eval_items, job.pad_id, run, dist, on_step, on_eval)
     timing = fit(loop, resume=resume)
+    job.model = loop.model  # (the same model, or a sharded run's weights gathered whole into a plain one)
 
     metrics = final_metrics(job, dist.device, test_items)
     metrics.update(job.task.summary(loop.history, metrics["eval"]))
@@ -157,7 +158,7 @@ def _train(cfg: Config, dist, resume: bool, on_step, on_eval) -> TrainResult:
                         "trainable_params": trainable, "total_params": total, "train_examples": len(job.train_items) - job.augmented,
                         "augmented_examples": job.augmented, "transfer_examples": len(job.transfer_items),
                         "eval_examples": len(job.eval_items), "test_examples": len(test_items),
-                        "world_size": dist.world}
+                        "world_size": dist.world, "strategy": cfg.train.strategy}
     if dist.main:
         metrics["baseline"] = _baselines(job, job.eval_items, start, dist.device)
         if test_items:  # the baselines where the model is graded: on the same untouched examples
