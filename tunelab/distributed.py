@@ -80,12 +80,14 @@ def gather(model: nn.Module, skeleton: nn.Module, d: Dist) -> nn.Module:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    skeleton.to_empty(device=d.device)
-    skeleton.load_state_dict(full, strict=True)
-    with torch.no_grad():  # buffers are not sharded (and not all are in the state dict): every process has them
-        for name, buf in model.named_buffers():
-            skeleton.get_buffer(name).copy_(buf)
-    if hasattr(skeleton, "tie_weights"):  # to_empty made separate tensors of tied ones (input/output embeddings)
+    skeleton.load_state_dict(full, strict=True, assign=True)  # (takes the gathered tensors: no second copy)
+    del full
+    for name, buf in model.named_buffers():  # buffers are not sharded; those outside the state dict are still meta
+        owner, _, leaf = name.rpartition(".")
+        holder = skeleton.get_submodule(owner)
+        if holder._buffers[leaf].is_meta:
+            holder._buffers[leaf] = buf.clone()
+    if hasattr(skeleton, "tie_weights"):  # tied weights came back as two tensors (input and output embeddings)
         skeleton.tie_weights()
     return skeleton
 

@@ -297,6 +297,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
                 break
     bar.close()
     if d.sharded:
+        optimizer.state.clear()  # (the moments are saved in the last checkpoint: room for the gathered weights)
         model = loop.model = distributed.gather(model, skeleton, d)
     if t.early_stopping_patience > 0:
         checkpoint.load_best(loop.run, model)  # the best weights (by t.metric) replace the last ones
