@@ -70,7 +70,7 @@ def test_eval_label_unseen_in_training(capsys, base_args, tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--tuning", "bogus"], "'tuning.name' must be one of auto, scratch, head, partial, full, lora, distill, got 'bogus'"),
+    (["--tuning", "bogus"], "'tuning.name' must be one of auto, scratch, head, partial, full, lora, qlora, distill, got 'bogus'"),
     (["--set", "train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
     (["--epochs", "two"], "setting 'train.epochs' must be int, got 'two'"),
     (["--model", "/no/such/model"], "'/no/such/model' is neither a bundled model"),

@@ -83,7 +83,7 @@ def test_a_config_built_in_python_is_range_checked_too():
 
 
 @pytest.mark.parametrize("flag,value", [("--train.schedule", "cosin"), ("--data.overlong", "cut"),
-                                        ("--train.device", "tpu"), ("--tuning", "qlora"), ("--model.pooling", "median"),
+                                        ("--train.device", "tpu"), ("--tuning", "dora"), ("--model.pooling", "median"),
                                         ("--tuning.head_solver", "adam")])
 def test_a_closed_choice_names_its_values(flag, value):
     with pytest.raises(UserError, match=r"must be one of .*, got '?" + value) as e:

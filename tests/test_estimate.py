@@ -61,6 +61,28 @@ def test_the_counts_are_the_runs_and_the_meta_activations_match_a_real_forward(t
     assert head.parts["activations"] < 0.05 * full.parts["activations"]
 
 
+def test_frozen_weights_count_in_model_dtype_and_qlora_in_4_bits(task_config):
+    from tunelab.estimate import NF4_BYTES, estimate
+    from tunelab.pipeline import build_job
+
+    cfg, lora = _estimate(task_config, "lora")
+    job = build_job(cfg, torch.device("cpu"))
+    frozen = sum(p.numel() for p in job.model.parameters() if not p.requires_grad)
+    adapted = sum(m.weight.numel() for name, m in job.model.named_modules() if name.endswith(".base_layer"))
+    cfg.model.dtype = "bfloat16"
+    half = estimate(cfg)
+    # 4 bytes -> 2 for each frozen weight (the run's head has one label more: peft keeps a frozen copy of the head)
+    assert lora.parts["weights"] - half.parts["weights"] == 2 * (frozen - 33)
+    cfg.tuning.name = "qlora"
+    quarter = estimate(cfg)
+    job = build_job(cfg, torch.device("cpu"))  # what bitsandbytes quantized: the blocks' layers and the pooler's
+    quantized = sum(m.in_features * m.out_features for m in job.model.modules() if type(m).__name__ == "Linear4bit"
+                    and not hasattr(m, "base_layer"))
+    assert quantized == adapted + 32 * 32
+    assert half.parts["weights"] - quarter.parts["weights"] == pytest.approx(quantized * (2 - NF4_BYTES))
+    assert quarter.trainable_params == lora.trainable_params
+
+
 def test_estimate_says_whether_it_fits_and_what_to_change(tiny_model, capsys):
     assert main(["estimate", "--model", tiny_model, "--task", "classification", "--tuning", "full",
                  "--batch-size", "64", "--max-length", "64", "--device-memory", "0.5"]) == 0

@@ -103,7 +103,7 @@ class DataConfig:
 
 @dataclass
 class TuningConfig:
-    name: Literal["auto", "scratch", "head", "partial", "full", "lora", "distill"] = setting("auto", "How the weights adapt: scratch, head, partial, full, lora, or distill (learn a teacher run's soft targets); auto: lora for a decoder (a causal language model) given a classification, regression or NER head, whose weights are many and whose new head is small, full otherwise.", "--tuning")
+    name: Literal["auto", "scratch", "head", "partial", "full", "lora", "qlora", "distill"] = setting("auto", "How the weights adapt: scratch, head, partial, full, lora, qlora (lora on the base weights held in 4 bits: bitsandbytes' NF4 with double quantization, computed in model.dtype; Dettmers et al. 2023; text models, the 'qlora' extra), or distill (learn a teacher run's soft targets); auto: lora for a decoder (a causal language model) given a classification, regression or NER head, whose weights are many and whose new head is small, full otherwise.", "--tuning")
     partial_layers: int = setting(2, "partial: how many of the top encoder blocks train (plus the head).",
         range=Range(1, 1000))
     cache_features: bool = setting(True, "head: run the frozen backbone once over the training data and replay its outputs every epoch (same losses up to float rounding).")

@@ -3,7 +3,10 @@ before anything is downloaded into memory or trained.
 
 The model is built on PyTorch's meta device (shapes, no storage) exactly as the run would build it, with the
 method applied (LoRA's adapters, a frozen backbone), so the counts are the run's own. Memory, in bytes:
-- weights: every parameter, 4 bytes (fp32, what tunelab trains in);
+- weights: every trained parameter 4 bytes (the fp32 master copy); every frozen one in model.dtype (4 bytes for
+  float32, 2 for bfloat16 or float16; auto as it resolves on this machine); with qlora the frozen linear layers
+  in 4-bit NF4 with double quantization: half a byte a weight plus its block constants (one byte per 64 weights,
+  4 bytes per 256 blocks of them), 0.516 bytes;
 - gradients: 4 per trainable parameter; optimizer: AdamW's two moments, 8 per trainable parameter;
 - activations: what autograd keeps for the backward pass, counted, not modelled: one forward pass of a batch of
   batch_size rows at max_length tokens (every row at the maximum: an upper bound) runs on the meta device, and a
@@ -60,17 +63,35 @@ def estimate(cfg: Config) -> Estimate:
         cfg.tuning.name = default_tuning(cfg)
     task, method = TASKS[cfg.task], METHODS[cfg.tuning.name]()
     if cfg.tuning.name == "distill" or task.modality != "text":
-        raise UserError("estimate covers text and language-model tasks with scratch, head, partial, full and lora",
-                        "--tuning")
+        raise UserError("estimate covers text and language-model tasks with scratch, head, partial, full, lora and "
+                        "qlora", "--tuning")
     folder = folder_of(cfg.model)
     space = Space(labels=["a", "b"])  # the head's size does not matter at this scale
     with torch.device("meta"):
         model = method.prepare(task.build(cfg.model, folder, space, pretrained=False), cfg.tuning)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    parts = {"weights": 4.0 * total, "gradients": 4.0 * trainable, "optimizer": 8.0 * trainable,
+    parts = {"weights": _weight_bytes(model, cfg), "gradients": 4.0 * trainable, "optimizer": 8.0 * trainable,
              "activations": _activations(model, cfg, task), "runtime": float(runtime)}
     return Estimate(total, trainable, parts, _suggestions(cfg, parts, trainable, total))
+
+
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit block scales per 64, fp32 per 256 scales
+
+
+def _weight_bytes(model, cfg: Config) -> float:
+    """The parameters' bytes as the run holds them (see the module's docstring)."""
+    from tunelab.models import pick_device, unquantized, weight_dtype
+
+    frozen = torch.empty((), dtype=weight_dtype(cfg.model.dtype, pick_device("auto"))).element_size()
+    total = 0.0
+    for name, module in model.named_modules():
+        quantized = cfg.tuning.name == "qlora" and isinstance(module, torch.nn.Linear) and \
+            not unquantized(name.removeprefix("base_model.model."))
+        for pname, p in module.named_parameters(recurse=False):
+            total += p.numel() * (4 if p.requires_grad else NF4_BYTES if quantized and pname == "weight"
+                                  else frozen)
+    return total
 
 
 def _activations(model, cfg: Config, task) -> float:
@@ -126,6 +147,8 @@ def _suggestions(cfg: Config, parts: dict, trainable: int, total: int) -> list[s
     if cfg.tuning.name in ("full", "partial", "scratch") and parts["optimizer"] + parts["gradients"] > \
             parts["weights"]:
         out.append("--tuning lora trains adapters only: gradients and optimizer state shrink to a few MB")
+    if cfg.tuning.name in ("full", "partial", "scratch", "lora") and parts["weights"] > 0.3 * model:
+        out.append("--tuning qlora holds the frozen base in 4 bits: about a quarter of its bfloat16 size")
     if parts["activations"] > 0.3 * model and not cfg.train.gradient_checkpointing:
         out.append("--train.gradient_checkpointing true keeps one layer's activations instead of all of them")
     if parts["activations"] > 0.3 * model and cfg.train.batch_size > 1:

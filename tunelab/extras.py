@@ -22,6 +22,7 @@ EXTRAS = {
     "ja": "Japanese word segmentation (MeCab)",
     "check": "the data check (tunelab data check, tunelab data clean)",
     "vision": "image tasks (torchvision, timm and the bundled EfficientNet-Lite0)",
+    "qlora": "--tuning qlora (4-bit base weights through bitsandbytes)",
     "data": "the bundled corpora (tunelab data tweets, topics, japanese-ner, chitchat, chatterbot-ja)",
 }
 

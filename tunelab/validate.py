@@ -25,7 +25,7 @@ def validate(cfg: Config) -> None:
     if task.judged_by_start and cfg.eval.folds:
         raise UserError(f"cross-validation is not offered for the {cfg.task} task; give --eval or data.eval_split",
                         "--folds")
-    if cfg.train.strategy == "fsdp" and (cfg.tuning.name in ("head", "distill") or task.modality != "text"):
+    if cfg.train.strategy == "fsdp" and (cfg.tuning.name in ("head", "distill", "qlora") or task.modality != "text"):
         raise UserError(f"train.strategy fsdp shards a text model's training over processes; {cfg.tuning.name} "
                         f"tuning of the {cfg.task} task runs on ddp (the default)", "train.strategy")
     if cfg.model.pooling != "auto" and (not task.pools or task.modality != "text"):

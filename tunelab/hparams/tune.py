@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 STUDY = "tunelab"  # fixed, so that a second `tune` on the same folder finds the first one's study
 FINISHED = ("COMPLETE", "PRUNED")  # trial states, by name
 # A frozen backbone tolerates (and needs) large steps; adapters less; moving every weight wants small ones.
-LR_RANGES = {"head": (1e-4, 1e-1), "lora": (1e-5, 1e-2)}
+LR_RANGES = {"head": (1e-4, 1e-1), "lora": (1e-5, 1e-2), "qlora": (1e-5, 1e-2)}
 OTHER_LR_RANGE = (1e-6, 1e-3)
 
 
@@ -68,7 +68,7 @@ def sample(trial: optuna.Trial, space: SearchSpace, method: str) -> None:
     trial.suggest_float("train.weight_decay", *space.weight_decay)
     if method == "full":
         trial.suggest_float("tuning.layer_decay", *space.layer_decay)
-    if method == "lora":
+    if method in ("lora", "qlora"):
         trial.suggest_categorical("tuning.lora_r", list(space.lora_ranks))
 
 

@@ -2,7 +2,7 @@
 from tunelab.methods.base import Method
 from tunelab.methods.distill import Distill
 from tunelab.methods.full import Full
-from tunelab.methods.lora import Lora
+from tunelab.methods.lora import Lora, QLora
 from tunelab.methods.head import Head
 from tunelab.methods.simple import Partial, Scratch
 
@@ -12,6 +12,7 @@ METHODS: dict[str, type[Method]] = {
     "partial": Partial,
     "full": Full,
     "lora": Lora,
+    "qlora": QLora,
     "distill": Distill,
 }
 

@@ -1,6 +1,7 @@
 """Models: resolve bundled aliases to local folders and build the task's model from them."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -68,13 +69,15 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(folder_of(cfg), trust_remote_code=cfg.trust_remote_code)
 
 
-def build_model(cfg: ModelConfig, task, space, pretrained: bool) -> nn.Module:
-    """The task's model (a new head for `space`); `pretrained=False` gives random weights (scratch)."""
+def build_model(cfg: ModelConfig, task, space, pretrained: bool, quantize_on: torch.device | None = None
+                ) -> nn.Module:
+    """The task's model (a new head for `space`); `pretrained=False` gives random weights (scratch); `quantize_on`
+    loads the base weights in 4 bits onto that device (qlora, see pretrained_kwargs)."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the "newly initialised head" warning is expected here
     logging.disable_progress_bar()  # our own bar is the one that matters
-    model = task.build(cfg, folder_of(cfg), space, pretrained)
+    model = task.build(cfg, folder_of(cfg), space, pretrained, quantize_on)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     return model
@@ -118,9 +121,52 @@ def low_precision(name: str) -> torch.dtype | None:
     return None if name in ("float32", "auto") else getattr(torch, name)
 
 
+# Never quantized by qlora, as transformers matches these (a module's name ending with one, or starting with one up
+# to a dot): the new heads that train whole (peft's modules_to_save), the output embeddings (lm_head; GPT-NeoX's
+# embed_out) and BERT's masked-LM head (cls), whose decoder is the input embeddings
+UNQUANTIZED = ["classifier", "score", "lm_head", "embed_out", "cls"]
+
+
+def unquantized(name: str) -> bool:
+    """Does qlora keep module `name` (in the transformers model, no peft prefix) out of 4 bits?"""
+    return any(name.endswith(p) or name.startswith(p + ".") for p in UNQUANTIZED)
+
+
+def pretrained_kwargs(cfg: ModelConfig, quantize_on: torch.device | None = None) -> dict:
+    """from_pretrained's loading settings: the weights in model.dtype; with `quantize_on` (qlora) the linear layers
+    in 4-bit NF4 with double quantization (bitsandbytes; QLoRA, Dettmers et al. 2023), computed in model.dtype,
+    placed on that device as they load."""
+    low = low_precision(cfg.dtype)
+    kwargs = {"dtype": low} if low is not None else {}
+    if quantize_on is not None:
+        from transformers import BitsAndBytesConfig
+
+        from tunelab.extras import need
+
+        # On a CPU with bfloat16 units bitsandbytes looks for a faster kernel on the Hub (the `kernels` package)
+        # and warns that it is not there: it computes with its own, and tunelab downloads nothing at run time.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        need("bitsandbytes", "qlora")
+        if quantize_on.type not in ("cuda", "cpu"):
+            raise UserError(f"--tuning qlora runs on CUDA GPUs and CPUs (bitsandbytes), not on {quantize_on.type}",
+                            "--tuning")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=low or torch.float32, llm_int8_skip_modules=UNQUANTIZED)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if quantize_on.type == "cuda" else "cpu"}
+    return kwargs
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Does `model` hold 4-bit weights (qlora)?"""
+    return any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
 def set_precision(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen weights in `dtype`, trained ones in float32 (the optimizer updates float32 master weights)."""
-    model.to(dtype)
+    """Frozen weights in `dtype`, trained ones in float32 (the optimizer updates float32 master weights). A 4-bit
+    model (qlora) loaded its other weights in `dtype` already, and cannot be cast."""
+    if not is_quantized(model):
+        model.to(dtype)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

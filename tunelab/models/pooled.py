@@ -90,13 +90,15 @@ class PooledForSequenceClassification(PreTrainedModel):
 
     @classmethod
     def from_backbone(cls, folder, pooling: str, trust_remote_code: bool = False,
-                      pretrained: bool = True, **kwargs) -> PooledForSequenceClassification:
-        """A new classifier over the encoder in `folder` (its pretrained weights, or random ones); `kwargs` are
-        label settings (num_labels, id2label, label2id, problem_type)."""
+                      pretrained: bool = True, load: dict | None = None, **kwargs) -> PooledForSequenceClassification:
+        """A new classifier over the encoder in `folder` (its pretrained weights, or random ones); `load` are
+        from_pretrained's loading settings (dtype, quantization); `kwargs` are label settings (num_labels,
+        id2label, label2id, problem_type)."""
         backbone_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         config = PooledConfig(backbone=backbone_cfg.to_dict(), pooling=pooling, **kwargs)
         if pretrained:
-            backbone = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code, use_safetensors=True)
+            backbone = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                                 **(load or {}))
         else:
             backbone = AutoModel.from_config(backbone_cfg, trust_remote_code=trust_remote_code)
         return cls(config, backbone)

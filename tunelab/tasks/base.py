@@ -55,7 +55,7 @@ class Task:
     metrics: tuple[str, ...] = ()  # scalar metrics `score` returns; the first is the main one
     lower_is_better = frozenset({"loss", "mse", "mae"})
     model_class = "AutoModelForSequenceClassification"
-    tunings: tuple[str, ...] = ("scratch", "head", "partial", "full", "lora")  # the methods that make sense here
+    tunings: tuple[str, ...] = ("scratch", "head", "partial", "full", "lora", "qlora")  # the methods that make sense here
     # What one example's outputs are, for methods that compare two models' outputs (distill): "softmax" (logits of
     # one class), "sigmoid" (one logit per independent label) or "value" (a number, in `target`'s units).
     outputs_are: str | None = None
@@ -104,24 +104,25 @@ class Task:
     def model_kwargs(self, space: Space) -> dict:
         return {}
 
-    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool) -> nn.Module:
+    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool,
+              quantize_on: torch.device | None = None) -> nn.Module:
+        """The task's model from `folder`; `quantize_on`: its base weights in 4 bits on that device (qlora)."""
         import transformers
         from transformers import AutoConfig
 
+        from tunelab.models import pretrained_kwargs
+
         cls = getattr(transformers, self.model_class)
         kwargs = self.model_kwargs(space)
-        from tunelab.models import low_precision
-
-        low = low_precision(cfg.dtype)
-        dtype = {"dtype": low} if low is not None else {}
+        load = pretrained_kwargs(cfg, quantize_on if pretrained else None)
         if self.pools and cfg.pooling != "auto":  # pooled our way (the model's own head is `auto`)
             from tunelab.models.pooled import PooledForSequenceClassification
 
             return PooledForSequenceClassification.from_backbone(folder, cfg.pooling, cfg.trust_remote_code,
-                                                                 pretrained, **kwargs)
+                                                                 pretrained, load, **kwargs)
         if pretrained:  # (in model.dtype straight from the file: a 7B model never needs its float32 size)
             return cls.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
-                                       **dtype, **kwargs)
+                                       **load, **kwargs)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
         return cls.from_config(config, trust_remote_code=cfg.trust_remote_code)
 

@@ -41,7 +41,7 @@ class ImageTask:
 
         return ImageProcessor(folder)
 
-    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool):
+    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool, quantize_on=None):
         from transformers import AutoConfig, AutoModelForImageClassification
 
         from tunelab.errors import UserError

@@ -46,7 +46,7 @@ class LanguageModeling(Task):
     metrics = ("loss", "perplexity", "mean_token_accuracy")
     lower_is_better = frozenset({"loss", "perplexity"})
     model_class = "AutoModelForCausalLM"
-    tunings = ("full", "lora")
+    tunings = ("full", "lora", "qlora")
     judged_by_start = True
     default_layer_decay = 1.0
     eval_batch_size = 8
@@ -98,7 +98,7 @@ class LanguageModeling(Task):
 
 class CausalLM(LanguageModeling):
     name = "clm"
-    tunings = ("scratch", "full", "lora")
+    tunings = ("scratch", "full", "lora", "qlora")
 
     def encode(self, tokenizer, examples: list[Example], space: Space, max_length: int) -> list[dict]:
         """Pack: tokenize every document, end each with eos, concatenate, cut into max_length blocks."""
@@ -115,11 +115,12 @@ class CausalLM(LanguageModeling):
 class MaskedLM(LanguageModeling):
     name = "mlm"
     model_class = "AutoModelForMaskedLM"
-    tunings = ("scratch", "full", "lora")
+    tunings = ("scratch", "full", "lora", "qlora")
     shift = False
 
-    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool) -> nn.Module:
-        model = super().build(cfg, folder, space, pretrained)
+    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool,
+              quantize_on: torch.device | None = None) -> nn.Module:
+        model = super().build(cfg, folder, space, pretrained, quantize_on)
         out = model.get_output_embeddings()
         if out is not None and out.weight is not model.get_input_embeddings().weight:
             # An encoder saved without its MLM head: the new decoder shares the input embeddings (as in BERT).

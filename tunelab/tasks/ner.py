@@ -117,7 +117,7 @@ class Ner(Task):
     def check(self, examples, space):
         check_known_labels(examples, space.labels, flat=lambda tags: tags)
 
-    def build(self, cfg, folder, space, pretrained):
+    def build(self, cfg, folder, space, pretrained, quantize_on=None):
         """transformers' token classifier for the architecture; for one it has none (Gemma 3), tunelab's
         (tunelab.models.pooled.BackboneForTokenClassification: the backbone and a linear layer per token)."""
         from transformers import AutoConfig
@@ -125,11 +125,13 @@ class Ner(Task):
 
         model_type = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code).model_type
         if model_type in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES or model_type == "tunelab-pooled":
-            return super().build(cfg, folder, space, pretrained)
+            return super().build(cfg, folder, space, pretrained, quantize_on)
+        from tunelab.models import pretrained_kwargs
         from tunelab.models.pooled import BackboneForTokenClassification
 
-        return BackboneForTokenClassification.from_backbone(folder, "tokens", cfg.trust_remote_code, pretrained,
-                                                            **self.model_kwargs(space))
+        return BackboneForTokenClassification.from_backbone(
+            folder, "tokens", cfg.trust_remote_code, pretrained, pretrained_kwargs(cfg, quantize_on),
+            **self.model_kwargs(space))
 
     def model_kwargs(self, space):
         return space.label_mapping()

@@ -46,7 +46,7 @@ def _response(value, path: Path, line: int, key: str) -> str:
 class Preference(Task):
     """A prompt with a chosen and a rejected response; one example is one pair."""
 
-    tunings = ("full", "lora")
+    tunings = ("full", "lora", "qlora")
     judged_by_start = True
     default_layer_decay = 1.0
     eval_batch_size = 4  # pairs: 8 sequences
