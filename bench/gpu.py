@@ -2,7 +2,7 @@
 
     python bench/gpu.py [--out DIR]
 
-Two workloads, each run by tunelab and by Trainer in its own process (so that each peak GPU memory is its own),
+Three workloads, each run by tunelab and by Trainer in its own process (so that each peak GPU memory is its own),
 tunelab first:
 - MiniLM `full`, sequence classification on 2,000 bundled tweets (`tunelab data tweets`), batch 32, max length
   128, bfloat16 autocast with float32 weights on both sides (tunelab `--train.bf16 true`, Trainer `bf16=True`),
@@ -11,9 +11,12 @@ tunelab first:
   tweets' text packed into 256-token blocks (each tweet ends with eos; tunelab's clm packing, done the same way for
   Trainer), batch 8, frozen weights in bfloat16 with float32 adapters (tunelab `--model.dtype bfloat16`, Trainer:
   the base loaded in bfloat16, peft's adapters in float32, `bf16=True`), learning rate 2e-4, 4 epochs.
+- SmolLM2-135M `qlora`: the same as `lora` with the base's linear layers in 4-bit NF4 with double quantization
+  computed in bfloat16 (tunelab `--tuning qlora`, Trainer: the base loaded with transformers' BitsAndBytesConfig
+  of the same settings, lm_head kept out of 4 bits on both sides).
 It prints, per arm: real (non-padding) training tokens per second, peak GPU memory (torch.cuda.max_memory_allocated)
-and the final training loss (the mean of the last 10 logged steps). QLoRA is not in tunelab yet: no arm for it.
-About 3-5 minutes of an H100, model preparation included. Needs: the lock (`make venv`) and a CUDA build of torch.
+and the final training loss (the mean of the last 10 logged steps).
+About 4-7 minutes of an H100, model preparation included. Needs: the lock (`make venv`) and a CUDA build of torch.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def tunelab_arm(kind: str, data: Path, out: Path) -> dict:
     else:
         cfg = {**common, "task": "clm", "model": {"name": "smollm2", "dtype": "bfloat16"},
                "data": {**common["data"], "max_length": 256},
-               "tuning": {"name": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+               "tuning": {"name": "qlora" if kind == "smollm2-qlora" else "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
                           "lora_targets": ["q_proj", "v_proj"]},
                "train": {"device": "cuda", "epochs": 4, "batch_size": 8, "lr": 2e-4, "progress": False}}
     torch.cuda.reset_peak_memory_stats()
@@ -66,7 +69,7 @@ def trainer_arm(kind: str, data: Path, out: Path) -> dict:
     from tunelab.models import resolve
 
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
-    folder = resolve(kind if kind == "minilm" else "smollm2")
+    folder = resolve("minilm" if kind == "minilm" else "smollm2")
     tok = AutoTokenizer.from_pretrained(folder)
     losses = []
 
@@ -88,7 +91,14 @@ def trainer_arm(kind: str, data: Path, out: Path) -> dict:
 
         stream = [t for ids in tok([r["text"] for r in rows])["input_ids"] for t in ids + [tok.eos_token_id]]
         train = [{"input_ids": stream[i:i + 256]} for i in range(0, len(stream), 256) if len(stream[i:i + 256]) > 1]
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        quantized = {}
+        if kind == "smollm2-qlora":
+            from transformers import BitsAndBytesConfig
+
+            quantized = {"quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": 0}}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **quantized)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                  target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
         for p in model.parameters():
@@ -103,7 +113,7 @@ def trainer_arm(kind: str, data: Path, out: Path) -> dict:
                               save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True,
                               train_sampling_strategy="group_by_length", seed=0, **extra)
     torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(model=model.cuda(), args=targs, train_dataset=train, data_collator=collator,
+    trainer = Trainer(model=model if kind == "smollm2-qlora" else model.cuda(), args=targs, train_dataset=train, data_collator=collator,
                       processing_class=tok, callbacks=[Log()])
     tic = time.perf_counter()
     state = trainer.train()
@@ -140,7 +150,7 @@ def main() -> int:
     subprocess.run([PY, "-m", "tunelab", "models", "prepare", "smollm2"], check=True)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print(f"{'workload':<16}{'arm':<10}{'tokens/s':>12}{'peak GPU MiB':>14}{'final loss':>12}{'steps':>7}")
-    for kind in ("minilm", "smollm2"):
+    for kind in ("minilm", "smollm2", "smollm2-qlora"):
         for arm in ("tunelab", "trainer"):
             done = subprocess.run([PY, __file__, "--arm", arm, "--kind", kind, "--data", str(data), "--out",
                                    str(out / f"{kind}-{arm}")],

@@ -27,6 +27,10 @@ def test_qlora_holds_the_base_in_4_bits_and_trains_only_adapters_and_head(toy_co
     assert all(p.dtype == torch.float32 for p in job.model.parameters() if p.requires_grad)  # float32 masters
     head = job.model.base_model.model.classifier.modules_to_save.default
     assert type(head) is torch.nn.Linear  # the new head is never quantized
+    from tunelab.models import count_params
+
+    toy_config.tuning.name, toy_config.model.dtype = "lora", "float32"
+    assert count_params(job.model) == count_params(build_job(toy_config, torch.device("cpu")).model)
 
 
 def test_qlora_chat_learns_and_its_merged_export_computes_what_was_trained(lm_config):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -239,7 +240,12 @@ def _timm_depths(model: nn.Module) -> dict[str, int] | None:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters; a 4-bit weight (qlora) counts its weights, not its packed bytes."""
+    def weights(p) -> int:
+        state = getattr(p, "quant_state", None)
+        return math.prod(state.shape) if state is not None else p.numel()
+
+    total = sum(weights(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
 
