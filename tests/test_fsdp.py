@@ -9,10 +9,9 @@ from pathlib import Path
 import forkrun
 import pytest
 import torch
-from conftest import one_and_two_processes, torchrun
+from conftest import one_and_two_processes
 from safetensors.torch import load_file
 
-from tunelab.config import save_yaml
 from tunelab.errors import UserError
 from tunelab.pipeline import train
 

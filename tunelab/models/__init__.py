@@ -1,7 +1,6 @@
 """Models: resolve bundled aliases to local folders and build the task's model from them."""
 from __future__ import annotations
 
-import logging
 import math
 import re
 from pathlib import Path
@@ -144,9 +143,6 @@ def pretrained_kwargs(cfg: ModelConfig, quantize_on: torch.device | None = None)
 
         from tunelab.extras import need
 
-        # On a CPU with bfloat16 units bitsandbytes looks for a faster kernel on the Hub (the `kernels` package)
-        # and warns that it is not there: it computes with its own, and tunelab downloads nothing at run time.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         need("bitsandbytes", "qlora")
         if quantize_on.type not in ("cuda", "cpu"):
             raise UserError(f"--tuning qlora runs on CUDA GPUs and CPUs (bitsandbytes), not on {quantize_on.type}",
