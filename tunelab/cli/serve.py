@@ -51,17 +51,20 @@ def cmd_keys(args) -> int:
 
     home = Path(args.home)
     if args.keys_command == "create":
-        key_id, key = keys.create(home, args.name)
-        print(f"created {key_id} ({args.name}). The key is shown only now; store it safely:\n{key}")
+        key_id, key = keys.create(home, args.name, args.project, args.admin)
+        role = "an admin key" if args.admin else "a key"
+        print(f"created {key_id} ({args.name}), {role} of project {args.project}. The key is shown only now; "
+              f"store it safely:\n{key}")
     elif args.keys_command == "revoke":
         keys.revoke(home, args.id)
         print(f"revoked {args.id}")
     elif rows := keys.listing(home):
         def stamp(t):
             return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
-        header = ["id", "name", "starts", "created", "last used", "revoked"]
-        print("\n".join(text_table([header] + [[r["id"], r["name"], r["prefix"] + "…", stamp(r["created_at"]),
-                                                stamp(r["last_used_at"]), stamp(r["revoked_at"])] for r in rows])))
+        header = ["id", "name", "project", "role", "starts", "created", "last used", "revoked"]
+        print("\n".join(text_table([header] + [[r["id"], r["name"], r["project_name"], "admin" if r["admin"] else "-",
+                                                r["prefix"] + "…", stamp(r["created_at"]), stamp(r["last_used_at"]),
+                                                stamp(r["revoked_at"])] for r in rows])))
     else:
         print("no keys yet: tunelab keys create --home DIR --name NAME")
     return 0
@@ -93,6 +96,11 @@ def add_parsers(sub) -> None:
     ksub = ke.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="Make a key and print it once (only its hash is stored).")
     kc.add_argument("--name", required=True, help="Who or what uses the key.")
+    kc.add_argument("--project", default="default",
+                    help="The project the key belongs to (made if new): it sees and makes that project's files, "
+                         "jobs and models only (default: default).")
+    kc.add_argument("--admin", action="store_true",
+                    help="An admin key: sees every project and manages projects and keys through the API.")
     kl = ksub.add_parser("list", help="Keys with their first characters, creation, last use and revocation.")
     kr = ksub.add_parser("revoke", help="Revoke a key by its id (key-…); it stops working at once.")
     kr.add_argument("id")

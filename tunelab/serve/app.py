@@ -21,9 +21,10 @@ from starlette.exceptions import HTTPException
 from tunelab.errors import UserError, cut
 from tunelab.io import read_jsonl_prefix
 from tunelab.rundir import RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
-from tunelab.serve import files, inference, job_request, jobs, keys, limits
-from tunelab.serve.bodies import UNION_TAGS, Chat, Classify, CreateJob, ErrorBody
+from tunelab.serve import access, files, inference, job_request, jobs, keys, limits
+from tunelab.serve.bodies import UNION_TAGS, Chat, Classify, CreateJob, CreateKey, CreateProject, ErrorBody
 from tunelab.serve.db import connect, finite
+from tunelab.serve.db import loads as db_loads
 
 HERE = Path(__file__).parent
 HOUSEKEEPING = 1.0  # seconds between checks for new jobs to validate and jobs whose worker died
@@ -84,6 +85,7 @@ def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None,
     app.state.home, app.state.max_upload_mb = home, max_upload_mb
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(LookupError, not_found)
+    app.add_exception_handler(NotAdmin, not_admin)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(HTTPException, http_error)
     app.include_router(router)
@@ -115,7 +117,8 @@ class Authenticate:
         if scope["type"] != "http" or scope["path"] == "/health":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        if keys.verify(self.home, _key_of(request)) is None:
+        caller = keys.verify(self.home, _key_of(request))
+        if caller is None:
             if scope["path"] == "/" and scope["method"] == "GET":
                 refused = HTMLResponse((HERE / "signin.html").read_text(encoding="utf-8"), 401)
             else:
@@ -123,7 +126,11 @@ class Authenticate:
                                      "(keys come from `tunelab keys create`)", code="invalid_api_key",
                                 kind="authentication_error")
             return await refused(scope, receive, send)
-        await self.app(scope, receive, send)
+        token = access.CALLER.set(caller)  # (sync routes run in threads that copy this context)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            access.CALLER.reset(token)
 
 
 async def user_error(request: Request, e: UserError):
@@ -183,14 +190,16 @@ def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(.
     if len(data) > limit:
         return error(413, f"the file is larger than the limit of {request.app.state.max_upload_mb:g} MB", "file",
                      "file_too_large")
-    return files.public(files.store(home, data, file.filename, purpose, task))
+    row = files.store(home, data, file.filename, purpose, task)
+    access.audit(connect(home), "file.created", row["id"], {"filename": row["filename"], "bytes": row["bytes"]})
+    return files.public(row)
 
 
 @router.get("/v1/files")
 def list_files(purpose: str | None = None, limit: int = 20, after: str | None = None, home: Path = Home):
+    sql, params = access.scoped("SELECT * FROM files WHERE (? IS NULL OR purpose = ?)", (purpose, purpose))
     rows = [files.public(dict(r)) for r in connect(home).execute(
-        "SELECT * FROM files WHERE (? IS NULL OR purpose = ?) ORDER BY created_at DESC, rowid DESC",
-        (purpose, purpose)).fetchall()]
+        sql + " ORDER BY created_at DESC, rowid DESC", params).fetchall()]
     return _page(rows, after, limit, "file")
 
 
@@ -221,6 +230,7 @@ def file_content(file_id: str, home: Path = Home):
 def delete_file(file_id: str, home: Path = Home):
     if not files.delete(home, file_id):
         raise LookupError(file_id)
+    access.audit(connect(home), "file.deleted", file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -233,6 +243,7 @@ def _job(home: Path, job_id: str) -> dict:
 @router.post("/v1/fine_tuning/jobs")
 def create_job(body: CreateJob, background: BackgroundTasks, home: Path = Home):
     job = job_request.create(home, body)
+    access.audit(connect(home), "fine_tuning.job.created", job["id"], {"model": job["model"]})
     background.add_task(jobs.validate_pending, home)  # now, rather than at the next housekeeping round
     return jobs.public(job)
 
@@ -250,6 +261,7 @@ def get_job(job_id: str, home: Path = Home):
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(job_id: str, home: Path = Home):
     job = jobs.cancel(home, job_id)
+    access.audit(connect(home), "fine_tuning.job.cancelled", job_id)
     deadline = time.monotonic() + 10  # a running job: its worker stops the training process within seconds
     while job["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -309,8 +321,8 @@ def models(home: Path) -> list[dict]:
             for name in jobs.bundled_models()]
     base += [{"id": name, "object": "model", "created": int((home / "models" / name).stat().st_mtime),
               "owned_by": "local", "task": None} for name in jobs.local_models(home)]
-    tuned = connect(home).execute("SELECT fine_tuned_model, finished_at, task FROM jobs WHERE status = 'succeeded' "
-                                  "ORDER BY seq DESC").fetchall()
+    sql, params = access.scoped("SELECT fine_tuned_model, finished_at, task FROM jobs WHERE status = 'succeeded'")
+    tuned = connect(home).execute(sql + " ORDER BY seq DESC", params).fetchall()
     return base + [{"id": r["fine_tuned_model"], "object": "model", "created": r["finished_at"], "owned_by": "user",
                     "task": r["task"]} for r in tuned]
 
@@ -337,6 +349,89 @@ def chat(body: Chat, home: Path = Home):
 @router.post("/v1/classifications")
 def classify(body: Classify, home: Path = Home):
     return inference.classify(home, body)
+
+
+# ---- admin: projects, their keys, the audit log (OpenAI's /v1/organization routes) --------------------------------
+
+class NotAdmin(Exception):
+    """A normal key on an admin route: 403 (the routes themselves are documented; nothing is disclosed)."""
+
+
+async def not_admin(request: Request, e: NotAdmin):
+    return error(403, "this route needs an admin key (tunelab keys create --admin)", code="insufficient_permissions",
+                 kind="permission_error")
+
+
+def _admin() -> access.Caller:
+    caller = access.current()
+    if caller is None or not caller.admin:
+        raise NotAdmin()
+    return caller
+
+
+Admin = Depends(_admin)
+
+
+def _project_object(row: dict) -> dict:
+    return {"id": row["id"], "object": "organization.project", "name": row["name"], "created_at": row["created_at"],
+            "archived_at": row["archived_at"], "status": "archived" if row["archived_at"] else "active"}
+
+
+def _key_object(row: dict) -> dict:
+    return {"id": row["id"], "object": "organization.project.api_key", "name": row["name"],
+            "redacted_value": row["prefix"] + "…", "created_at": row["created_at"],
+            "last_used_at": row["last_used_at"], "revoked_at": row["revoked_at"], "project_id": row["project"],
+            "role": "admin" if row["admin"] else "member"}
+
+
+def _project(home: Path, project_id: str) -> dict:
+    return _found(keys.project(home, project_id), project_id)
+
+
+@router.get("/v1/organization/projects")
+def list_projects(home: Path = Home, caller: access.Caller = Admin):
+    return _list([_project_object(p) for p in keys.projects(home)], False)
+
+
+@router.post("/v1/organization/projects")
+def create_project(body: CreateProject, home: Path = Home, caller: access.Caller = Admin):
+    if any(p["name"] == body.name for p in keys.projects(home)):
+        raise jobs.Conflict(f"a project named {body.name!r} exists", "name")
+    return _project_object(keys.ensure_project(home, body.name))
+
+
+@router.get("/v1/organization/projects/{project_id}/api_keys")
+def list_keys(project_id: str, home: Path = Home, caller: access.Caller = Admin):
+    _project(home, project_id)
+    return _list([_key_object(k) for k in keys.listing(home, project_id)], False)
+
+
+@router.post("/v1/organization/projects/{project_id}/api_keys")
+def create_key(project_id: str, body: CreateKey, home: Path = Home, caller: access.Caller = Admin):
+    project = _project(home, project_id)
+    key_id, value = keys.create(home, body.name, project["name"], body.admin)
+    row = next(k for k in keys.listing(home, project_id) if k["id"] == key_id)
+    return {**_key_object(row), "value": value}
+
+
+@router.delete("/v1/organization/projects/{project_id}/api_keys/{key_id}")
+def revoke_key(project_id: str, key_id: str, home: Path = Home, caller: access.Caller = Admin):
+    _project(home, project_id)
+    if not any(k["id"] == key_id for k in keys.listing(home, project_id)):
+        raise LookupError(key_id)
+    keys.revoke(home, key_id)
+    return {"object": "organization.project.api_key.deleted", "id": key_id, "deleted": True}
+
+
+@router.get("/v1/organization/audit_logs")
+def audit_logs(limit: int = 20, after: str | None = None, home: Path = Home, caller: access.Caller = Admin):
+    """Who did what, newest first: the key's id and project, never the key."""
+    rows = connect(home).execute("SELECT * FROM audit ORDER BY seq DESC").fetchall()
+    data = [{"id": f"audit-{r['seq']}", "object": "organization.audit_log", "type": r["action"],
+             "effective_at": r["created_at"], "actor": {"type": "api_key", "api_key": {"id": r["key_id"]}},
+             "project": {"id": r["project"]}, "object_id": r["object"],
+             "detail": finite(db_loads(r["detail"]))} for r in rows]
+    return _page(data, after, limit, "audit log entry")
 
 
 def _page(rows: list[dict], after: str | None, limit: int, what: str) -> dict:

@@ -391,3 +391,20 @@ class Classify(BaseModel):
                      Discriminator(_input_kind), BeforeValidator(_texts)] = Field(
         description=f"One text or a list of up to {MAX_INPUTS} (each non-empty, at most {MAX_CHARS:,} characters); "
                     "for an image model, a list of images: [{\"image\": \"data:image/png;base64,...\"}].")
+
+
+# ---- the admin routes (projects and their keys) -----------------------------------------------------------------
+
+class CreateProject(BaseModel):
+    """POST /v1/organization/projects."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64, description="Letters, digits, '_', '.' or '-', starting with a letter or digit.")
+
+
+class CreateKey(BaseModel):
+    """POST /v1/organization/projects/{project_id}/api_keys: the key's value is in the answer, and only there."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200, description="Who or what uses the key.")
+    admin: bool = Field(False, description="An admin key sees every project and manages projects and keys.")

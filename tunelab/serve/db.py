@@ -43,12 +43,24 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at INTEGER NOT NULL, last_used_at INTEGER, revoked_at INTEGER);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at INTEGER NOT NULL, stopped_at INTEGER, server_id TEXT);
+CREATE TABLE IF NOT EXISTS projects (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL, archived_at INTEGER);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, created_at INTEGER NOT NULL, key_id TEXT, project TEXT,
+    action TEXT NOT NULL, object TEXT NOT NULL, detail TEXT);
 """
 # Columns added since the first release: (table, column, declaration), added to an older database on open.
+# Version 1 (projects): every key, file and job belongs to a project; a home from before is in `default`.
 ADDED = [("events", "once", "TEXT"), ("workers", "server_id", "TEXT"),
-         ("jobs", "ran_seconds", "REAL NOT NULL DEFAULT 0"), ("jobs", "free_restarts", "INTEGER NOT NULL DEFAULT 0")]
+         ("jobs", "ran_seconds", "REAL NOT NULL DEFAULT 0"), ("jobs", "free_restarts", "INTEGER NOT NULL DEFAULT 0"),
+         ("keys", "project", "TEXT NOT NULL DEFAULT 'proj-default'"), ("keys", "admin", "INTEGER NOT NULL DEFAULT 0"),
+         ("files", "project", "TEXT NOT NULL DEFAULT 'proj-default'"),
+         ("jobs", "project", "TEXT NOT NULL DEFAULT 'proj-default'")]
+VERSION = 1  # PRAGMA user_version of a database this code has migrated
 # After ADDED: an event with a `once` key (a metric row's step) is recorded once per job, whatever resumes.
-INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events(job_id, once) WHERE once IS NOT NULL;"
+INDEXES = """CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events(job_id, once) WHERE once IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project, seq);
+CREATE INDEX IF NOT EXISTS files_project ON files(project, created_at);"""
 
 _local = threading.local()
 
@@ -103,11 +115,20 @@ def _tighten(path: Path, mode: int) -> None:
 
 
 def _migrate(con: sqlite3.Connection) -> None:
+    """Bring an older database to VERSION: the columns added since (existing rows take their defaults: a home
+    from before projects has its keys, files and jobs in the `default` project), the default project's row, the
+    indexes; then record VERSION in PRAGMA user_version."""
+    if con.execute("PRAGMA user_version").fetchone()[0] >= VERSION:
+        return
     for table, column, declaration in ADDED:
         if column not in [r["name"] for r in con.execute(f"PRAGMA table_info({table})")]:
             with transaction(con):
                 if column not in [r["name"] for r in con.execute(f"PRAGMA table_info({table})")]:
                     con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    with transaction(con):
+        con.execute("INSERT OR IGNORE INTO projects (id, name, created_at) VALUES ('proj-default', 'default', ?)",
+                    (now(),))
+        con.execute(f"PRAGMA user_version = {VERSION}")
     con.executescript(INDEXES)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from tunelab.config import DataConfig
 from tunelab.data.formats import FORMAT_TASK, detect_format
 from tunelab.errors import UserError
+from tunelab.serve import access
 from tunelab.serve.db import connect, new_id, now, private_dir
 
 EXTENSIONS = (".jsonl", ".csv", ".txt", ".zip")
@@ -85,8 +86,10 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
         tmp.unlink(missing_ok=True)
     row = {"id": file_id, "filename": name, "bytes": len(data), "created_at": now(), "purpose": purpose,
            "path": final.name, "format": fmt, "records": records}
-    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records) "
-                          "VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records)", row)
+    row["project"] = access.project_of_caller()
+    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, "
+                          "project) VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, "
+                          ":project)", row)
     return row
 
 
@@ -117,8 +120,10 @@ def _store_archive(home: Path, data: bytes, name: str, purpose: str, task: str |
         (folder / f".upload-{file_id}.zip").unlink(missing_ok=True)
     row = {"id": file_id, "filename": name, "bytes": len(data), "created_at": now(), "purpose": purpose,
            "path": (Path(file_id) / entry.relative_to(tmp)).as_posix(), "format": fmt, "records": records}
-    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records) "
-                          "VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records)", row)
+    row["project"] = access.project_of_caller()
+    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, "
+                          "project) VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, "
+                          ":project)", row)
     return row
 
 
@@ -152,7 +157,8 @@ def content_path(home: Path, row: dict) -> Path:
 
 
 def get(home: Path, file_id: str) -> dict | None:
-    row = connect(home).execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+    """The file `file_id`, if the caller's project may see it (tunelab.serve.access)."""
+    row = connect(home).execute(*access.scoped("SELECT * FROM files WHERE id = ?", (file_id,))).fetchone()
     return dict(row) if row else None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tunelab import config as config_mod
 from tunelab.errors import UserError, excerpt
-from tunelab.serve import files
+from tunelab.serve import access, files
 from tunelab.serve.bodies import KEEP_CHECKPOINTS, CreateJob
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 from tunelab.serve.jobs import add_event, bundled_models, get, local_models, run_dir, tuned
@@ -105,7 +105,8 @@ def create(home: Path, body: CreateJob) -> dict:
            "method": dumps({"type": body.kind}), "suffix": body.suffix,
            "seed": secrets.randbelow(2**31) if body.seed is None else body.seed,  # drawn when absent, as OpenAI does
            "metadata": dumps(body.metadata),
-           "request": dumps({"config": body.config.given() if body.config else {}, "source": source})}
+           "request": dumps({"config": body.config.given() if body.config else {}, "source": source}),
+           "project": access.project_of_caller()}
     # refuses bad settings now (paths that are not the caller's ids included), with the request's names
     cfg = training_config(home, row)
     cfg.output = "unused"
@@ -121,9 +122,9 @@ def create(home: Path, body: CreateJob) -> dict:
     with transaction(con):
         row["seq"] = (con.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
         con.execute("INSERT INTO jobs (id, seq, created_at, model, training_file, validation_file, request, task, "
-                    "tuning, hyperparameters, method, seed, suffix, metadata, status) VALUES (:id, :seq, "
+                    "tuning, hyperparameters, method, seed, suffix, metadata, status, project) VALUES (:id, :seq, "
                     ":created_at, :model, :training_file, :validation_file, :request, :task, :tuning, "
-                    ":hyperparameters, :method, :seed, :suffix, :metadata, 'validating_files')", row)
+                    ":hyperparameters, :method, :seed, :suffix, :metadata, 'validating_files', :project)", row)
         add_event(con, job_id, f"Validating training file: {train_file['id']}"
                   + (f" and validation file: {valid_file['id']}" if valid_file else ""))
     return get(home, job_id)

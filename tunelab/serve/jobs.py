@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.serve import files
+from tunelab.serve import access, files
 from tunelab.serve.db import connect, dumps, loads, now, transaction
 
 MAX_ATTEMPTS = 3
@@ -40,8 +40,8 @@ def local_models(home: Path) -> list[str]:
 
 def tuned(home: Path, name: str) -> dict | None:
     """The succeeded job that made the fine-tuned model `name`."""
-    row = connect(home).execute("SELECT * FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
-                                (name,)).fetchone()
+    row = connect(home).execute(*access.scoped("SELECT * FROM jobs WHERE fine_tuned_model = ? AND "
+                                               "status = 'succeeded'", (name,))).fetchone()
     return dict(row) if row else None
 
 
@@ -57,7 +57,8 @@ def model_name(job: dict) -> str:
 # ---- reading ------------------------------------------------------------------------------------------------
 
 def get(home: Path, job_id: str) -> dict | None:
-    row = connect(home).execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    """The job `job_id`, if the caller's project may see it (tunelab.serve.access)."""
+    row = connect(home).execute(*access.scoped("SELECT * FROM jobs WHERE id = ?", (job_id,))).fetchone()
     return dict(row) if row else None
 
 
@@ -84,12 +85,12 @@ def listing(home: Path, after: str | None, limit: int) -> tuple[list[dict], bool
     con = connect(home)
     after_seq = None
     if after:
-        row = con.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
+        row = con.execute(*access.scoped("SELECT seq FROM jobs WHERE id = ?", (after,))).fetchone()
         if row is None:
             raise UserError(f"no job {after!r}", "after")
         after_seq = row["seq"]
-    rows = con.execute("SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-                       (after_seq if after_seq is not None else 2**62, limit + 1)).fetchall()
+    sql, params = access.scoped("SELECT * FROM jobs WHERE seq < ?", (after_seq if after_seq is not None else 2**62,))
+    rows = con.execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
     return [public(dict(r)) for r in rows[:limit]], len(rows) > limit
 
 

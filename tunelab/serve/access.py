@@ -1,0 +1,61 @@
+"""Who is asking: the project of the key behind a request, and what that project may see.
+
+Files, jobs, fine-tuned models and events belong to the project whose key created them (OpenAI's projects are the
+model). The authentication middleware sets `CALLER` for the request it lets through; every lookup of an object by
+id or in a list narrows itself to the caller's project through `scoped`, so an object of another project is "no
+such object" (404: its existence is not disclosed), never "forbidden". An admin key sees every project. The
+service's own workers and housekeeping run outside any request (CALLER None) and see everything.
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from tunelab.serve.db import dumps, now
+
+DEFAULT_PROJECT = "proj-default"  # where the objects and keys of a home made before projects live
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str
+    project: str
+    admin: bool = False
+
+
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("tunelab_caller", default=None)
+
+
+def current() -> Caller | None:
+    return CALLER.get()
+
+
+def project_of_caller() -> str:
+    """The project new objects belong to: the caller's (the default one outside a request)."""
+    caller = current()
+    return caller.project if caller else DEFAULT_PROJECT
+
+
+def scoped(sql: str, params: tuple = (), column: str = "project") -> tuple[str, tuple]:
+    """`sql` (a SELECT … WHERE …, UPDATE or DELETE with a WHERE clause) narrowed to the caller's project: the
+    condition is added with AND; an admin or no caller (the service itself) is not narrowed."""
+    caller = current()
+    if caller is None or caller.admin:
+        return sql, params
+    return f"{sql} AND {column} = ?", (*params, caller.project)
+
+
+def visible(row: dict | None) -> dict | None:
+    """`row` if the caller may see it, else None (as if there were no such object)."""
+    caller = current()
+    if row is None or caller is None or caller.admin or row.get("project") == caller.project:
+        return row
+    return None
+
+
+def audit(con, action: str, object_id: str, detail: dict | None = None) -> None:
+    """Record who (the key's id and project, never the key) did `action` to `object_id`."""
+    caller = current()
+    con.execute("INSERT INTO audit (created_at, key_id, project, action, object, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                (now(), caller.key_id if caller else None, caller.project if caller else None, action, object_id,
+                 dumps(detail) if detail else None))
