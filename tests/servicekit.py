@@ -44,7 +44,8 @@ class Service:
         with open(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tunelab", "serve", "--home", str(self.home), "--port", str(self.port),
-                 "--workers", str(self.workers), "--max-upload-mb", str(self.max_upload_mb), *self.args],
+                 "--workers", str(self.workers), "--max-upload-mb", str(self.max_upload_mb),
+                 *([] if "--rate-limit" in self.args else ["--rate-limit", "0"]), *self.args],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

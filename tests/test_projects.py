@@ -137,3 +137,83 @@ def test_a_home_from_before_projects_opens_with_everything_in_default(tmp_path):
     caller = keys.verify(home, key)
     assert (caller.key_id, caller.project, caller.admin) == (key_id, "proj-default", False)
     db._local.connections.clear()
+
+
+@pytest.mark.service
+def test_quotas_refuse_past_their_limit_and_say_which(world, tmp_path):
+    svc, admin, other = world["svc"], world["admin"], world["other"]
+    rival = next(p for p in svc.request("GET", "/v1/organization/projects", auth=admin)[1]["data"]
+                 if p["name"] == "rival")
+    small = write_jsonl(tmp_path / "small.jsonl", make_rows(40, 6))
+
+    def upload(key):
+        with open(small, "rb") as f:
+            body = f.read()
+        boundary = "x" * 16
+        data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\n"
+                f"Content-Disposition: form-data; name=\"file\"; filename=\"small.jsonl\"\r\n\r\n").encode() + body + \
+            f"\r\n--{boundary}--\r\n".encode()
+        return svc.request("POST", "/v1/files", auth=key, data=data,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    status, first = upload(other)
+    assert status == 200, first
+    status, out = svc.request("POST", f"/v1/organization/projects/{rival['id']}/quotas",
+                              {"file_bytes": first["bytes"] + 10, "queued_jobs": 0}, auth=admin)
+    assert status == 200 and out["quotas"] == {"running_jobs": None, "queued_jobs": 0,
+                                               "file_bytes": first["bytes"] + 10}
+    assert out["usage"]["file_bytes"] == first["bytes"]
+    status, out = upload(other)
+    assert status == 409 and out["error"]["param"] == "file_bytes" and "quota" in out["error"]["message"]
+    assert [f["id"] for f in svc.request("GET", "/v1/files", auth=other)[1]["data"]] == [first["id"]]  # none kept
+    job = {"model": "tiny-bert", "training_file": first["id"], "hyperparameters": {"n_epochs": 1},
+           "config": {"data": {"max_length": 32}, "eval": {"bootstrap": 0, "probe": False}}}
+    status, out = svc.request("POST", "/v1/fine_tuning/jobs", job, auth=other)
+    assert status == 429 and out["error"]["param"] == "queued_jobs" and out["error"]["code"] == "quota_exceeded"
+    assert svc.request("POST", "/v1/fine_tuning/jobs", job)[0] == 400  # (the owner's project has no such file)
+
+    # running jobs: a job past the quota waits in the queue until the quota allows it
+    svc.request("POST", f"/v1/organization/projects/{rival['id']}/quotas", {"queued_jobs": None, "running_jobs": 0},
+                auth=admin)
+    status, queued = svc.request("POST", "/v1/fine_tuning/jobs", job, auth=other)
+    assert status == 200, queued
+    import time
+
+    time.sleep(4)  # the idle worker looks for work every second
+    assert svc.request("GET", f"/v1/fine_tuning/jobs/{queued['id']}", auth=other)[1]["status"] == "queued"
+    svc.request("POST", f"/v1/organization/projects/{rival['id']}/quotas", {"running_jobs": 1}, auth=admin)
+    from servicekit import wait_until
+
+    wait_until(lambda: svc.request("GET", f"/v1/fine_tuning/jobs/{queued['id']}", auth=other)[1]["status"]
+               in ("running", "succeeded"), 60, "the job never started once its quota allowed it")
+
+
+def test_the_rate_limit_is_a_token_bucket_per_key():
+    from tunelab.serve.limits import RateLimit
+
+    limit = RateLimit(60)  # one a second, bursts of 6
+    assert [limit.take("a", at=100.0) for _ in range(6)] == [0.0] * 6
+    assert limit.take("a", at=100.0) == pytest.approx(1.0)  # empty: a token comes back in a second
+    assert limit.take("b", at=100.0) == 0.0  # another key has its own bucket
+    assert limit.take("a", at=101.5) == 0.0 and limit.take("a", at=101.5) == pytest.approx(0.5)
+
+
+@pytest.mark.service
+def test_past_the_rate_limit_a_key_gets_429_with_retry_after(make_service):
+    import urllib.error
+    import urllib.request
+
+    svc = make_service(workers=0, args=("--rate-limit", "60"))
+    codes, retry = [], None
+    for _ in range(10):
+        req = urllib.request.Request(svc.url + "/v1/files", headers={"Authorization": f"Bearer {svc.key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                codes.append(r.status)
+        except urllib.error.HTTPError as e:
+            codes.append(e.code)
+            retry = e.headers.get("Retry-After")
+            body = json.loads(e.read())
+    assert codes[:6] == [200] * 6 and 429 in codes[6:]
+    assert retry is not None and int(retry) >= 1 and body["error"]["code"] == "rate_limit_exceeded"
+    assert svc.request("GET", "/health", auth=False)[0] == 200  # (not counted)

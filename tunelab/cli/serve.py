@@ -17,6 +17,8 @@ def cmd_serve(args) -> int:
     _positive_hours(args.max_job_hours)
     if not 0 < args.body_timeout <= 3600:
         raise UserError("must be between 0 and 3600 seconds", "--body-timeout")
+    if not 0 <= args.rate_limit <= 10**6:
+        raise UserError("must be between 0 (off) and 1,000,000 requests a minute", "--rate-limit")
     from tunelab.models import device_for
     from tunelab.serve.server import need_service_stack
 
@@ -26,7 +28,7 @@ def cmd_serve(args) -> int:
 
     inference.DEVICE = device  # where the endpoints' models answer
     serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb, args.max_job_hours,
-          args.body_timeout)
+          args.body_timeout, args.rate_limit)
     return 0
 
 
@@ -83,6 +85,9 @@ def add_parsers(sub) -> None:
                     "auto (cuda when there is one). Training jobs choose their own (train.device).")
     se.add_argument("--body-timeout", type=float, default=30,
                     help="Seconds a client may pause while sending a request body; then 408 and the connection closes.")
+    se.add_argument("--rate-limit", type=float, default=600,
+                    help="Requests a minute each key may make (a token bucket: bursts of a tenth of it); past it 429 "
+                         "with Retry-After. 0: no limit (default: 600).")
     se.set_defaults(func=cmd_serve)
     wo = sub.add_parser("worker", help="One more worker for a running `tunelab serve` on this host.")
     wo.add_argument("--home", default="tunelab-service")

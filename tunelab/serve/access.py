@@ -53,6 +53,46 @@ def visible(row: dict | None) -> dict | None:
     return None
 
 
+QUOTAS = {"running_jobs": "max_running_jobs", "queued_jobs": "max_queued_jobs", "file_bytes": "max_file_bytes"}
+
+
+class OverQuota(Exception):
+    """A project at one of its quotas: the API answers 429 (jobs) or 409 (storage) saying which."""
+
+    def __init__(self, message: str, quota: str, status: int):
+        super().__init__(message)
+        self.quota, self.status = quota, status
+
+
+def check_queued_jobs(con, project: str) -> None:
+    """Refuse one more queued job where the project is at its queued-jobs quota (call inside the insert's
+    transaction)."""
+    limit = _limit(con, project, "max_queued_jobs")
+    if limit is None:
+        return
+    queued = con.execute("SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN ('validating_files', 'queued')",
+                         (project,)).fetchone()[0]
+    if queued >= limit:
+        raise OverQuota(f"the project has {queued} queued jobs, its quota (queued_jobs = {limit}): wait for one "
+                        "to start or cancel one", "queued_jobs", 429)
+
+
+def check_file_bytes(con, project: str, adding: int) -> None:
+    """Refuse `adding` more stored bytes past the project's file-bytes quota (inside the insert's transaction)."""
+    limit = _limit(con, project, "max_file_bytes")
+    if limit is None:
+        return
+    stored = con.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE project = ?", (project,)).fetchone()[0]
+    if stored + adding > limit:
+        raise OverQuota(f"the project stores {stored:,} bytes of files and this one adds {adding:,}: over its quota "
+                        f"(file_bytes = {limit:,}); delete files first", "file_bytes", 409)
+
+
+def _limit(con, project: str, column: str) -> int | None:
+    row = con.execute(f"SELECT {column} FROM projects WHERE id = ?", (project,)).fetchone()
+    return row[0] if row else None
+
+
 def audit(con, action: str, object_id: str, detail: dict | None = None) -> None:
     """Record who (the key's id and project, never the key) did `action` to `object_id`."""
     caller = current()

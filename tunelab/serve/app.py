@@ -7,6 +7,7 @@ validates new jobs' files and re-queues jobs whose worker died.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import traceback
@@ -22,8 +23,9 @@ from tunelab.errors import UserError, cut
 from tunelab.io import read_jsonl_prefix
 from tunelab.rundir import RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import access, files, inference, job_request, jobs, keys, limits
-from tunelab.serve.bodies import UNION_TAGS, Chat, Classify, CreateJob, CreateKey, CreateProject, ErrorBody
-from tunelab.serve.db import connect, finite
+from tunelab.serve.bodies import (UNION_TAGS, Chat, Classify, CreateJob, CreateKey, CreateProject, ErrorBody,
+                                  Quotas)
+from tunelab.serve.db import connect, finite, transaction
 from tunelab.serve.db import loads as db_loads
 
 HERE = Path(__file__).parent
@@ -57,8 +59,9 @@ def _list(data: list, has_more: bool) -> dict:
 
 
 def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None,
-               body_timeout: float = limits.BODY_TIMEOUT) -> FastAPI:
-    """The app for one service home; a housekeeping thread runs while it serves, `on_shutdown()` at the end."""
+               body_timeout: float = limits.BODY_TIMEOUT, rate_limit: float = 0) -> FastAPI:
+    """The app for one service home; a housekeeping thread runs while it serves, `on_shutdown()` at the end.
+    `rate_limit`: requests a minute per key (limits.RateLimit; 0: none)."""
     home = Path(home)
     stop = threading.Event()
 
@@ -86,10 +89,11 @@ def create_app(home: str | Path, max_upload_mb: float = 100, on_shutdown=None,
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(LookupError, not_found)
     app.add_exception_handler(NotAdmin, not_admin)
+    app.add_exception_handler(access.OverQuota, over_quota)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(HTTPException, http_error)
     app.include_router(router)
-    app.add_middleware(Authenticate, home=home)
+    app.add_middleware(Authenticate, home=home, rate=limits.RateLimit(rate_limit) if rate_limit else None)
     app.add_middleware(limits.LimitBody, upload_bytes=_max_bytes(app), timeout=body_timeout)  # added last: runs first
     return app
 
@@ -110,8 +114,8 @@ class Authenticate:
     Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps errors raised while the body is read
     (limits.BodyTooLarge) in an ExceptionGroup."""
 
-    def __init__(self, app, home: Path):
-        self.app, self.home = app, home
+    def __init__(self, app, home: Path, rate=None):
+        self.app, self.home, self.rate = app, home, rate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] == "/health":
@@ -125,6 +129,12 @@ class Authenticate:
                 refused = error(401, "Missing or invalid API key: send 'Authorization: Bearer KEY' "
                                      "(keys come from `tunelab keys create`)", code="invalid_api_key",
                                 kind="authentication_error")
+            return await refused(scope, receive, send)
+        wait = self.rate.take(caller.key_id) if self.rate else 0.0
+        if wait > 0:
+            refused = error(429, f"too many requests for this key: at most {self.rate.per_minute:g} a minute; "
+                                 f"retry in {math.ceil(wait)} s", code="rate_limit_exceeded", kind="requests")
+            refused.headers["Retry-After"] = str(math.ceil(wait))
             return await refused(scope, receive, send)
         token = access.CALLER.set(caller)  # (sync routes run in threads that copy this context)
         try:
@@ -144,6 +154,11 @@ async def http_error(request: Request, e: HTTPException):
         return error(400, "the request body could not be read as JSON (or as form data for uploads)",
                      code="invalid_body")
     return JSONResponse(limits.error_body(e), e.status_code, headers=getattr(e, "headers", None))
+
+
+async def over_quota(request: Request, e: access.OverQuota):
+    return error(e.status, str(e), e.quota, "quota_exceeded",
+                 kind="rate_limit_error" if e.status == 429 else "invalid_request_error")
 
 
 async def not_found(request: Request, e: LookupError):
@@ -372,9 +387,17 @@ def _admin() -> access.Caller:
 Admin = Depends(_admin)
 
 
-def _project_object(row: dict) -> dict:
+def _project_object(row: dict, home: Path) -> dict:
+    """OpenAI's project object, plus tunelab's quotas (null: no limit) and what the project uses of them."""
+    con = connect(home)
+    count = {s: con.execute("SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN (%s)" % ",".join("?" * len(s)),
+                            (row["id"], *s)).fetchone()[0] for s in (("running",), ("validating_files", "queued"))}
+    stored = con.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE project = ?", (row["id"],)).fetchone()[0]
     return {"id": row["id"], "object": "organization.project", "name": row["name"], "created_at": row["created_at"],
-            "archived_at": row["archived_at"], "status": "archived" if row["archived_at"] else "active"}
+            "archived_at": row["archived_at"], "status": "archived" if row["archived_at"] else "active",
+            "quotas": {name: row[column] for name, column in access.QUOTAS.items()},
+            "usage": {"running_jobs": count[("running",)], "queued_jobs": count[("validating_files", "queued")],
+                      "file_bytes": stored}}
 
 
 def _key_object(row: dict) -> dict:
@@ -390,14 +413,27 @@ def _project(home: Path, project_id: str) -> dict:
 
 @router.get("/v1/organization/projects")
 def list_projects(home: Path = Home, caller: access.Caller = Admin):
-    return _list([_project_object(p) for p in keys.projects(home)], False)
+    return _list([_project_object(p, home) for p in keys.projects(home)], False)
 
 
 @router.post("/v1/organization/projects")
 def create_project(body: CreateProject, home: Path = Home, caller: access.Caller = Admin):
     if any(p["name"] == body.name for p in keys.projects(home)):
         raise jobs.Conflict(f"a project named {body.name!r} exists", "name")
-    return _project_object(keys.ensure_project(home, body.name))
+    return _project_object(keys.ensure_project(home, body.name), home)
+
+
+@router.post("/v1/organization/projects/{project_id}/quotas")
+def set_quotas(project_id: str, body: Quotas, home: Path = Home, caller: access.Caller = Admin):
+    """Set the quotas the body names (null: no limit); the others stay as they are."""
+    _project(home, project_id)
+    given = body.model_dump(exclude_unset=True)
+    con = connect(home)
+    with transaction(con):
+        for name, value in given.items():
+            con.execute(f"UPDATE projects SET {access.QUOTAS[name]} = ? WHERE id = ?", (value, project_id))
+        access.audit(con, "project.quotas_set", project_id, given)
+    return _project_object(_project(home, project_id), home)
 
 
 @router.get("/v1/organization/projects/{project_id}/api_keys")

@@ -408,3 +408,12 @@ class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, description="Who or what uses the key.")
     admin: bool = Field(False, description="An admin key sees every project and manages projects and keys.")
+
+
+class Quotas(BaseModel):
+    """POST /v1/organization/projects/{project_id}/quotas: the limits named are set (null: no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    running_jobs: int | None = Field(None, ge=0, le=10**6, description="Jobs of the project that run at once; more wait queued.")
+    queued_jobs: int | None = Field(None, ge=0, le=10**6, description="Jobs waiting to run; one more is refused (429).")
+    file_bytes: int | None = Field(None, ge=0, le=2**62, description="Bytes of uploaded files stored; an upload past it is refused (409).")

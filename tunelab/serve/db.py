@@ -55,8 +55,11 @@ ADDED = [("events", "once", "TEXT"), ("workers", "server_id", "TEXT"),
          ("jobs", "ran_seconds", "REAL NOT NULL DEFAULT 0"), ("jobs", "free_restarts", "INTEGER NOT NULL DEFAULT 0"),
          ("keys", "project", "TEXT NOT NULL DEFAULT 'proj-default'"), ("keys", "admin", "INTEGER NOT NULL DEFAULT 0"),
          ("files", "project", "TEXT NOT NULL DEFAULT 'proj-default'"),
-         ("jobs", "project", "TEXT NOT NULL DEFAULT 'proj-default'")]
-VERSION = 1  # PRAGMA user_version of a database this code has migrated
+         ("jobs", "project", "TEXT NOT NULL DEFAULT 'proj-default'"),
+         # version 2: per-project quotas set by an admin (NULL: no limit)
+         ("projects", "max_running_jobs", "INTEGER"), ("projects", "max_queued_jobs", "INTEGER"),
+         ("projects", "max_file_bytes", "INTEGER")]
+VERSION = 2  # PRAGMA user_version of a database this code has migrated
 # After ADDED: an event with a `once` key (a metric row's step) is recorded once per job, whatever resumes.
 INDEXES = """CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events(job_id, once) WHERE once IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project, seq);

@@ -12,7 +12,7 @@ from tunelab.config import DataConfig
 from tunelab.data.formats import FORMAT_TASK, detect_format
 from tunelab.errors import UserError
 from tunelab.serve import access
-from tunelab.serve.db import connect, new_id, now, private_dir
+from tunelab.serve.db import connect, new_id, now, private_dir, transaction
 
 EXTENSIONS = (".jsonl", ".csv", ".txt", ".zip")
 MAX_UNPACKED = 4 << 30  # bytes an uploaded zip of images may unpack to (tunelab.serve.archive)
@@ -48,7 +48,32 @@ def task_of(fmt: str) -> str:
     return IMAGE_TASK.get(fmt) or FORMAT_TASK[fmt]
 
 
+def _record(home: Path, row: dict, undo) -> dict:
+    """Insert the stored file's row for the caller's project, within its file-bytes quota (checked in the same
+    transaction, so concurrent uploads cannot pass it together); over it, `undo()` removes what was stored."""
+    row["project"] = access.project_of_caller()
+    con = connect(home)
+    try:
+        with transaction(con):
+            access.check_file_bytes(con, row["project"], row["bytes"])
+            con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, project) "
+                        "VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, :project)",
+                        row)
+    except access.OverQuota:
+        undo()
+        raise
+    return row
+
+
+def _remove_archive(home: Path, file_id: str) -> None:
+    import shutil
+
+    shutil.rmtree(Path(home) / "files" / file_id, ignore_errors=True)
+    (Path(home) / "files" / f"{file_id}.zip").unlink(missing_ok=True)
+
+
 def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str | None = None) -> dict:
+    access.check_file_bytes(connect(home), access.project_of_caller(), len(data))  # early; _record decides
     if purpose != "fine-tune":
         raise UserError(f"purpose must be 'fine-tune', got {purpose!r}", "purpose")
     name = display_name(filename)
@@ -86,11 +111,7 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
         tmp.unlink(missing_ok=True)
     row = {"id": file_id, "filename": name, "bytes": len(data), "created_at": now(), "purpose": purpose,
            "path": final.name, "format": fmt, "records": records}
-    row["project"] = access.project_of_caller()
-    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, "
-                          "project) VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, "
-                          ":project)", row)
-    return row
+    return _record(home, row, lambda: final.unlink(missing_ok=True))
 
 
 def _store_archive(home: Path, data: bytes, name: str, purpose: str, task: str | None) -> dict:
@@ -120,11 +141,7 @@ def _store_archive(home: Path, data: bytes, name: str, purpose: str, task: str |
         (folder / f".upload-{file_id}.zip").unlink(missing_ok=True)
     row = {"id": file_id, "filename": name, "bytes": len(data), "created_at": now(), "purpose": purpose,
            "path": (Path(file_id) / entry.relative_to(tmp)).as_posix(), "format": fmt, "records": records}
-    row["project"] = access.project_of_caller()
-    connect(home).execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, "
-                          "project) VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, "
-                          ":project)", row)
-    return row
+    return _record(home, row, lambda: _remove_archive(home, file_id))
 
 
 def _table_format(table: Path, name: str) -> str:

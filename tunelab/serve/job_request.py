@@ -120,6 +120,7 @@ def create(home: Path, body: CreateJob) -> dict:
         raise UserError(e.problem, "config") from None
     con = connect(home)
     with transaction(con):
+        access.check_queued_jobs(con, row["project"])
         row["seq"] = (con.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
         con.execute("INSERT INTO jobs (id, seq, created_at, model, training_file, validation_file, request, task, "
                     "tuning, hyperparameters, method, seed, suffix, metadata, status, project) VALUES (:id, :seq, "

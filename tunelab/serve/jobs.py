@@ -172,10 +172,14 @@ def validate_pending(home: Path) -> None:
 
 
 def claim(home: Path, worker_id: str) -> dict | None:
-    """Take the oldest queued job for this worker, or None. Atomic across processes."""
+    """Take the oldest queued job for this worker, or None. Atomic across processes. A job whose project runs as
+    many jobs as its running-jobs quota allows waits in the queue; the next project's job goes first."""
     con = connect(home)
     with transaction(con):
-        row = con.execute("SELECT id, attempts FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+        row = con.execute(
+            "SELECT j.id, j.attempts FROM jobs j LEFT JOIN projects p ON p.id = j.project WHERE j.status = 'queued' "
+            "AND (p.max_running_jobs IS NULL OR (SELECT COUNT(*) FROM jobs r WHERE r.project = j.project "
+            "AND r.status = 'running') < p.max_running_jobs) ORDER BY j.seq LIMIT 1").fetchone()
         if row is None:
             return None
         con.execute("UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, heartbeat_at = ?, "

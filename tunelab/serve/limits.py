@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from fastapi.exceptions import HTTPException  # FastAPI re-raises its own kind from a body read, not Starlette's
 
@@ -93,3 +94,25 @@ async def _answer(send, e: HTTPException) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+class RateLimit:
+    """Requests per key: a token bucket per key id that refills at `per_minute` a minute and holds a tenth of that
+    (at least one), so a client may burst briefly and then keeps the average. In the API process's memory: one
+    server's count (a restart forgets it)."""
+
+    def __init__(self, per_minute: float):
+        self.per_minute = per_minute
+        self.rate, self.capacity = per_minute / 60.0, max(1.0, per_minute / 10.0)
+        self.buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, when counted)
+
+    def take(self, key_id: str, at: float | None = None) -> float:
+        """Spend one token of `key_id`'s bucket: 0 when there was one, else the seconds until there is."""
+        at = time.monotonic() if at is None else at
+        tokens, last = self.buckets.get(key_id, (self.capacity, at))
+        tokens = min(self.capacity, tokens + (at - last) * self.rate)
+        if tokens >= 1:
+            self.buckets[key_id] = (tokens - 1, at)
+            return 0.0
+        self.buckets[key_id] = (tokens, at)
+        return (1 - tokens) / self.rate

@@ -98,7 +98,7 @@ def need_service_stack():
 
 
 def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
-          max_job_hours: float | None = None, body_timeout: float = 30.0) -> None:
+          max_job_hours: float | None = None, body_timeout: float = 30.0, rate_limit: float = 0) -> None:
     uvicorn = need_service_stack()
     from tunelab.serve.app import create_app
     from tunelab.serve.worker import hold_lock
@@ -128,7 +128,7 @@ def serve(home: Path, host: str, port: int, workers: int, max_upload_mb: float,
             proc.wait()
 
     try:
-        uvicorn.run(create_app(home, max_upload_mb, stop_workers, body_timeout), host=host, port=port, log_level="info",
+        uvicorn.run(create_app(home, max_upload_mb, stop_workers, body_timeout, rate_limit), host=host, port=port, log_level="info",
                     log_config=log_config(), timeout_keep_alive=KEEP_ALIVE, http=deadline_protocol(body_timeout))
     finally:
         if not stop.is_set():
