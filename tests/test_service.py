@@ -251,6 +251,21 @@ def test_upload_abuse_is_refused_and_names_never_become_paths(make_service, tmp_
     assert not list((svc.home / "files").glob(".upload-*"))
 
 
+@pytest.mark.parametrize("codec, reported", [("cp932", "cp932"), ("euc_jp", "euc_jp"), ("utf-16", "utf-16"),
+                                             ("utf-8-sig", "utf-8")])
+def test_japanese_and_utf16_uploads_are_detected_and_stored_as_utf8(codec, reported, service):
+    """What Excel (Shift_JIS), older Unix tools (EUC-JP) and Windows (UTF-16, a UTF-8 byte-order mark) save is read
+    as the CLI's --encoding auto reads it, and kept as UTF-8."""
+    rows = [{"text": t, "label": lab} for t, lab in (("とても良い映画でした", "pos"), ("最悪の一日だった", "neg"),
+                                                     ("素晴らしい体験", "pos"), ("二度と行かない", "neg"))]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    file = service.client().files.create(file=("ja.jsonl", text.encode(codec)), purpose="fine-tune")
+    status, out = service.request("GET", f"/v1/files/{file.id}")
+    assert status == 200 and out["encoding"] == reported and out["records"] == 4
+    status, content = service.request("GET", f"/v1/files/{file.id}/content")
+    assert content == text and out["bytes"] == len(text.encode("utf-8"))
+
+
 def test_a_file_a_job_needs_cannot_be_deleted_until_the_job_ends(service, tmp_path):
     file_id = service.upload(write_jsonl(tmp_path / "d.jsonl", make_rows(30, 6)))
     job = service.create(model="tiny-bert", training_file=file_id, hyperparameters={"n_epochs": 1})

@@ -58,8 +58,10 @@ ADDED = [("events", "once", "TEXT"), ("workers", "server_id", "TEXT"),
          ("jobs", "project", "TEXT NOT NULL DEFAULT 'proj-default'"),
          # version 2: per-project quotas set by an admin (NULL: no limit)
          ("projects", "max_running_jobs", "INTEGER"), ("projects", "max_queued_jobs", "INTEGER"),
-         ("projects", "max_file_bytes", "INTEGER")]
-VERSION = 2  # PRAGMA user_version of a database this code has migrated
+         ("projects", "max_file_bytes", "INTEGER"),
+         # version 3: the text encoding an upload was detected in (it is stored converted to UTF-8)
+         ("files", "encoding", "TEXT NOT NULL DEFAULT 'utf-8'")]
+VERSION = 3  # PRAGMA user_version of a database this code has migrated
 # After ADDED: an event with a `once` key (a metric row's step) is recorded once per job, whatever resumes.
 INDEXES = """CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events(job_id, once) WHERE once IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project, seq);

@@ -56,9 +56,10 @@ def _record(home: Path, row: dict, undo) -> dict:
     try:
         with transaction(con):
             access.check_file_bytes(con, row["project"], row["bytes"])
-            con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, project) "
-                        "VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, :project)",
-                        row)
+            row.setdefault("encoding", "utf-8")
+        con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, project, "
+                    "encoding) VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, "
+                    ":project, :encoding)", row)
     except access.OverQuota:
         undo()
         raise
@@ -86,13 +87,8 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
     if task is not None and task.startswith("image-"):  # a table's paths would reach the service's own files
         raise UserError(f"task {task!r} reads images: upload them as a .zip (a folder per class, or a CSV/JSONL "
                         "with the images it names)", name)
-    if b"\x00" in data[:8192]:
-        raise UserError("a binary file, not text", name)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"not UTF-8 text (byte {e.start})", name, line) from None
+    text, encoding = _decoded(data, name)
+    data = text.encode("utf-8")  # stored (and counted, and served back) as UTF-8
     fmt = detect_format(text, ext, name)
     if task is not None:
         from tunelab.tasks import TASKS
@@ -110,8 +106,30 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
     finally:
         tmp.unlink(missing_ok=True)
     row = {"id": file_id, "filename": name, "bytes": len(data), "created_at": now(), "purpose": purpose,
-           "path": final.name, "format": fmt, "records": records}
+           "path": final.name, "format": fmt, "records": records, "encoding": encoding}
     return _record(home, row, lambda: final.unlink(missing_ok=True))
+
+
+def _decoded(data: bytes, name: str) -> tuple[str, str]:
+    """(text, the encoding's codec): UTF-8, or what the CLI's `--encoding auto` detects (UTF-16, Shift_JIS/CP932,
+    EUC-JP; tunelab.data.encoding); a byte-order mark is dropped. Binary data or an undetectable encoding: one
+    line saying so."""
+    from tunelab.data import encoding as enc
+
+    codec = enc.detect(data)
+    if codec is None:
+        if b"\x00" in data[:8192]:
+            raise UserError("a binary file, not text", name)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise UserError(f"not UTF-8 text (nor UTF-16, Shift_JIS or EUC-JP; byte {e.start}): re-save it as UTF-8",
+                            name, line) from None
+    text = data.decode(codec).lstrip("\ufeff")
+    if any(c < " " and c not in "\t\n\r\f" for c in text[:8192]):  # control characters: no text has them
+        raise UserError("a binary file, not text", name)
+    return text, "utf-8" if codec == "utf-8-sig" else codec
 
 
 def _store_archive(home: Path, data: bytes, name: str, purpose: str, task: str | None) -> dict:
@@ -184,10 +202,11 @@ def path_of(home: Path, row: dict) -> Path:
 
 
 def public(row: dict) -> dict:
-    """The OpenAI file object (plus tunelab's `format` and `records`)."""
+    """The OpenAI file object (plus tunelab's `format`, `records` and `encoding`: the text encoding the upload was
+    detected in; it is stored, and served back, as UTF-8)."""
     return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
             "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
-            "format": row["format"], "records": row["records"]}
+            "format": row["format"], "records": row["records"], "encoding": row.get("encoding", "utf-8")}
 
 
 def delete(home: Path, file_id: str) -> bool:
