@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_and_two_processes
+from conftest import one_and_two_processes, write_jsonl
 
 from tunelab.distributed import Dist
 from tunelab.pipeline import build_job, train
@@ -356,3 +356,24 @@ def test_two_process_ddp_equals_one_process_for_language_stages(task, lm_config,
     # so the weights must agree to a fraction of one step, the losses above to 1e-5.
     a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("one", "two"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.2 * cfg.train.lr
+
+
+def test_score_gives_a_reward_runs_scores_and_agrees_with_its_evaluation(lm_config, tmp_path, capsys):
+    """`tunelab score RUN --input pairs.jsonl`: the reward of each prompt and response, rendered and cut as training
+    rendered them: chosen above rejected on exactly the eval pairs the run's pairwise accuracy counted."""
+    from tunelab.cli import main
+
+    cfg = lm_config("reward", "full")
+    result = train(cfg)
+    pairs = [json.loads(line) for line in open(cfg.data.eval, encoding="utf-8")]
+    rows = [{"prompt": p["prompt"], "response": p[k]} for p in pairs for k in ("chosen", "rejected")]
+    path = write_jsonl(tmp_path / "responses.jsonl", rows)
+    assert main(["score", str(result.run_dir), "--input", str(path), "--output", str(tmp_path / "s.jsonl")]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in scored] == [r["response"] for r in rows]
+    wins = [scored[2 * i]["score"] > scored[2 * i + 1]["score"] for i in range(len(pairs))]
+    assert sum(wins) / len(wins) == pytest.approx(result.eval["pairwise_accuracy"])
+    assert sum(wins) / len(wins) > 0.5
+
+    assert main(["score", str(train(lm_config("chat", "full")).run_dir), "--input", str(path)]) == 2
+    assert "only reward runs score responses" in capsys.readouterr().err

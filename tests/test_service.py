@@ -406,3 +406,40 @@ def test_image_tasks_never_read_a_table_uploaded_on_its_own(service, tmp_path):
     status, err = service.request("POST", "/v1/fine_tuning/jobs", {"model": "tiny-bert", "training_file": zip_id,
                                                                    "task": "classification"})
     assert status == 400 and "it holds images" in err["error"]["message"], err
+
+
+def test_scores_from_a_reward_model_and_sentence_pairs_to_a_classifier(service, tmp_path):
+    """POST /v1/scores answers a reward model's score per prompt and response; /v1/classifications passes a
+    sentence pair's second text to the model instead of dropping it."""
+    prefs = service.upload(write_jsonl(tmp_path / "prefs.jsonl", make_preference_rows(48, 1)))
+    reward = service.create(model="tiny-llama", training_file=prefs, task="reward", seed=0,
+                            hyperparameters={"n_epochs": 4, "batch_size": 8, "learning_rate_multiplier": 100},
+                            config={"eval": {"bootstrap": 0}})
+    rows = [{**r, "text_pair": r["text"][::-1]} for r in make_rows(40, 7)]
+    pairs = service.upload(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    classifier = service.create(model="tiny-bert", training_file=pairs, seed=0, hyperparameters={"n_epochs": 1},
+                                config={"data": {"max_length": 32}, "eval": {"bootstrap": 0, "probe": False}})
+    reward, classifier = (service.wait(j["id"], ("succeeded", "failed"), 300) for j in (reward, classifier))
+    assert reward["status"] == classifier["status"] == "succeeded", (reward["error"], classifier["error"])
+
+    body = {"model": reward["fine_tuned_model"], "input": [
+        {"prompt": "name a fruit", "response": "a apple of course"},
+        {"prompt": [{"role": "user", "content": "name a fruit"}], "response": "a cat of course"}]}
+    status, out = service.request("POST", "/v1/scores", body)
+    assert status == 200, out
+    assert [d["index"] for d in out["data"]] == [0, 1] and out["data"][0]["score"] > out["data"][1]["score"]
+    status, out = service.request("POST", "/v1/scores", {**body, "model": classifier["fine_tuned_model"]})
+    assert status == 400 and "only reward models score responses" in out["error"]["message"]
+    status, out = service.request("POST", "/v1/scores", {**body, "input": [{"prompt": "x"}]})
+    assert status == 400 and out["error"]["param"] == "input.0.response"
+
+    text = "good great love today"
+    status, paired = service.request("POST", "/v1/classifications", {
+        "model": classifier["fine_tuned_model"], "input": [{"text": text, "text_pair": "awful sad hate"}]})
+    assert status == 200, paired
+    single = service.request("POST", "/v1/classifications", {"model": classifier["fine_tuned_model"],
+                                                             "input": [text]})[1]
+    assert paired["data"][0]["probabilities"] != single["data"][0]["probabilities"]  # the pair reached the model
+    status, out = service.request("POST", "/v1/classifications", {"model": classifier["fine_tuned_model"],
+                                                                  "input": [{"text": text, "pair": "x"}]})
+    assert status == 400

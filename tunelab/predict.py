@@ -198,3 +198,29 @@ def _calibrate(run: Path, cfg, task, model, tokenizer, space, probs) -> dict:
     (run / SMOOTHING).parent.mkdir(exist_ok=True)
     atomic_write_bytes(run / SMOOTHING, save({k: v.contiguous() for k, v in scales.items()}))
     return {"alpha": alpha, "calibration_examples": len(calibration), "kl_by_alpha": kl}
+
+
+def score_records(loaded, records: list[dict], what: str) -> list[float]:
+    """A reward run's scores of parsed {"prompt", "response"} records (RewardModel.parse_scored), from `load_run`'s
+    tuple; `what` names the run in the refusal of any other kind."""
+    cfg, task, model, tokenizer, space = loaded
+    if task.name != "reward":
+        raise UserError(f"{what} is a {task.name} run: only reward models score responses", "model")
+    return task.score_responses(model, tokenizer, records, cfg.data.max_length, _device_of(model))
+
+
+def score(run_dir: str | Path, input_path: str | Path, output: str | Path | None, device: str = "cpu") -> Path:
+    """`tunelab score`: each {"prompt", "response"} of a JSONL file with the reward run's score, as JSONL."""
+    from tunelab.data.chat import read_records
+
+    loaded = load_run(run_dir, "torch", device)
+    cfg, task = loaded[0], loaded[1]
+    if task.name != "reward":
+        raise UserError(f"a {task.name} run: only reward runs score responses", str(run_dir))
+    examples = read_records(input_path, cfg.data, task.parse_scored)
+    records = [e.label for e in examples]
+    scores = score_records(loaded, records, str(run_dir))
+    out = Path(output) if output else Path(run_dir) / "scores.jsonl"
+    atomic_write_jsonl(out, [{"prompt": r["prompt"], "response": r["response"], "score": s}
+                             for r, s in zip(records, scores)])
+    return out

@@ -19,6 +19,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from tunelab.predict import score
+
+    out = score(args.run_dir, args.input, args.output, args.device)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from tunelab.predict import compress
 
@@ -205,6 +213,12 @@ def add_parsers(sub) -> None:
                          "auto: onnx where the run has that export (tunelab export RUN --onnx), else torch.")
     pr.add_argument("--device", default="cpu", help=DEVICE_HELP.format(default="cpu"))
     pr.set_defaults(func=cmd_predict)
+    sc = sub.add_parser("score", help="Score responses with a reward run: the reward of each prompt and response.")
+    sc.add_argument("run_dir")
+    sc.add_argument("--input", required=True, help='JSONL of {"prompt": text or messages, "response": text}.')
+    sc.add_argument("--output", help="Where to write the JSONL with a score per record (default RUN_DIR/scores.jsonl).")
+    sc.add_argument("--device", default="cpu", help=DEVICE_HELP.format(default="cpu"))
+    sc.set_defaults(func=cmd_score)
     ex = sub.add_parser("export", help="Make int8 and ONNX variants of a classifier run and check them against fp32.")
     ex.add_argument("run_dir")
     ex.add_argument("--int8", action="store_true", help="Dynamic int8 quantization (applied at load time).")

@@ -24,7 +24,7 @@ from tunelab.io import read_jsonl_prefix
 from tunelab.rundir import RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
 from tunelab.serve import access, files, inference, job_request, jobs, keys, limits
 from tunelab.serve.bodies import (UNION_TAGS, Chat, Classify, CreateJob, CreateKey, CreateProject, ErrorBody,
-                                  Quotas)
+                                  Quotas, Score)
 from tunelab.serve.db import connect, finite, transaction
 from tunelab.serve.db import loads as db_loads
 
@@ -364,6 +364,11 @@ def chat(body: Chat, home: Path = Home):
 @router.post("/v1/classifications")
 def classify(body: Classify, home: Path = Home):
     return inference.classify(home, body)
+
+
+@router.post("/v1/scores")
+def score(body: Score, home: Path = Home):
+    return inference.score(home, body)
 
 
 # ---- admin: projects, their keys, the audit log (OpenAI's /v1/organization routes) --------------------------------

@@ -364,12 +364,23 @@ def _data_url(value: Any) -> bytes:
 
 
 def _input_kind(value: Any) -> str:
-    """Which form a classification's input has: images (a list of objects) or texts (everything else)."""
-    return "images" if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) else "texts"
+    """Which form a classification's input has: images (objects with "image"), sentence pairs (other objects) or
+    texts (everything else)."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return "images" if all("image" in v for v in value) else "pairs"
+    return "texts"
 
 
-# The tags of the input's two forms: pydantic puts them in an error's location, where the client never wrote them
-UNION_TAGS = ("texts", "images")
+# The tags of the input's forms: pydantic puts them in an error's location, where the client never wrote them
+UNION_TAGS = ("texts", "images", "pairs")
+
+
+class PairInput(BaseModel):
+    """One sentence pair to classify (a model trained on pairs: entailment, similarity): {"text", "text_pair"}."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Text
+    text_pair: Text
 
 
 class ImageInput(BaseModel):
@@ -387,10 +398,29 @@ class Classify(BaseModel):
 
     model: str = Field(description="A fine-tuned classification, multilabel, regression or ner model (ft:…).")
     input: Annotated[Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS), Tag("texts")]
-                     | Annotated[list[ImageInput], Field(min_length=1, max_length=MAX_INPUTS), Tag("images")],
+                     | Annotated[list[ImageInput], Field(min_length=1, max_length=MAX_INPUTS), Tag("images")]
+                     | Annotated[list[PairInput], Field(min_length=1, max_length=MAX_INPUTS), Tag("pairs")],
                      Discriminator(_input_kind), BeforeValidator(_texts)] = Field(
         description=f"One text or a list of up to {MAX_INPUTS} (each non-empty, at most {MAX_CHARS:,} characters); "
+                    "sentence pairs as [{\"text\": ..., \"text_pair\": ...}]; "
                     "for an image model, a list of images: [{\"image\": \"data:image/png;base64,...\"}].")
+
+
+class ScoreInput(BaseModel):
+    """One response to score: {"prompt": a text or chat messages, "response": a text}."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: Annotated[str, StringConstraints(max_length=MAX_CHARS)] | list[dict] = Field(
+        description="The prompt: a text (one user message) or a list of chat messages.")
+    response: Text
+
+
+class Score(BaseModel):
+    """POST /v1/scores (tunelab's): a fine-tuned reward model's score of each prompt and response."""
+
+    model: str = Field(description="A fine-tuned reward model (ft:…).")
+    input: list[ScoreInput] = Field(min_length=1, max_length=MAX_INPUTS,
+                                    description=f"Up to {MAX_INPUTS} prompts with a response each.")
 
 
 # ---- the admin routes (projects and their keys) -----------------------------------------------------------------

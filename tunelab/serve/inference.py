@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError, cut
 from tunelab.serve import job_request, jobs
-from tunelab.serve.bodies import MAX_CHARS, Chat, Classify, ImageInput
+from tunelab.serve.bodies import MAX_CHARS, Chat, Classify, ImageInput, PairInput, Score
 
 CACHED = 2  # models kept loaded
 # The service's names for what the command line calls by its flags.
@@ -206,9 +206,14 @@ def classify(home: Path, body: Classify) -> dict:
         data = [{"object": "classification", "index": i, **{k: v for k, v in r.items() if k != "image"}}
                 for i, r in enumerate(rows)]
         return {"object": "list", "model": body.model, "task": task, "data": data}
+    pairs = isinstance(texts[0], PairInput)
+    if pairs and task != "classification" and task != "regression" and task != "multilabel":
+        raise UserError(f"{body.model} is a {task} model: sentence pairs are for classifiers and regressors", "input")
+    rows = [{cfg.data.text_column: t.text, cfg.data.text_pair_column: t.text_pair} if pairs
+            else {cfg.data.text_column: t} for t in texts]
     with tempfile.TemporaryDirectory() as tmp:  # the task's own reader (segmentation for ner, …)
         path = Path(tmp) / "input.jsonl"
-        path.write_text("".join(json.dumps({cfg.data.text_column: t}) + "\n" for t in texts), encoding="utf-8")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         # every input is answered, in order: no record skipped, no group column asked for
         data = dataclasses.replace(cfg.data, skip_invalid=False, group_column=None)
         examples = task_obj.read(path, data, need_label=False)
@@ -217,6 +222,28 @@ def classify(home: Path, body: Classify) -> dict:
     data = [{"object": "classification", "index": i, **{k: v for k, v in r.items() if k != "text"}}
             for i, r in enumerate(rows)]
     return {"object": "list", "model": body.model, "task": task, "data": data}
+
+
+def score(home: Path, body: Score) -> dict:
+    """A fine-tuned reward model's score of each prompt and response."""
+    from tunelab.predict import load_run, score_records
+    from tunelab.tasks.preference import RewardModel
+
+    source, task = locate(home, body.model)
+    if task != "reward":
+        raise UserError(f"{body.model} is {'a base model' if task is None else 'a ' + task + ' model'}: only "
+                        "reward models score responses", "model")
+    records = []
+    for i, item in enumerate(body.input):
+        try:
+            records.append(RewardModel.parse_scored(item.model_dump(), Path("input"), i))
+        except UserError as e:
+            raise UserError(e.problem, f"input[{i}]") from None
+    loaded = _load("run:" + source, lambda: load_run(source, "torch", DEVICE))
+    with loaded.lock:
+        scores = score_records(loaded.objects, records, body.model)
+    return {"object": "list", "model": body.model,
+            "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(scores)]}
 
 
 def _image_examples(inputs: list[ImageInput]) -> list:

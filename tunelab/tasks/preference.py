@@ -205,4 +205,35 @@ class RewardModel(Preference):
         return _pair_metrics(preds, "pairwise_")
 
     def predict_row(self, example: Example, pred, output: torch.Tensor, space: Space) -> dict:
-        raise UserError("score responses with the exported model/ (AutoModelForSequenceClassification, one logit)")
+        raise UserError("a reward run scores responses: tunelab score RUN --input pairs.jsonl")
+
+    @staticmethod
+    def parse_scored(rec: dict, path: Path, line: int) -> dict:
+        """`{"prompt", "response"}` to score (prompt: a text or messages; response: a text or one assistant
+        message)."""
+        if not isinstance(rec, dict) or "prompt" not in rec or "response" not in rec:
+            raise UserError("expected 'prompt' and 'response'", str(path), line)
+        p = rec["prompt"]
+        prompt = (parse_messages(p, path, line, need_assistant=False) if isinstance(p, list)
+                  else [{"role": "user", "content": content(p, path, line, "'prompt'")}])
+        return {"prompt": prompt, "response": _response(rec["response"], path, line, "response")}
+
+    def score_responses(self, model: nn.Module, tokenizer, records: list[dict], max_length: int, device,
+                        batch_size: int = 8) -> list[float]:
+        """The reward of each parsed {"prompt", "response"}: rendered with the chat template as training rendered
+        a chosen or rejected response, cut to max_length as training cut it, scored at the last token."""
+        pad = tokenizer.pad_token_id or 0
+        seqs = []
+        for r in records:
+            messages = r["prompt"] + [{"role": "assistant", "content": r["response"]}]
+            seqs.append(render(tokenizer, messages, [len(messages) - 1])[0][:max_length])
+        scores: list[float] = []
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(seqs), batch_size):
+                chunk = seqs[start:start + batch_size]
+                longest = max(len(s) for s in chunk)
+                ids = torch.tensor([s + [pad] * (longest - len(s)) for s in chunk], device=device)
+                mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in chunk], device=device)
+                scores += model(input_ids=ids, attention_mask=mask).logits.float().squeeze(-1).tolist()
+        return scores
