@@ -443,3 +443,32 @@ def test_scores_from_a_reward_model_and_sentence_pairs_to_a_classifier(service, 
     status, out = service.request("POST", "/v1/classifications", {"model": classifier["fine_tuned_model"],
                                                                   "input": [{"text": text, "pair": "x"}]})
     assert status == 400
+
+
+def test_checkpoint_models_answer_chat_completions_and_classifications(service, tmp_path):
+    """`ft:…:ckpt-step-N`, as GET …/checkpoints names them, are callable as OpenAI's are: the checkpoint's own
+    weights, exported once the way the run's model is."""
+    data = service.upload(write_jsonl(tmp_path / "c.jsonl", make_rows(48, 8)))
+    clf = service.create(model="tiny-bert", training_file=data, seed=0, hyperparameters={"n_epochs": 2},
+                         config={"data": {"max_length": 32}, "eval": {"bootstrap": 0, "probe": False}})
+    chats = service.upload(write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(48, 8)))
+    gen = service.create(model="tiny-llama", training_file=chats, seed=0, tuning="lora",
+                         hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 10})
+    clf, gen = (service.wait(j["id"], ("succeeded", "failed"), 300) for j in (clf, gen))
+    assert clf["status"] == gen["status"] == "succeeded", (clf["error"], gen["error"])
+
+    def first_checkpoint(job):
+        listed = service.request("GET", f"/v1/fine_tuning/jobs/{job['id']}/checkpoints")[1]["data"]
+        return listed[-1]["fine_tuned_model_checkpoint"]  # newest first: the first epoch's is last
+
+    early = first_checkpoint(clf)
+    texts = ["good great love", "awful sad hate"]
+    status, at_ckpt = service.request("POST", "/v1/classifications", {"model": early, "input": texts})
+    assert status == 200, at_ckpt
+    final = service.request("POST", "/v1/classifications", {"model": clf["fine_tuned_model"], "input": texts})[1]
+    assert at_ckpt["data"][0]["probabilities"] != final["data"][0]["probabilities"]  # its own, earlier weights
+    status, out = service.request("POST", "/v1/chat/completions", {"model": first_checkpoint(gen), "max_tokens": 4,
+                                                                   "messages": [{"role": "user", "content": "name a color"}]})
+    assert status == 200 and out["choices"][0]["message"]["role"] == "assistant", out
+    for missing in (early.replace("ckpt-step-", "ckpt-step-9"), early.rsplit(":", 2)[0] + ":000000000000:ckpt-step-1"):
+        assert service.request("POST", "/v1/classifications", {"model": missing, "input": texts})[0] == 404

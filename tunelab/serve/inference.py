@@ -54,6 +54,8 @@ def locate(home: Path, model: str) -> tuple[str, str | None]:
     """(what to load, task): a fine-tuned model's run folder and its task, or a base model (task None)."""
     if not isinstance(model, str) or not model:
         raise UserError("'model' is required", "model")
+    if model.startswith("ft:") and ":ckpt-step-" in model:
+        return _checkpoint(home, model)
     if model.startswith("ft:"):
         job = jobs.tuned(home, model)
         if job is None:
@@ -63,6 +65,23 @@ def locate(home: Path, model: str) -> tuple[str, str | None]:
         return job_request.model_source(home, model), None
     except UserError:
         raise LookupError(model) from None
+
+
+def _checkpoint(home: Path, model: str) -> tuple[str, str]:
+    """A checkpoint model `ft:…:ckpt-step-N` (GET …/checkpoints names them, for running jobs too): its job's kept
+    checkpoint, exported once as a run's model is (tunelab.export.export_checkpoint)."""
+    from tunelab.export import export_checkpoint
+
+    name, _, step = model.rpartition(":ckpt-step-")
+    job = jobs.by_model_name(home, name)
+    if job is None or not step.isdigit():
+        raise LookupError(model)
+    with _EXPORTING:  # one export of a checkpoint at a time (a second request finds it made)
+        folder = export_checkpoint(jobs.run_dir(home, job["id"]), int(step))
+    return str(folder), job["task"]
+
+
+_EXPORTING = threading.Lock()
 
 
 # ---- chat completions ----------------------------------------------------------------------------------------

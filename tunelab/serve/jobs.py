@@ -45,6 +45,16 @@ def tuned(home: Path, name: str) -> dict | None:
     return dict(row) if row else None
 
 
+def by_model_name(home: Path, name: str) -> dict | None:
+    """The job (finished or not) whose fine-tuned model is, or will be, called `name` (model_name), if the caller
+    may see it."""
+    short = name.rsplit(":", 1)[-1]
+    if not name.startswith("ft:") or len(short) != 12:
+        return None
+    rows = connect(home).execute(*access.scoped("SELECT * FROM jobs WHERE substr(id, 7, 12) = ?", (short,)))
+    return next((dict(r) for r in rows if model_name(dict(r)) == name), None)
+
+
 def run_dir(home: Path, job_id: str) -> Path:
     return Path(home) / "jobs" / job_id / "run"
 
