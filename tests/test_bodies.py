@@ -112,9 +112,10 @@ def test_openapi_documents_the_openai_error_shape_not_422(schema):
             .endswith("/ErrorBody"), path
     assert set(schema["components"]["schemas"]["Error"]["properties"]) == {"message", "type", "param", "code"}
     chat = _body_schema(schema, "/v1/chat/completions")["properties"]
-    assert chat["max_tokens"]["anyOf"][0]["maximum"] == bodies.MAX_TOKENS and chat["n"]["const"] == 1
-    forms = _body_schema(schema, "/v1/classifications")["properties"]["input"]["oneOf"]  # texts, or images
-    assert [f["maxItems"] for f in forms] == [bodies.MAX_INPUTS] * 2
+    assert chat["max_tokens"]["anyOf"][0]["maximum"] == bodies.MAX_TOKENS
+    assert chat["n"]["anyOf"][0]["maximum"] == bodies.MAX_CHOICES
+    forms = _body_schema(schema, "/v1/classifications")["properties"]["input"]["oneOf"]  # texts, images, pairs
+    assert [f["maxItems"] for f in forms] == [bodies.MAX_INPUTS] * 3
 
 
 # ---- refusals, in OpenAI's shape -------------------------------------------------------------------------------
@@ -205,7 +206,10 @@ CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.mark.parametrize("fields, param", [
     ({"temperature": 2.5}, "temperature"), ({"temperature": True}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 5000}, "max_completion_tokens"),
-    ({"max_tokens": 1.5}, "max_tokens"), ({"seed": -1}, "seed"), ({"n": 2}, "n"), ({"stop": "x"}, "stop"),
+    ({"max_tokens": 1.5}, "max_tokens"), ({"seed": -1}, "seed"), ({"n": 9}, "n"), ({"n": 0}, "n"),
+    ({"stop": ""}, "stop.0"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"top_logprobs": 2}, None), ({"logprobs": True, "stream": True}, None), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"stream": True, "stream_options": "x"}, "stream_options"), ({"messages": []}, "messages"),
     ({"messages": "hi"}, "messages"),
 ])

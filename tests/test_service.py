@@ -97,10 +97,36 @@ def test_openai_client_chat_sft_then_completions_streamed_and_not(service, tmp_p
     stream = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=12, stream=True)
     chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len(chunks) > 2 and "".join(chunks).strip() == answer.choices[0].message.content
-    for bad, param in (({"temperature": -1}, "temperature"), ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"),
-                       ({"stop": ["x"]}, "stop"), ({"top_p": 0}, "top_p")):
+    for bad, param in (({"temperature": -1}, "temperature"), ({"n": 9}, "n"), ({"max_tokens": 0}, "max_tokens"),
+                       ({"stop": [""]}, "stop.0"), ({"top_p": 0}, "top_p"),
+                       ({"response_format": {"type": "json_object"}}, "response_format.type")):
         status, out = service.request("POST", "/v1/chat/completions", {"model": model, "messages": ask, **bad})
         assert status == 400 and out["error"]["param"] == param, (bad, out)
+
+    # OpenAI's other sampling fields: stop strings, n answers, log-probabilities, usage streamed and not
+    cut = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=12, stop=["u", "zz"])
+    assert cut.choices[0].message.content == answer.choices[0].message.content.split("u")[0]
+    assert cut.choices[0].finish_reason == "stop"
+    many = client.chat.completions.create(model=model, messages=ask, temperature=1.0, max_tokens=6, n=3, seed=5,
+                                          logprobs=True, top_logprobs=2)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model=model, messages=ask, temperature=1.0, max_tokens=6, n=3, seed=5)
+    assert [c.message.content for c in many.choices] == [c.message.content for c in again.choices]  # seeded
+    assert many.usage.completion_tokens == again.usage.completion_tokens <= 18
+    assert many.usage.total_tokens == many.usage.prompt_tokens + many.usage.completion_tokens
+    scored = many.choices[0].logprobs.content
+    assert scored and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in scored)
+    assert "".join(t.token for t in scored).strip() == many.choices[0].message.content
+    assert again.choices[0].logprobs is None
+    stream = client.chat.completions.create(model=model, messages=ask, temperature=1.0, max_tokens=6, n=3, seed=5,
+                                            stream=True, stream_options={"include_usage": True})
+    texts, used = ["", "", ""], None
+    for c in stream:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+        used = c.usage or used
+    assert [t.strip() for t in texts] == [c.message.content for c in again.choices]
+    assert used.completion_tokens == again.usage.completion_tokens
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ft:nope:1", messages=ask)
     with pytest.raises(openai.BadRequestError, match="unknown role"):

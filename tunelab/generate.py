@@ -43,9 +43,11 @@ class Sampling:
 
 @dataclass
 class Completion:
-    text: str  # the new text only: special tokens skipped, stripped
-    new_tokens: int  # generated tokens, the closing eos included
+    text: str  # the new text only: special tokens skipped, stripped, cut before a stop string
+    new_tokens: int  # generated tokens, the closing eos (or the stop string's tokens) included
     seconds: float
+    finish: str = "stop"  # "length" when max_new_tokens ended it, else "stop" (end of turn or a stop string)
+    logprobs: list[dict] | None = None  # per answer token: OpenAI's {token, logprob, bytes, top_logprobs}
 
 
 def model_folder(name: str) -> Path:
@@ -131,8 +133,11 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def complete(model, tokenizer, messages_or_text: str | list[dict], max_new_tokens: int = Sampling.max_new_tokens,
              temperature: float = Sampling.temperature, top_p: float = Sampling.top_p, seed: int = Sampling.seed,
-             streamer=None) -> Completion:
-    """One answer with its token count and time. `streamer` (e.g. transformers.TextStreamer) sees tokens as they come."""
+             streamer=None, stop: tuple[str, ...] = (), logprobs: int | None = None) -> Completion:
+    """One answer with its token count and time. `streamer` (e.g. transformers.TextStreamer) sees tokens as they
+    come. `stop`: strings that end the answer (transformers' stop_strings), cut from the text as OpenAI does.
+    `logprobs`: also each answer token's log-probability under the model (its raw distribution, before temperature
+    and top-p) with this many most likely alternatives."""
     import torch
 
     Sampling(max_new_tokens, temperature, top_p, seed).check()
@@ -147,6 +152,10 @@ def complete(model, tokenizer, messages_or_text: str | list[dict], max_new_token
     else:
         # Neutral values override a model's sampling defaults, which greedy search would ignore with a warning.
         mode = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
+    if stop:
+        mode.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if logprobs is not None:
+        mode.update(output_logits=True, return_dict_in_generate=True)
     input_ids = torch.tensor([ids], device=model.device)
     torch.manual_seed(seed)
     tic = time.perf_counter()
@@ -155,10 +164,42 @@ def complete(model, tokenizer, messages_or_text: str | list[dict], max_new_token
                              eos_token_id=stops, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id
                              is not None else stops[0], streamer=streamer, **mode)
     seconds = time.perf_counter() - tic
-    new = out[0, len(ids):].tolist()
+    new = (out.sequences if logprobs is not None else out)[0, len(ids):].tolist()
     # An answer cut by max_new_tokens may end inside a multi-byte character: drop that half character.
     text = tokenizer.decode(new, skip_special_tokens=True).strip().rstrip("\ufffd")
-    return Completion(text, len(new), seconds)
+    cut = cut_at_stop(text, stop)
+    finish = "stop" if cut < len(text) or len(new) < max_new_tokens or (new and new[-1] in stops) else "length"
+    scored = _token_logprobs(tokenizer, new, out.logits, logprobs, cut) if logprobs is not None else None
+    return Completion(text[:cut], len(new), seconds, finish, scored)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> int:
+    """Where the first stop string starts in `text` (its length when none occurs)."""
+    found = [text.find(s) for s in stop if s and s in text]
+    return min(found) if found else len(text)
+
+
+def _token_logprobs(tokenizer, new: list[int], logits, top: int, keep_chars: int) -> list[dict]:
+    """OpenAI's logprobs content for the answer's tokens, up to those that make its first `keep_chars`
+    characters (a stop string's tokens are not part of the answer)."""
+    import torch
+
+    def entry(token_id: int, logp: float) -> dict:
+        piece = tokenizer.decode([token_id])
+        return {"token": piece, "logprob": logp, "bytes": list(piece.encode("utf-8"))}
+
+    out = []
+    for step, token_id in enumerate(new):
+        if token_id in (tokenizer.all_special_ids or []):
+            break
+        if len(tokenizer.decode(new[:step], skip_special_tokens=True).strip()) >= keep_chars and step:
+            break
+        logp = torch.log_softmax(logits[step][0].float(), -1)
+        best = torch.topk(logp, top) if top else None
+        out.append({**entry(token_id, float(logp[token_id])),
+                    "top_logprobs": [entry(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+                    if best is not None else []})
+    return out
 
 
 def generate(model, tokenizer, messages_or_text: str | list[dict], max_new_tokens: int = Sampling.max_new_tokens,

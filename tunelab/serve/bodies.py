@@ -299,9 +299,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="A last chunk with the token counts.")
 
 
+def _texts(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+MAX_CHOICES = 8  # answers per chat request (n): each is a whole generation on the service's device
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class ResponseFormat(BaseModel):
+    type: str = Field(description="text; json_object and json_schema are refused (not constrained here).")
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value):
+        if value != "text":
+            raise refuse(f"{value!r} is not supported: tunelab does not constrain answers to JSON; "
+                         "use {\"type\": \"text\"} or leave response_format out")
+        return value
+
+
 class Chat(BaseModel):
     """POST /v1/chat/completions: the OpenAI fields tunelab serves. OpenAI's other options are ignored, as they
-    always were; those it cannot honour (n > 1, stop sequences) are refused."""
+    always were; those it cannot honour (a JSON response format) are refused."""
 
     model: str = Field(description="A generator: a base model of GET /v1/models or a fine-tuned chat, clm or dpo "
                                    "model (ft:…).")
@@ -315,21 +335,25 @@ class Chat(BaseModel):
                                                  "probability; default 1.")
     seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = Field(
         None, description="Seed set before the answer, so a sampled answer can be reproduced; drawn when absent.")
-    n: Literal[1] = Field(1, description="Answers per request: only 1.")
-    stop: str | list[str] | None = Field(None, description="Not supported: the answer ends at the model's end of turn.")
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] | None = Field(
+        None, description=f"Answers per request (1 to {MAX_CHOICES}), drawn one after another from seeds seed, "
+                          "seed + 1, …; default 1.")
+    stop: Annotated[list[Stop], Field(max_length=4), BeforeValidator(_texts)] | None = Field(
+        None, description="A string, or up to 4, that end the answer; the answer stops before the first one.")
+    logprobs: bool | None = Field(None, description="Return each answer token's log-probability (not streamed).")
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = Field(
+        None, description="With logprobs: this many most likely alternatives at each position.")
+    response_format: ResponseFormat | None = None
     stream: bool | None = Field(False, description="Send the answer as server-sent events of chat.completion.chunk.")
     stream_options: StreamOptions | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _no_stop(cls, value):
-        if value is not None:
-            raise refuse("stop sequences are not supported; the answer ends at the model's end of turn")
-        return value
-
-
-def _texts(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
+    @model_validator(mode="after")
+    def _logprobs_settings(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise refuse("top_logprobs needs logprobs: true")
+        if self.logprobs and self.stream:
+            raise refuse("logprobs are returned by non-streamed completions only (stream: false)")
+        return self
 
 
 def _not_blank(text: str) -> str:

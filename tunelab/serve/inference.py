@@ -98,7 +98,7 @@ def _sampling(body: Chat) -> dict:
            "seed": given(body.seed, secrets.randbelow(2**31))}
     with _service_names():
         Sampling(**out).check()
-    return out
+    return {**out, "stop": tuple([body.stop] if isinstance(body.stop, str) else body.stop or ())}
 
 
 @contextlib.contextmanager
@@ -117,7 +117,8 @@ def _within(texts: list[str], param: str) -> None:
 
 
 def chat(home: Path, body: Chat):
-    """A chat.completion dict, or (stream=True) an iterator of server-sent-event lines."""
+    """A chat.completion dict, or (stream=True) an iterator of server-sent-event lines. `n` answers are drawn one
+    after another from seeds seed, seed + 1, …; usage counts the prompt once and every answer's tokens."""
     from tunelab.data.chat import parse_messages
     from tunelab.generate import encode, load_generator
 
@@ -132,71 +133,105 @@ def chat(home: Path, body: Chat):
     with _service_names():
         prompt_tokens = len(encode(tokenizer, messages))
     head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": body.model}
+    n = body.n or 1
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return _stream(loaded, messages, sampling, head, prompt_tokens, usage)
+        return _stream(loaded, messages, sampling, head, prompt_tokens, usage, n)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     with loaded.lock, _service_names():
-        c = _complete(loaded, messages, sampling)
+        answers = [_complete(loaded, messages, _nth(sampling, i), logprobs=logprobs) for i in range(n)]
+    completion_tokens = sum(c.new_tokens for c in answers)
     return {**head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": _finish(c, sampling), "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": c.new_tokens,
-                      "total_tokens": prompt_tokens + c.new_tokens}}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish,
+                         "logprobs": {"content": c.logprobs, "refusal": None} if logprobs is not None else None}
+                        for i, c in enumerate(answers)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _complete(loaded: Loaded, messages, sampling, streamer=None):
+def _nth(sampling: dict, i: int) -> dict:
+    """The sampling settings of the i-th answer: its own seed."""
+    return {**sampling, "seed": sampling["seed"] + i}
+
+
+def _complete(loaded: Loaded, messages, sampling, streamer=None, logprobs: int | None = None):
     from tunelab.generate import complete
 
     model, tokenizer = loaded.objects
-    return complete(model, tokenizer, messages, streamer=streamer, **sampling)
+    return complete(model, tokenizer, messages, streamer=streamer, logprobs=logprobs, **sampling)
 
 
-def _finish(c, sampling) -> str:
-    return "length" if c.new_tokens >= sampling["max_new_tokens"] else "stop"
+def _deltas(streamer, stop: tuple[str, ...]):
+    """The streamed text pieces, cut before the first stop string: text that could still turn out to begin one
+    is held back until it does not."""
+    from tunelab.generate import cut_at_stop
+
+    hold = max((len(s) for s in stop), default=1) - 1
+    buffer, sent, stopped = "", 0, False
+    for piece in streamer:
+        buffer += piece
+        if stopped:
+            continue  # (drained: the model stops at the stop string by itself)
+        cut = cut_at_stop(buffer, stop)
+        upto = cut if cut < len(buffer) else len(buffer) - hold
+        stopped = cut < len(buffer)
+        if upto > sent:
+            yield buffer[sent:upto]
+            sent = upto
+    if not stopped and sent < len(buffer):
+        yield buffer[sent:]
 
 
-def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, usage: bool):
+def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, usage: bool, n: int = 1):
     from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(loaded.objects[1], skip_prompt=True, skip_special_tokens=True, timeout=600)
-    result = {}
+    streamers = [TextIteratorStreamer(loaded.objects[1], skip_prompt=True, skip_special_tokens=True, timeout=600)
+                 for _ in range(n)]
+    result = {"completions": []}
 
     def work():
         with loaded.lock:
             try:
-                with _service_names():
-                    result["completion"] = _complete(loaded, messages, sampling, streamer)
+                for i, streamer in enumerate(streamers):
+                    with _service_names():
+                        result["completions"].append(_complete(loaded, messages, _nth(sampling, i), streamer))
             except UserError as e:  # e.g. a prompt longer than the model's context: the client's to fix
                 result["error"] = {"message": cut(e.problem, 500), "type": "invalid_request_error",
                                    "param": e.path, "code": None}
-                streamer.end()
             except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
                 result["error"] = {"message": f"generation failed ({type(e).__name__})", "type": "server_error",
                                    "param": None, "code": None}
-                streamer.end()
                 raise  # and logged with its traceback, which the client does not see
+            finally:
+                for streamer in streamers[len(result["completions"]):] if "error" in result else ():
+                    streamer.end()  # the failed answer's and the ones never started: their readers stop
 
-    def chunk(delta: dict, finish=None, **extra) -> str:
+    def chunk(index: int, delta: dict, finish=None, **extra) -> str:
         return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
-            {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}) + "\n\n"
+            {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}) + "\n\n"
 
     def events():
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield chunk({"role": "assistant", "content": ""})
-        for text in streamer:
-            if text:
-                yield chunk({"content": text})
+        for i, streamer in enumerate(streamers):
+            yield chunk(i, {"role": "assistant", "content": ""})
+            for text in _deltas(streamer, sampling.get("stop", ())):
+                if text:
+                    yield chunk(i, {"content": text})
+            # the answer's text is all out; its record follows as soon as generate returns
+            while len(result["completions"]) <= i and "error" not in result and thread.is_alive():
+                time.sleep(0.005)
+            if len(result["completions"]) <= i:
+                break
+            yield chunk(i, {}, result["completions"][i].finish)
         thread.join()
         if "error" in result:
             yield "data: " + json.dumps({"error": result["error"]}) + "\n\n"
-        else:
-            c = result["completion"]
-            yield chunk({}, _finish(c, sampling))
-            if usage:
-                yield "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": {
-                    "prompt_tokens": prompt_tokens, "completion_tokens": c.new_tokens,
-                    "total_tokens": prompt_tokens + c.new_tokens}}) + "\n\n"
+        elif usage:
+            tokens = sum(c.new_tokens for c in result["completions"])
+            yield "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": {
+                "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                "total_tokens": prompt_tokens + tokens}}) + "\n\n"
         yield "data: [DONE]\n\n"
     return events()
 
