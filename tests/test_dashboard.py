@@ -124,6 +124,37 @@ def test_dashboard_in_browser(page, service, tmp_path):
     expect(grid).to_be_visible(timeout=20_000)
     page.wait_for_function("() => document.querySelector('[data-testid=mistakes]').naturalWidth > 0")  # decoded
 
+    # (7) Cancel from the job's page: the running job stops and says so.
+    running = service.slow_job(epochs=6)
+    page.goto(f"{service.url}/#job={running}")
+    service.wait(running, "running", 120)
+    cancel = page.locator("#cancel")
+    expect(cancel).to_be_visible(timeout=20_000)
+    cancel.click()
+    expect(page.locator("#job-status")).to_have_text("cancelled", timeout=30_000)
+    assert service.job(running)["status"] == "cancelled"
+
+    # (8) The key's project and its quota use; an admin sees every project with theirs.
+    page.goto(f"{service.url}/#")
+    expect(page.get_by_test_id("me")).to_contain_text("project default (member)")
+    expect(page.get_by_test_id("projects")).to_be_hidden()
+    from tunelab.serve import keys
+
+    _, admin = keys.create(service.home, "dashboard admin", "ops", admin=True)
+    ops = next(p for p in keys.projects(service.home) if p["name"] == "ops")
+    req = urllib.request.Request(f"{service.url}/v1/organization/projects/{ops['id']}/quotas", method="POST",
+                                 data=json.dumps({"queued_jobs": 3, "file_bytes": 2_000_000}).encode(),
+                                 headers={"Authorization": f"Bearer {admin}", "Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).close()
+    page.context.add_cookies([{"name": "tunelab_key", "value": admin, "url": service.url, "sameSite": "Strict"}])
+    page.reload()  # (the page reads its key when it loads)
+    expect(page.get_by_test_id("me")).to_contain_text("project ops (admin)")
+    table = page.get_by_test_id("projects")
+    expect(table).to_be_visible()
+    expect(table.locator("tr[data-project=ops]")).to_contain_text("0 of 3")
+    expect(table.locator("tr[data-project=ops]")).to_contain_text("0 B of 2.0 MB")
+    expect(table.locator("tr[data-project=default]")).to_be_visible()
+
     assert not page.script_errors, f"JavaScript errors on the dashboard: {page.script_errors}"
 
 

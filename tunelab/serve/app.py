@@ -416,6 +416,16 @@ def _project(home: Path, project_id: str) -> dict:
     return _found(keys.project(home, project_id), project_id)
 
 
+@router.get("/v1/me")
+def me(home: Path = Home):
+    """tunelab's: the calling key's project (with its quotas and what it uses of them) and role."""
+    caller = access.current()
+    project = keys.project(home, caller.project) or {"id": caller.project, "name": caller.project,
+                                                     "created_at": 0, "archived_at": None}
+    return {"object": "tunelab.caller", "key_id": caller.key_id, "role": "admin" if caller.admin else "member",
+            "project": _project_object({**{c: None for c in access.QUOTAS.values()}, **project}, home)}
+
+
 @router.get("/v1/organization/projects")
 def list_projects(home: Path = Home, caller: access.Caller = Admin):
     return _list([_project_object(p, home) for p in keys.projects(home)], False)
