@@ -30,7 +30,7 @@ def world(tmp_path_factory, tiny_model, tiny_llama, slow_data):
     _, other = keys.create(svc.home, "rival", "rival")
     _, admin = keys.create(svc.home, "root", "ops", admin=True)
     yield {"svc": svc, "file": file_id, "job": done["id"], "model": done["fine_tuned_model"], "other": other,
-           "admin": admin}
+           "admin": admin, "results": done["result_files"][0]}
     svc.stop()
 
 
@@ -40,7 +40,7 @@ def routes(w: dict) -> list[tuple[str, str, dict | None]]:
     return [("GET", f"/v1/files/{f}", None), ("GET", f"/v1/files/{f}/content", None),
             ("GET", f"/v1/fine_tuning/jobs/{j}", None), ("GET", f"/v1/fine_tuning/jobs/{j}/events", None),
             ("GET", f"/v1/fine_tuning/jobs/{j}/checkpoints", None), ("GET", f"/v1/fine_tuning/jobs/{j}/metrics", None),
-            ("GET", f"/v1/models/{m}", None),
+            ("GET", f"/v1/models/{m}", None), ("GET", f"/v1/files/{w['results']}/content", None),
             ("POST", "/v1/classifications", {"model": m, "input": ["good great love"]}),
             ("POST", "/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": "hi"}]})]
 

@@ -404,9 +404,11 @@ class Run:
         path = self.home / "files" / f"{file_id}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(buf.getvalue(), encoding="utf-8")
-        self.con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records) "
-                         "VALUES (?, ?, ?, ?, 'fine-tune-results', ?, 'results', ?)",
-                         (file_id, "step_metrics.csv", path.stat().st_size, now(), path.name, len(rows)))
+        # the job's project's, as the job is (it counts toward that project's stored bytes)
+        self.con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, project) "
+                         "VALUES (?, ?, ?, ?, 'fine-tune-results', ?, 'results', ?, ?)",
+                         (file_id, "step_metrics.csv", path.stat().st_size, now(), path.name, len(rows),
+                          self.job["project"]))
         return file_id
 
     def _samples(self) -> None:
