@@ -187,6 +187,13 @@ def test_quotas_refuse_past_their_limit_and_say_which(world, tmp_path):
     wait_until(lambda: svc.request("GET", f"/v1/fine_tuning/jobs/{queued['id']}", auth=other)[1]["status"]
                in ("running", "succeeded"), 60, "the job never started once its quota allowed it")
 
+    # the finished job's result file is its project's, like the job
+    wait_until(lambda: svc.request("GET", f"/v1/fine_tuning/jobs/{queued['id']}", auth=other)[1]["status"]
+               == "succeeded", 120, "the job did not succeed")
+    results = svc.request("GET", f"/v1/fine_tuning/jobs/{queued['id']}", auth=other)[1]["result_files"][0]
+    assert svc.request("GET", f"/v1/files/{results}/content", auth=other)[0] == 200
+    assert svc.request("GET", f"/v1/files/{results}/content")[0] == 404
+
 
 def test_the_rate_limit_is_a_token_bucket_per_key():
     from tunelab.serve.limits import RateLimit
