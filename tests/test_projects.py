@@ -224,3 +224,30 @@ def test_past_the_rate_limit_a_key_gets_429_with_retry_after(make_service):
     assert codes[:6] == [200] * 6 and 429 in codes[6:]
     assert retry is not None and int(retry) >= 1 and body["error"]["code"] == "rate_limit_exceeded"
     assert svc.request("GET", "/health", auth=False)[0] == 200  # (not counted)
+
+
+def test_a_new_job_validates_every_projects_pending_jobs_not_only_its_own(tmp_path):
+    """The validation a job creation sets off runs as the service: another project's pending job (whose file the
+    creating key cannot see) is validated, not failed for a 'deleted' file."""
+    from tunelab.serve import access, files, jobs
+
+    home = tmp_path / "home"
+    db.connect(home)
+    others = access.Caller("key-b", keys.ensure_project(home, "b")["id"])
+    token = access.CALLER.set(others)
+    try:
+        data = "".join(json.dumps(r) + "\n" for r in make_rows(20, 1)).encode()
+        file_id = files.store(home, data, "b.jsonl", "fine-tune")["id"]
+        db.connect(home).execute(
+            "INSERT INTO jobs (id, seq, created_at, model, training_file, request, task, tuning, hyperparameters, "
+            "method, seed, status, project) VALUES ('ftjob-b', 1, 0, 'tiny', ?, '{}', 'classification', 'full', "
+            "'{}', ?, 0, 'validating_files', ?)", (file_id, '{"type": "supervised"}', others.project))
+    finally:
+        access.CALLER.reset(token)
+    token = access.CALLER.set(access.Caller("key-a", "proj-default"))  # a request of another project
+    try:
+        jobs.validate_pending(home)
+    finally:
+        access.CALLER.reset(token)
+    assert jobs.get(home, "ftjob-b")["status"] == "queued"
+    db._local.connections.clear()

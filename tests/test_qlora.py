@@ -74,3 +74,17 @@ def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(toy_config, mon
     with pytest.raises(UserError, match=r"--tuning qlora \(4-bit base weights through bitsandbytes\) needs the "
                                         r"'qlora' extra: pip install 'tunelab\[qlora\]'"):
         train(toy_config)
+
+
+def test_qlora_of_a_pooled_classifier_exports_and_predicts_as_trained(toy_config, tmp_path):
+    """A sentence-transformers folder (the default minilm) or model.pooling builds tunelab's pooled classifier,
+    whose quantized part is its backbone: the export de-quantizes it there, and the saved model predicts what the
+    run evaluated."""
+    from tunelab.predict import evaluate_file
+
+    toy_config.tuning.name, toy_config.model.pooling, toy_config.eval.bootstrap = "qlora", "mean", 0
+    result = train(toy_config)
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["model_type"] == "tunelab-pooled" and "quantization_config" not in config
+    again = evaluate_file(result.run_dir, toy_config.data.eval, str(tmp_path / "p.jsonl"), "cpu")
+    assert again["accuracy"] == pytest.approx(result.eval["accuracy"], abs=1 / 30)  # (float32 base vs 4-bit compute)

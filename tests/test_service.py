@@ -498,3 +498,12 @@ def test_checkpoint_models_answer_chat_completions_and_classifications(service, 
     assert status == 200 and out["choices"][0]["message"]["role"] == "assistant", out
     for missing in (early.replace("ckpt-step-", "ckpt-step-9"), early.rsplit(":", 2)[0] + ":000000000000:ckpt-step-1"):
         assert service.request("POST", "/v1/classifications", {"model": missing, "input": texts})[0] == 404
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfea", b"\x00\xd8a\x00b\x00c\x00d\x00"])
+def test_what_looks_like_utf16_but_is_not_is_a_400(data, service):
+    status, out = service.request("POST", "/v1/files", data=(
+        b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--b\r\n"
+        b"Content-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n" + data + b"\r\n--b--\r\n"),
+        headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400 and "x.jsonl" in out["error"]["message"], out

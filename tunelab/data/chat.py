@@ -72,8 +72,13 @@ def read_records(path: str | Path, cfg: DataConfig, parse, problems: Problems | 
 
 
 def _apply(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    from jinja2.exceptions import TemplateError
+
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # e.g. a template that refuses a system message, or roles out of turn
+        raise UserError(f"the model's chat template refused the conversation: {e}", "messages") from None
 
 
 def render(tokenizer, messages: list[dict], trained: list[int]) -> tuple[list[int], list[int]]:

@@ -48,7 +48,12 @@ def _decoded_lines(path: Path, encoding: str = "utf-8") -> list[str]:
         if codec is None:
             raise UserError("cannot tell the text encoding (not UTF-8, UTF-16, Shift_JIS or EUC-JP); "
                             "name it with --encoding CODEC", str(path), code="encoding")
-        return raw.decode(codec).lstrip("\ufeff").split("\n")
+        try:
+            return raw.decode(codec).lstrip("\ufeff").split("\n")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UserError(f"not valid {enc.name(codec)} text (byte {e.start}); name the encoding with --encoding "
+                            "CODEC, or re-save it as UTF-8", str(path), line, "encoding") from None
     if encoding not in ("utf-8", "utf8"):
         try:
             return raw.decode(encoding).split("\n")

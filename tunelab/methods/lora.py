@@ -83,7 +83,10 @@ class QLora(Lora):
             deltas = {name.removeprefix(prefix): layer.get_delta_weight(layer.active_adapter[0])
                       for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
             plain = copy.deepcopy(model).unload()  # the base, each new head its trained copy, no adapters
-            plain.dequantize()  # (transformers: the 4-bit linear layers back to plain ones)
+            # transformers turns the 4-bit layers back into plain ones, model by model: the quantized one may be
+            # a backbone inside tunelab's pooled classifier or token tagger
+            for quantized in [m for m in plain.modules() if getattr(m, "hf_quantizer", None) is not None]:
+                quantized.dequantize()
             for name, delta in deltas.items():
                 weight = plain.get_submodule(name).weight
                 weight += delta.to(weight.dtype)

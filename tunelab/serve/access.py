@@ -8,6 +8,7 @@ service's own workers and housekeeping run outside any request (CALLER None) and
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import dataclass
 
@@ -28,6 +29,17 @@ CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("tunelab_
 
 def current() -> Caller | None:
     return CALLER.get()
+
+
+@contextlib.contextmanager
+def as_service():
+    """Within the block, lookups are the service's own (not narrowed to a caller's project): for work a request
+    sets off that concerns every project, such as validating every pending job's files."""
+    token = CALLER.set(None)
+    try:
+        yield
+    finally:
+        CALLER.reset(token)
 
 
 def project_of_caller() -> str:

@@ -54,12 +54,12 @@ def _record(home: Path, row: dict, undo) -> dict:
     row["project"] = access.project_of_caller()
     con = connect(home)
     try:
+        row.setdefault("encoding", "utf-8")
         with transaction(con):
             access.check_file_bytes(con, row["project"], row["bytes"])
-            row.setdefault("encoding", "utf-8")
-        con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, project, "
-                    "encoding) VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, :records, "
-                    ":project, :encoding)", row)
+            con.execute("INSERT INTO files (id, filename, bytes, created_at, purpose, path, format, records, "
+                        "project, encoding) VALUES (:id, :filename, :bytes, :created_at, :purpose, :path, :format, "
+                        ":records, :project, :encoding)", row)
     except access.OverQuota:
         undo()
         raise
@@ -126,7 +126,11 @@ def _decoded(data: bytes, name: str) -> tuple[str, str]:
             line = data[:e.start].count(b"\n") + 1
             raise UserError(f"not UTF-8 text (nor UTF-16, Shift_JIS or EUC-JP; byte {e.start}): re-save it as UTF-8",
                             name, line) from None
-    text = data.decode(codec).lstrip("\ufeff")
+    try:
+        text = data.decode(codec).lstrip("\ufeff")
+    except UnicodeDecodeError as e:  # what looked like UTF-16 (a byte-order mark, NUL bytes) is not
+        raise UserError(f"not valid {enc.name(codec)} text (byte {e.start}): a binary file, or re-save it as UTF-8",
+                        name) from None
     if any(c < " " and c not in "\t\n\r\f" for c in text[:8192]):  # control characters: no text has them
         raise UserError("a binary file, not text", name)
     return text, "utf-8" if codec == "utf-8-sig" else codec
@@ -217,8 +221,8 @@ def delete(home: Path, file_id: str) -> bool:
         return False
     # A job names its data files as training_file, validation_file, or an id inside its request's config.
     busy = con.execute("SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ? OR instr(request, ?)) "
-                       "AND status IN ('validating_files', 'queued', 'running') LIMIT 1",
-                       (file_id, file_id, f'"{file_id}"')).fetchone()
+                       "AND status IN ('validating_files', 'queued', 'running') AND project = ? LIMIT 1",
+                       (file_id, file_id, f'"{file_id}"', row["project"])).fetchone()
     if busy:
         from tunelab.serve.jobs import Conflict
 

@@ -74,7 +74,7 @@ def _checkpoint(home: Path, model: str) -> tuple[str, str]:
 
     name, _, step = model.rpartition(":ckpt-step-")
     job = jobs.by_model_name(home, name)
-    if job is None or not step.isdigit():
+    if job is None or not (step.isascii() and step.isdigit()):
         raise LookupError(model)
     with _EXPORTING:  # one export of a checkpoint at a time (a second request finds it made)
         folder = export_checkpoint(jobs.run_dir(home, job["id"]), int(step))

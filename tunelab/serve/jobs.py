@@ -156,7 +156,13 @@ def cancel(home: Path, job_id: str) -> dict:
 
 
 def validate_pending(home: Path) -> None:
-    """Check the files of every job in validating_files with its task's reader: queued, or failed with the line."""
+    """Check the files of every job in validating_files with its task's reader: queued, or failed with the line.
+    Every project's: a request that sets it off (a new job) must not narrow it to its own project."""
+    with access.as_service():
+        _validate_pending(home)
+
+
+def _validate_pending(home: Path) -> None:
     con = connect(home)
     for job in con.execute("SELECT * FROM jobs WHERE status = 'validating_files' ORDER BY seq").fetchall():
         error = None
