@@ -507,3 +507,21 @@ def test_what_looks_like_utf16_but_is_not_is_a_400(data, service):
         b"Content-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n" + data + b"\r\n--b--\r\n"),
         headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert status == 400 and "x.jsonl" in out["error"]["message"], out
+
+
+def test_a_running_jobs_checkpoint_model_answers_while_it_trains(service):
+    job_id = service.slow_job(epochs=6)
+    service.wait(job_id, "running", 120)
+    from servicekit import wait_until
+
+    listed = []
+
+    def has_checkpoint():
+        listed[:] = service.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"]
+        return bool(listed)
+    wait_until(has_checkpoint, 120, "no checkpoint while the job ran")
+    status, out = service.request("POST", "/v1/classifications", {
+        "model": listed[-1]["fine_tuned_model_checkpoint"], "input": ["good great love"]})
+    assert status == 200 and out["data"][0]["label"] in ("positive", "negative", "neutral"), out
+    assert service.job(job_id)["status"] == "running"  # answered from the checkpoint, not the final model
+    service.request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")

@@ -81,10 +81,7 @@ def build_job(cfg: Config, device: torch.device) -> Job:
     if task.modality == "text":
         _check_language(tokenizer, splits.train, cfg.model.name)
     pad_id = tokenizer.pad_token_id or 0
-    if task.model_class == "AutoModelForSequenceClassification":
-        # A decoder's classifier (the reward model) reads each row at its last token that is not padding: it must
-        # know the id the batches are padded with.
-        model.config.pad_token_id = pad_id
+    task.set_padding(model, pad_id)
     text_augment = cfg.train.augment and task.modality == "text"  # (images: augmented as batches are drawn)
     train = splits.train + (augment_examples(splits.train, parse_ops(cfg.train.augment), cfg.train.augment_rate,
                                              cfg.train.augment_copies, cfg.train.seed, tokenizer,

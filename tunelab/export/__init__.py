@@ -84,33 +84,44 @@ def measure_inference(model: nn.Module, items: list[dict], pad_id: int, device, 
             "measured_on": len(sample), "device": str(device)}
 
 
+def exported_checkpoint(run: Path, step: int) -> Path | None:
+    """The checkpoint's folder if `export_checkpoint` has made it servable already."""
+    folder = Path(run) / "checkpoints" / f"step-{step:07d}"
+    return folder if (folder / "model" / "config.json").is_file() and (folder / "config.yaml").is_file() else None
+
+
 def export_checkpoint(run: Path, step: int) -> Path:
-    """A resumable checkpoint of `run` exported as the run's own `model/` is (its adapters merged, its labels and
-    chat template kept), into RUN/checkpoints/step-N/model once, with the run's config.yaml beside it: a folder
-    that loads like a finished run (OpenAI's `ft:…:ckpt-step-N` models). The training-time model is rebuilt as the
-    run built it (the base model, the method's wrapping) and takes the checkpoint's weights."""
+    """A resumable checkpoint of `run` (finished or still training) exported as the run's own `model/` is (its
+    adapters merged, its labels, scaling and chat template kept), into RUN/checkpoints/step-N/model once, with the
+    run's config.yaml beside it: a folder that loads like a finished run (OpenAI's `ft:…:ckpt-step-N` models). The
+    training-time model is rebuilt as the run built it (its data's label space, the base model, the method's
+    wrapping) and takes the checkpoint's weights. Raises LookupError when the run does not keep that checkpoint."""
     import shutil
 
     from safetensors.torch import load_model
 
     from tunelab import config as config_mod
+    from tunelab.data import load_splits
     from tunelab.errors import UserError
     from tunelab.methods import METHODS
-    from tunelab.tasks import runs
+    from tunelab.tasks import TASKS
 
+    done = exported_checkpoint(run, step)
+    if done is not None:
+        return done
     folder = Path(run) / "checkpoints" / f"step-{step:07d}"
-    if (folder / "model" / "config.json").is_file() and (folder / "config.yaml").is_file():
-        return folder
     if not (folder / "model.safetensors").is_file():
         raise LookupError(f"checkpoint step {step}")
-    cfg, task, final, tokenizer, space = runs.load_run(run)
-    if task.name == "regression" or cfg.tuning.name in ("distill", "head"):
-        raise UserError(f"checkpoints of a {task.name if task.name == 'regression' else cfg.tuning.name} run are "
-                        "not served (its final model is folded from the whole run); use the fine-tuned model",
-                        "model")
     cfg = config_mod.load_yaml(Path(run) / "config.yaml")
+    if cfg.tuning.name == "distill":
+        raise UserError("checkpoints of a distill run are not served (its student needs its teacher to rebuild); "
+                        "use the fine-tuned model", "model")
+    task = TASKS[cfg.task]
+    splits = load_splits(task, cfg)
+    space = splits.space.configure(cfg)
     method = METHODS[cfg.tuning.name]()
-    model, _ = method.build(cfg, task, space, [])
+    model, tokenizer = method.build(cfg, task, space, splits.train)
+    task.set_padding(model, tokenizer.pad_token_id or 0)
     model = method.prepare(model, cfg.tuning)
     load_model(model, str(folder / "model.safetensors"), strict=True)
     export_model(folder, model.eval(), method, tokenizer, task, space)

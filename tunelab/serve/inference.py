@@ -70,14 +70,22 @@ def locate(home: Path, model: str) -> tuple[str, str | None]:
 def _checkpoint(home: Path, model: str) -> tuple[str, str]:
     """A checkpoint model `ft:…:ckpt-step-N` (GET …/checkpoints names them, for running jobs too): its job's kept
     checkpoint, exported once as a run's model is (tunelab.export.export_checkpoint)."""
-    from tunelab.export import export_checkpoint
+    from tunelab.export import export_checkpoint, exported_checkpoint
 
     name, _, step = model.rpartition(":ckpt-step-")
     job = jobs.by_model_name(home, name)
     if job is None or not (step.isascii() and step.isdigit()):
         raise LookupError(model)
-    with _EXPORTING:  # one export of a checkpoint at a time (a second request finds it made)
-        folder = export_checkpoint(jobs.run_dir(home, job["id"]), int(step))
+    run = jobs.run_dir(home, job["id"])
+    folder = exported_checkpoint(run, int(step))
+    if folder is None:
+        try:
+            with _EXPORTING:  # one export of a checkpoint at a time (a second request finds it made)
+                folder = export_checkpoint(run, int(step))
+        except OSError:  # the training process rotated the checkpoint away meanwhile
+            raise LookupError(model) from None
+        except UserError as e:  # (its own words, without the run's server paths)
+            raise UserError(f"checkpoint {model} cannot be served: {e.problem}", "model") from None
     return str(folder), job["task"]
 
 

@@ -246,6 +246,12 @@ class Task:
         """Extra headline figures for metrics.json from the training log and the final eval metrics."""
         return {}
 
+    def set_padding(self, model: nn.Module, pad_id: int) -> None:
+        """Tell the model the id its batches are padded with, where it reads it: a decoder's sequence classifier (a
+        reward model) reads each row at its last token that is not padding."""
+        if self.model_class == "AutoModelForSequenceClassification":
+            model.config.pad_token_id = pad_id
+
     def finalize(self, model: nn.Module, space: Space) -> None:
         """Last touches on the exported copy so it works in plain transformers (e.g. regression scaling)."""
         model.config.update({"tunelab_task": self.name})
