@@ -422,7 +422,8 @@ def torchrun(argv: list[str], processes: int = 2):
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                            "--master_port", str(free_port()), "-m", "tunelab", *argv],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)  # (processes whose collectives do not meet hang: fail instead)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -66,11 +66,14 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes_on_one(toy_config,
 
 
 @pytest.mark.slow
-def test_fsdp_lora_chat_on_a_decoder_with_tied_embeddings_equals_one_process(lm_config, tmp_path):
-    """peft's LoRA on a sharded Llama whose output layer is its input embeddings: the same losses as one process,
-    and the weights gathered back from the shards export the same merged model."""
-    cfg = lm_config("chat", "lora")
+@pytest.mark.parametrize("task, tuning", [("chat", "lora"), ("mlm", "full")])
+def test_fsdp_on_tied_embeddings_equals_one_process(task, tuning, lm_config, tmp_path):
+    """peft's LoRA on a sharded Llama whose output layer is its input embeddings, and BERT's masked-LM decoder tied
+    to its embeddings (which therefore stay in the root unit): the same losses as one process, and the weights
+    gathered back from the shards export the same model."""
+    cfg = lm_config(task, tuning)
     cfg.train.strategy, cfg.eval.bootstrap, cfg.tuning.lora_dropout = "fsdp", 0, 0.0  # (each process draws its own)
+    cfg.model.dropout = 0.0
     one, two = one_and_two_processes(cfg, tmp_path)
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     assert largest_difference(one, two) < 0.2 * cfg.train.lr  # the merged exports: every weight gathered back
@@ -96,6 +99,32 @@ def test_a_sharded_checkpoint_resumed_after_a_crash_equals_the_uninterrupted_run
     assert losses(straight.run_dir) == losses(resumed.run_dir)
     a, b = weights(straight.run_dir), weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp_with_accumulation_and_a_short_last_batch_equals_one_process(toy_config, tmp_path):
+    """93 examples in global batches of 8 (2 processes x 2 micro-batches of 2): the short batch of 5 gives the first
+    process 3 examples (2 micro-batches) and the second 2 (one), and FSDP's collectives still meet (the second runs
+    a micro-batch of weight 0)."""
+    from conftest import make_rows, write_jsonl
+
+    toy_config.model.dropout, toy_config.tuning.name, toy_config.train.strategy = 0.0, "full", "fsdp"
+    toy_config.eval.bootstrap, toy_config.eval.probe = 0, False
+    toy_config.data.train = str(write_jsonl(tmp_path / "ninety-three.jsonl", make_rows(93, 3)))
+    toy_config.train.grad_accum = 2
+    toy_config.train.epochs = 1
+    toy_config.train.batch_size, toy_config.output = 4, str(tmp_path / "one")
+    from tunelab.config import save_yaml
+
+    save_yaml(toy_config, tmp_path / "one.yaml")
+    toy_config.train.batch_size, toy_config.output = 2, str(tmp_path / "two")
+    save_yaml(toy_config, tmp_path / "two.yaml")
+    forkrun.run(["train", str(tmp_path / "one.yaml")], check=True)
+    from conftest import torchrun
+
+    torchrun(["train", str(tmp_path / "two.yaml")])
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    assert len(losses(tmp_path / "two")) == 12  # ceil(93 / 8)
 
 
 def test_a_global_batch_that_the_processes_cannot_share_is_refused(toy_config, tmp_path):

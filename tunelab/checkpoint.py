@@ -9,7 +9,6 @@ instead (`dcp/`: every process writes its own shards, and any number of processe
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import warnings
@@ -117,8 +116,9 @@ def _dcp(action: str, states: dict, path: Path) -> None:
     within this one process where there is none (its notice that it assumes so is expected, not shown)."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings() if not dist.is_initialized() else contextlib.nullcontext():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         getattr(dcp, action)(states, checkpoint_id=path)
 
 

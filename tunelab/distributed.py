@@ -52,9 +52,19 @@ def teardown(d: Dist) -> None:
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks: the modules of the classes transformers names in `_no_split_modules` (a
-    transformer layer, the embeddings), the units FSDP gathers one at a time."""
+    transformer layer, the embeddings), the units FSDP gathers one at a time — except a block with a parameter that
+    a module outside it uses too (BERT's embeddings, tied to its masked-LM decoder): a tie must stay within one
+    unit, so that block stays with the rest of the model."""
     names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
-    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    found = [(name, m) for name, m in model.named_modules() if type(m).__name__ in names and m is not model]
+    owners: dict[int, set[str]] = {}  # parameter -> the modules that hold it directly
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(name)
+
+    def self_contained(prefix: str, block: nn.Module) -> bool:
+        return all(o == prefix or o.startswith(prefix + ".") for p in block.parameters() for o in owners[id(p)])
+    return [m for name, m in found if self_contained(name, m)]
 
 
 def shard(model: nn.Module, d: Dist) -> nn.Module:

@@ -86,18 +86,20 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
     tables `speed.reused_embedding_grads` yielded, for the clip."""
     t, d = loop.cfg.train, loop.dist
     micro = split_global(batch, d.rank, d.world, t.batch_size)
+    weights = [1.0] * len(micro)
     if not micro:  # this process got no examples of a short last batch: contribute zero gradient
-        micro, weight = [[batch[0]]], 0.0
-    else:
-        weight = 1.0
+        micro, weights = [[batch[0]]], [0.0]
+    if d.sharded:  # FSDP gathers and reduces on every micro-batch: each process runs as many as the first one,
+        most = len(split_global(batch, 0, d.world, t.batch_size))  # which has the largest share
+        micro, weights = micro + [[batch[0]]] * (most - len(micro)), weights + [0.0] * (most - len(micro))
     # Sum the loss and divide by the global batch's loss units (examples, or labelled tokens for ner), times the
     # world because DDP averages gradients: any split into processes and micro-batches gives the same gradient.
     units = sum(loop.task.units(loop.train_items[j]) for j in batch)
-    scale = weight * d.world / max(units, 1)
+    scale = d.world / max(units, 1)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     total = torch.zeros((), device=d.device)
     sums: dict[str, float] = {}
-    for i, idx in enumerate(micro):
+    for i, (idx, weight) in enumerate(zip(micro, weights)):
         inputs = {k: v.to(d.device) for k, v in loop.method.collate(loop.task, [loop.train_items[j] for j in idx],
                                                                     loop.pad_id).items()}
         with (_gradient_sync(ddp, d, i == len(micro) - 1),
@@ -105,7 +107,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
             with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None,
                                 cache_enabled=False):  # (see pipeline.train: weights change every step)
                 loss, extra = loop.method.forward(loop.task, ddp, inputs, loop.space)
-            loss = loss * scale
+            loss = loss * scale * weight
             for k, v in extra.items():
                 sums[k] = sums.get(k, 0.0) + v * weight
             if t.l1 > 0:  # one L1 term per step, shared out over the micro-batches in proportion to their size
@@ -113,7 +115,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
                 loss = loss + t.l1 * l1 * len(idx) * weight * d.world / len(batch)
             with torch.autocast(d.device.type, enabled=False):  # (a run in model.dtype is inside one)
                 loss.backward()
-        total += loss.detach() * weight
+        total += loss.detach()
     if t.max_grad_norm > 0 and d.sharded:  # torch's clip reads the norm of sharded gradients over every process
         nn.utils.clip_grad_norm_(params, t.max_grad_norm)
     elif t.max_grad_norm > 0:
@@ -172,6 +174,10 @@ def _evaluate(loop: Loop, state: TrainState) -> dict:
     m = evaluate(loop.task, loop.model, loop.eval_items, loop.space, loop.pad_id, loop.dist.device,
                  _autocast_dtype(loop))
     value = m[loop.metric]
+    if loop.dist.world > 1:  # every process decides on the first one's number: the same best step, the same stop
+        shared = torch.tensor([float(value)], dtype=torch.float64, device=loop.dist.device)
+        torch.distributed.broadcast(shared, 0)
+        value = shared.item()
     if loop.task.better(loop.metric, value, state.best):
         state.best, state.best_step, state.bad_evals = value, state.step, 0
         if t.early_stopping_patience > 0 and (loop.dist.main or loop.dist.sharded):

@@ -28,6 +28,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.strategy == "fsdp" and (cfg.tuning.name in ("head", "distill", "qlora") or task.modality != "text"):
         raise UserError(f"train.strategy fsdp shards a text model's training over processes; {cfg.tuning.name} "
                         f"tuning of the {cfg.task} task runs on ddp (the default)", "train.strategy")
+    if cfg.train.strategy == "fsdp" and cfg.train.l1 > 0:
+        raise UserError("train.l1 is not offered with train.strategy fsdp (each process holds part of each weight)",
+                        "train.l1")
     if cfg.model.pooling != "auto" and (not task.pools or task.modality != "text"):
         raise UserError(f"model.pooling applies to classification, multilabel and regression, not {cfg.task}",
                         "model.pooling")
