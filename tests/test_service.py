@@ -525,3 +525,20 @@ def test_a_running_jobs_checkpoint_model_answers_while_it_trains(service):
     assert status == 200 and out["data"][0]["label"] in ("positive", "negative", "neutral"), out
     assert service.job(job_id)["status"] == "running"  # answered from the checkpoint, not the final model
     service.request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
+
+
+def test_storage_holds_the_files_and_run_folders_apart_from_the_home(make_service, tmp_path):
+    """--storage DIR: uploads and job folders go to DIR (a mount every worker host reaches); the home keeps the
+    rest. The workers the server starts inherit it."""
+    shared = tmp_path / "shared"
+    svc = make_service(args=("--storage", str(shared)))
+    file_id = svc.upload(write_jsonl(tmp_path / "s.jsonl", make_rows(30, 9)))
+    job = svc.create(model="tiny-bert", training_file=file_id, seed=0, hyperparameters={"n_epochs": 1},
+                     config={"data": {"max_length": 32}, "eval": {"bootstrap": 0, "probe": False}})
+    done = svc.wait(job["id"], ("succeeded", "failed"), 300)
+    assert done["status"] == "succeeded", done["error"]
+    assert (shared / "files" / f"{file_id}.jsonl").is_file()
+    assert (shared / "jobs" / job["id"] / "run" / "model" / "config.json").is_file()
+    assert not (svc.home / "files").exists() and not (svc.home / "jobs").exists()
+    assert svc.request("POST", "/v1/classifications", {"model": done["fine_tuned_model"], "input": ["good"]})[0] == 200
+    assert svc.request("GET", f"/v1/files/{file_id}/content")[1].startswith('{"text"')

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def cmd_serve(args) -> int:
     from tunelab.serve import inference
 
     inference.DEVICE = device  # where the endpoints' models answer
+    _use_storage(args.storage)
     serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb, args.max_job_hours,
           args.body_timeout, args.rate_limit)
     return 0
@@ -39,8 +41,19 @@ def cmd_worker(args) -> int:
     from tunelab.serve.worker import run_worker
 
     _positive_hours(args.max_job_hours)
+    _use_storage(args.storage)
     run_worker(Path(args.home), args.max_job_hours, args.server_id)
     return 0
+
+
+def _use_storage(folder: str | None) -> None:
+    """--storage: the uploads and job folders go there (tunelab.serve.storage); the workers a server starts inherit
+    it through the environment."""
+    if folder:
+        from tunelab.serve import storage
+        from tunelab.serve.db import private_dir
+
+        os.environ[storage.ENV] = str(private_dir(Path(folder).resolve()))
 
 
 def _positive_hours(hours: float | None) -> None:
@@ -97,6 +110,8 @@ def add_parsers(sub) -> None:
         service_parser.add_argument("--max-job-hours", type=float, default=24,
                        help="A job whose attempts have run longer fails with time_limit_exceeded and keeps its "
                             "checkpoints (default: 24).")
+        service_parser.add_argument("--storage", help="Folder for the uploaded files and the jobs' run folders "
+                                    "(default: inside --home); a shared mount for workers on several hosts.")
     ke = sub.add_parser("keys", help="API keys of the service: create (shown once), list, revoke.")
     ksub = ke.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="Make a key and print it once (only its hash is stored).")

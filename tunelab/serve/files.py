@@ -11,7 +11,7 @@ from pathlib import Path
 from tunelab.config import DataConfig
 from tunelab.data.formats import FORMAT_TASK, detect_format
 from tunelab.errors import UserError
-from tunelab.serve import access
+from tunelab.serve import access, storage
 from tunelab.serve.db import connect, new_id, now, private_dir, transaction
 
 EXTENSIONS = (".jsonl", ".csv", ".txt", ".zip")
@@ -69,8 +69,8 @@ def _record(home: Path, row: dict, undo) -> dict:
 def _remove_archive(home: Path, file_id: str) -> None:
     import shutil
 
-    shutil.rmtree(Path(home) / "files" / file_id, ignore_errors=True)
-    (Path(home) / "files" / f"{file_id}.zip").unlink(missing_ok=True)
+    shutil.rmtree(storage.files_dir(home) / file_id, ignore_errors=True)
+    (storage.files_dir(home) / f"{file_id}.zip").unlink(missing_ok=True)
 
 
 def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str | None = None) -> dict:
@@ -96,7 +96,7 @@ def store(home: Path, data: bytes, filename: str | None, purpose: str, task: str
         if task not in TASKS:
             raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", "task")
     file_id = new_id("file")
-    folder = private_dir(Path(home) / "files")
+    folder = private_dir(storage.files_dir(home))
     final, tmp = folder / f"{file_id}{ext}", folder / f".upload-{file_id}{ext}"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(data)
@@ -146,7 +146,7 @@ def _store_archive(home: Path, data: bytes, name: str, purpose: str, task: str |
     if task is not None and not task.startswith("image-"):
         raise UserError(f"a .zip upload holds images; task {task!r} reads text files", "task")
     file_id = new_id("file")
-    folder = private_dir(Path(home) / "files")
+    folder = private_dir(storage.files_dir(home))
     tmp = folder / f".upload-{file_id}"
     try:
         root = unpack(data, tmp, name, MAX_UNPACKED)
@@ -192,7 +192,7 @@ def _check_table(table: Path, task: str, name: str, root: Path) -> int:
 
 def content_path(home: Path, row: dict) -> Path:
     """What GET …/content sends: the uploaded file (a zip of images, not its unpacked folder)."""
-    return Path(home) / "files" / f"{row['id']}.zip" if row["format"] in IMAGE_TASK else path_of(home, row)
+    return storage.files_dir(home) / f"{row['id']}.zip" if row["format"] in IMAGE_TASK else path_of(home, row)
 
 
 def get(home: Path, file_id: str) -> dict | None:
@@ -202,7 +202,7 @@ def get(home: Path, file_id: str) -> dict | None:
 
 
 def path_of(home: Path, row: dict) -> Path:
-    return Path(home) / "files" / row["path"]
+    return storage.files_dir(home) / row["path"]
 
 
 def public(row: dict) -> dict:
@@ -231,7 +231,7 @@ def delete(home: Path, file_id: str) -> bool:
     if row["format"] in IMAGE_TASK:  # an archive: its unpacked folder and the zip
         import shutil
 
-        shutil.rmtree(Path(home) / "files" / row["id"], ignore_errors=True)
+        shutil.rmtree(storage.files_dir(home) / row["id"], ignore_errors=True)
     content_path(home, row).unlink(missing_ok=True)
     return True
 
@@ -239,5 +239,5 @@ def delete(home: Path, file_id: str) -> bool:
 def remove_partial_uploads(home: Path) -> None:
     import shutil
 
-    for tmp in (Path(home) / "files").glob(".upload-*"):
+    for tmp in (storage.files_dir(home)).glob(".upload-*"):
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)

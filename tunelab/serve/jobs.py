@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.serve import access, files
+from tunelab.serve import access, files, storage
 from tunelab.serve.db import connect, dumps, loads, now, transaction
 
 MAX_ATTEMPTS = 3
@@ -56,7 +56,7 @@ def by_model_name(home: Path, name: str) -> dict | None:
 
 
 def run_dir(home: Path, job_id: str) -> Path:
-    return Path(home) / "jobs" / job_id / "run"
+    return storage.job_dir(home, job_id) / "run"
 
 
 def model_name(job: dict) -> str:

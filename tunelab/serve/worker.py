@@ -33,7 +33,7 @@ from pathlib import Path
 from tunelab import config as config_mod
 from tunelab.errors import cut
 from tunelab.rundir import HistoryTail, RunDir, is_train_row, openai_train_metrics, openai_valid_metrics
-from tunelab.serve import files, job_request, jobs
+from tunelab.serve import files, job_request, jobs, storage
 from tunelab.serve.db import connect, dumps, loads, new_id, now, transaction
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class Run:
         self.limit = max_job_hours * 3600 if max_job_hours else float("inf")
         self.ran_before, self.max_job_hours = job["ran_seconds"], max_job_hours
         self.id, self.attempt = job["id"], job["attempts"]
-        self.folder = home / "jobs" / self.id
+        self.folder = storage.job_dir(home, self.id)
         self.run_dir = jobs.run_dir(home, self.id)
         self.con = connect(home)
         self.total = loads(job["hyperparameters"])["n_epochs"]  # "auto": the method's, read from the run's config
@@ -401,7 +401,7 @@ class Run:
         writer.writeheader()
         writer.writerows(rows)
         file_id = new_id("file")
-        path = self.home / "files" / f"{file_id}.csv"
+        path = storage.files_dir(self.home) / f"{file_id}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(buf.getvalue(), encoding="utf-8")
         # the job's project's, as the job is (it counts toward that project's stored bytes)
