@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: demo test test-fast venv browser clean
+.PHONY: demo test test-fast venv browser postgres clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,11 +33,17 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| (echo "the dashboard test needs Debian's chromium: apt-get install -y chromium" && false)
 
+# The service's PostgreSQL tests start a real server from Debian's postgresql package (initdb and pg_ctl in a temporary
+# folder, a Unix socket only): install it when missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null) \
+		|| (echo "the PostgreSQL tests need Debian's postgresql: apt-get install -y postgresql" && false)
+
 # Two workers, one thread each; whole modules go to one worker (--dist loadscope: module fixtures are built once),
 # in the order tests/conftest.py gives them, longest first (xdist would otherwise order them by their test count).
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
-test: venv browser
+test: venv browser postgres
 	$(PYTEST) --durations=10
 
 # A few minutes: everything but the tests marked slow (real models, compare runs, subprocesses), the ones that start

@@ -445,3 +445,50 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.service)
     rank = {name: i for i, name in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the order within a module stays
+
+
+# --- PostgreSQL: a real server for the service's tests against it ------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (Debian's package: `make test` installs it), its cluster in a temporary
+    folder and a Unix socket only; run as the `postgres` user when the tests run as root, which PostgreSQL refuses.
+    Yields a factory of fresh, empty databases (their URLs)."""
+    import glob
+    import itertools
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("Debian's postgresql is needed: apt-get install -y postgresql (make test does it)", pytrace=False)
+    bindir = Path(found[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="tunelab-pg-"))
+    as_user = []
+    if os.getuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = root / "data"
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tunelab", "--no-sync",
+                    "-E", "UTF8"], check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                    f"-k {root} -c listen_addresses='' -c fsync=off -c max_connections=200", "start"],
+                   check=True, capture_output=True)
+    numbers = itertools.count()
+
+    def fresh() -> str:
+        import psycopg
+
+        name = f"t{os.getpid()}_{next(numbers)}"
+        with psycopg.connect(f"postgresql://tunelab@/postgres?host={root}", autocommit=True) as con:
+            con.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://tunelab@/{name}?host={root}"
+
+    yield fresh
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                   capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

@@ -23,6 +23,7 @@ EXTRAS = {
     "check": "the data check (tunelab data check, tunelab data clean)",
     "vision": "image tasks (torchvision, timm and the bundled EfficientNet-Lite0)",
     "qlora": "--tuning qlora (4-bit base weights through bitsandbytes)",
+    "postgres": "the service's state in PostgreSQL (--db postgresql://...)",
     "data": "the bundled corpora (tunelab data tweets, topics, japanese-ner, chitchat, chatterbot-ja)",
 }
 

@@ -28,6 +28,7 @@ def cmd_serve(args) -> int:
     from tunelab.serve import inference
 
     inference.DEVICE = device  # where the endpoints' models answer
+    _use_db(args.db)
     _use_storage(args.storage)
     serve(Path(args.home), args.host, args.port, args.workers, args.max_upload_mb, args.max_job_hours,
           args.body_timeout, args.rate_limit)
@@ -42,8 +43,21 @@ def cmd_worker(args) -> int:
 
     _positive_hours(args.max_job_hours)
     _use_storage(args.storage)
+    _use_db(args.db)
     run_worker(Path(args.home), args.max_job_hours, args.server_id)
     return 0
+
+
+def _use_db(address: str | None) -> None:
+    """--db: the state in that PostgreSQL database (tunelab.serve.pg) instead of HOME/tunelab.db; the workers a server
+    starts inherit it through the environment."""
+    if address:
+        if not address.startswith(("postgresql://", "postgres://")):
+            raise UserError("must be a PostgreSQL URL (postgresql://USER@HOST/DB); without --db the state is "
+                            "HOME/tunelab.db", "--db")
+        from tunelab.serve.db import DB_ENV
+
+        os.environ[DB_ENV] = address
 
 
 def _use_storage(folder: str | None) -> None:
@@ -65,6 +79,7 @@ def cmd_keys(args) -> int:
     from tunelab.serve import keys
 
     home = Path(args.home)
+    _use_db(args.db)
     if args.keys_command == "create":
         key_id, key = keys.create(home, args.name, args.project, args.admin)
         role = "an admin key" if args.admin else "a key"
@@ -126,4 +141,7 @@ def add_parsers(sub) -> None:
     kr.add_argument("id")
     for k in (kc, kl, kr):
         k.add_argument("--home", default="tunelab-service")
+    for db_parser in (se, wo, kc, kl, kr):
+        db_parser.add_argument("--db", help="postgresql://USER@HOST/DB: the service's state (keys, files, jobs, "
+                               "events) in PostgreSQL, shared by every host's workers (default: HOME/tunelab.db).")
     ke.set_defaults(func=cmd_keys)

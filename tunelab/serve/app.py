@@ -212,7 +212,8 @@ def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(.
 
 @router.get("/v1/files")
 def list_files(purpose: str | None = None, limit: int = 20, after: str | None = None, home: Path = Home):
-    sql, params = access.scoped("SELECT * FROM files WHERE (? IS NULL OR purpose = ?)", (purpose, purpose))
+    sql, params = access.scoped("SELECT * FROM files WHERE (CAST(? AS TEXT) IS NULL OR purpose = ?)",
+                                (purpose, purpose))
     rows = [files.public(dict(r)) for r in connect(home).execute(
         sql + " ORDER BY created_at DESC, rowid DESC", params).fetchall()]
     return _page(rows, after, limit, "file")

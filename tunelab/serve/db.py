@@ -78,12 +78,25 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def connect(home: Path) -> sqlite3.Connection:
-    """This thread's connection to HOME/tunelab.db (created with its tables on first use)."""
-    path = str(Path(home) / "tunelab.db")
+DB_ENV = "TUNELAB_DB"  # a postgresql:// URL: the state there instead of HOME/tunelab.db (`--db`; workers inherit it)
+
+
+def url() -> str | None:
+    """The PostgreSQL database the service's processes share, if one was given."""
+    return os.environ.get(DB_ENV) or None
+
+
+def connect(home: Path):
+    """This thread's connection: to the PostgreSQL database of `--db` when one was given (tunelab.serve.pg), else to
+    HOME/tunelab.db (created with its tables on first use)."""
     cache = getattr(_local, "connections", None)
     if cache is None:
         cache = _local.connections = {}
+    if url():
+        if url() not in cache:
+            cache[url()] = _connect_pg(url())
+        return cache[url()]
+    path = str(Path(home) / "tunelab.db")
     if path not in cache:
         private_dir(Path(home))
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -137,10 +150,38 @@ def _migrate(con: sqlite3.Connection) -> None:
     con.executescript(INDEXES)
 
 
+def _connect_pg(address: str):
+    """A connection to the PostgreSQL database, its tables made or brought to VERSION on first use: the same schema
+    and added columns as SQLite's (tunelab.serve.pg translates the types), under the writers' lock."""
+    from tunelab.serve import pg
+
+    con = pg.Connection(address)
+    with transaction(con):
+        con.executescript(pg.ddl(SCHEMA))
+        for table, column, declaration in ADDED:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {pg.ddl(declaration)}")
+        con.execute("ALTER TABLE files ADD COLUMN IF NOT EXISTS rowid BIGSERIAL")  # (SQLite's implicit order)
+        con.executescript(INDEXES)
+        con.execute("INSERT INTO projects (id, name, created_at) VALUES ('proj-default', 'default', ?) "
+                    "ON CONFLICT DO NOTHING", (now(),))
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        con.execute("INSERT INTO meta (key, value) VALUES ('version', ?) ON CONFLICT (key) DO UPDATE SET "
+                    "value = excluded.value", (str(VERSION),))
+    return con
+
+
+def dialect(con) -> str:
+    return getattr(con, "dialect", "sqlite")
+
+
 @contextlib.contextmanager
-def transaction(con: sqlite3.Connection):
-    """BEGIN IMMEDIATE … COMMIT: the write lock is taken first, so a read-then-write cannot race another process."""
-    con.execute("BEGIN IMMEDIATE")
+def transaction(con):
+    """BEGIN IMMEDIATE … COMMIT: the write lock is taken first, so a read-then-write cannot race another process
+    (PostgreSQL: BEGIN and the writers' advisory lock, tunelab.serve.pg)."""
+    if dialect(con) == "postgresql":
+        con.begin()
+    else:
+        con.execute("BEGIN IMMEDIATE")
     try:
         yield con
     except BaseException:
@@ -169,5 +210,6 @@ def dumps(obj) -> str:
 
 
 def integrity(home: Path) -> str:
-    """`PRAGMA integrity_check`: "ok" for a sound database."""
-    return connect(home).execute("PRAGMA integrity_check").fetchone()[0]
+    """`PRAGMA integrity_check`: "ok" for a sound database (PostgreSQL checks its own)."""
+    con = connect(home)
+    return "ok" if dialect(con) == "postgresql" else con.execute("PRAGMA integrity_check").fetchone()[0]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import time
 from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.serve import access, files, storage
-from tunelab.serve.db import connect, dumps, loads, now, transaction
+from tunelab.serve.db import connect, dialect, dumps, loads, now, transaction
 
 MAX_ATTEMPTS = 3
 UNFINISHED = ("validating_files", "queued", "running")
@@ -195,7 +196,8 @@ def claim(home: Path, worker_id: str) -> dict | None:
         row = con.execute(
             "SELECT j.id, j.attempts FROM jobs j LEFT JOIN projects p ON p.id = j.project WHERE j.status = 'queued' "
             "AND (p.max_running_jobs IS NULL OR (SELECT COUNT(*) FROM jobs r WHERE r.project = j.project "
-            "AND r.status = 'running') < p.max_running_jobs) ORDER BY j.seq LIMIT 1").fetchone()
+            "AND r.status = 'running') < p.max_running_jobs) ORDER BY j.seq LIMIT 1"
+            + (" FOR UPDATE OF j SKIP LOCKED" if dialect(con) == "postgresql" else "")).fetchone()
         if row is None:
             return None
         con.execute("UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, heartbeat_at = ?, "
@@ -244,14 +246,32 @@ def server_lock(home: Path, server_id: str) -> Path:
     return Path(home) / "servers" / f"{server_id}.lock"
 
 
-def worker_alive(home: Path, worker_id: str | None) -> bool:
-    """Whether the worker process still holds its lock (the kernel frees it at death, SIGKILL included)."""
-    return bool(worker_id) and _held(worker_lock(home, worker_id))
+LEASE_ENV = "TUNELAB_LEASE_SECONDS"
+
+
+def lease_seconds() -> float:
+    """How long a job stays a worker's without a heartbeat, where workers may be on other hosts (PostgreSQL)."""
+    return float(os.environ.get(LEASE_ENV) or 60)
+
+
+def worker_alive(home: Path, worker_id: str | None, job=None) -> bool:
+    """Whether the worker running `job` is alive. With SQLite (one host): whether its process still holds its lock
+    (the kernel frees it at death, SIGKILL included). With PostgreSQL, whose workers may run on other hosts:
+    whether it renewed the job's lease — its heartbeat, written every second while the job trains — within
+    `lease_seconds`."""
+    if not worker_id:
+        return False
+    if dialect(connect(home)) == "postgresql":
+        return job is not None and job["heartbeat_at"] is not None and time.time() - job["heartbeat_at"] < \
+            lease_seconds()
+    return _held(worker_lock(home, worker_id))
 
 
 def died_with_server(home: Path, con, worker_id: str) -> bool:
     """Whether a dead worker was started by a `tunelab serve` that is gone too: the server was stopped or killed,
     and its workers died with it (PR_SET_PDEATHSIG). That is no fault of the job, so it costs no attempt."""
+    if dialect(con) == "postgresql":  # (its server may be on another host: its lock says nothing here)
+        return False
     row = con.execute("SELECT server_id FROM workers WHERE id = ?", (worker_id,)).fetchone()
     return bool(row and row["server_id"]) and not _held(server_lock(home, row["server_id"]))
 
@@ -275,7 +295,7 @@ def reap(home: Path) -> None:
     """Queue again (or fail) every running job whose worker is gone."""
     con = connect(home)
     for job in con.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
-        if worker_alive(home, job["worker_id"]):
+        if worker_alive(home, job["worker_id"], job):
             continue
         with transaction(con):
             current = get(home, job["id"])

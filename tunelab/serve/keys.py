@@ -70,7 +70,8 @@ def listing(home: Path, project_id: str | None = None) -> list[dict]:
     rows = connect(home).execute(
         "SELECT k.id, k.name, k.prefix, k.created_at, k.last_used_at, k.revoked_at, k.project, k.admin, "
         "p.name AS project_name FROM keys k LEFT JOIN projects p ON p.id = k.project "
-        "WHERE ? IS NULL OR k.project = ? ORDER BY k.created_at, k.id", (project_id, project_id)).fetchall()
+        "WHERE CAST(? AS TEXT) IS NULL OR k.project = ? ORDER BY k.created_at, k.id",
+        (project_id, project_id)).fetchall()
     return [dict(r) for r in rows]
 
 
