@@ -1,6 +1,6 @@
 """A load test of `tunelab serve`: concurrent OpenAI clients against one server with 2 workers.
 
-    python bench/service_load.py [--clients 8] [--seconds 60] [--home DIR]
+    python bench/service_load.py [--clients 8] [--seconds 60] [--home DIR] [--db postgresql://…]
 
 The server (`--rate-limit 0` unless given) runs on a fresh home with a small random BERT as its local base model (HOME/models/tiny-bert, so no
 download and little compute per job) and SQLite (the embedded default). First one job makes a fine-tuned model to
@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--home", help="Service home (default: a new temporary folder).")
+    parser.add_argument("--db", help="A PostgreSQL URL for the service's state (default: SQLite in the home).")
     parser.add_argument("--rate-limit", type=float, default=0,
                         help="The server's --rate-limit (requests a minute per key); 0 (the default here) measures "
                              "what the server carries, a limit shows its 429s, counted apart from errors.")
@@ -136,6 +137,8 @@ def main() -> int:
     importlib.import_module("tunelab")  # first, as every tunelab process imports it (README, Images)
     from tunelab.serve import keys
 
+    if args.db:
+        os.environ["TUNELAB_DB"] = args.db  # (the keys made here, and the server it starts)
     home = Path(args.home or tempfile.mkdtemp(prefix="tunelab-load-"))
     (home / "models").mkdir(parents=True, exist_ok=True)
     if not (home / "models" / "tiny-bert" / "config.json").is_file():
@@ -178,7 +181,7 @@ def main() -> int:
         elapsed = time.perf_counter() - tic
         total = sum(len(v) for v in load.seconds.values())
         print(machine())
-        print(f"{args.clients} clients, {elapsed:.0f} s, 2 workers, SQLite, rate limit {args.rate_limit:g}/min per "
+        print(f"{args.clients} clients, {elapsed:.0f} s, 2 workers, {'PostgreSQL' if args.db else 'SQLite'}, rate limit {args.rate_limit:g}/min per "
               f"key: {total} requests, {total / elapsed:.1f} requests/s")
         print(f"{'route':<32}{'calls':>7}{'p50 ms':>9}{'p95 ms':>9}  statuses")
         errors = 0
