@@ -453,7 +453,7 @@ def pytest_collection_modifyitems(config, items):
 def postgres():
     """A PostgreSQL server for the session (Debian's package: `make test` installs it), its cluster in a temporary
     folder and a Unix socket only; run as the `postgres` user when the tests run as root, which PostgreSQL refuses.
-    Yields a factory of fresh, empty databases (their URLs)."""
+    Yields its `fresh()`, a factory of new empty databases (their URLs), and `restart()`."""
     import glob
     import itertools
     import os
@@ -488,7 +488,14 @@ def postgres():
             con.execute(f"CREATE DATABASE {name}")
         return f"postgresql://tunelab@/{name}?host={root}"
 
-    yield fresh
+    def restart() -> None:
+        """Stop the server at once (its clients' connections drop) and start it again."""
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-m", "immediate", "-l",
+                        str(root / "log"), "restart"], check=True, capture_output=True)
+
+    import types
+
+    yield types.SimpleNamespace(fresh=fresh, restart=restart)
     subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                    capture_output=True)
     shutil.rmtree(root, ignore_errors=True)

@@ -22,7 +22,7 @@ LEASE = 8  # seconds a job stays its worker's without a heartbeat (workers renew
 def cluster(postgres, tmp_path_factory, tiny_model, tiny_llama, slow_data, monkeypatch):
     """A server with no workers of its own, on a fresh database and a storage folder, and a way to start workers,
     each with its own home."""
-    url = postgres()
+    url = postgres.fresh()
     monkeypatch.setenv("TUNELAB_DB", url)  # (this process's key creation and lookups go there too)
     monkeypatch.setenv("TUNELAB_LEASE_SECONDS", str(LEASE))
     shared = tmp_path_factory.mktemp("shared")
@@ -39,7 +39,7 @@ def cluster(postgres, tmp_path_factory, tiny_model, tiny_llama, slow_data, monke
         workers.append(proc)
         return proc
 
-    yield svc, worker, shared
+    yield svc, worker, shared, postgres
     for proc in workers:
         if proc.poll() is None:
             proc.kill()
@@ -53,7 +53,7 @@ def _started(svc, job_id: str) -> int:
 
 
 def test_two_workers_with_their_own_homes_run_six_jobs_each_once(cluster, tmp_path):
-    svc, worker, shared = cluster
+    svc, worker, shared, _ = cluster
     worker(), worker()
     file_id = svc.upload(write_jsonl(tmp_path / "six.jsonl", make_rows(30, 4)))
     ids = [svc.create(model="tiny-bert", training_file=file_id, seed=i, hyperparameters={"n_epochs": 1},
@@ -73,7 +73,7 @@ def test_two_workers_with_their_own_homes_run_six_jobs_each_once(cluster, tmp_pa
 
 
 def test_a_dead_workers_lease_expires_and_another_worker_resumes_the_job(cluster):
-    svc, worker, _ = cluster
+    svc, worker, _, _ = cluster
     first = worker()
     job_id = svc.slow_job(epochs=3)
     wait_until(lambda: svc.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"], 240,
@@ -88,3 +88,19 @@ def test_a_dead_workers_lease_expires_and_another_worker_resumes_the_job(cluster
     assert any("worker running this job stopped" in m for m in messages)
     assert any(m.startswith("Resuming from the checkpoint at step ") for m in messages)
     assert time.monotonic() - killed_at >= LEASE - 1  # not before its lease ran out
+
+
+def test_a_database_restarted_mid_job_loses_nothing(cluster):
+    """The database server stops at once (every connection drops) while a job trains, and comes back: the server
+    and the worker connect again and the job ends as if nothing happened, each step's metrics reported once."""
+    svc, worker, _, postgres = cluster
+    worker()
+    job_id = svc.slow_job(epochs=3)
+    wait_until(lambda: svc.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")[1]["data"], 240,
+               "no checkpoint")
+    postgres.restart()
+    done = svc.wait(job_id, ("succeeded", "failed"), 300)
+    assert done["status"] == "succeeded", done
+    steps = [e["data"]["step"] for e in svc.events(job_id) if e["type"] == "metrics" and "train_loss" in e["data"]]
+    assert len(steps) == len(set(steps)) and max(steps) == 3 * 135
+    assert svc.request("GET", "/v1/files")[0] == 200

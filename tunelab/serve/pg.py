@@ -68,26 +68,61 @@ class Cursor:
         return iter(self.fetchall())
 
 
+RECONNECT_SECONDS = 60  # how long a statement waits for a database server that went away (a restart) to be back
+
+
 class Connection:
-    """What the service uses of a sqlite3 connection, on PostgreSQL (autocommit; transactions are explicit)."""
+    """What the service uses of a sqlite3 connection, on PostgreSQL (autocommit; transactions are explicit).
+
+    A connection the server dropped (a restart, a failover) is made again, for up to RECONNECT_SECONDS, and a
+    statement that met the drop outside a transaction is sent again; inside one, the transaction is lost with the
+    connection, and the error goes to its caller (a worker then releases its job, which resumes from its last
+    checkpoint), while the next transaction starts on a new connection."""
 
     dialect = "postgresql"
 
     def __init__(self, url: str):
         from tunelab.extras import need
 
-        psycopg = need("psycopg", "postgres")
+        self._psycopg = need("psycopg", "postgres")
+        self.url, self.in_transaction = url, False
         try:
-            self.raw = psycopg.connect(url, autocommit=True)
-        except psycopg.OperationalError as e:
+            self.raw = self._psycopg.connect(url, autocommit=True)
+        except self._psycopg.OperationalError as e:
             from tunelab.errors import UserError
 
             raise UserError(f"cannot connect to the PostgreSQL database: {str(e).strip().splitlines()[0]}",
                             "--db") from None
 
-    def execute(self, sql: str, params=()) -> Cursor:
+    def execute(self, sql: str, params=()) -> Cursor | None:
+        if sql in ("COMMIT", "ROLLBACK"):
+            self.in_transaction = False
+        if sql == "ROLLBACK" and (self.raw.broken or self.raw.closed):
+            return None  # (the transaction went with the connection)
+        try:
+            return self._execute(sql, params)
+        except self._psycopg.OperationalError:
+            if self.in_transaction or sql in ("COMMIT", "ROLLBACK") or not self.raw.broken:
+                raise
+            self._reconnect()
+            return self._execute(sql, params)
+
+    def _execute(self, sql: str, params) -> Cursor:
         named = isinstance(params, dict)
         return Cursor(self.raw.execute(translate(sql, named), params if named or params else None))
+
+    def _reconnect(self) -> None:
+        import time
+
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                self.raw = self._psycopg.connect(self.url, autocommit=True)
+                return
+            except self._psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def executescript(self, script: str) -> None:
         for statement in script.split(";"):
@@ -95,7 +130,10 @@ class Connection:
                 self.raw.execute(statement)
 
     def begin(self) -> None:
-        self.raw.execute("BEGIN")
+        if self.raw.broken or self.raw.closed:
+            self._reconnect()
+        self.execute("BEGIN")
+        self.in_transaction = True
         self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
 
     def close(self) -> None:
