@@ -433,7 +433,7 @@ def torchrun(argv: list[str], processes: int = 2):
 # both busy to the end. Measured in the suite (2026-12-08): durability ~290 s, real_minilm ~200 s, models ~120 s,
 # contract ~100 s, security, compare, service, lm ~50-80 s each, the rest under 50 s.
 FIRST = ("test_service_durability.py", "test_real_minilm.py", "test_models.py", "test_contract.py",
-         "test_security.py", "test_compare.py", "test_service.py", "test_lm.py", "test_estimate.py",
+         "test_security.py", "test_compare.py", "test_service.py", "test_postgres.py", "test_lm.py", "test_estimate.py",
          "test_projects.py", "test_fsdp.py", "test_dashboard.py", "test_packaging.py", "test_invariants.py",
          "test_kill_resume.py", "test_compress.py")
 
