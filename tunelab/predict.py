@@ -200,12 +200,10 @@ def _calibrate(run: Path, cfg, task, model, tokenizer, space, probs) -> dict:
     return {"alpha": alpha, "calibration_examples": len(calibration), "kl_by_alpha": kl}
 
 
-def score_records(loaded, records: list[dict], what: str) -> list[float]:
+def score_records(loaded, records: list[dict]) -> list[float]:
     """A reward run's scores of parsed {"prompt", "response"} records (RewardModel.parse_scored), from `load_run`'s
-    tuple; `what` names the run in the refusal of any other kind."""
+    tuple (its callers have refused any other kind of run)."""
     cfg, task, model, tokenizer, space = loaded
-    if task.name != "reward":
-        raise UserError(f"{what} is a {task.name} run: only reward models score responses", "model")
     return task.score_responses(model, tokenizer, records, cfg.data.max_length, _device_of(model))
 
 
@@ -219,7 +217,7 @@ def score(run_dir: str | Path, input_path: str | Path, output: str | Path | None
         raise UserError(f"a {task.name} run: only reward runs score responses", str(run_dir))
     examples = read_records(input_path, cfg.data, task.parse_scored)
     records = [e.label for e in examples]
-    scores = score_records(loaded, records, str(run_dir))
+    scores = score_records(loaded, records)
     out = Path(output) if output else Path(run_dir) / "scores.jsonl"
     atomic_write_jsonl(out, [{"prompt": r["prompt"], "response": r["response"], "score": s}
                              for r, s in zip(records, scores)])

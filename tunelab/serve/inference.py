@@ -148,13 +148,18 @@ def chat(home: Path, body: Chat):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     with loaded.lock, _service_names():
         answers = [_complete(loaded, messages, _nth(sampling, i), logprobs=logprobs) for i in range(n)]
-    completion_tokens = sum(c.new_tokens for c in answers)
     return {**head, "object": "chat.completion",
             "choices": [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish,
                          "logprobs": {"content": c.logprobs, "refusal": None} if logprobs is not None else None}
                         for i, c in enumerate(answers)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": _usage(prompt_tokens, answers)}
+
+
+def _usage(prompt_tokens: int, answers: list) -> dict:
+    """OpenAI's token counts: the prompt once, every answer's tokens."""
+    completion_tokens = sum(c.new_tokens for c in answers)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _nth(sampling: dict, i: int) -> dict:
@@ -236,10 +241,8 @@ def _stream(loaded: Loaded, messages, sampling, head, prompt_tokens, usage: bool
         if "error" in result:
             yield "data: " + json.dumps({"error": result["error"]}) + "\n\n"
         elif usage:
-            tokens = sum(c.new_tokens for c in result["completions"])
-            yield "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
-                "total_tokens": prompt_tokens + tokens}}) + "\n\n"
+            yield "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [],
+                                         "usage": _usage(prompt_tokens, result["completions"])}) + "\n\n"
         yield "data: [DONE]\n\n"
     return events()
 
@@ -303,7 +306,7 @@ def score(home: Path, body: Score) -> dict:
             raise UserError(e.problem, f"input[{i}]") from None
     loaded = _load("run:" + source, lambda: load_run(source, "torch", DEVICE))
     with loaded.lock:
-        scores = score_records(loaded.objects, records, body.model)
+        scores = score_records(loaded.objects, records)
     return {"object": "list", "model": body.model,
             "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(scores)]}
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from tunelab import losses
 from tunelab.config import DataConfig
+from tunelab.data.batching import collate
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example, Problems
 from tunelab.errors import UserError
@@ -31,6 +32,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # log softmax at the label only: no second vocabulary-wide tensor
     logps = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (logps * mask).sum(1)
+
+
+def _prompt(value, path: Path, line: int) -> list[dict]:
+    """A prompt: chat messages, or a text (one user message)."""
+    if isinstance(value, list):
+        return parse_messages(value, path, line, need_assistant=False)
+    return [{"role": "user", "content": content(value, path, line, "'prompt'")}]
 
 
 def _response(value, path: Path, line: int, key: str) -> str:
@@ -65,9 +73,7 @@ class Preference(Task):
             prompt = parse_messages(inp["messages"], path, line, need_assistant=False)
             keys = ("preferred_output", "non_preferred_output")
         elif "prompt" in rec:
-            p = rec["prompt"]
-            prompt = (parse_messages(p, path, line, need_assistant=False) if isinstance(p, list)
-                      else [{"role": "user", "content": content(p, path, line, "'prompt'")}])
+            prompt = _prompt(rec["prompt"], path, line)
             keys = ("chosen", "rejected")
         else:
             raise UserError("expected 'prompt', 'chosen', 'rejected' or the OpenAI DPO format "
@@ -213,27 +219,23 @@ class RewardModel(Preference):
         message)."""
         if not isinstance(rec, dict) or "prompt" not in rec or "response" not in rec:
             raise UserError("expected 'prompt' and 'response'", str(path), line)
-        p = rec["prompt"]
-        prompt = (parse_messages(p, path, line, need_assistant=False) if isinstance(p, list)
-                  else [{"role": "user", "content": content(p, path, line, "'prompt'")}])
-        return {"prompt": prompt, "response": _response(rec["response"], path, line, "response")}
+        return {"prompt": _prompt(rec["prompt"], path, line),
+                "response": _response(rec["response"], path, line, "response")}
 
     def score_responses(self, model: nn.Module, tokenizer, records: list[dict], max_length: int, device,
                         batch_size: int = 8) -> list[float]:
         """The reward of each parsed {"prompt", "response"}: rendered with the chat template as training rendered
         a chosen or rejected response, cut to max_length as training cut it, scored at the last token."""
-        pad = tokenizer.pad_token_id or 0
-        seqs = []
+        rows = []
         for r in records:
             messages = r["prompt"] + [{"role": "assistant", "content": r["response"]}]
-            seqs.append(render(tokenizer, messages, [len(messages) - 1])[0][:max_length])
+            ids = render(tokenizer, messages, [len(messages) - 1])[0][:max_length]
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
         scores: list[float] = []
         model.eval()
         with torch.no_grad():
-            for start in range(0, len(seqs), batch_size):
-                chunk = seqs[start:start + batch_size]
-                longest = max(len(s) for s in chunk)
-                ids = torch.tensor([s + [pad] * (longest - len(s)) for s in chunk], device=device)
-                mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in chunk], device=device)
-                scores += model(input_ids=ids, attention_mask=mask).logits.float().squeeze(-1).tolist()
+            for start in range(0, len(rows), batch_size):
+                batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size],
+                                                             tokenizer.pad_token_id or 0).items()}
+                scores += model(**batch).logits.float().squeeze(-1).tolist()
         return scores
