@@ -76,14 +76,28 @@ class OverQuota(Exception):
         self.quota, self.status = quota, status
 
 
+def queued_jobs(con, project: str) -> int:
+    """The project's jobs waiting to run (validating their files, or queued)."""
+    return con.execute("SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN ('validating_files', 'queued')",
+                       (project,)).fetchone()[0]
+
+
+def running_jobs(con, project: str) -> int:
+    return con.execute("SELECT COUNT(*) FROM jobs WHERE project = ? AND status = 'running'", (project,)).fetchone()[0]
+
+
+def stored_bytes(con, project: str) -> int:
+    """The bytes of the project's stored files."""
+    return con.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE project = ?", (project,)).fetchone()[0]
+
+
 def check_queued_jobs(con, project: str) -> None:
     """Refuse one more queued job where the project is at its queued-jobs quota (call inside the insert's
     transaction)."""
     limit = _limit(con, project, "max_queued_jobs")
     if limit is None:
         return
-    queued = con.execute("SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN ('validating_files', 'queued')",
-                         (project,)).fetchone()[0]
+    queued = queued_jobs(con, project)
     if queued >= limit:
         raise OverQuota(f"the project has {queued} queued jobs, its quota (queued_jobs = {limit}): wait for one "
                         "to start or cancel one", "queued_jobs", 429)
@@ -94,7 +108,7 @@ def check_file_bytes(con, project: str, adding: int) -> None:
     limit = _limit(con, project, "max_file_bytes")
     if limit is None:
         return
-    stored = con.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE project = ?", (project,)).fetchone()[0]
+    stored = stored_bytes(con, project)
     if stored + adding > limit:
         raise OverQuota(f"the project stores {stored:,} bytes of files and this one adds {adding:,}: over its quota "
                         f"(file_bytes = {limit:,}); delete files first", "file_bytes", 409)

@@ -396,14 +396,12 @@ Admin = Depends(_admin)
 def _project_object(row: dict, home: Path) -> dict:
     """OpenAI's project object, plus tunelab's quotas (null: no limit) and what the project uses of them."""
     con = connect(home)
-    count = {s: con.execute("SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN (%s)" % ",".join("?" * len(s)),
-                            (row["id"], *s)).fetchone()[0] for s in (("running",), ("validating_files", "queued"))}
-    stored = con.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE project = ?", (row["id"],)).fetchone()[0]
     return {"id": row["id"], "object": "organization.project", "name": row["name"], "created_at": row["created_at"],
             "archived_at": row["archived_at"], "status": "archived" if row["archived_at"] else "active",
             "quotas": {name: row[column] for name, column in access.QUOTAS.items()},
-            "usage": {"running_jobs": count[("running",)], "queued_jobs": count[("validating_files", "queued")],
-                      "file_bytes": stored}}
+            "usage": {"running_jobs": access.running_jobs(con, row["id"]),
+                      "queued_jobs": access.queued_jobs(con, row["id"]),
+                      "file_bytes": access.stored_bytes(con, row["id"])}}
 
 
 def _key_object(row: dict) -> dict:
@@ -420,11 +418,9 @@ def _project(home: Path, project_id: str) -> dict:
 @router.get("/v1/me")
 def me(home: Path = Home):
     """tunelab's: the calling key's project (with its quotas and what it uses of them) and role."""
-    caller = access.current()
-    project = keys.project(home, caller.project) or {"id": caller.project, "name": caller.project,
-                                                     "created_at": 0, "archived_at": None}
+    caller = access.current()  # (every key's project exists: keys.create makes it, the migration makes default)
     return {"object": "tunelab.caller", "key_id": caller.key_id, "role": "admin" if caller.admin else "member",
-            "project": _project_object({**{c: None for c in access.QUOTAS.values()}, **project}, home)}
+            "project": _project_object(_project(home, caller.project), home)}
 
 
 @router.get("/v1/organization/projects")

@@ -67,6 +67,7 @@ def _record(home: Path, row: dict, undo) -> dict:
 
 
 def _remove_archive(home: Path, file_id: str) -> None:
+    """An archive upload's unpacked folder and its zip."""
     import shutil
 
     shutil.rmtree(storage.files_dir(home) / file_id, ignore_errors=True)
@@ -228,11 +229,10 @@ def delete(home: Path, file_id: str) -> bool:
 
         raise Conflict(f"job {busy['id']} still needs this file; cancel it or wait until it ends", file_id)
     con.execute("DELETE FROM files WHERE id = ?", (file_id,))
-    if row["format"] in IMAGE_TASK:  # an archive: its unpacked folder and the zip
-        import shutil
-
-        shutil.rmtree(storage.files_dir(home) / row["id"], ignore_errors=True)
-    content_path(home, row).unlink(missing_ok=True)
+    if row["format"] in IMAGE_TASK:
+        _remove_archive(home, row["id"])
+    else:
+        content_path(home, row).unlink(missing_ok=True)
     return True
 
 
