@@ -64,12 +64,13 @@ def save_sharded(folder: Path, model: nn.Module, optimizer, scheduler, state: Tr
     root = folder / "checkpoints"
     name = f"step-{state.step:07d}"
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    tmp = _shared_temporary_dir(root / name)
-    _dcp("save", {"model": model_state, "optimizer": optimizer_state}, tmp / "dcp")
-    if _first():
+
+    def fill(tmp: Path) -> None:
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
         _write_position(tmp, state)
-        replace_dir(tmp, root / name)
+
+    _save_dcp(root / name, {"model": model_state, "optimizer": optimizer_state}, fill)
+    if _first():
         _publish(root, name, keep)
     _barrier()
     return root / name
@@ -98,6 +99,18 @@ def _first() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _save_dcp(final: Path, states: dict, fill=None) -> None:
+    """The folder `final` with `states` in `dcp/` (every process writes its shards) and what `fill(tmp)` adds (the
+    first process), built under a temporary name and renamed into place once complete (by the first process:
+    the others learn it at the caller's barrier). Collective."""
+    tmp = _shared_temporary_dir(final)
+    _dcp("save", states, tmp / "dcp")
+    if _first():
+        if fill:
+            fill(tmp)
+        replace_dir(tmp, final)
 
 
 def _shared_temporary_dir(final: Path) -> Path:
@@ -168,10 +181,7 @@ def save_best(folder: Path, model: nn.Module, sharded: bool = False) -> None:
         return
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    tmp = _shared_temporary_dir(final)
-    _dcp("save", {"model": get_model_state_dict(model)}, tmp / "dcp")
-    if _first():
-        replace_dir(tmp, final)
+    _save_dcp(final, {"model": get_model_state_dict(model)})
     _barrier()
 
 

@@ -188,9 +188,9 @@ def _token_logprobs(tokenizer, new: list[int], logits, top: int, keep_chars: int
         piece = tokenizer.decode([token_id])
         return {"token": piece, "logprob": logp, "bytes": list(piece.encode("utf-8"))}
 
-    out = []
+    special, out = set(tokenizer.all_special_ids or []), []
     for step, token_id in enumerate(new):
-        if token_id in (tokenizer.all_special_ids or []):
+        if token_id in special:
             break
         if len(tokenizer.decode(new[:step], skip_special_tokens=True).strip()) >= keep_chars and step:
             break

@@ -97,6 +97,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
     units = sum(loop.task.units(loop.train_items[j]) for j in batch)
     scale = d.world / max(units, 1)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    cast = _autocast_dtype(loop)
     total = torch.zeros((), device=d.device)
     sums: dict[str, float] = {}
     for i, (idx, weight) in enumerate(zip(micro, weights)):
@@ -104,7 +105,7 @@ def _step(loop: Loop, ddp: nn.Module, optimizer, batch: list[int], features: Fro
                                                                     loop.pad_id).items()}
         with (_gradient_sync(ddp, d, i == len(micro) - 1),
               features.serving(loop.model, idx) if features else contextlib.nullcontext()):
-            with torch.autocast(d.device.type, dtype=_autocast_dtype(loop), enabled=_autocast_dtype(loop) is not None,
+            with torch.autocast(d.device.type, dtype=cast, enabled=cast is not None,
                                 cache_enabled=False):  # (see pipeline.train: weights change every step)
                 loss, extra = loop.method.forward(loop.task, ddp, inputs, loop.space)
             loss = loss * scale * weight
