@@ -399,8 +399,12 @@ def test_compare_draws_the_image_learning_curve_unchanged(tiny_cnn, digits, tmp_
 
 
 @pytest.mark.slow
-def test_the_onnx_export_of_an_image_classifier_agrees_with_torch_and_int8_is_refused(tiny_cnn, digits, tmp_path,
-                                                                                     capsys):
+def test_the_onnx_and_int8_exports_of_an_image_classifier_are_checked_and_answer_predict(tiny_cnn, digits, tmp_path,
+                                                                                        capsys, monkeypatch):
+    import os
+
+    import tunelab.export.compress as compress
+
     out = tmp_path / "run"
     assert main(train_args(tiny_cnn, digits, out, "--tuning", "full", "--lr", "3e-3", "--epochs", "2")) == 0
     assert main(["export", str(out), "--onnx"]) == 0
@@ -409,9 +413,43 @@ def test_the_onnx_export_of_an_image_classifier_agrees_with_torch_and_int8_is_re
     preds = tmp_path / "onnx.jsonl"
     assert main(["predict", str(out), "--input", digits["eval"], "--runtime", "onnx", "--output", str(preds)]) == 0
     assert len(preds.read_text().splitlines()) == 30
+
+    # static int8: kept where it agrees enough, and then it is what `predict --runtime int8` answers with
+    assert main(["export", str(out), "--int8", "--min-agreement", "0.9"]) == 0
+    int8 = json.loads((out / "compression.json").read_text())["int8"]
+    assert int8["kept"] and int8["agreement"] >= 0.9 and int8["calibration_images"] == 60  # all, fewer than 100
+    assert int8["model_mb"] < 0.6 * report["onnx"]["model_mb"]  # 8-bit weights (and the graph's quantize nodes)
+    labels = {}
+    for runtime in ("torch", "int8"):
+        path = tmp_path / f"{runtime}.jsonl"
+        assert main(["predict", str(out), "--input", digits["eval"], "--runtime", runtime, "--output", str(path)]) == 0
+        labels[runtime] = [json.loads(line)["label"] for line in path.read_text().splitlines()]
+    same = sum(a == b for a, b in zip(labels["torch"], labels["int8"])) / 30
+    assert same == pytest.approx(int8["agreement"])  # predict answered with the graph that was checked
+
+    # badly calibrated (activation ranges from images 1000 times too faint): refused, and the older graph removed
+    quantize = compress.quantize_image_onnx
+    monkeypatch.setattr(compress, "quantize_image_onnx", lambda fp32, pixels, path: quantize(fp32, pixels / 1000, path))
     capsys.readouterr()
     assert main(["export", str(out), "--int8"]) == 2
-    assert "int8 is not offered for image networks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "eval images, below --min-agreement 0.99: not kept" in err and "use --onnx" in err
+    assert json.loads((out / "compression.json").read_text())["int8"]["kept"] is False
+    assert not (out / "int8" / "model.onnx").exists()
+    assert main(["predict", str(out), "--input", digits["eval"], "--runtime", "int8"]) == 2
+    assert "no int8/model.onnx in the run: make it with `tunelab export RUN --int8`" in capsys.readouterr().err
+
+    # a graph older than the model's weights (the run trained on after it) is refused
+    monkeypatch.setattr(compress, "quantize_image_onnx", quantize)
+    assert main(["export", str(out), "--int8", "--min-agreement", "0.5"]) == 0
+    weights = next((out / "model").glob("*.safetensors"))
+    later = (out / "int8" / "model.onnx").stat().st_mtime + 10
+    os.utime(weights, (later, later))
+    capsys.readouterr()
+    assert main(["predict", str(out), "--input", digits["eval"], "--runtime", "int8"]) == 2
+    assert "int8/model.onnx is older than the run's model" in capsys.readouterr().err
+    assert main(["export", str(out), "--int8", "--min-agreement", "1.5"]) == 2
+    assert "--min-agreement is a share of the predictions, in (0, 1], not 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("statistics", ["frozen", "update"])

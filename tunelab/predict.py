@@ -43,10 +43,14 @@ def _resolve(run: Path, task, runtime: str) -> str:
     the batch throughput of plain transformers and 0.45-0.48x its single-request latency), PyTorch otherwise."""
     if runtime != "auto":
         return runtime
-    onnx, weights = run / "onnx" / "model.onnx", [f for f in (run / "model").iterdir() if f.is_file()]
-    # an export older than the model's files (the run trained on after it) would answer for old weights
-    fresh = onnx.is_file() and onnx.stat().st_mtime >= max(f.stat().st_mtime for f in weights)
-    return "onnx" if _sequence_classifier(task) and fresh else "torch"
+    onnx = run / "onnx" / "model.onnx"
+    return "onnx" if _sequence_classifier(task) and onnx.is_file() and _fresh(onnx, run) else "torch"
+
+
+def _fresh(export: Path, run: Path) -> bool:
+    """Whether an export is at least as new as the model's files: an older one (the run trained on after it)
+    would answer for old weights."""
+    return export.stat().st_mtime >= max(f.stat().st_mtime for f in (run / "model").iterdir() if f.is_file())
 
 
 def _runtime(model, run: Path, runtime: str, task):
@@ -58,7 +62,7 @@ def _runtime(model, run: Path, runtime: str, task):
     if not _sequence_classifier(task):
         raise UserError(f"the {runtime} runtime is for sequence classifiers, not {task.name} runs", "--runtime")
     if runtime == "int8" and task.modality == "image":
-        raise UserError(NO_IMAGE_INT8, "--runtime")
+        return OnnxClassifier(_checked_image_int8(run))
     if runtime == "int8":
         return quantize_int8(model, _smoothing(run))
     if not (run / "onnx" / "model.onnx").is_file():
@@ -67,13 +71,20 @@ def _runtime(model, run: Path, runtime: str, task):
 
 
 SMOOTHING = Path("int8") / "smoothing.safetensors"  # the int8 input scales that `tunelab export --int8` calibrates
-# Dynamic int8 (the text models') quantizes linear layers only, which in a CNN is its classifier. ONNX Runtime's
-# quantization of EfficientNet-Lite0 fine-tuned on the digits example (fp32 accuracy 0.907 on 300 eval images):
-# static QDQ with per-channel weights, calibrated on 100 training images, agreed with fp32 on 80% of the
-# predictions (87% with the first and last layers kept in fp32, 27% with the depthwise convolutions kept in fp32);
-# its dynamic quantization of the convolutions agreed on 25% and ran 18 times slower. Not offered (README).
-NO_IMAGE_INT8 = ("int8 is not offered for image networks yet (static quantization of EfficientNet-Lite0 disagreed "
-                 "with fp32); use --onnx")
+IMAGE_INT8 = Path("int8") / "model.onnx"  # an image network's static int8 graph, kept by `tunelab export --int8`
+MIN_AGREEMENT = 0.99  # the share of eval predictions an image network's int8 graph must keep to be kept
+CALIBRATION_IMAGES = 100
+
+
+def _checked_image_int8(run: Path) -> Path:
+    graph = run / IMAGE_INT8
+    if not graph.is_file():
+        raise UserError(f"no {IMAGE_INT8} in the run: make it with `tunelab export RUN --int8` (kept only where it "
+                        f"agrees with fp32 on the eval images)", str(run))
+    if not _fresh(graph, run):
+        raise UserError(f"{IMAGE_INT8} is older than the run's model: make it again with `tunelab export RUN "
+                        "--int8`", str(run))
+    return graph
 
 
 def _smoothing(run: Path) -> dict | None:
@@ -131,10 +142,11 @@ def evaluate_file(run_dir: str | Path, data_path: str | Path, output: str | Path
     return metrics
 
 
-def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
+def compress(run_dir: str | Path, int8: bool, onnx: bool, min_agreement: float | None = None) -> dict:
     """Make and check the int8 and/or ONNX variants of a classifier run against its fp32 model on the run's eval
     examples: agreement of the predicted labels, the largest probability difference, size and speed.
-    Written to RUN/compression.json."""
+    Written to RUN/compression.json. An image network's int8 graph is kept only where its agreement reaches
+    `min_agreement` (otherwise the figures are written and the export refused)."""
     from tunelab.export import measure_inference
     from tunelab.export.compress import export_onnx, state_mb
 
@@ -145,8 +157,10 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
         raise UserError("choose --int8, --onnx or both", "tunelab export")
     if task.outputs_are not in ("softmax", "sigmoid"):
         raise UserError(f"compression is checked on classifiers, not {task.name} runs", str(run))
-    if int8 and task.modality == "image":
-        raise UserError(NO_IMAGE_INT8, "--int8")
+    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
+    if not 0 < min_agreement <= 1:
+        raise UserError(f"--min-agreement is a share of the predictions, in (0, 1], not {min_agreement}",
+                        "--min-agreement")
     if onnx:
         export_onnx(model, tokenizer, run / "onnx" / "model.onnx")
     examples = task.read(cfg.data.eval or cfg.data.train, cfg.data, need_label=False)[:512]
@@ -169,14 +183,48 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool) -> dict:
     result = {"examples": len(items), "data": str(cfg.data.eval or cfg.data.train),
               "fp32": {"model_mb": state_mb(model), **measure_inference(model, items, pad, torch.device("cpu"),
                                                                         task=task)}}
-    if int8:
+    if int8 and task.modality == "image":
+        result["int8"] = _image_int8(run, cfg, task, model, tokenizer, space, figures, min_agreement)
+    elif int8:
         result["int8_smoothing"] = _calibrate(run, cfg, task, model, tokenizer, space, probs)
         quantized = _runtime(model, run, "int8", task)  # the loaded fp32 model stays as it is (a copy is quantized)
         result["int8"] = figures(quantized, state_mb(quantized))
     if onnx:
         result["onnx"] = figures(_runtime(model, run, "onnx", task), (run / "onnx" / "model.onnx").stat().st_size / 2**20)
     atomic_write_json(run / "compression.json", result)
+    if not result.get("int8", {}).get("kept", True):
+        r = result["int8"]
+        raise UserError(f"the int8 graph agreed with fp32 on {r['agreement']:.1%} of the {len(items)} eval images, "
+                        f"below --min-agreement {min_agreement:g}: not kept (its figures are in compression.json); "
+                        "8-bit weights and activations change this network's predictions too often here: use "
+                        "--onnx", "--int8")
     return result
+
+
+def _image_int8(run: Path, cfg, task, model, tokenizer, space, figures, minimum: float) -> dict:
+    """An image network's static int8 graph (export.compress.quantize_image_onnx) calibrated on up to 100 training
+    images spread over the file, checked like every variant; written to RUN/int8/model.onnx only where it agrees
+    with fp32 on at least `minimum` of the eval images, and an older one removed where it does not (it would
+    answer for weights it was not checked against)."""
+    import tempfile
+
+    from tunelab.export.compress import OnnxClassifier, export_onnx, quantize_image_onnx
+    from tunelab.io import atomic_write_bytes
+
+    train = task.read(cfg.data.train, cfg.data, need_label=False)
+    spread = train[::max(1, len(train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]  # folders come class by class
+    pixels = task.collate(task.encode(tokenizer, spread, space, cfg.data.max_length), 0)["pixel_values"]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, candidate = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, tokenizer, fp32)
+        quantize_image_onnx(fp32, pixels, candidate)
+        found = figures(OnnxClassifier(candidate), candidate.stat().st_size / 2**20)
+        found.update(calibration_images=len(spread), min_agreement=minimum, kept=found["agreement"] >= minimum)
+        if found["kept"]:
+            atomic_write_bytes(run / IMAGE_INT8, candidate.read_bytes())
+        else:
+            (run / IMAGE_INT8).unlink(missing_ok=True)
+    return found
 
 
 def _calibrate(run: Path, cfg, task, model, tokenizer, space, probs) -> dict:

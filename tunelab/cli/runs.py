@@ -30,7 +30,7 @@ def cmd_score(args) -> int:
 def cmd_export(args) -> int:
     from tunelab.predict import compress
 
-    result = compress(args.run_dir, args.int8, args.onnx)
+    result = compress(args.run_dir, args.int8, args.onnx, args.min_agreement)
     rows = [["variant", "agreement", "max |Δp|", "MiB", "ms / request", "examples / s"]]
     for name in ("fp32", "int8", "onnx"):
         if name in result:
@@ -209,7 +209,7 @@ def add_parsers(sub) -> None:
     pr.add_argument("--input", required=True, help="JSONL, CSV or .txt (one text per line).")
     pr.add_argument("--output", help="Where to write the JSONL predictions (default RUN_DIR/predictions.jsonl).")
     pr.add_argument("--runtime", default="auto", choices=("auto", "torch", "int8", "onnx"),
-                    help="torch (fp32), int8 (dynamic quantization), onnx (RUN/onnx/model.onnx, ONNX Runtime), or "
+                    help="torch (fp32), int8 (dynamic quantization; an image network: RUN/int8/model.onnx), onnx (RUN/onnx/model.onnx, ONNX Runtime), or "
                          "auto: onnx where the run has that export (tunelab export RUN --onnx), else torch.")
     pr.add_argument("--device", default="cpu", help=DEVICE_HELP.format(default="cpu"))
     pr.set_defaults(func=cmd_predict)
@@ -221,7 +221,12 @@ def add_parsers(sub) -> None:
     sc.set_defaults(func=cmd_score)
     ex = sub.add_parser("export", help="Make int8 and ONNX variants of a classifier run and check them against fp32.")
     ex.add_argument("run_dir")
-    ex.add_argument("--int8", action="store_true", help="Dynamic int8 quantization (applied at load time).")
+    ex.add_argument("--int8", action="store_true",
+                    help="int8: a text model's dynamic quantization (applied at load time); an image network's "
+                         "static int8 ONNX graph (RUN/int8/model.onnx), kept only if it agrees with fp32 enough.")
+    ex.add_argument("--min-agreement", type=float, metavar="SHARE",
+                    help="An image network's int8 graph is kept only where it agrees with fp32 on at least this "
+                         "share of the eval predictions (default 0.99).")
     ex.add_argument("--onnx", action="store_true", help="Write RUN/onnx/model.onnx for ONNX Runtime.")
     ex.set_defaults(func=cmd_export)
 
