@@ -377,3 +377,35 @@ def test_score_gives_a_reward_runs_scores_and_agrees_with_its_evaluation(lm_conf
 
     assert main(["score", str(train(lm_config("chat", "full")).run_dir), "--input", str(path)]) == 2
     assert "only reward runs score responses" in capsys.readouterr().err
+
+
+def test_best_of_n_answers_with_the_highest_scored_of_n_seeded_samples(lm_config, tmp_path, capsys):
+    """`tunelab generate … --best-of N --reward RUN`: N samples (seeds seed..seed+N-1), each scored by the reward
+    run as `tunelab score` scores it, the highest one answered; sample 0 is plain sampling with the same seed."""
+    from tunelab.cli import main
+
+    cfg = lm_config("reward", "full")
+    reward = str(train(cfg).run_dir)
+    ask = ["generate", cfg.model.name, "--prompt", "name a color", "--temperature", "1.0", "--max-new-tokens", "8"]
+    best = tmp_path / "best.jsonl"
+    assert main([*ask, "--best-of", "4", "--reward", reward, "--output", str(best)]) == 0
+    row = json.loads(best.read_text())
+    answers, scores = [c["answer"] for c in row["candidates"]], [c["score"] for c in row["candidates"]]
+    assert len(answers) == 4 and len(set(answers)) > 1
+    assert row["score"] == max(scores) and row["answer"] == answers[scores.index(max(scores))]
+    assert row["answer"] in capsys.readouterr().out
+    path = write_jsonl(tmp_path / "candidates.jsonl", [{"prompt": "name a color", "response": a} for a in answers])
+    assert main(["score", reward, "--input", str(path), "--output", str(tmp_path / "s.jsonl")]) == 0
+    rescored = [json.loads(line)["score"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert rescored == pytest.approx(scores, abs=1e-5)
+    plain = tmp_path / "plain.jsonl"
+    assert main([*ask, "--output", str(plain)]) == 0
+    assert json.loads(plain.read_text())["answer"] == answers[0]
+
+    capsys.readouterr()
+    for flags, message in ((["--best-of", "4"], "name a reward run with --reward"),
+                           (["--reward", reward], "add --best-of N"),
+                           (["--best-of", "4", "--reward", reward, "--temperature", "0"], "set --temperature above 0"),
+                           (["--best-of", "4", "--reward", str(tmp_path)], "not a finished run folder")):
+        assert main([*ask, *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -173,6 +173,25 @@ def complete(model, tokenizer, messages_or_text: str | list[dict], max_new_token
     return Completion(text[:cut], len(new), seconds, finish, scored)
 
 
+def check_best_of(n: int, sampling: Sampling) -> None:
+    if n < 2:
+        raise UserError(f"must be at least 2 (one answer is plain generation), got {n}", "--best-of")
+    if sampling.temperature <= 0:
+        raise UserError("best-of-n needs different answers to choose from: set --temperature above 0", "--best-of")
+
+
+def best_of(model, tokenizer, messages: list[dict], n: int, score, sampling: Sampling) -> tuple[int, list, list]:
+    """Best-of-n sampling (rejection sampling against a reward model: Nakano et al. 2021, WebGPT; Touvron et al.
+    2023, Llama 2): `n` answers drawn with seeds seed, seed+1, ..., each scored by `score(messages, texts)`.
+    Returns (index of the highest-scored answer, the completions, their scores). Answer 0 is the one `complete`
+    gives with the same sampling, so the chosen answer scores at least as high as a plain sample."""
+    check_best_of(n, sampling)
+    fields = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
+    completions = [complete(model, tokenizer, messages, seed=sampling.seed + i, **fields) for i in range(n)]
+    scores = list(score(messages, [c.text for c in completions]))
+    return max(range(n), key=scores.__getitem__), completions, scores
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> int:
     """Where the first stop string starts in `text` (its length when none occurs)."""
     found = [text.find(s) for s in stop if s and s in text]

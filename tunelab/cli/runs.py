@@ -70,9 +70,11 @@ def _streamer(tokenizer):
 
 
 def answer_prompts(model_name: str, prompts: list[str], sampling, system: str | None = None,
-                   raw: bool = False, output: str | Path | None = None, device: str = "auto") -> list[dict]:
+                   raw: bool = False, output: str | Path | None = None, device: str = "auto",
+                   best_of: int = 1, reward: str | None = None) -> list[dict]:
     """Answer each prompt, streaming to stdout; rows {prompt, answer, new_tokens, seconds}, also written to
-    `output` (JSONL) when given."""
+    `output` (JSONL) when given. With `best_of` N and a `reward` run: N sampled answers per prompt, the one the
+    reward model scores highest printed, and each row also holds its score and every candidate with its score."""
     from tunelab import generate as gen
 
     sampling.check()
@@ -80,6 +82,7 @@ def answer_prompts(model_name: str, prompts: list[str], sampling, system: str | 
         raise UserError("empty prompt", "--prompt")
     if raw and system is not None:
         raise UserError("a system message needs the chat template; leave out --raw or --system", "--system")
+    scorer = _reward_scorer(reward, best_of, raw, sampling, device)  # before the generator loads: flags first
     model, tokenizer = gen.load_generator(model_name, device)
     head = [{"role": "system", "content": system}] if system is not None else []
     rows = []
@@ -87,13 +90,44 @@ def answer_prompts(model_name: str, prompts: list[str], sampling, system: str | 
         if len(prompts) > 1:
             print(f"[{i + 1}/{len(prompts)}] {prompt}", flush=True)
         request = prompt if raw else head + [{"role": "user", "content": prompt}]
-        c = gen.complete(model, tokenizer, request, streamer=_streamer(tokenizer), **asdict(sampling))
+        if scorer is None:
+            c = gen.complete(model, tokenizer, request, streamer=_streamer(tokenizer), **asdict(sampling))
+            extra = {}
+        else:
+            best, candidates, scores = gen.best_of(model, tokenizer, request, best_of, scorer, sampling)
+            c = candidates[best]
+            print(c.text, flush=True)
+            print(f"(answer {best + 1} of {best_of}, reward {scores[best]:.3f}; the others "
+                  f"{', '.join(f'{s:.3f}' for j, s in enumerate(scores) if j != best)})", file=sys.stderr)
+            extra = {"score": scores[best], "candidates": [{"answer": k.text, "score": s}
+                                                           for k, s in zip(candidates, scores)]}
         print(f"({c.new_tokens} new tokens in {c.seconds:.2f} s)", file=sys.stderr, flush=True)
-        rows.append({"prompt": prompt, "answer": c.text, "new_tokens": c.new_tokens, "seconds": round(c.seconds, 3)})
+        rows.append({"prompt": prompt, "answer": c.text, "new_tokens": c.new_tokens, "seconds": round(c.seconds, 3),
+                     **extra})
     if output:
         atomic_write_jsonl(Path(output), rows)
         print(f"wrote {output}")
     return rows
+
+
+def _reward_scorer(reward: str | None, best_of: int, raw: bool, sampling, device: str):
+    """`score(messages, texts) -> rewards` of a reward run for best-of-n, or None without --best-of."""
+    if best_of == 1 and reward is None:
+        return None
+    if reward is None:
+        raise UserError("best-of-n chooses by a reward model's score: name a reward run with --reward", "--best-of")
+    if best_of == 1:
+        raise UserError("a reward run chooses among several answers: add --best-of N (N of 2 or more)", "--reward")
+    if raw:
+        raise UserError("a reward model scores chat answers; leave out --raw", "--reward")
+    from tunelab.generate import check_best_of
+    from tunelab.predict import load_run, score_records
+
+    check_best_of(best_of, sampling)
+    loaded = load_run(reward, "torch", "cpu" if device == "auto" else device)
+    if loaded[1].name != "reward":
+        raise UserError(f"a {loaded[1].name} run: --reward takes a reward run (--task reward)", reward)
+    return lambda messages, texts: score_records(loaded, [{"prompt": messages, "response": t} for t in texts])
 
 
 def chat_loop(model, tokenizer, sampling, system: str | None = None) -> list[dict]:
@@ -131,7 +165,8 @@ def chat_loop(model, tokenizer, sampling, system: str | None = None) -> list[dic
 
 def cmd_generate(args) -> int:
     try:
-        answer_prompts(args.model, args.prompt, _sampling(args), args.system, args.raw, args.output, args.device)
+        answer_prompts(args.model, args.prompt, _sampling(args), args.system, args.raw, args.output, args.device,
+                       args.best_of, args.reward)
     except KeyboardInterrupt:
         print("\ntunelab: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -237,7 +272,12 @@ def add_parsers(sub) -> None:
     ge.add_argument("--raw", action="store_true",
                     help="Feed the prompt as plain text to continue, without the chat template (base models).")
     add_sampling_flags(ge)
-    ge.add_argument("--output", metavar="FILE.jsonl", help="Also write {prompt, answer, new_tokens, seconds} rows here.")
+    ge.add_argument("--best-of", type=int, default=1, metavar="N",
+                    help="Sample N answers (seeds --seed to --seed+N-1) and keep the one the --reward run scores "
+                         "highest (needs --temperature above 0).")
+    ge.add_argument("--reward", metavar="RUN", help="A reward run (--task reward) that scores the --best-of answers.")
+    ge.add_argument("--output", metavar="FILE.jsonl", help="Also write {prompt, answer, new_tokens, seconds} rows here "
+                                                           "(with --best-of: score and candidates too).")
     ge.add_argument("--device", default="auto", help=DEVICE_HELP.format(default="auto"))
     ge.set_defaults(func=cmd_generate)
 
