@@ -283,6 +283,20 @@ def make_text_rows(n: int, seed: int) -> list[dict]:
     return [{"text": r["text"]} for r in make_rows(n, seed)]
 
 
+TOPICS = ("cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse frog snake duck owl bee "
+          "car bus train boat plane bike ship truck road river").split()
+
+
+def make_document_rows(n: int, seed: int) -> list[dict]:
+    """Documents of three or four sentences about one topic word each (neighbouring documents differ): a true next
+    sentence shares its first sentence's topic, a random one mostly does not (learnable next-sentence prediction)."""
+    rng = random.Random(seed)
+    frames = ("the {} is {}.", "a {} can be {}!", "my {} looks {}.", "every {} seems {}?", "that {} was {}.")
+    words = ("big", "small", "fast", "slow", "old", "new", "red", "green", "happy", "quiet")
+    return [{"text": " ".join(rng.choice(frames).format(TOPICS[(i * 7 + seed) % len(TOPICS)], rng.choice(words))
+                              for _ in range(rng.randint(3, 4)))} for i in range(n)]
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
@@ -314,7 +328,7 @@ def build_tiny_llama(folder: Path) -> str:
 
 
 LM_ROWS = {"chat": make_chat_rows, "dpo": make_preference_rows, "reward": make_preference_rows,
-           "clm": make_text_rows, "mlm": make_text_rows}
+           "clm": make_text_rows, "mlm": make_text_rows, "nsp": make_document_rows}
 
 
 @pytest.fixture(scope="session")
@@ -327,13 +341,13 @@ def lm_data(tmp_path_factory) -> dict[str, dict[str, str]]:
 
 @pytest.fixture
 def lm_config(tiny_llama, tiny_model, lm_data, tmp_path):
-    """A factory: a fast config for a language-model stage (tiny Llama; tiny BERT for mlm)."""
+    """A factory: a fast config for a language-model stage (tiny Llama; tiny BERT for mlm and nsp)."""
     from tunelab.config import Config
 
     def make(task: str, tuning: str = "full"):
         cfg = Config()
         cfg.task = task
-        cfg.model.name = tiny_model if task == "mlm" else tiny_llama
+        cfg.model.name = tiny_model if task in ("mlm", "nsp") else tiny_llama
         cfg.data.train, cfg.data.eval, cfg.data.max_length = lm_data[task]["train"], lm_data[task]["eval"], 64
         cfg.tuning.name = tuning
         cfg.output = str(tmp_path / f"run-{task}-{tuning}")

@@ -409,3 +409,63 @@ def test_best_of_n_answers_with_the_highest_scored_of_n_seeded_samples(lm_config
                            (["--best-of", "4", "--reward", str(tmp_path)], "not a finished run folder")):
         assert main([*ask, *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_nsp_pairs_are_half_next_half_random_from_the_same_file(lm_config):
+    from conftest import make_document_rows
+
+    from tunelab.tasks.lm import nsp_pairs, sentences
+
+    assert all(3 <= len(sentences(r["text"])) <= 4 for r in make_document_rows(50, 1))
+    docs = [" ".join(f"document {d} sentence {j}." for j in range(2 + d % 3)) for d in range(200)]
+    split = [sentences(d) for d in docs]
+    pairs = nsp_pairs(docs, seed=0)
+    assert len(pairs) == sum(len(s) - 1 for s in split)
+    assert 0.42 < sum(label for _, _, label in pairs) / len(pairs) < 0.58
+    home = {s: d for d, doc in enumerate(split) for s in doc}
+    consecutive = {(a, b) for doc in split for a, b in zip(doc, doc[1:])}
+    for a, b, label in pairs:
+        assert ((a, b) in consecutive) if label == 0 else (home[b] != home[a])
+    assert nsp_pairs(docs, seed=0) == pairs and nsp_pairs(docs, seed=1) != pairs
+    # pairs are built inside one file: the eval file's random halves are its own sentences
+    held_out = [r["text"] for r in make_document_rows(16, 2)]
+    own = {s for d in held_out for s in sentences(d)}
+    assert all(b in own for _, b, _ in nsp_pairs(held_out, seed=0))
+    assert sentences("one. two! three? 四。五") == ["one.", "two!", "three?", "四。", "五"]
+    assert nsp_pairs(["a single sentence.", "another one."], seed=0) == []
+
+
+def test_nsp_trains_both_heads_and_plain_transformers_loads_bert_for_pretraining(lm_config, tmp_path, capsys):
+    """--task nsp: masked tokens and next-sentence prediction together; both improve on the starting model, and the
+    saved model is a BertForPreTraining whose next-sentence head gives the run's accuracy."""
+    from transformers import AutoTokenizer, BertForPreTraining
+
+    from tunelab.cli import main
+    from tunelab.data.batching import collate
+    from tunelab.tasks import TASKS, Space
+
+    cfg = lm_config("nsp", "full")
+    cfg.train.epochs = 8
+    result = train(cfg)
+    start = result.metrics["baseline"]["before_training"]
+    assert result.eval["loss"] < start["loss"] - 1 and result.eval["nsp_accuracy"] >= start["nsp_accuracy"] + 0.2
+    history = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+    assert all(0 <= h["nsp_accuracy"] <= 1 for h in history if "loss" in h)
+
+    model = BertForPreTraining.from_pretrained(result.run_dir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "model")
+    task = TASKS["nsp"]
+    items = task.encode(tokenizer, task.read(cfg.data.eval, cfg.data), Space(seed=cfg.train.seed), 64)
+    batch = collate(items, tokenizer.pad_token_id)
+    nsp = batch.pop("labels")[:, 0]
+    with torch.no_grad():
+        right = (model(**batch).seq_relationship_logits.argmax(-1) == nsp).float().mean().item()
+    assert right == pytest.approx(result.eval["nsp_accuracy"])
+
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": f"no second sentence in {i}"} for i in range(4)])
+    assert main(["train", "--task", "nsp", "--model", cfg.model.name, "--train", str(path), "--eval", str(path),
+                 "--output", str(tmp_path / "r")]) == 2
+    assert "no document has two sentences to pair" in capsys.readouterr().err
+    assert main(["train", "--task", "nsp", "--model", lm_config("chat").model.name, "--train", cfg.data.train,
+                 "--output", str(tmp_path / "r2")]) == 2
+    assert "nsp needs" in capsys.readouterr().err

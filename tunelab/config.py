@@ -197,7 +197,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    task: Literal["classification", "multilabel", "regression", "ner", "clm", "mlm", "chat", "dpo", "reward", "image-classification", "image-multilabel"] = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, chat, dpo, reward; images: image-classification, image-multilabel.", "--task")
+    task: Literal["classification", "multilabel", "regression", "ner", "clm", "mlm", "nsp", "chat", "dpo", "reward", "image-classification", "image-multilabel"] = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, nsp (mlm plus next-sentence prediction), chat, dpo, reward; images: image-classification, image-multilabel.", "--task")
     output: str = setting("runs/run", "Run folder to write (config, metrics, history, plots, model, checkpoints).", "--output",
         path="output")
     overwrite: bool = setting(False, "Replace an existing, non-empty run folder instead of refusing.", "--overwrite")

@@ -119,6 +119,7 @@ BATCH = {
     "multilabel": lambda b, s: {"input_ids": _meta((b, s)), "labels": _meta((b, 2), torch.float32)},
     "ner": lambda b, s: {"input_ids": _meta((b, s)), "labels": _meta((b, s))},
     "mlm": lambda b, s: {"input_ids": _meta((b, s)), "labels": _meta((b, s))},
+    "nsp": lambda b, s: {"input_ids": _meta((b, s)), "labels": _meta((b, s)), "next_sentence_label": _meta((b,))},
     "clm": lambda b, s: {"input_ids": _meta((b, s)), "labels": _meta((b, s))},
     "chat": lambda b, s: {"input_ids": _meta((b, s)), "labels": _meta((b, s))},
 }

@@ -580,7 +580,8 @@ def _checked(model: nn.Module, probe: dict, name: str, patch) -> bool:
         model.eval()  # (for each pass: entering the first-token cut restores the model's mode)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            out = model(**probe).logits.float()
+            out = model(**probe)
+            out = (out.logits if "logits" in out else out[0]).float()  # BERT's pre-training: its MLM logits
             weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
             grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
         return out.detach(), grads

@@ -48,6 +48,8 @@ class Lora(Method):
             return TaskType.CAUSAL_LM, None
         if model_class.endswith("ForMaskedLM"):
             return None, ["transform"]
+        if model_class.endswith("ForPreTraining"):  # BERT's: the masked-LM head and the new next-sentence head
+            return None, ["transform", "seq_relationship"]
         return TaskType.SEQ_CLS, None
 
     def export(self, model: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 from tunelab.tasks.base import Space, Task
 from tunelab.tasks.classification import Classification, Multilabel
 from tunelab.tasks.image import ImageClassification, ImageMultilabel
-from tunelab.tasks.lm import CausalLM, ChatSFT, MaskedLM
+from tunelab.tasks.lm import CausalLM, ChatSFT, MaskedLM, PreTraining
 from tunelab.tasks.preference import DPO, RewardModel
 from tunelab.tasks.ner import Ner
 from tunelab.tasks.regression import Regression
@@ -14,6 +14,7 @@ TASKS: dict[str, Task] = {
     "ner": Ner(),
     "clm": CausalLM(),
     "mlm": MaskedLM(),
+    "nsp": PreTraining(),
     "chat": ChatSFT(),
     "dpo": DPO(),
     "reward": RewardModel(),

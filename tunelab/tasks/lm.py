@@ -7,6 +7,7 @@ tokens carry a loss and how a batch turns into one.
 - mlm: masked-token prediction (BERT): 15% of the tokens chosen, 80% of those become [MASK], 10% a random
   token, 10% stay; masks are drawn once per example from the seed (static masking, as in the original BERT;
   RoBERTa's dynamic masking would redraw them every epoch).
+- nsp: BERT's full pre-training, masked tokens plus next-sentence prediction on sentence pairs (PreTraining).
 - chat: supervised fine-tuning on conversations rendered with the tokenizer's own chat template; only assistant
   tokens (with weight 1), including the end-of-turn token that teaches the model to stop, carry the loss.
 
@@ -16,6 +17,7 @@ resample examples (blocks, conversations) like every other task.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -155,6 +157,108 @@ class MaskedLM(LanguageModeling):
             r = float(torch.rand((), generator=g))
             inputs[j] = mask_id if r < 0.8 else int(torch.randint(vocab, (), generator=g)) if r < 0.9 else ids[j]
         return inputs, labels
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
+
+
+def sentences(text: str) -> list[str]:
+    """A document's sentences: split after . ! ? followed by white space, and after 。！？."""
+    return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
+
+
+def nsp_pairs(documents: list[str], seed: int) -> list[tuple[str, str, int]]:
+    """BERT's next-sentence pairs (Devlin et al. 2019, section 3.1): each two consecutive sentences of a document
+    give a pair whose second half is, by a seeded coin, the true next sentence (label 0, IsNext) or a sentence
+    drawn from another document of the same file (label 1, NotNext) — so no pair crosses the train/eval split.
+    Documents of one sentence give no pair."""
+    split = [sentences(d) for d in documents]
+    owners = [(d, j) for d, doc in enumerate(split) for j in range(len(doc))]
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for d, doc in enumerate(split):
+        for a, b in zip(doc, doc[1:]):
+            if float(torch.rand((), generator=g)) < 0.5 or len(split) < 2:
+                pairs.append((a, b, 0))
+                continue
+            while True:  # a sentence of another document
+                other, j = owners[int(torch.randint(len(owners), (), generator=g))]
+                if other != d:
+                    break
+            pairs.append((a, split[other][j], 1))
+    return pairs
+
+
+class PreTraining(MaskedLM):
+    """BERT's two pre-training objectives at once: masked tokens (as mlm) and next-sentence prediction on sentence
+    pairs built from the documents (nsp_pairs). The loss is the summed MLM token losses plus each pair's NSP loss
+    weighted by its masked tokens, over the batch's masked tokens: the MLM mean plus (nearly) the NSP mean, BERT's
+    sum of the two. A pair's NSP label travels in `labels` at its first position ([CLS], never an MLM target).
+    The model is transformers' BertForPreTraining (an encoder with a next-sentence head)."""
+
+    name = "nsp"
+    model_class = "AutoModelForPreTraining"
+    metrics = ("loss", "perplexity", "mean_token_accuracy", "nsp_accuracy")
+    tunings = ("scratch", "full", "lora")
+
+    def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool,
+              quantize_on: torch.device | None = None) -> nn.Module:
+        try:
+            model = super().build(cfg, folder, space, pretrained, quantize_on)
+        except ValueError:  # transformers has no pre-training class for this architecture
+            model = None
+        if not hasattr(getattr(model, "cls", None), "seq_relationship"):
+            raise UserError("nsp needs an encoder with a next-sentence head, as BERT has (such as minilm); this "
+                            "model has none: use --task mlm or --task clm", "--model")
+        return model
+
+    def encode(self, tokenizer, examples: list[Example], space: Space, max_length: int) -> list[dict]:
+        if tokenizer.mask_token_id is None:
+            raise UserError("nsp needs a tokenizer with a mask token (an encoder such as minilm)", "--model")
+        pairs = nsp_pairs([e.text for e in examples], space.seed)
+        if not pairs:
+            raise UserError("no document has two sentences to pair (nsp splits documents after . ! ? and 。！？)")
+        enc = tokenizer([a for a, _, _ in pairs], [b for _, b, _ in pairs], truncation="longest_first",
+                        max_length=max_length, padding=False)
+        items = []
+        for i, ids in enumerate(enc["input_ids"]):
+            special = tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
+            inputs, labels = self._mask(ids, special, len(tokenizer), tokenizer.mask_token_id, space, i)
+            labels[0] = pairs[i][2]  # [CLS]: special, never masked
+            items.append({**{k: enc[k][i] for k in enc.keys()}, "input_ids": inputs, "labels": labels, "_gold": 0})
+        return items
+
+    def units(self, item: dict) -> int:
+        return sum(t != IGNORE for t in item["labels"][1:])
+
+    def _stats(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Per pair: (MLM loss sum + NSP loss x masked tokens, masked tokens, correct tokens, correct NSP)."""
+        labels = batch.pop("labels")
+        nsp, tokens = labels[:, 0], labels.clone()
+        tokens[:, 0] = IGNORE
+        out = model(**batch)
+        loss, count, correct = _token_stats(out.prediction_logits.float(), tokens, shift=False)
+        relation = out.seq_relationship_logits.float()
+        nsp_loss = F.cross_entropy(relation, nsp, reduction="none")
+        return torch.stack([loss + nsp_loss * count, count.float(), correct.float(),
+                            (relation.argmax(-1) == nsp).float(), nsp_loss], 1)
+
+    def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
+        stats = self._stats(model, batch)
+        counts = stats.detach().sum(0)
+        return stats[:, 0].sum(), {"correct": float(counts[2]), "tokens": float(counts[1]),
+                                   "nsp_correct": float(counts[3]), "pairs": float(len(stats))}
+
+    def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
+        return {**super().train_log(sums, units), "nsp_accuracy": sums["nsp_correct"] / max(sums["pairs"], 1)}
+
+    def outputs(self, model: nn.Module, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
+        return list(self._stats(model, batch).cpu())
+
+    def score(self, preds: list, golds: list, space: Space) -> dict[str, float]:
+        """loss and perplexity are the MLM's (the NSP's loss taken out), beside the NSP accuracy."""
+        mlm = [(p[0] - p[4] * p[1], p[1], p[2]) for p in preds]
+        return {**super().score(mlm, golds, space), "nsp_accuracy": sum(p[3] for p in preds) / max(len(preds), 1)}
 
 
 def alpaca_messages(rec: dict, path: Path, line: int) -> list[dict]:
