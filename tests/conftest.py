@@ -327,8 +327,15 @@ def build_tiny_llama(folder: Path) -> str:
     return str(folder)
 
 
+def make_prompt_rows(n: int, seed: int) -> list[dict]:
+    """rl prompts; `answer` rides along to the reward function as part of its record."""
+    rng = random.Random(seed)
+    return [{"prompt": f"say something about the {rng.choice(TOPICS)}", "answer": "short"} for _ in range(n)]
+
+
 LM_ROWS = {"chat": make_chat_rows, "dpo": make_preference_rows, "reward": make_preference_rows,
-           "clm": make_text_rows, "mlm": make_text_rows, "nsp": make_document_rows}
+           "clm": make_text_rows, "mlm": make_text_rows, "nsp": make_document_rows,
+           "rl": make_prompt_rows}
 
 
 @pytest.fixture(scope="session")
@@ -354,6 +361,8 @@ def lm_config(tiny_llama, tiny_model, lm_data, tmp_path):
         cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 3, 8, 1e-2  # lora on every linear layer of a tiny random model: 1e-2 learns every stage
         cfg.train.progress = False
         cfg.eval.bootstrap = 100
+        if task == "rl":  # rewards short answers: trivially learnable, the answer's end token is enough
+            cfg.train.reward, cfg.train.rl_max_new_tokens, cfg.train.epochs = "rewards:brevity", 16, 4
         return cfg
     return make
 

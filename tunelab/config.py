@@ -165,6 +165,15 @@ class TrainConfig:
     metric: str = setting("auto", "Evaluation metric that decides the best weights and early stopping; auto uses the task's main one.")
     beta: float = setting(0.1, "dpo: how strongly the policy is held near the reference model (larger: closer).",
         range=Range(0, 100, lo_open=True))
+    reward: str = setting("", "rl: where rewards come from: a reward run's folder (--task reward), or a Python function module:function (or path/to/file.py:function) called as function(prompt_messages, answer_text, record) -> float.")
+    rl_algorithm: Literal["rloo", "grpo"] = setting("rloo", "rl: the policy update. rloo: REINFORCE with the leave-one-out baseline, the KL penalty inside the reward (Ahmadian et al. 2024). grpo: advantages normalised within each prompt's answers, a per-token KL term (Shao et al. 2024).")
+    rl_samples: int = setting(4, "rl: answers sampled per prompt at each step (the group the advantages compare).",
+        range=Range(2, 64))
+    rl_max_new_tokens: int = setting(64, "rl: most tokens of a sampled answer.", range=Range(1, 4096))
+    rl_temperature: float = setting(1.0, "rl: sampling temperature of the training answers (evaluation answers are greedy).",
+        range=Range(0, 10, lo_open=True))
+    kl_coef: float = setting(0.05, "rl: weight of the KL divergence from the starting model (larger: closer to it).",
+        range=Range(0, 100))
     seed: int = setting(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.", "--seed",
         range=Range(0, 2**32 - 1))
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "cpu, cuda, or auto (cuda when available).")
@@ -197,7 +206,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    task: Literal["classification", "multilabel", "regression", "ner", "clm", "mlm", "nsp", "chat", "dpo", "reward", "image-classification", "image-multilabel"] = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, nsp (mlm plus next-sentence prediction), chat, dpo, reward; images: image-classification, image-multilabel.", "--task")
+    task: Literal["classification", "multilabel", "regression", "ner", "clm", "mlm", "nsp", "chat", "dpo", "reward", "rl", "image-classification", "image-multilabel"] = setting("classification", "What the model learns: classification, multilabel, regression, ner; language models: clm, mlm, nsp (mlm plus next-sentence prediction), chat, dpo, reward, rl (reinforcement learning from a reward); images: image-classification, image-multilabel.", "--task")
     output: str = setting("runs/run", "Run folder to write (config, metrics, history, plots, model, checkpoints).", "--output",
         path="output")
     overwrite: bool = setting(False, "Replace an existing, non-empty run folder instead of refusing.", "--overwrite")

@@ -165,8 +165,7 @@ def complete(model, tokenizer, messages_or_text: str | list[dict], max_new_token
                              is not None else stops[0], streamer=streamer, **mode)
     seconds = time.perf_counter() - tic
     new = (out.sequences if logprobs is not None else out)[0, len(ids):].tolist()
-    # An answer cut by max_new_tokens may end inside a multi-byte character: drop that half character.
-    text = tokenizer.decode(new, skip_special_tokens=True).strip().rstrip("\ufffd")
+    text = answer_text(tokenizer, new)
     cut = cut_at_stop(text, stop)
     finish = "stop" if cut < len(text) or len(new) < max_new_tokens or (new and new[-1] in stops) else "length"
     scored = _token_logprobs(tokenizer, new, out.logits, logprobs, cut) if logprobs is not None else None
@@ -190,6 +189,12 @@ def best_of(model, tokenizer, messages: list[dict], n: int, score, sampling: Sam
     completions = [complete(model, tokenizer, messages, seed=sampling.seed + i, **fields) for i in range(n)]
     scores = list(score(messages, [c.text for c in completions]))
     return max(range(n), key=scores.__getitem__), completions, scores
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """An answer's text from its token ids: special tokens skipped, stripped. An answer cut by max_new_tokens may
+    end inside a multi-byte character: that half character is dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip().rstrip("\ufffd")
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> int:

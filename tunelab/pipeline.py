@@ -82,6 +82,7 @@ def build_job(cfg: Config, device: torch.device) -> Job:
         _check_language(tokenizer, splits.train, cfg.model.name)
     pad_id = tokenizer.pad_token_id or 0
     task.set_padding(model, pad_id)
+    task.bind(cfg, tokenizer)
     text_augment = cfg.train.augment and task.modality == "text"  # (images: augmented as batches are drawn)
     train = splits.train + (augment_examples(splits.train, parse_ops(cfg.train.augment), cfg.train.augment_rate,
                                              cfg.train.augment_copies, cfg.train.seed, tokenizer,

@@ -129,7 +129,7 @@ class Method(BaseModel):
 # Settings a request may not set through `config`: the service decides them, or the request names them elsewhere
 # (training_file, validation_file, model). Every other path-typed setting takes only an id the caller owns.
 RESERVED = {("data", "train"), ("data", "eval"), ("model", "name"), ("model", "trust_remote_code"), ("model", "allow_pickle"),
-            ("train", "device"), ("train", "strategy"), ("train", "progress"), ("train", "lr_scale"), ("eval", "folds"), ("eval", "fold")}
+            ("train", "device"), ("train", "strategy"), ("train", "reward"), ("train", "progress"), ("train", "lr_scale"), ("eval", "folds"), ("eval", "fold")}
 SECTIONS = ("data", "tuning", "train", "eval")  # `model` is the request's own `model`
 MAX_CHECKPOINTS = 5  # resumable checkpoints a job may keep (train.keep_checkpoints), so no job fills the disk
 KEEP_CHECKPOINTS = 3  # checkpoints a job keeps unless config.train.keep_checkpoints says (the CLI keeps 2)

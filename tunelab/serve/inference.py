@@ -254,7 +254,7 @@ def classify(home: Path, body: Classify) -> dict:
     from tunelab.predict import load_run, predict_examples
 
     source, task = locate(home, body.model)
-    if task is None or task in ("clm", "mlm", "nsp", "chat", "dpo", "reward"):
+    if task is None or task in ("clm", "mlm", "nsp", "chat", "dpo", "reward", "rl"):
         raise UserError(f"{body.model} does not predict labels: use /v1/chat/completions for generators",
                         "model")
     texts = body.input  # each a non-empty text within MAX_CHARS (or an image), at most MAX_INPUTS of them

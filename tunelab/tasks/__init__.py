@@ -6,6 +6,7 @@ from tunelab.tasks.lm import CausalLM, ChatSFT, MaskedLM, PreTraining
 from tunelab.tasks.preference import DPO, RewardModel
 from tunelab.tasks.ner import Ner
 from tunelab.tasks.regression import Regression
+from tunelab.tasks.rl import Reinforce
 
 TASKS: dict[str, Task] = {
     "classification": Classification(),
@@ -18,6 +19,7 @@ TASKS: dict[str, Task] = {
     "chat": ChatSFT(),
     "dpo": DPO(),
     "reward": RewardModel(),
+    "rl": Reinforce(),
     "image-classification": ImageClassification(),
     "image-multilabel": ImageMultilabel(),
 }

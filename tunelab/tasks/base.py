@@ -246,6 +246,10 @@ class Task:
         """Extra headline figures for metrics.json from the training log and the final eval metrics."""
         return {}
 
+    def bind(self, cfg, tokenizer) -> None:
+        """Take the run's settings and tokenizer before its examples are encoded (rl samples and scores answers
+        with them); most tasks need neither."""
+
     def set_padding(self, model: nn.Module, pad_id: int) -> None:
         """Tell the model the id its batches are padded with, where it reads it: a decoder's sequence classifier (a
         reward model) reads each row at its last token that is not padding."""

@@ -22,6 +22,7 @@ def load_run(run_dir: str | Path):
     task = TASKS[cfg.task]
     model = load_trained(task.model_class, run / "model")
     tokenizer = task.processor(run / "model")
+    task.bind(cfg, tokenizer)
     space = task.space_of(model.config)
     if task.judged_by_start:  # language models: masking, length policy and dpo beta come from the run's config
         space = space.configure(cfg)
