@@ -175,7 +175,12 @@ def test_gradual_unfreezing_opens_one_block_per_epoch(toy_config):
 @pytest.mark.parametrize("task,name", LANGUAGE)
 def test_language_stage_trains_and_beats_its_start(task, name, lm_config):
     """Every language-model stage on a tiny random Llama (a tiny BERT for mlm), through the whole pipeline."""
-    result = train(lm_config(task, name))
+    cfg = lm_config(task, name)
+    if name == "distill":  # a language model's teacher: the same stage, trained first
+        teacher = lm_config(task, "full")
+        teacher.output += "-teacher"
+        cfg.tuning.teacher = str(train(teacher).run_dir)
+    result = train(cfg)
     history = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
     assert all(math.isfinite(h["loss"]) for h in history if "loss" in h)
     start, end = result.metrics["baseline"]["before_training"], result.metrics["eval"]

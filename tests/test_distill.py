@@ -248,3 +248,73 @@ def test_a_generator_fine_tuned_as_a_classifier_teaches_a_small_encoder(tmp_path
     assert AutoConfig.from_pretrained(teacher.model_dir).model_type == "llama" and teacher.eval["f1_macro"] > 0.9
     assert AutoConfig.from_pretrained(student.model_dir).model_type == "bert"
     assert student.eval["f1_macro"] >= 0.9 * teacher.eval["f1_macro"], (student.eval, teacher.eval)
+
+
+# --- language models ------------------------------------------------------------------------------------------
+def test_token_distill_loss_is_the_kl_plus_the_task_loss():
+    """α = 1 against itself: 0; α = 0: the chat task's own summed loss; α mixes the two."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.methods.distill import token_distill_loss
+    from tunelab.tasks import TASKS
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)
+    student, teacher = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100  # the prompt carries no loss
+    batch = lambda: {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels.clone()}  # noqa: E731
+    chat = TASKS["chat"]
+    same, _ = token_distill_loss(chat, student, student, batch(), 2.0, 1.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-5)
+    hard, extra = token_distill_loss(chat, student, teacher, batch(), 2.0, 0.0)
+    assert hard.item() == pytest.approx(chat.forward(student, batch(), None)[0].item(), rel=1e-6)
+    assert extra["tokens"] == 2 * 4  # positions 3..6 predict labelled tokens 4..7 of each row
+    s = student(input_ids=ids).logits[:, 2:-1]
+    t = teacher(input_ids=ids).logits[:, 2:-1]
+    kl = (torch.softmax(t / 2, -1) * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum() * 4
+    mixed, _ = token_distill_loss(chat, student, teacher, batch(), 2.0, 0.3)
+    assert mixed.item() == pytest.approx(0.3 * kl.item() + 0.7 * hard.item(), rel=1e-5)
+
+
+def test_a_chat_model_distils_token_level_and_sequence_level(lm_config, tmp_path, capsys):
+    """A chat run teaches the tiny Llama: token level (same tokenizer) learns, its held-out loss falls; sequence
+    level writes the teacher's answers to the training prompts, and the student trains on exactly those."""
+    import json
+
+    from tunelab import generate as gen
+    from tunelab.cli import main
+    from tunelab.pipeline import train
+
+    teacher = train(lm_config("chat", "full")).run_dir
+    cfg = lm_config("chat", "distill")
+    cfg.tuning.teacher = str(teacher)
+    result = train(cfg)
+    assert result.metrics["train"] and cfg.tuning.kd_level == "token"
+    start = result.metrics["baseline"]["before_training"]["loss"]
+    assert result.eval["loss"] < start * 0.9
+
+    cfg = lm_config("chat", "distill")
+    cfg.tuning.teacher, cfg.tuning.kd_level, cfg.tuning.kd_max_new_tokens = str(teacher), "sequence", 8
+    cfg.output = str(tmp_path / "sequence")
+    train(cfg)
+    written = tmp_path / "sequence" / "distill" / "teacher_answers.jsonl"
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    gold = [json.loads(line) for line in open(cfg.data.train)]
+    assert len(rows) == len(gold)
+    model, tokenizer = gen.load_generator(str(teacher), "cpu")
+    for row, g in list(zip(rows, gold))[:3]:
+        prompt = [{"role": m["role"], "content": m["content"]} for m in g["messages"][:-1]]
+        assert row["messages"][:-1] == prompt
+        assert row["messages"][-1]["content"] == gen.complete(model, tokenizer, prompt, max_new_tokens=8).text
+    # the set is plain chat JSONL: reusable as training data
+    assert main(["train", "--task", "chat", "--model", cfg.model.name, "--train", str(written), "--eval",
+                 cfg.data.eval, "--epochs", "1", "--output", str(tmp_path / "again"), "--train.progress", "false"]) == 0
+
+    capsys.readouterr()
+    assert main(["train", "--task", "clm", "--model", cfg.model.name, "--tuning", "distill", "--teacher",
+                 str(teacher), "--train", lm_config("clm").data.train, "--tuning.kd_level", "sequence",
+                 "--output", str(tmp_path / "clm"), "--train.progress", "false"]) == 2
+    assert "sequence-level distillation trains on the teacher's answers" in capsys.readouterr().err

@@ -116,7 +116,7 @@ class TuningConfig:
         range=Range(1, 65536))
     lora_dropout: float = setting(0.1, "lora: dropout on the adapter input.",
         range=Range(0, 1, hi_open=True))
-    teacher: str | None = setting(None, "distill: the finished run (classification, multilabel or regression, the student's task) whose soft targets the student learns.", "--teacher",
+    teacher: str | None = setting(None, "distill: the finished run (classification, multilabel or regression, the student's task; a clm or chat run for a language model) whose soft targets the student learns.", "--teacher",
         path="run")
     kd_temperature: float = setting(2.0, "distill: T that softens both distributions; the KL term is scaled by T^2 (Hinton et al. 2015).",
         range=Range(0, 100, lo_open=True))
@@ -124,6 +124,9 @@ class TuningConfig:
         range=Range(0, 1))
     student_layers: int = setting(0, "distill: build the student from the teacher itself with this many layers, initialised from evenly spaced teacher layers (every other one for half, as DistilBERT); 0 uses --model.",
         range=Range(0, 1000))
+    kd_level: Literal["auto", "token", "sequence"] = setting("auto", "distill of a language model (clm, chat): token matches the teacher's next-token distributions on the training texts (Hinton's KL at every labelled token; the teacher must share the student's tokenizer); sequence (chat) trains the student on the teacher's own greedy answers to the training prompts (Kim & Rush 2016; any teacher), saved as RUN/distill/teacher_answers.jsonl; auto: token where the tokenizers match, else sequence.")
+    kd_max_new_tokens: int = setting(128, "distill, kd_level sequence: most tokens of each teacher answer.",
+        range=Range(1, 4096))
     prune_vocab: bool = setting(False, "distill: keep only the vocabulary the training and transfer texts use (plus every single character) and shrink the student's embeddings to it; WordPiece tokenizers.")
     lora_targets: list[str] = setting([], "lora: names (or name endings) of the linear modules that get adapters, e.g. query,value; empty: every linear layer of the attention and MLP blocks.")
     warm_head: bool = setting(True, "full, partial, distill (a student from --model): before the first step, set the new linear head to its solved optimum on the pretrained features (linear probing then fine-tuning, LP-FT); classification, multilabel, regression.")

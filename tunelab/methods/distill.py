@@ -39,13 +39,16 @@ from tunelab.models import load_tokenizer, set_dropout
 
 class Distill(Full):
     def __init__(self):
-        self.teacher: Teacher | None = None
+        self.teacher: Teacher | LanguageModelTeacher | None = None
+        self.answers: Path | None = None  # sequence-level distillation: the teacher's answers (chat JSONL)
         self.transfer: list = []  # unlabelled examples: the teacher's soft targets only
         self.tuning: TuningConfig | None = None  # the run's, for T and α (set by `build`)
 
     def build(self, cfg: Config, task, space, train: list) -> tuple[nn.Module, object]:
         """The student: the teacher itself with `tuning.student_layers` of its layers (and its tokenizer), or
         `--model`; with `tuning.prune_vocab`, shrunk to the vocabulary of the training and transfer texts."""
+        if task.judged_by_start:
+            return self._build_language_model(cfg, task, space, train)
         self.teacher = Teacher(cfg.tuning.teacher)
         self.teacher.check(task, space)
         self.tuning = cfg.tuning
@@ -68,7 +71,53 @@ class Distill(Full):
                                                             for t in (e.text, e.text_pair) if t])
         return model, tokenizer
 
+    def _build_language_model(self, cfg: Config, task, space, train: list) -> tuple[nn.Module, object]:
+        """A language-model student (see LanguageModelTeacher): token level keeps the teacher for the loss;
+        sequence level replaces each training conversation's last answer by the teacher's (in `train`, in place)
+        and then trains as `full` does."""
+        self.tuning = cfg.tuning
+        if cfg.data.transfer or cfg.tuning.prune_vocab:
+            raise UserError("--transfer and tuning.prune_vocab are for classifier distillation", "--tuning")
+        teacher = LanguageModelTeacher(cfg.tuning.teacher)
+        if cfg.tuning.student_layers:
+            cfg.model.name = str(teacher.run / "model")
+            from tunelab.models import load_trained
+
+            model = keep_layers(load_trained("AutoModelForCausalLM", teacher.run / "model"),
+                                evenly_spaced(teacher.model.config.num_hidden_layers, cfg.tuning.student_layers))
+            tokenizer = load_tokenizer(cfg.model)
+        else:
+            model, tokenizer = Full.build(self, cfg, task, space, train)
+        level = cfg.tuning.kd_level
+        shared = teacher.tokenizer.get_vocab() == tokenizer.get_vocab()
+        if level == "auto":
+            level = "token" if shared else "sequence"
+        if level == "token" and not shared:
+            raise UserError("token-level distillation compares next-token distributions, so the teacher must use "
+                            "the student's tokenizer; this one does not: use tuning.kd_level sequence", "--teacher")
+        if level == "sequence":
+            if task.name != "chat":
+                raise UserError("sequence-level distillation trains on the teacher's answers to the training "
+                                "prompts: a chat task (clm texts have no prompts)", "tuning.kd_level")
+            train[:], self.answers = teacher.answer(train, cfg.tuning.kd_max_new_tokens)
+        else:
+            self.teacher = teacher
+        cfg.tuning.kd_level = level  # config.yaml says which ran
+        return model, tokenizer
+
+    def save_extra(self, model: nn.Module, folder: Path) -> None:
+        """Sequence-level distillation: the teacher's answers the student trained on, as RUN/distill/
+        teacher_answers.jsonl (chat JSONL, reusable as --train)."""
+        if self.answers is not None:
+            atomic_write_bytes(folder / "distill" / "teacher_answers.jsonl", self.answers.read_bytes())
+
     def extra_items(self, cfg: Config, task, space, tokenizer, train: list, train_items: list[dict]) -> list[dict]:
+        if task.judged_by_start:
+            return []  # a language model's teacher answers at each step (token) or already wrote its data (sequence)
+        return self._classifier_extra_items(cfg, task, space, tokenizer, train, train_items)
+
+    def _classifier_extra_items(self, cfg: Config, task, space, tokenizer, train: list,
+                                train_items: list[dict]) -> list[dict]:
         """The teacher's outputs on every training item; the transfer texts as items of their own, with a
         placeholder label of the right shape that the `_unlabelled` mark keeps out of the loss."""
         # Transfer pictures are augmented as the training split's are (the item's transform); texts were already.
@@ -83,22 +132,55 @@ class Distill(Full):
 
     def collate(self, task, items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch = task.collate(items, pad_id)
+        if task.judged_by_start:
+            return batch
         batch["teacher_logits"] = torch.tensor([it["_teacher"] for it in items])
         batch["labelled"] = torch.tensor([not it.get("_unlabelled") for it in items])
         return batch
 
     def forward(self, task, model: nn.Module, batch: dict, space) -> tuple[torch.Tensor, dict[str, float]]:
+        if task.judged_by_start:
+            if not isinstance(self.teacher, LanguageModelTeacher):  # sequence level: plain fine-tuning
+                return task.forward(model, batch, space)
+            return token_distill_loss(task, model, self.teacher.model, batch, self.tuning.kd_temperature,
+                                      self.tuning.kd_alpha)
         teacher, labelled, labels = batch.pop("teacher_logits"), batch.pop("labelled"), batch.pop("labels")
         logits = model(**batch).logits.float()
         return distill_loss(task, logits, teacher, labels, labelled, self.tuning.kd_temperature,
                             self.tuning.kd_alpha), {}
 
     def before_training(self, loop) -> str | None:
+        if loop.task.judged_by_start:
+            return None  # a language model has no new head to solve first
+        return self._warm_head(loop)
+
+    def _warm_head(self, loop) -> str | None:
         """A student built from --model gets its new head solved on the labelled examples first (LP-FT, as
         `full`): a random head at fine-tuning's learning rate would barely move (EfficientNet-Lite0 on the digits
         example, 60 labelled and 540 transfer pictures: accuracy 0.54 without, against `full`'s 0.67 on the 60
         alone). A shortened teacher keeps its own, trained head."""
         return None if loop.cfg.tuning.student_layers else super().before_training(loop)
+
+
+def token_distill_loss(task, model: nn.Module, teacher: nn.Module, batch: dict, temperature: float,
+                       alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed over the labelled tokens: α · T² · KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 − α) ·
+    cross-entropy of the token, the teacher's distribution at every position the task's loss counts."""
+    from tunelab.data.chat import IGNORE
+
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float()
+    with torch.no_grad():
+        target = teacher(**batch).logits.float()
+    if task.shift:  # position t predicts token t + 1
+        logits, target, labels = logits[:, :-1], target[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    s, t = logits[mask], target[mask]  # [labelled tokens, vocabulary]
+    soft = torch.nn.functional.kl_div((s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1),
+                                      log_target=True, reduction="sum") * temperature ** 2
+    hard = torch.nn.functional.cross_entropy(s, labels[mask], reduction="sum")
+    return alpha * soft + (1 - alpha) * hard, {"correct": float((s.argmax(-1) == labels[mask]).sum()),
+                                               "tokens": float(mask.sum())}
 
 
 def soft_targets_of(task, outputs: list[float], space) -> list[float]:
@@ -270,3 +352,44 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class LanguageModelTeacher:
+    """A finished clm or chat run that teaches a language model: at every labelled token (its next-token
+    distribution, kd_level token) or by its own greedy answers to the training prompts (kd_level sequence: Kim &
+    Rush 2016, "Sequence-Level Knowledge Distillation"; any tokenizer and architecture)."""
+
+    def __init__(self, run_dir: str):
+        from tunelab.generate import load_generator
+
+        self.run = Path(run_dir)
+        if not (self.run / "config.yaml").is_file():
+            raise UserError("not a run folder (no config.yaml): the teacher is a finished clm or chat run",
+                            str(run_dir))
+        self.model, self.tokenizer = load_generator(str(self.run), "cpu")
+        self.model.requires_grad_(False)
+
+    def answer(self, examples: list, max_new_tokens: int) -> tuple[list, Path]:
+        """The conversations with each last assistant turn replaced by the teacher's greedy answer to what came
+        before it, and the chat JSONL file that holds them: $TUNELAB_CACHE/teacher-answers, keyed by the teacher's
+        weights, the length and the prompts, so a resumed or repeated run does not generate them again."""
+        from tunelab.data.load import Example
+        from tunelab.generate import complete
+        from tunelab.io import atomic_write_jsonl
+        from tunelab.models.gguf import cache_root
+
+        prompts = []
+        for e in examples:
+            last = max(i for i, m in enumerate(e.label) if m["role"] == "assistant")
+            prompts.append([{"role": m["role"], "content": m["content"]} for m in e.label[:last]])
+        key = hashlib.sha256(json.dumps([_file_digest(self.run / "model" / "model.safetensors"), max_new_tokens,
+                                         prompts]).encode()).hexdigest()
+        path = cache_root().parent / "teacher-answers" / f"{key}.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        else:
+            rows = [{"messages": p + [{"role": "assistant", "content": complete(self.model, self.tokenizer, p,
+                                                                               max_new_tokens=max_new_tokens).text}]}
+                    for p in prompts]
+            atomic_write_jsonl(path, rows)
+        return [Example("", r["messages"], where=f"{path}:{i + 1}") for i, r in enumerate(rows)], path

@@ -100,7 +100,7 @@ class LanguageModeling(Task):
 
 class CausalLM(LanguageModeling):
     name = "clm"
-    tunings = ("scratch", "full", "lora", "qlora")
+    tunings = ("scratch", "full", "lora", "qlora", "distill")
 
     def encode(self, tokenizer, examples: list[Example], space: Space, max_length: int) -> list[dict]:
         """Pack: tokenize every document, end each with eos, concatenate, cut into max_length blocks."""
@@ -275,6 +275,7 @@ def alpaca_messages(rec: dict, path: Path, line: int) -> list[dict]:
 
 class ChatSFT(LanguageModeling):
     name = "chat"
+    tunings = ("full", "lora", "qlora", "distill")
 
     def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
         return read_records(path, cfg, self.parse, problems)
