@@ -109,6 +109,14 @@ def cmd_data_chitchat_replies(args) -> int:
     return 0
 
 
+def cmd_data_arithmetic(args) -> int:
+    from tunelab.data.bundled import arithmetic
+
+    info = arithmetic(Path(args.output), args.train_size, args.eval_size, args.seed)
+    _print_written(info, "prompts", f" other sums); available: {info['available']}")
+    return 0
+
+
 def cmd_data_chatterbot_ja(args) -> int:
     from tunelab.data.bundled import chatterbot_japanese
 
@@ -181,5 +189,7 @@ def add_parsers(sub) -> None:
                       "reply over another conversation's reply at the same point.", cmd_data_chitchat_replies, 100,
                       train_size=1000)
     cr.add_argument("--context", type=int, default=3, help="Turns of conversation in the prompt (odd: ends with the user).")
+    _data_parser(dsub, "arithmetic", "Write {prompt, answer} JSONL of two-digit sums for rl with a verifiable "
+                 "reward (--train.reward tunelab.rewards:number_answer).", cmd_data_arithmetic, 100, train_size=400)
     _data_parser(dsub, "chatterbot-ja", "Write chat JSONL ({messages}) from chatterbot's Japanese dialogues.",
                  cmd_data_chatterbot_ja, 20)

@@ -334,3 +334,15 @@ def digits(output: Path, train_size: int, eval_size: int, seed: int = 0, size: i
             counts[split] += len(part)
     return {"train": str(output / "train"), "eval": str(output / "eval"), "train_examples": counts["train"],
             "eval_examples": counts["eval"], "source": "sklearn.datasets.load_digits"}
+
+
+def arithmetic(output: Path, train_size: int, eval_size: int, seed: int = 0, low: int = 10, high: int = 49) -> dict:
+    """Prompts with a checkable answer, for rl with a verifiable reward (tunelab.rewards.number_answer): "What is
+    a + b? Reply with the number only." with a, b drawn from [low, high] and the sum as `answer`. No sum
+    question is in both files."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
+    rng.shuffle(pairs)
+    records = [{"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": str(a + b)} for a, b in pairs]
+    return _write_splits(output, records[eval_size:eval_size + train_size], records[:eval_size],
+                         available=len(records))

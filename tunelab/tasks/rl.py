@@ -221,13 +221,21 @@ class Reinforce(Task):
     @staticmethod
     def _logps(model: nn.Module, sequences: torch.Tensor, mask: torch.Tensor, start: int):
         """Per answer token: log-probability under `model` and the distribution's entropy. Positions count from
-        each row's first real token, as generation counted them (the prompts are left-padded)."""
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1]
-        logits = logits.float()
+        each row's first real token, as generation counted them (the prompts are left-padded). Only the answer's
+        positions get logits (transformers' logits_to_keep, where the model takes it): over a 49k vocabulary the
+        prompt's would be most of the step's memory."""
+        inputs = dict(input_ids=sequences, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        keep = sequences.shape[1] - start + 1
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+        except TypeError:  # a model without logits_to_keep: every position's logits
+            logits = model(**inputs).logits
+        logits = logits[:, -keep:-1].float()
         logp_all = F.log_softmax(logits, -1)
         logp = logp_all.gather(-1, sequences[:, start:, None]).squeeze(-1)
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
+        with torch.no_grad():  # logged only: no graph over the vocabulary for it
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
 
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
         t = self.settings
