@@ -132,3 +132,13 @@ def test_a_bad_reward_is_refused_with_one_line(reward, message, lm_config, tmp_p
                  "--output", str(tmp_path / "run"), "--train.progress", "false"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_data_check_reads_rl_prompts(lm_config, capsys):
+    """`tunelab data check --task rl`: prompts are read as their messages; duplicates are found, no crash."""
+    from tunelab.cli import main
+
+    cfg = lm_config("rl")
+    rc = main(["data", "check", cfg.data.train, "--task", "rl", "--no-label-errors"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1) and "exact-duplicate" in out and "say something about the" in out

@@ -102,6 +102,8 @@ def text_of(e: Example) -> str:
         return e.text if e.text_pair is None else f"{e.text}\n{e.text_pair}"
     if isinstance(e.label, list) and e.label and isinstance(e.label[0], dict):
         return "\n".join(str(m.get("content", "")) for m in e.label)
+    if isinstance(e.label, dict) and isinstance(e.label.get("prompt"), list):  # an rl prompt
+        return "\n".join(str(m.get("content", "")) for m in e.label["prompt"])
     if isinstance(e.label, dict):
         return json.dumps(e.label, ensure_ascii=False, sort_keys=True)
     return e.text or ""
@@ -117,7 +119,13 @@ def line_of(e: Example) -> int:
 
 
 def label_key(label):
-    return tuple(sorted(label)) if isinstance(label, list) else label
+    """A label in hashable form: a multilabel list as a sorted tuple; a record (a conversation's messages, an rl
+    prompt and its record) as its JSON."""
+    if isinstance(label, list) and all(isinstance(x, str) for x in label):
+        return tuple(sorted(label))
+    if isinstance(label, (list, dict)):
+        return json.dumps(label, ensure_ascii=False, sort_keys=True)
+    return label
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
