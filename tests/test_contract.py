@@ -176,10 +176,8 @@ def test_gradual_unfreezing_opens_one_block_per_epoch(toy_config):
 def test_language_stage_trains_and_beats_its_start(task, name, lm_config):
     """Every language-model stage on a tiny random Llama (a tiny BERT for mlm), through the whole pipeline."""
     cfg = lm_config(task, name)
-    if name == "distill":  # a language model's teacher: the same stage, trained first
-        teacher = lm_config(task, "full")
-        teacher.output += "-teacher"
-        cfg.tuning.teacher = str(train(teacher).run_dir)
+    if name == "distill":
+        cfg.tuning.teacher = _language_teacher(lm_config, task)
     result = train(cfg)
     history = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
     assert all(math.isfinite(h["loss"]) for h in history if "loss" in h)
@@ -190,17 +188,29 @@ def test_language_stage_trains_and_beats_its_start(task, name, lm_config):
         assert end["reward"] > start["reward"] + 0.1, (task, name, start["reward"], end["reward"])
 
 
-@pytest.mark.parametrize("task,name", COMBOS)
+def _language_teacher(lm_config, task: str) -> str:
+    """A language model's distill teacher: the same stage, trained first."""
+    teacher = lm_config(task, "full")
+    teacher.output += "-teacher"
+    return str(train(teacher).run_dir)
+
+
 def _logits(out) -> torch.Tensor:
     """A model's logits; BERT's pre-training model (nsp) has two heads: both, flattened."""
     return out.logits if "logits" in out else torch.cat([out.prediction_logits.flatten(),
                                                          out.seq_relationship_logits.flatten()])
 
 
+@pytest.mark.parametrize("task,name", COMBOS)
 def test_save_then_load_gives_identical_outputs(task, name, task_config, lm_config, teacher, tmp_path):
     import transformers
 
-    cfg = use(lm_config(task, name) if TASKS[task].judged_by_start else task_config(task), name, teacher)
+    if TASKS[task].judged_by_start:
+        cfg = lm_config(task, name)
+        if name == "distill":
+            cfg.tuning.teacher = _language_teacher(lm_config, task)
+    else:
+        cfg = use(task_config(task), name, teacher)
     cfg.train.epochs = 1
     model, method, tok, items, _, _, job = run_loop(cfg, tmp_path)
     folder, _ = export_model(tmp_path / "run", model, method, tok, job.task, job.splits.space)

@@ -85,13 +85,15 @@ def reward_source(spec: str, device: str):
         raise UserError("rl needs a reward: train.reward names a reward run or a Python function module:function",
                         "train.reward")
     if (Path(spec) / "config.yaml").is_file():
-        from tunelab.predict import load_run, score_records
+        from tunelab.tasks.runs import load_run
 
-        loaded = load_run(spec, "torch", device)
-        if loaded[1].name != "reward":
-            raise UserError(f"a {loaded[1].name} run: train.reward takes a reward run (--task reward)", spec)
-        return lambda prompts, texts, records: score_records(
-            loaded, [{"prompt": p, "response": t} for p, t in zip(prompts, texts)])
+        cfg, task, model, tokenizer, _ = load_run(spec)
+        if task.name != "reward":
+            raise UserError(f"a {task.name} run: train.reward takes a reward run (--task reward)", spec)
+        model.to(device)
+        return lambda prompts, texts, records: task.score_responses(  # as `tunelab score` scores them
+            model, tokenizer, [{"prompt": p, "response": t} for p, t in zip(prompts, texts)], cfg.data.max_length,
+            device)
     module, _, name = spec.rpartition(":")
     if not module or not name:
         raise UserError(f"{spec!r} is neither a run folder nor module:function", "train.reward")
