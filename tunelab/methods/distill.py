@@ -142,8 +142,8 @@ class Distill(Full):
         if task.judged_by_start:
             if not isinstance(self.teacher, LanguageModelTeacher):  # sequence level: plain fine-tuning
                 return task.forward(model, batch, space)
-            return token_distill_loss(task, model, self.teacher.model, batch, self.tuning.kd_temperature,
-                                      self.tuning.kd_alpha)
+            teacher = self.teacher.model.to(batch["input_ids"].device)  # (loaded on the CPU; a no-op there)
+            return token_distill_loss(task, model, teacher, batch, self.tuning.kd_temperature, self.tuning.kd_alpha)
         teacher, labelled, labels = batch.pop("teacher_logits"), batch.pop("labelled"), batch.pop("labels")
         logits = model(**batch).logits.float()
         return distill_loss(task, logits, teacher, labels, labelled, self.tuning.kd_temperature,
