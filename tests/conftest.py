@@ -416,6 +416,35 @@ def train_classifier(folder: Path, tiny_model: str, train_rows: int, seed: int):
     return tunelab.train(cfg)
 
 
+class Crash(Exception):
+    """A simulated crash, raised from a run's on_step."""
+
+
+def crash_and_resume(cfg, tmp_path: Path, crash_at: int):
+    """(the run straight through, the same run crashed after step `crash_at` and resumed) under tmp_path."""
+    from tunelab.pipeline import train
+
+    cfg.output = str(tmp_path / "straight")
+    straight = train(cfg)
+
+    def crash(step: int) -> None:
+        if step == crash_at:
+            raise Crash
+
+    cfg.output = str(tmp_path / "resumed")
+    with pytest.raises(Crash):
+        train(cfg, on_step=crash)
+    return straight, train(cfg, resume=True)
+
+
+def same_weights(a, b) -> bool:
+    """Do two finished runs hold bitwise the same model.safetensors?"""
+    from safetensors.torch import load_file
+
+    x, y = (load_file(str(r.run_dir / "model" / "model.safetensors")) for r in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def one_and_two_processes(cfg, tmp_path: Path, epochs: int = 1) -> tuple[Path, Path]:
     """Train `cfg` for `epochs` twice: one process at batch 8 (run folder `one`), and torchrun with 2 processes
     (gloo, CPU) at batch 4 each (`two`): the same global batch."""

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_and_two_processes, write_jsonl
+from conftest import crash_and_resume, one_and_two_processes, same_weights, write_jsonl
 
 from tunelab.distributed import Dist
 from tunelab.pipeline import build_job, train
@@ -84,26 +84,10 @@ def test_alpaca_records_become_a_user_turn_and_the_trained_answer(lm_config, tmp
 
 
 def test_sft_resume_after_crash_equals_uninterrupted(lm_config, tmp_path):
-    from safetensors.torch import load_file
-
-    class Crash(Exception):
-        pass
-
     cfg = lm_config("chat", "lora")
     cfg.train.checkpoint_every, cfg.train.epochs = 4, 2
-    cfg.output = str(tmp_path / "straight")
-    straight = train(cfg)
-
-    def crash(step):
-        if step == 7:
-            raise Crash
-
-    cfg.output = str(tmp_path / "resumed")
-    with pytest.raises(Crash):
-        train(cfg, on_step=crash)
-    resumed = train(cfg, resume=True)
-    a, b = (load_file(str(r.run_dir / "model" / "model.safetensors")) for r in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = crash_and_resume(cfg, tmp_path, crash_at=7)
+    assert same_weights(straight, resumed)
     assert straight.eval == resumed.eval
     steps = [[(h["step"], h.get("loss"), h.get("mean_token_accuracy")) for h in _history(r.run_dir)]
              for r in (straight, resumed)]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import crash_and_resume, same_weights
 
 from tunelab.pipeline import train
 from tunelab.tasks.rl import grpo_advantages, kl_k3, policy_loss, rloo_advantages
@@ -69,26 +70,10 @@ def test_the_reward_rises_on_a_trivially_learnable_reward(algorithm, tuning, lm_
 def test_rl_resume_after_crash_equals_uninterrupted(lm_config, tmp_path):
     """Sampling draws from the run's random state, which checkpoints keep: a resumed run samples, and so learns,
     what the uninterrupted one did, bit for bit on the CPU."""
-    from safetensors.torch import load_file
-
-    class Crash(Exception):
-        pass
-
     cfg = lm_config("rl", "full")
     cfg.train.checkpoint_every, cfg.train.epochs = 3, 2
-    cfg.output = str(tmp_path / "straight")
-    straight = train(cfg)
-
-    def crash(step):
-        if step == 5:
-            raise Crash
-
-    cfg.output = str(tmp_path / "resumed")
-    with pytest.raises(Crash):
-        train(cfg, on_step=crash)
-    resumed = train(cfg, resume=True)
-    a, b = (load_file(str(r.run_dir / "model" / "model.safetensors")) for r in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = crash_and_resume(cfg, tmp_path, crash_at=5)
+    assert same_weights(straight, resumed)
     assert [h.get("reward") for h in _history(straight.run_dir)] == [h.get("reward") for h in
                                                                      _history(resumed.run_dir)]
 

@@ -184,7 +184,8 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool, min_agreement: float |
               "fp32": {"model_mb": state_mb(model), **measure_inference(model, items, pad, torch.device("cpu"),
                                                                         task=task)}}
     if int8 and task.modality == "image":
-        result["int8"] = _image_int8(run, cfg, task, model, tokenizer, space, figures, min_agreement)
+        result["int8"] = _image_int8(run, cfg, task, model, tokenizer, space, figures, min_agreement,
+                                     run / "onnx" / "model.onnx" if onnx else None)
     elif int8:
         result["int8_smoothing"] = _calibrate(run, cfg, task, model, tokenizer, space, probs)
         quantized = _runtime(model, run, "int8", task)  # the loaded fp32 model stays as it is (a copy is quantized)
@@ -201,11 +202,13 @@ def compress(run_dir: str | Path, int8: bool, onnx: bool, min_agreement: float |
     return result
 
 
-def _image_int8(run: Path, cfg, task, model, tokenizer, space, figures, minimum: float) -> dict:
+def _image_int8(run: Path, cfg, task, model, tokenizer, space, figures, minimum: float,
+                fp32: Path | None) -> dict:
     """An image network's static int8 graph (export.compress.quantize_image_onnx) calibrated on up to 100 training
     images spread over the file, checked like every variant; written to RUN/int8/model.onnx only where it agrees
     with fp32 on at least `minimum` of the eval images, and an older one removed where it does not (it would
-    answer for weights it was not checked against)."""
+    answer for weights it was not checked against). It is made from `fp32`, the ONNX graph this export just
+    wrote, or (without --onnx) from one exported to a temporary folder."""
     import tempfile
 
     from tunelab.export.compress import OnnxClassifier, export_onnx, quantize_image_onnx
@@ -215,8 +218,10 @@ def _image_int8(run: Path, cfg, task, model, tokenizer, space, figures, minimum:
     spread = train[::max(1, len(train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]  # folders come class by class
     pixels = task.collate(task.encode(tokenizer, spread, space, cfg.data.max_length), 0)["pixel_values"]
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, candidate = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
-        export_onnx(model, tokenizer, fp32)
+        candidate = Path(tmp) / "int8.onnx"
+        if fp32 is None:
+            fp32 = Path(tmp) / "model.onnx"
+            export_onnx(model, tokenizer, fp32)
         quantize_image_onnx(fp32, pixels, candidate)
         found = figures(OnnxClassifier(candidate), candidate.stat().st_size / 2**20)
         found.update(calibration_images=len(spread), min_agreement=minimum, kept=found["agreement"] >= minimum)

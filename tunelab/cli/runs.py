@@ -121,13 +121,11 @@ def _reward_scorer(reward: str | None, best_of: int, raw: bool, sampling, device
     if raw:
         raise UserError("a reward model scores chat answers; leave out --raw", "--reward")
     from tunelab.generate import check_best_of
-    from tunelab.predict import load_run, score_records
+    from tunelab.tasks.preference import reward_scorer
 
     check_best_of(best_of, sampling)
-    loaded = load_run(reward, "torch", "cpu" if device == "auto" else device)
-    if loaded[1].name != "reward":
-        raise UserError(f"a {loaded[1].name} run: --reward takes a reward run (--task reward)", reward)
-    return lambda messages, texts: score_records(loaded, [{"prompt": messages, "response": t} for t in texts])
+    score = reward_scorer(reward, "cpu" if device == "auto" else device, "--reward")
+    return lambda messages, texts: score([messages] * len(texts), texts)
 
 
 def chat_loop(model, tokenizer, sampling, system: str | None = None) -> list[dict]:

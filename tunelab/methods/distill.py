@@ -81,13 +81,10 @@ class Distill(Full):
         teacher = LanguageModelTeacher(cfg.tuning.teacher)
         if cfg.tuning.student_layers:
             cfg.model.name = str(teacher.run / "model")
-            from tunelab.models import load_trained
-
-            model = keep_layers(load_trained("AutoModelForCausalLM", teacher.run / "model"),
-                                evenly_spaced(teacher.model.config.num_hidden_layers, cfg.tuning.student_layers))
+            model = fewer_layers("AutoModelForCausalLM", teacher.run / "model", cfg.tuning.student_layers)
             tokenizer = load_tokenizer(cfg.model)
         else:
-            model, tokenizer = Full.build(self, cfg, task, space, train)
+            model, tokenizer = super().build(cfg, task, space, train)
         level = cfg.tuning.kd_level
         shared = teacher.tokenizer.get_vocab() == tokenizer.get_vocab()
         if level == "auto":
@@ -172,13 +169,13 @@ def token_distill_loss(task, model: nn.Module, teacher: nn.Module, batch: dict, 
     logits = model(**batch).logits.float()
     with torch.no_grad():
         target = teacher(**batch).logits.float()
+    hard = task.loss(logits, labels)  # the task's own summed token loss
     if task.shift:  # position t predicts token t + 1
         logits, target, labels = logits[:, :-1], target[:, :-1], labels[:, 1:]
     mask = labels != IGNORE
     s, t = logits[mask], target[mask]  # [labelled tokens, vocabulary]
     soft = torch.nn.functional.kl_div((s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1),
                                       log_target=True, reduction="sum") * temperature ** 2
-    hard = torch.nn.functional.cross_entropy(s, labels[mask], reduction="sum")
     return alpha * soft + (1 - alpha) * hard, {"correct": float((s.argmax(-1) == labels[mask]).sum()),
                                                "tokens": float(mask.sum())}
 
@@ -222,6 +219,15 @@ def layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
             if isinstance(child, nn.ModuleList) and len(child) == n:
                 return module, attr, child
     raise UserError(f"cannot find the {n} transformer layers of a {type(model).__name__}", "tuning.student_layers")
+
+
+def fewer_layers(model_class: str, folder: Path, n_layers: int) -> nn.Module:
+    """The finished model in `folder` with `n_layers` of its layers, evenly spaced (its embeddings and head as they
+    are): a teacher shortened into its own student."""
+    from tunelab.models import load_trained
+
+    model = load_trained(model_class, folder)
+    return keep_layers(model, evenly_spaced(model.config.num_hidden_layers, n_layers))
 
 
 def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
@@ -320,10 +326,7 @@ class Teacher:
 
     def student(self, n_layers: int) -> nn.Module:
         """A copy of the teacher with `n_layers` of its layers (its embeddings and head as they are)."""
-        from tunelab.models import load_trained
-
-        model = load_trained(self.task.model_class, self.run / "model")
-        return keep_layers(model, evenly_spaced(model.config.num_hidden_layers, n_layers))
+        return fewer_layers(self.task.model_class, self.run / "model", n_layers)
 
     def logits(self, examples) -> list[list[float]]:
         """The teacher's outputs for each example (its text and text pair), cached on disk: logits, or the number

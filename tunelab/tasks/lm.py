@@ -232,7 +232,7 @@ class PreTraining(MaskedLM):
         return sum(t != IGNORE for t in item["labels"][1:])
 
     def _stats(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """Per pair: (MLM loss sum + NSP loss x masked tokens, masked tokens, correct tokens, correct NSP)."""
+        """Per pair: (MLM loss sum, masked tokens, correct tokens, correct NSP, NSP loss)."""
         labels = batch.pop("labels")
         nsp, tokens = labels[:, 0], labels.clone()
         tokens[:, 0] = IGNORE
@@ -240,13 +240,12 @@ class PreTraining(MaskedLM):
         loss, count, correct = _token_stats(out.prediction_logits.float(), tokens, shift=False)
         relation = out.seq_relationship_logits.float()
         nsp_loss = F.cross_entropy(relation, nsp, reduction="none")
-        return torch.stack([loss + nsp_loss * count, count.float(), correct.float(),
-                            (relation.argmax(-1) == nsp).float(), nsp_loss], 1)
+        return torch.stack([loss, count.float(), correct.float(), (relation.argmax(-1) == nsp).float(), nsp_loss], 1)
 
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
         stats = self._stats(model, batch)
         counts = stats.detach().sum(0)
-        return stats[:, 0].sum(), {"correct": float(counts[2]), "tokens": float(counts[1]),
+        return (stats[:, 0] + stats[:, 4] * stats[:, 1]).sum(), {"correct": float(counts[2]), "tokens": float(counts[1]),
                                    "nsp_correct": float(counts[3]), "pairs": float(len(stats))}
 
     def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
@@ -256,9 +255,8 @@ class PreTraining(MaskedLM):
         return list(self._stats(model, batch).cpu())
 
     def score(self, preds: list, golds: list, space: Space) -> dict[str, float]:
-        """loss and perplexity are the MLM's (the NSP's loss taken out), beside the NSP accuracy."""
-        mlm = [(p[0] - p[4] * p[1], p[1], p[2]) for p in preds]
-        return {**super().score(mlm, golds, space), "nsp_accuracy": sum(p[3] for p in preds) / max(len(preds), 1)}
+        """loss and perplexity are the MLM's, beside the NSP accuracy."""
+        return {**super().score(preds, golds, space), "nsp_accuracy": sum(p[3] for p in preds) / max(len(preds), 1)}
 
 
 def alpaca_messages(rec: dict, path: Path, line: int) -> list[dict]:

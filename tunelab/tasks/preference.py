@@ -239,3 +239,17 @@ class RewardModel(Preference):
                                                              tokenizer.pad_token_id or 0).items()}
                 scores += model(**batch).logits.float().squeeze(-1).tolist()
         return scores
+
+
+def reward_scorer(run_dir: str, device: str, flag: str):
+    """`score(prompts, responses) -> rewards` of a reward run on `device`, as `tunelab score` scores them: for
+    best-of-n (`--reward`) and rl (`train.reward`, named by `flag` in the refusal of any other kind of run)."""
+    from tunelab.tasks.runs import load_run
+
+    cfg, task, model, tokenizer, _ = load_run(run_dir)
+    if task.name != "reward":
+        raise UserError(f"a {task.name} run: {flag} takes a reward run (--task reward)", str(run_dir))
+    model.to(device)
+    return lambda prompts, responses: task.score_responses(
+        model, tokenizer, [{"prompt": p, "response": r} for p, r in zip(prompts, responses)], cfg.data.max_length,
+        device)

@@ -41,7 +41,7 @@ from tunelab.data.chat import read_records
 from tunelab.data.load import Example, Problems
 from tunelab.errors import UserError
 from tunelab.tasks.base import Space, Task
-from tunelab.tasks.preference import _prompt
+from tunelab.tasks.preference import _prompt, reward_scorer
 
 GRPO_EPS = 1e-4
 
@@ -85,15 +85,8 @@ def reward_source(spec: str, device: str):
         raise UserError("rl needs a reward: train.reward names a reward run or a Python function module:function",
                         "train.reward")
     if (Path(spec) / "config.yaml").is_file():
-        from tunelab.tasks.runs import load_run
-
-        cfg, task, model, tokenizer, _ = load_run(spec)
-        if task.name != "reward":
-            raise UserError(f"a {task.name} run: train.reward takes a reward run (--task reward)", spec)
-        model.to(device)
-        return lambda prompts, texts, records: task.score_responses(  # as `tunelab score` scores them
-            model, tokenizer, [{"prompt": p, "response": t} for p, t in zip(prompts, texts)], cfg.data.max_length,
-            device)
+        score_run = reward_scorer(spec, device, "train.reward")
+        return lambda prompts, texts, records: score_run(prompts, texts)
     module, _, name = spec.rpartition(":")
     if not module or not name:
         raise UserError(f"{spec!r} is neither a run folder nor module:function", "train.reward")
@@ -135,7 +128,6 @@ class Reinforce(Task):
     model_class = "AutoModelForCausalLM"
     tunings = ("full", "lora")
     judged_by_start = True
-    uses_reference = True  # prepare_items keeps the starting model as the KL reference (a copy for full)
     default_layer_decay = 1.0
     eval_batch_size = 8
 
@@ -185,6 +177,8 @@ class Reinforce(Task):
         return {"input_ids": ids, "attention_mask": mask}
 
     def prepare_items(self, model: nn.Module, items: list[dict], pad_id: int, device) -> None:
+        """While training (the pipeline prepares every task's items): the starting model kept as the KL reference,
+        a frozen copy for full (lora's is its base with the adapters off). Evaluating needs none."""
         if self.reference is None and not hasattr(model, "disable_adapter"):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -215,8 +209,7 @@ class Reinforce(Task):
         t = self.settings
         texts = [answer_text(self.tokenizer, a[m.bool()].tolist()) for a, m in zip(answer, answer_mask)]
         rows = [r for r in self._rows for _ in range(k)]
-        device = "cpu" if answer.device.type == "cpu" else str(answer.device)
-        score = reward_source(t.reward, device)
+        score = reward_source(t.reward, str(answer.device))
         return torch.tensor(score([r["_prompt"] for r in rows], texts, [r["_record"] for r in rows]),
                             dtype=torch.float32, device=answer.device)
 
