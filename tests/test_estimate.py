@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,22 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(model, task, tuni
     assert ran.returncode == 0, ran.stderr[-2000:]
     measured = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["peak_rss_mb"]
     assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+
+
+def test_a_language_models_chunked_loss_is_counted_without_its_logits(lm_config):
+    """chat with the loss from the hidden states (train.chunked_loss, the default): the activations lose the
+    logits the loss from the logits keeps (fp32 [batch x length x vocabulary], and the same again for their
+    gradient) and gain one chunk's logits and gradient; with speed-ups off nothing changes."""
+    from tunelab.estimate import estimate
+    from tunelab.losses import CHUNK_BYTES
+
+    figures = {}
+    for chunked, speedups in ((True, True), (False, True), (True, False)):
+        cfg = lm_config("chat")
+        cfg.train.chunked_loss, cfg.train.speedups = chunked, speedups
+        figures[chunked, speedups] = estimate(cfg).parts["activations"]
+    vocab = json.loads((Path(lm_config("chat").model.name) / "config.json").read_text())["vocab_size"]
+    logits = 8 * 64 * vocab * 4
+    assert figures[True, False] == figures[False, True]
+    saved = figures[False, True] - (figures[True, True] - 2 * CHUNK_BYTES)
+    assert 2 * logits <= saved <= 4 * logits  # the logits, their log-softmax, and the largest-tensor gradient

@@ -50,3 +50,32 @@ def test_dpo_by_hand_and_ln2_at_the_reference():
     assert float(losses.dpo(*args, beta=0.1)) == pytest.approx(math.log(1 + math.exp(-0.2)), rel=1e-6)
     same = torch.tensor([-3.0, -7.0, -1.5])
     assert float(losses.dpo(same, same - 1, same, same - 1, beta=0.5)) == pytest.approx(3 * math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_linear_cross_entropy_in_chunks_equals_the_whole_logits_with_their_gradients(monkeypatch, bias,
+                                                                                     weight_trains):
+    """The loss of `hidden @ Wᵀ + b` computed 7 rows at a time (30 rows: 5 chunks, the last short) equals
+    F.cross_entropy of the whole logits: the sum, each row's loss, the argmax, and the gradients of the hidden
+    states, the weight and the bias under an upstream factor (the loop divides the summed loss by its units)."""
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 1000 * 7)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(30, 16, generator=g, requires_grad=True)
+    weight = torch.randn(1000, 16, generator=g).requires_grad_(weight_trains)
+    b = torch.randn(1000, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(1000, (30,), generator=g)
+    leaves = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+
+    total, per_row, argmax = losses.linear_cross_entropy(hidden, weight, b, targets)
+    ours = torch.autograd.grad(total * 0.37, leaves)
+    logits = torch.nn.functional.linear(hidden, weight, b).float()
+    plain = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    theirs = torch.autograd.grad(plain.sum() * 0.37, leaves)
+    assert float(total.detach()) == pytest.approx(float(plain.sum().detach()), rel=1e-6)
+    assert torch.allclose(per_row, plain.detach(), atol=1e-5) and not per_row.requires_grad
+    assert torch.equal(argmax, logits.argmax(-1))
+    for a, c in zip(ours, theirs):
+        assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
+    with torch.no_grad():  # evaluation: no gradients made
+        assert float(losses.linear_cross_entropy(hidden, weight, b, targets)[0]) == pytest.approx(float(total))

@@ -482,3 +482,83 @@ def test_the_first_token_cut_passes_its_check_with_dropout_on(task_config, caplo
     with caplog.at_level("WARNING", logger="tunelab.speed"):
         metrics = tunelab.train(cfg).metrics["train"]
     assert metrics["first_token_only"] and "speed-up gave other outputs" not in caplog.text
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_loss_from_hidden_states_equals_the_loss_from_the_logits(tiny_llama, monkeypatch, lora):
+    """A chat batch (prompt tokens unlabelled, rows of different lengths) through `speed.causal_lm_loss`: from the
+    hidden states in chunks of 5 labelled tokens, the summed loss, each row's loss, labelled and correct tokens and
+    every trainable weight's gradient (the tied embedding's included) equal the logits path's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab import losses
+
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 400 * 5)  # (the vocabulary is under 500)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(3, model.config.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        total, *rows = speed.causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask}, labels)
+        return total.detach(), rows, torch.autograd.grad(total, params)
+
+    plain = run()
+    assert speed.output_layer(model) is None
+    assert speed.chunked_loss(model)
+    chunked = run()
+    assert speed.output_layer(model) is model.get_output_embeddings()
+    assert float(chunked[0]) == pytest.approx(float(plain[0]), rel=1e-6)
+    assert [r.tolist() for r in chunked[1][1:]] == [r.tolist() for r in plain[1][1:]]  # tokens, correct
+    assert plain[1][1].tolist() == [8, 4, 8]  # positions 4-11, 4-7 in the padded row
+    assert torch.allclose(chunked[1][0], plain[1][0], atol=1e-5)
+    for a, b in zip(chunked[2], plain[2]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_the_loss_from_hidden_states_is_checked_and_left_off_where_the_model_changes_its_logits(tiny_llama,
+                                                                                               caplog):
+    """A model that does something to the logits after its output layer (Gemma 2's soft-capping, here a scale)
+    fails the probe check: its loss stays the logits' with a warning."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    probe = {"input_ids": torch.randint(3, model.config.vocab_size, (2, 10)),
+             "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    with speed.apply(model, probe, sequence=False, causal_lm=True) as fast:
+        assert fast["chunked_loss"] and speed.output_layer(model) is not None
+    capped = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    forward = capped.forward
+
+    def soft_capped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+    capped.forward = soft_capped
+    with caplog.at_level("WARNING", logger="tunelab.speed"), \
+            speed.apply(capped, probe, sequence=False, causal_lm=True) as fast:
+        assert not fast["chunked_loss"] and speed.output_layer(capped) is None
+    assert "loss from the hidden states gave another loss" in caplog.text
+
+
+@pytest.mark.parametrize("task", ["chat", "clm"])
+def test_a_language_model_trains_the_same_with_its_loss_from_hidden_states(lm_config, tmp_path, task):
+    """chat and clm runs, speed-ups on (the loss from the hidden states) and off: the same losses step by step
+    and the same held-out figures, without dropout."""
+    results = {}
+    for on in (True, False):
+        cfg = lm_config(task)
+        cfg.train.speedups, cfg.output, cfg.model.dropout = on, str(tmp_path / f"{task}-{on}"), 0.0
+        results[on] = tunelab.train(cfg)
+    assert results[True].metrics["train"]["chunked_loss"] and not results[False].metrics["train"]["chunked_loss"]
+    assert _losses(tmp_path / f"{task}-True") == pytest.approx(_losses(tmp_path / f"{task}-False"), abs=1e-5)
+    for key in ("loss", "mean_token_accuracy"):
+        assert results[True].metrics["eval"][key] == pytest.approx(results[False].metrics["eval"][key], abs=1e-5)

@@ -182,6 +182,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "cpu, cuda, or auto (cuda when available).")
     strategy: Literal["ddp", "fsdp"] = setting("ddp", "How the processes of a torchrun launch share a model. ddp: each holds the whole model, its gradients and its optimizer state, and gradients are averaged (PyTorch DistributedDataParallel). fsdp: each holds 1/N of every parameter, gradient and optimizer state, and gathers a transformer block's full weights only while the block runs (PyTorch FSDP2, fully_shard) - for models whose training state does not fit one device; its checkpoints are sharded (torch.distributed.checkpoint) and resume on any number of processes. One process: the same arithmetic either way.")
     bf16: bool = setting(False, "Run forward passes under bfloat16 autocast on GPU (weights and optimizer stay fp32).")
+    packing: bool = setting(False, "chat: train on rows that hold several conversations each, up to max_length tokens (best-fit decreasing), in place of one padded conversation a row: fewer rows, little padding. Attention stops at each conversation's border and its positions restart at 0, so every conversation's loss is what it is alone (tested); --batch-size then counts rows. Evaluation keeps one conversation a row.")
     gradient_checkpointing: bool = setting(False, "Keep only each transformer layer's inputs in the forward pass and recompute the rest in the backward pass: activation memory falls to about one layer's, for about a third more compute (transformers' activation checkpointing, non-reentrant). The gradients are the same.")
     augment: str = setting("", "Augmentation of the training split, comma-separated. Text: swap, delete, insert, neighbour (replacement by nearest neighbours in the model's input embeddings); Japanese is split into MeCab words. Images (torchvision transforms.v2, drawn anew every epoch): flip, vflip, rotate, zoom (random resized crop), color (jitter), randaugment, trivialaugment. Empty: off.", "--augment")
     augment_rate: float = setting(0.1, "augment: the share of a text's words each augmented copy changes.",
@@ -190,6 +191,7 @@ class TrainConfig:
         range=Range(1, 100))
     progress: bool = setting(True, "Show a progress bar with loss and samples/s.")
     speedups: bool = setting(True, "tunelab's exact speed-ups (the first-token cut, the reused embedding gradient, oneDNN linears where they pay, fast dropout, lean LoRA; see tunelab/speed.py); false, or TUNELAB_SPEEDUPS=0 in the environment, runs the model as PyTorch, transformers and peft do.")
+    chunked_loss: bool = setting(True, "clm and chat: compute the token loss from the model's last hidden states in chunks of positions (only those with a label), never holding the [tokens x vocabulary] logits (losses.linear_cross_entropy): the same loss and gradients, in less memory the larger the vocabulary. Part of train.speedups; false computes it from the logits.")
     fast_dropout: bool = setting(True, "Draw dropout masks on the CPU from 16 random bits per unit (p rounded to 1/65,536), 2x cheaper than PyTorch's dropout; false: PyTorch's own random stream.")
 
 

@@ -95,17 +95,22 @@ def _weight_bytes(model, cfg: Config) -> float:
 
 
 def _activations(model, cfg: Config, task) -> float:
-    """Bytes autograd saves in one training forward pass at batch_size x max_length (run on the meta device)."""
+    """Bytes autograd saves in one training forward pass at batch_size x max_length (run on the meta device). A
+    clm or chat run whose loss comes from the hidden states in chunks (train.chunked_loss) holds no logits: its
+    forward is counted without the output layer, plus one chunk's logits and their gradient."""
+    from tunelab.losses import CHUNK_BYTES
     from tunelab.models import enable_checkpointing, num_blocks
 
     if task.name not in BATCH:
         raise UserError(f"estimate covers {', '.join(BATCH)}", "--task")
-    saved = _saved_bytes(model, BATCH[task.name](cfg.train.batch_size, cfg.data.max_length))
+    chunked = task.loss_from_hidden and cfg.train.chunked_loss and cfg.train.speedups
+    batch = lambda: BATCH[task.name](cfg.train.batch_size, cfg.data.max_length)  # noqa: E731
+    saved = _saved_bytes(model, batch(), chunked)
     if cfg.train.gradient_checkpointing:
         per_layer = saved / max(num_blocks(model), 1)
         enable_checkpointing(model)
-        saved = _saved_bytes(model, BATCH[task.name](cfg.train.batch_size, cfg.data.max_length)) + per_layer
-    return saved
+        saved = _saved_bytes(model, batch(), chunked) + per_layer
+    return saved + (2 * CHUNK_BYTES if chunked else 0)
 
 
 def _meta(shape, dtype=torch.long):
@@ -125,9 +130,12 @@ BATCH = {
 }
 
 
-def _saved_bytes(model, batch: dict) -> float:
+def _saved_bytes(model, batch: dict, hidden_only: bool = False) -> float:
     """The bytes autograd saves in one forward pass, plus the backward pass's working memory: the gradient of the
-    largest saved tensor beside it (a language model's logits) and one layer's gradients in flight."""
+    largest saved tensor beside it (a language model's logits) and one layer's gradients in flight. `hidden_only`:
+    the forward stops before the output layer (speed.final_hidden)."""
+    from tunelab import speed
+
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -135,7 +143,10 @@ def _saved_bytes(model, batch: dict) -> float:
         return t
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**batch)
+        if hidden_only:
+            speed.final_hidden(model, {k: v for k, v in batch.items() if k != "labels"}, use_cache=True)
+        else:
+            model(**batch)
     from tunelab.models import num_blocks
 
     total = float(sum(saved.values()))

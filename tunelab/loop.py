@@ -258,7 +258,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     # text classifier-style tasks (language-model stages have other models; image networks no token positions)
     sequence = not loop.task.judged_by_start and loop.task.modality == "text"
     with speed.apply(model, probe, on=t.speedups and not d.sharded, dropout=t.fast_dropout, sequence=sequence,
-                     single_process=d.world == 1, sole_writer=t.l1 == 0, checked=state.checked) as fast:
+                     causal_lm=loop.task.loss_from_hidden and t.chunked_loss, single_process=d.world == 1,
+                     sole_writer=t.l1 == 0, checked=state.checked) as fast:
         tables = fast["tables"]
         state.checked = {k: fast[k] for k in speed.CHECKED}
         features = None
@@ -311,7 +312,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "step_seconds": step_seconds, "samples_seen": seen, "tokens_seen": tokens,
             "steps": state.step, "cached_features": features.kept if features else None,
-            **{k: bool(v) and (k == "first_token_only" or d.device.type == "cpu")  # what ran (speed.apply)
+            **{k: bool(v) and (k in ("first_token_only", "chunked_loss") or d.device.type == "cpu")  # what ran
                for k, v in fast.items() if k != "tables"},
             "samples_per_second": seen / step_seconds if step_seconds else 0.0,
             "stopped_early": state.stopped_early, "best_step": state.best_step, "best": state.best,

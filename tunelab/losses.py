@@ -54,3 +54,67 @@ def dpo(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_logp:
     """Direct preference optimisation (Rafailov et al. 2023, eq. 7): the Bradley–Terry loss of the implicit
     rewards, summed over the pairs. ln 2 per pair where the policy equals the reference."""
     return bradley_terry(*dpo_rewards(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta))
+
+
+CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk: 64 MiB (128 rows of gemma3's 262,144-token vocabulary)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the logits `hidden @ weightᵀ + bias` (in fp32, as `logits.float()` gives them) against
+    `targets`, without ever holding the [rows × vocabulary] logits: a language model's output layer and loss in
+    chunks of rows of at most CHUNK_BYTES of logits each. Returns (the summed loss, differentiable in `hidden`,
+    `weight` and `bias`; each row's loss and the argmax token, both detached). With gradients wanted, each chunk's
+    gradients are computed while its logits exist — softmax minus the one-hot target, times the weight and the
+    hidden rows — and the backward pass only scales them (the loss is a plain sum, so one factor scales all): the
+    same products as autograd's backward of the whole logits, summed in another order, with no second pass over
+    the vocabulary (the idea of Liger Kernel's fused linear cross-entropy, Hsu et al. 2024; Apple's Cut
+    Cross-Entropy, Wijmans et al. 2024, goes further on GPUs)."""
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not wanted:
+        with torch.no_grad():
+            return _LinearCrossEntropy.chunks(hidden, weight, bias, targets, rows, False)[:3]
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def chunks(hidden, weight, bias, targets, rows: int, grads: bool):
+        n = hidden.shape[0]
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
+        d_hidden = torch.empty_like(hidden) if grads else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if grads and bias is not None else None
+        for start in range(0, n, rows):
+            h, y = hidden[start:start + rows], targets[start:start + rows]
+            z = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(z, -1)
+            losses[start:start + rows] = lse - z.gather(1, y[:, None]).squeeze(1)
+            argmax[start:start + rows] = z.argmax(-1)
+            if grads:  # d loss / d z = softmax(z) − onehot(y), made in place of the logits
+                g = z.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(y), device=g.device), y] -= 1
+                d_z = g.to(hidden.dtype)
+                d_hidden[start:start + rows] = d_z @ weight
+                d_weight += (d_z.t() @ h).float()
+                if d_bias is not None:
+                    d_bias += g.sum(0)
+        return losses.sum(), losses, argmax, d_hidden, d_weight, d_bias
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        total, losses, argmax, d_hidden, d_weight, d_bias = _LinearCrossEntropy.chunks(
+            hidden, weight, bias, targets, rows, True)
+        ctx.save_for_backward(d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
+        ctx.mark_non_differentiable(losses, argmax)
+        return total, losses, argmax
+
+    @staticmethod
+    def backward(ctx, d_total, _losses, _argmax):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        want = ctx.needs_input_grad
+        return (d_hidden * d_total if want[0] else None, d_weight * d_total if want[1] else None,
+                d_bias * d_total if want[2] and d_bias is not None else None, None, None)

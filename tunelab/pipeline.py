@@ -97,6 +97,8 @@ def build_job(cfg: Config, device: torch.device) -> Job:
                                   tokenizer.train_transform(parse_image_ops(cfg.train.augment)))
     else:
         train_items = task.encode(tokenizer, train, space, cfg.data.max_length)
+    if cfg.train.packing:
+        train_items = task.pack(train_items, cfg.data.max_length)
     eval_items = task.encode(tokenizer, splits.eval, space, cfg.data.max_length)
     task.prepare_items(model, train_items, pad_id, device)
     task.prepare_items(model, eval_items, pad_id, device)

@@ -41,10 +41,14 @@ import contextlib
 import functools
 import logging
 import os
+import weakref
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from tunelab.data.chat import IGNORE
+from tunelab.losses import linear_cross_entropy
 from tunelab.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -534,21 +538,24 @@ def onednn_linears(model, force: bool = False):
         yield applied
 
 
-CHECKED = ("first_token_only", "lean_lora")  # the speed-ups `apply` checks on the probe batch before keeping them
+CHECKED = ("first_token_only", "lean_lora", "chunked_loss")  # the speed-ups `apply` checks on the probe batch before keeping them
 
 
 @contextlib.contextmanager
 def apply(model: nn.Module, probe: dict, *, on: bool = True, dropout: bool = True, sequence: bool = True,
-          single_process: bool = True, sole_writer: bool = True, checked: dict | None = None):
+          causal_lm: bool = False, single_process: bool = True, sole_writer: bool = True,
+          checked: dict | None = None):
     """Every speed-up of this module for one training run, within the block; `on` False (train.speedups, or
     TUNELAB_SPEEDUPS=0) leaves the model as PyTorch, transformers and peft run it. `probe` is a small batch of
     model inputs: the first-token cut and lean LoRA are each kept only where a forward and backward pass over it
     (without dropout) gives the same outputs and gradients as without them (a new transformers or peft can then
     cost speed, never correctness). `checked` ({name: bool} for CHECKED, from the run's start) replaces those
-    checks on a resume, so that a run's arithmetic never changes halfway. Yields {name: whether it applied} and,
+    checks on a resume, so that a run's arithmetic never changes halfway. `causal_lm`: the loss may come from the
+    last hidden states in chunks (`chunked_loss`, checked the same way, and kept for the model after the block:
+    evaluation holds no gradients, but the same logits). Yields {name: whether it applied} and,
     under "tables", what `reused_embedding_grads` yielded (for `clip_grad_norm_`)."""
     applied = {"first_token_only": False, "onednn_linears": False, "fast_dropout": False, "lean_lora": False,
-               "tables": None}
+               "chunked_loss": False, "tables": None}
     if not (on and enabled()):
         yield applied
         return
@@ -562,6 +569,8 @@ def apply(model: nn.Module, probe: dict, *, on: bool = True, dropout: bool = Tru
         applied["fast_dropout"] = stack.enter_context(fast_dropout(model, dropout))
         if passes("lean_lora", lambda: lean_lora(model)):
             applied["lean_lora"] = stack.enter_context(lean_lora(model))
+        if causal_lm and (checked.get("chunked_loss", False) if checked is not None else _loss_checked(model, probe)):
+            applied["chunked_loss"] = chunked_loss(model)
         if single_process:  # DDP's hooks watch autograd's own gradients
             applied["tables"] = stack.enter_context(reused_embedding_grads(model, sole_writer))
         yield applied
@@ -605,3 +614,104 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to float32 summation order: the difference's norm within 1e-4 of the tensor's (a gradient summed
     over a batch in another order differs by ~1e-5 of its size; an adapter scaled 1% wrong, by 1e-2)."""
     return bool(torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b) + 1e-7)
+
+
+_CHUNKED = weakref.WeakSet()  # models whose language-model loss comes from their hidden states (chunked_loss)
+
+
+def output_layer(model: nn.Module) -> nn.Linear | None:
+    """The output layer (hidden states → vocabulary) of a model whose loss `chunked_loss` lets a task compute from
+    its last hidden states (see `final_hidden` and losses.linear_cross_entropy); None: compute it from the logits."""
+    return model.get_output_embeddings() if model in _CHUNKED else None
+
+
+def chunked_loss(model: nn.Module) -> bool:
+    """From now on, a causal language model's token loss may be computed from its last hidden states, chunk by
+    chunk (losses.linear_cross_entropy): the [tokens × vocabulary] logits are never held, in fp32 or at all, and
+    only the positions with a label go through the output layer (a chat's prompt tokens do not). Applies where the
+    output layer is a plain linear layer; whether the model does anything to the logits after it (Gemma 2's
+    soft-capping) is `_loss_checked`'s question."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return False
+    _CHUNKED.add(model)
+    return True
+
+
+def final_hidden(model: nn.Module, batch: dict, use_cache: bool = False) -> torch.Tensor:
+    """The hidden states the model's output layer would read, [batch, positions, hidden]: the model runs with that
+    layer answering an empty tensor, so no logits are computed. Without a key-value cache (`use_cache`: on the
+    meta device, where transformers' look for packed rows cannot read the positions)."""
+    head = model.get_output_embeddings()
+    own = vars(head).get("forward")  # another speed-up's forward (oneDNN), put back after
+    seen = {}
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        seen["hidden"] = x
+        return x[..., :0]
+
+    head.forward = keep
+    try:
+        model(**batch, use_cache=use_cache)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    return seen["hidden"]
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(summed loss, per-row loss, labelled tokens and correct argmax tokens, the three detached) of next-token
+    prediction (labels IGNORE where no token counts): from the hidden states in chunks where `output_layer` allows,
+    else from the logits as transformers gives them. Without a key-value cache: transformers looks for packed rows
+    (position ids that restart, no attention mask) only then."""
+    from_logits = output_layer(model) is None
+    head = None if from_logits else model.get_output_embeddings()
+    if from_logits:
+        logits, labels = model(**batch, use_cache=False).logits.float()[:, :-1], labels[:, 1:]
+        mask = labels != IGNORE
+        losses = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
+        correct = (logits.argmax(-1) == labels) & mask
+        return losses.sum(), losses.detach().sum(1), mask.sum(1), correct.sum(1)
+    hidden, labels = final_hidden(model, batch)[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    total, losses, argmax = linear_cross_entropy(hidden[mask], head.weight, head.bias, labels[mask])
+    rows = mask.nonzero()[:, 0]
+    per_row = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
+    right = torch.zeros(len(labels), dtype=torch.long, device=losses.device).index_add_(
+        0, rows, (argmax == labels[mask]).long())
+    return total, per_row, mask.sum(1), right
+
+
+def _loss_checked(model: nn.Module, probe: dict) -> bool:
+    """Does the loss from the hidden states equal the loss from the logits, with the same gradients, on the probe
+    batch (its next tokens as labels)? Both passes without dropout, as `_checked`'s."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or type(getattr(model, "get_output_embeddings", lambda: None)()) is not nn.Linear:
+        return False
+    labels = probe["input_ids"].masked_fill(probe.get("attention_mask", torch.ones_like(probe["input_ids"])) == 0,
+                                            IGNORE)
+
+    def step():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            total = causal_lm_loss(model, dict(probe), labels)[0]
+            return total.detach(), torch.autograd.grad(total, params, allow_unused=True)
+
+    with eval_mode(model):
+        model.eval()
+        theirs = step()
+        known = model in _CHUNKED
+        _CHUNKED.add(model)
+        try:
+            ours = step()
+        finally:
+            if not known:
+                _CHUNKED.discard(model)
+    same = _close(ours[0], theirs[0]) and all((a is None) == (b is None) and (a is None or _close(a, b))
+                                              for a, b in zip(ours[1], theirs[1]))
+    if not same:
+        log.warning("the loss from the hidden states gave another loss or other gradients than the loss from the "
+                    "logits on this model's first batch: off for this run (it costs memory, not correctness)")
+    return same

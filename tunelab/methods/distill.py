@@ -166,9 +166,9 @@ def token_distill_loss(task, model: nn.Module, teacher: nn.Module, batch: dict, 
     from tunelab.data.chat import IGNORE
 
     labels = batch.pop("labels")
-    logits = model(**batch).logits.float()
+    logits = model(**batch, use_cache=False).logits.float()  # (no cache: packed rows are masked as packed)
     with torch.no_grad():
-        target = teacher(**batch).logits.float()
+        target = teacher(**batch, use_cache=False).logits.float()
     hard = task.loss(logits, labels)  # the task's own summed token loss
     if task.shift:  # position t predicts token t + 1
         logits, target, labels = logits[:, :-1], target[:, :-1], labels[:, 1:]

@@ -18,6 +18,7 @@ from tunelab import speed
 from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.batching import FORWARD_TOKENS, collate, token_batches
 from tunelab.data.load import Example, Problems, read_examples
+from tunelab.errors import UserError
 from tunelab.modes import eval_mode
 
 NOT_INPUTS = ("labels", "teacher_logits", "labelled", "ref")  # what a task's or method's `collate` adds beside the inputs
@@ -60,6 +61,7 @@ class Task:
     # one class), "sigmoid" (one logit per independent label) or "value" (a number, in `target`'s units).
     outputs_are: str | None = None
     judged_by_start = False  # language-model stages compare with the model before training, not a trivial answer
+    loss_from_hidden = False  # a causal language model's token loss (speed.causal_lm_loss): chunked from hidden states
     eval_batch_size = 64  # examples per forward pass when evaluating (language models: logits are vocabulary-wide)
     uses_reference = False  # dpo: scores need the starting model (prepare_items), not only the trained one
     default_layer_decay = 0.8  # full tuning's per-block learning-rate decay when tuning.layer_decay is unset
@@ -174,6 +176,10 @@ class Task:
     def units(self, item: dict) -> int:
         """How many loss terms one example contributes (tokens for ner): the loss is averaged over these."""
         return 1
+
+    def pack(self, items: list[dict], max_length: int) -> list[dict]:
+        """The training items packed several to a row (train.packing)."""
+        raise UserError(f"train.packing is for chat conversations, not {self.name}", "train.packing")
 
     def prepare_items(self, model: nn.Module, items: list[dict], pad_id: int, device) -> None:
         """Anything computed once with the starting model before training (dpo: the reference log-probabilities)."""

@@ -16,6 +16,7 @@ resample examples (blocks, conversations) like every other task.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab import speed
 from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example, Problems, read_examples
@@ -53,6 +55,7 @@ class LanguageModeling(Task):
     default_layer_decay = 1.0
     eval_batch_size = 8
     shift = True  # causal: the logits at position t score token t + 1
+    loss_from_hidden = True
 
     def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
         return read_examples(path, cfg, need_label=False, folders=False, problems=problems)
@@ -64,18 +67,25 @@ class LanguageModeling(Task):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _token_stats(logits, labels, self.shift)[0].sum()
 
-    def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
+    def _token_losses(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(summed loss; per row, detached: summed loss, labelled tokens, correct tokens). A causal model's comes
+        from its hidden states in chunks where the speed-ups allow (speed.causal_lm_loss), never holding the
+        [tokens × vocabulary] logits."""
         labels = batch.pop("labels")
+        if self.shift:
+            return speed.causal_lm_loss(model, batch, labels)
         loss, tokens, correct = _token_stats(model(**batch).logits.float(), labels, self.shift)
-        return loss.sum(), {"correct": float(correct.sum()), "tokens": float(tokens.sum())}
+        return loss.sum(), loss.detach(), tokens, correct
+
+    def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, _, tokens, correct = self._token_losses(model, batch)
+        return loss, {"correct": float(correct.sum()), "tokens": float(tokens.sum())}
 
     def train_log(self, sums: dict[str, float], units: int) -> dict[str, float]:
         return {"mean_token_accuracy": sums["correct"] / max(sums["tokens"], 1)}
 
     def outputs(self, model: nn.Module, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
-        labels = batch.pop("labels")
-        stats = torch.stack(_token_stats(model(**batch).logits.float(), labels, self.shift), 1).float().cpu()
-        return list(stats)
+        return list(torch.stack(self._token_losses(model, batch)[1:], 1).float().cpu())
 
     def decode(self, outputs: list[torch.Tensor], items: list[dict], space: Space) -> list:
         return [tuple(o.tolist()) for o in outputs]  # (summed loss, tokens, correct tokens) per example
@@ -119,6 +129,7 @@ class MaskedLM(LanguageModeling):
     model_class = "AutoModelForMaskedLM"
     tunings = ("scratch", "full", "lora", "qlora")
     shift = False
+    loss_from_hidden = False
 
     def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool,
               quantize_on: torch.device | None = None) -> nn.Module:
@@ -309,3 +320,35 @@ class ChatSFT(LanguageModeling):
         if not items:
             raise UserError(f"no conversation has an assistant token within max_length {max_length}", "--max-length")
         return items
+
+    def pack(self, items: list[dict], max_length: int) -> list[dict]:
+        """Conversations several to a row of at most max_length tokens, longest first, each into the fullest row it
+        still fits (best-fit decreasing). A row carries no attention mask and `position_ids` that restart at 0 at
+        each conversation: transformers then masks attention block by block (masking_utils'
+        find_packed_sequence_indices; FlashAttention's variable-length kernels read the same positions on a GPU),
+        so no token sees another conversation and each conversation's loss is its unpacked loss. The first token of
+        each conversation carries no label: the previous one's last token does not learn to predict it."""
+        order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
+        room: list[tuple[int, int]] = []  # (free tokens, row), kept sorted
+        rows: list[list[int]] = []
+        for i in order:
+            n = len(items[i]["input_ids"])
+            at = bisect.bisect_left(room, (n, -1))
+            if at < len(room):
+                free, row = room.pop(at)
+            else:
+                free, row = max_length, len(rows)
+                rows.append([])
+            rows[row].append(i)
+            bisect.insort(room, (free - n, row))
+        packed = []
+        for row in rows:
+            ids, positions, labels = [], [], []
+            for i in row:
+                item = items[i]
+                ids += item["input_ids"]
+                positions += range(len(item["input_ids"]))
+                labels += [IGNORE] + item["labels"][1:]
+            packed.append({"input_ids": ids, "position_ids": positions, "labels": labels, "_gold": 0,
+                           "_conversations": len(row)})
+        return packed
