@@ -56,6 +56,10 @@ class LanguageModeling(Task):
     eval_batch_size = 8
     shift = True  # causal: the logits at position t score token t + 1
     loss_from_hidden = True
+    chunked = False  # the run's train.speedups and train.chunked_loss (bind)
+
+    def bind(self, cfg, tokenizer) -> None:
+        self.chunked = cfg.train.speedups and cfg.train.chunked_loss
 
     def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
         return read_examples(path, cfg, need_label=False, folders=False, problems=problems)
@@ -73,7 +77,7 @@ class LanguageModeling(Task):
         [tokens × vocabulary] logits."""
         labels = batch.pop("labels")
         if self.shift:
-            return speed.causal_lm_loss(model, batch, labels)
+            return speed.causal_lm_loss(model, batch, labels, self.chunked)
         loss, tokens, correct = _token_stats(model(**batch).logits.float(), labels, self.shift)
         return loss.sum(), loss.detach(), tokens, correct
 
