@@ -1,6 +1,7 @@
 """Language-model fine-tuning: tunelab's chat SFT against TRL's SFTTrainer at its best, the same work, interleaved.
 
     python bench/lm.py [--arms tunelab,tunelab-packed,trl,trl-packed] [--rounds 2] [--train-size 400] [--epochs 1]
+    python bench/lm.py --device cuda --train-size 2000 --max-length 512 --batch-size 16   # on a GPU, bf16 autocast
     python bench/lm.py --model gemma3-270m --arms tunelab-logits,tunelab --rounds 1 --batch-size 8 --max-length 256
         # peak memory of a chat SFT with a 262,144-token vocabulary: the loss from the logits against chunked
 
@@ -106,7 +107,9 @@ def heldout_loss(model, tokenizer, data: Path, batch_size: int = 2) -> float:
             ids = torch.tensor([i + [tokenizer.pad_token_id] * (longest - len(i)) for i, _ in part])
             labels = torch.tensor([lab + [IGNORE] * (longest - len(lab)) for _, lab in part])
             mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i, _ in part])
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            device = next(model.parameters()).device
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           use_cache=False).logits[:, :-1].float().cpu()
             target = labels[:, 1:]
             total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0),
                                                              reduction="none")[target != IGNORE].sum())
@@ -143,7 +146,8 @@ def run_tunelab(arm: str, data: Path, out: Path, args) -> dict:
            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                      "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0, "progress": False,
                      "schedule": "linear", "packing": packed, "eval_every": every,
-                     "chunked_loss": arm != "tunelab-logits"},
+                     "chunked_loss": arm != "tunelab-logits", "device": args.device,
+                     "bf16": args.device == "cuda"},
            "eval": {"bootstrap": 0}}
     training_peak = []
     result = tunelab.train(cfg, on_step=lambda step: training_peak.append(peak_rss_mb()))
@@ -156,6 +160,7 @@ def run_tunelab(arm: str, data: Path, out: Path, args) -> dict:
     loss = heldout_loss(model, AutoTokenizer.from_pretrained(out / "model"), data)
     return {"seconds": t["step_seconds"], "tokens": t["tokens_seen"], "loss": loss, "tunelab_loss": result.eval["loss"],
             "curve": curve, "peak_rss_mb": training_peak[-1], "process_rss_mb": whole_run, "steps": t["steps"],
+            "peak_gpu_mb": t.get("peak_gpu_mb"),
             "chunked_loss": t.get("chunked_loss")}
 
 
@@ -199,8 +204,8 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
                        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.01,
                        max_grad_norm=1.0, optim="adamw_torch_fused", seed=args.seed, report_to=[],
                        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
-                       use_cpu=True, dataloader_num_workers=0, max_length=args.max_length,
-                       gradient_checkpointing=args.trl_checkpointing, bf16=args.trl_bf16,
+                       use_cpu=args.device == "cpu", dataloader_num_workers=0, max_length=args.max_length,
+                       gradient_checkpointing=args.trl_checkpointing, bf16=args.trl_bf16 or args.device == "cuda",
                        completion_only_loss=True, packing=packed,
                        **({} if packed else {"train_sampling_strategy": "group_by_length"}))
     clock = EvalEvery()
@@ -211,8 +216,9 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
     tokens = sum(len(r["input_ids"]) for r in trainer.train_dataset) * args.epochs
     seconds = trainer.train().metrics["train_runtime"] - clock.paused
     training_peak = peak_rss_mb()
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
     return {"seconds": seconds, "tokens": tokens, "loss": heldout_loss(trainer.model, tokenizer, data),
-            "curve": clock.curve, "peak_rss_mb": training_peak, "process_rss_mb": peak_rss_mb(),
+            "curve": clock.curve, "peak_rss_mb": training_peak, "process_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu,
             "steps": trainer.state.global_step, "chunked_loss": None}
 
 
@@ -230,6 +236,8 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--evals-per-epoch", type=int, default=4)
     p.add_argument("--trl-checkpointing", action="store_true", help="TRL's default gradient checkpointing (on)")
     p.add_argument("--trl-bf16", action="store_true", help="TRL's default bf16 autocast (on)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides on the GPU under bf16 autocast (weights fp32), peak GPU memory reported")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # round r runs every arm with seed r
     p.add_argument("--one", nargs=3, metavar=("ARM", "DATA", "OUT"), help=argparse.SUPPRESS)
     return p
@@ -272,9 +280,10 @@ def main() -> int:
                 res = run_one(arm, data, Path(tmp) / f"{arm}-{r}", args, seed=r)
                 res["tokens_per_s"] = res["tokens"] / res["seconds"]
                 results[arm].append(res)
+                gpu = f"  peak GPU {res['peak_gpu_mb']:.0f} MB" if res.get("peak_gpu_mb") else ""
                 print(f"round {r + 1} {arm:15} {res['tokens_per_s']:7.0f} real tokens/s  {res['seconds']:6.1f} s  "
                       f"{res['steps']:3} steps  held-out loss {res['loss']:.4f}  peak RSS training "
-                      f"{res['peak_rss_mb']:.0f} MB (process {res['process_rss_mb']:.0f} MB)", flush=True)
+                      f"{res['peak_rss_mb']:.0f} MB (process {res['process_rss_mb']:.0f} MB){gpu}", flush=True)
             if "trl" in arms:
                 target = results["trl"][-1]["loss"] + 0.02
                 for arm in arms:

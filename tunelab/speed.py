@@ -697,7 +697,7 @@ def _loss_checked(model: nn.Module, probe: dict) -> bool:
     gradients: at a 262,144-token vocabulary PyTorch's fp32 cross-entropy of the whole logits is the less exact of
     the two (gemma3-270m: its parameter gradients 0.3% from float64's, the chunked ones 0.004%)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    if type(head) is not nn.Linear or not any(p.requires_grad for p in model.parameters()):
+    if type(head) is not nn.Linear or type(head.weight) is not nn.Parameter:  # (FSDP's shards are DTensors)
         return False
     with eval_mode(model), torch.no_grad():
         model.eval()

@@ -59,7 +59,8 @@ class LanguageModeling(Task):
     chunked = False  # the run's train.speedups and train.chunked_loss (bind)
 
     def bind(self, cfg, tokenizer) -> None:
-        self.chunked = cfg.train.speedups and cfg.train.chunked_loss
+        # (FSDP: the output layer's weight is a shard outside the model's forward; the loss stays the logits')
+        self.chunked = cfg.train.speedups and cfg.train.chunked_loss and cfg.train.strategy != "fsdp"
 
     def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
         return read_examples(path, cfg, need_label=False, folders=False, problems=problems)
