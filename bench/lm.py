@@ -305,7 +305,8 @@ def main() -> int:
     print(f"{'arm':15} {'tok/s':>7} {'ratio':>6} {'loss':>7} {'to target':>9} {'peak RSS':>9} {'ratio':>6}")
     for arm in arms:
         rows = results[arm]
-        print(f"{arm:15} {med(rows, 'tokens_per_s'):7.0f} {med(rows, 'tokens_per_s') / med(results[base], 'tokens_per_s'):5.2f}× "
+        speedup = med(rows, 'tokens_per_s') / med(results[base], 'tokens_per_s')
+        print(f"{arm:15} {med(rows, 'tokens_per_s'):7.0f} {speedup:5.2f}× "
               f"{med(rows, 'loss'):7.4f} {med(rows, 'to_target'):8.1f}s {med(rows, 'peak_rss_mb'):7.0f}MB "
               f"{med(rows, 'peak_rss_mb') / med(results[base], 'peak_rss_mb'):5.2f}×")
     return 0

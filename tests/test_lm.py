@@ -495,7 +495,8 @@ def test_packed_conversations_each_keep_their_unpacked_loss(lm_config):
             seen.append(tuple(p["input_ids"][a:b]))
     assert sorted(seen) == sorted(tuple(it["input_ids"]) for it in items)  # each conversation once (some repeat)
     with torch.no_grad():  # the training path's loss (the task's, through speed.causal_lm_loss): the same sum
-        packed_total = job.task.forward(model, job.task.collate(packed, job.tokenizer.pad_token_id), job.splits.space)[0]
+        batch = job.task.collate(packed, job.tokenizer.pad_token_id)
+        packed_total = job.task.forward(model, batch, job.splits.space)[0]
     assert float(packed_total) == pytest.approx(float(alone[:, 0].sum()), rel=1e-5)
 
 

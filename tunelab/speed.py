@@ -538,7 +538,8 @@ def onednn_linears(model, force: bool = False):
         yield applied
 
 
-CHECKED = ("first_token_only", "lean_lora", "chunked_loss")  # the speed-ups `apply` checks on the probe batch before keeping them
+# The speed-ups `apply` checks on the probe batch before keeping them (a resume keeps their verdicts)
+CHECKED = ("first_token_only", "lean_lora", "chunked_loss")
 
 
 @contextlib.contextmanager
@@ -551,8 +552,8 @@ def apply(model: nn.Module, probe: dict, *, on: bool = True, dropout: bool = Tru
     (without dropout) gives the same outputs and gradients as without them (a new transformers or peft can then
     cost speed, never correctness). `checked` ({name: bool} for CHECKED, from the run's start) replaces those
     checks on a resume, so that a run's arithmetic never changes halfway. `causal_lm`: the loss may come from the
-    last hidden states in chunks (`chunked_loss`, checked the same way, and kept for the model after the block:
-    evaluation holds no gradients, but the same logits). Yields {name: whether it applied} and,
+    last hidden states in chunks (`chunked_loss`, checked on the probe's logits by `_loss_checked`; the verdict
+    stays with the model after the block, for its evaluations). Yields {name: whether it applied} and,
     under "tables", what `reused_embedding_grads` yielded (for `clip_grad_norm_`)."""
     applied = {"first_token_only": False, "onednn_linears": False, "fast_dropout": False, "lean_lora": False,
                "chunked_loss": False, "tables": None}
