@@ -1,0 +1,217 @@
+"""DPO: tunelab's `--task dpo` against TRL's DPOTrainer, the same work, interleaved.
+
+    python bench/dpo.py [--rounds 1] [--train-size 200] [--epochs 1]
+
+Both train SmolLM2-135M-Instruct with LoRA (r 8, alpha 16, dropout 0.1 on every linear layer of the attention and
+MLP blocks) by DPO (sigmoid loss, β 0.1) on the bundled `chitchat-replies` pairs (`tunelab data chitchat-replies`,
+seed 0; the pairs whose prompt and longer answer fit `--max-length` tokens, so neither side truncates), the
+reference being the model with its adapters off, its log-probabilities computed once before training on both
+sides (TRL: `precompute_ref_log_probs=True`). Same seed, batch size (pairs), epochs, learning rate, linear schedule
+with 10% warm-up, weight decay 0.01, clipping 1.0, fused AdamW, fp32, no gradient checkpointing (TRL's defaults
+turn on checkpointing and bf16 autocast; bench/NOTES.md). Reported, medians over rounds: pairs per second of
+training (TRL: `train_runtime`, which includes its reference pass over the training pairs; tunelab: its step times,
+and with its reference pass over the training pairs added), peak RSS at the end of training, and the held-out
+reward accuracy by one function for both sides:
+the share of held-out pairs whose chosen answer gains more log-probability over the reference than the rejected
+one (β · Δ, ties wrong), on the trained model in memory. TRL is not a tunelab dependency: see bench/lm.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine  # bench/common.py, beside this script
+from lm import TARGETS, model_path, peak_rss_mb, read  # bench/lm.py
+
+
+def make_data(folder: Path, args) -> Path:
+    from transformers import AutoTokenizer
+
+    raw = folder / "raw"
+    subprocess.run([sys.executable, "-m", "tunelab", "data", "chitchat-replies", "--output", str(raw),
+                    "--train-size", str(args.train_size), "--eval-size", str(args.eval_size), "--seed", "0"],
+                   check=True, stdout=subprocess.DEVNULL)
+    tok = AutoTokenizer.from_pretrained(model_path("smollm2"))
+
+    def fits(r):
+        longer = max(r["chosen"], r["rejected"], key=len)
+        return len(tok.apply_chat_template(r["prompt"] + [{"role": "assistant", "content": longer}],
+                                           tokenize=True, return_dict=True)["input_ids"]) <= args.max_length
+    data = folder / "data"
+    data.mkdir()
+    for split in ("train", "eval"):
+        rows = [r for r in read(raw / f"{split}.jsonl") if fits(r)]
+        with open(data / f"{split}.jsonl", "w") as ours, open(data / f"{split}-trl.jsonl", "w") as trl:
+            for r in rows:
+                ours.write(json.dumps(r) + "\n")
+                trl.write(json.dumps({"prompt": r["prompt"],
+                                      "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                      "rejected": [{"role": "assistant", "content": r["rejected"]}]}) + "\n")
+    return data
+
+
+def reward_accuracy(model, tokenizer, data: Path) -> float:
+    """The share of held-out pairs where log π(chosen) − log π_ref(chosen) > the same of rejected (π_ref: the
+    adapters off), answers rendered by the chat template as tunelab renders them."""
+    import torch
+
+    from tunelab.data.chat import IGNORE, render
+
+    def logps(rows):
+        out = []
+        for r in rows:
+            messages = r[0] + [{"role": "assistant", "content": r[1]}]
+            ids, labels = render(tokenizer, messages, [len(messages) - 1])
+            ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])[:, 1:]
+            logits = model(input_ids=ids_t, use_cache=False).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, labels_t.clamp(min=0)[..., None])[..., 0]
+            out.append(float((lp * (labels_t != IGNORE)).sum()))
+        return out
+
+    pairs = read(data / "eval.jsonl")
+    model.eval()
+    with torch.no_grad():
+        chosen, rejected = logps([(p["prompt"], p["chosen"]) for p in pairs]), \
+            logps([(p["prompt"], p["rejected"]) for p in pairs])
+        with model.disable_adapter():
+            ref_c, ref_r = logps([(p["prompt"], p["chosen"]) for p in pairs]), \
+                logps([(p["prompt"], p["rejected"]) for p in pairs])
+    return sum((c - rc) > (r - rr) for c, rc, r, rr in zip(chosen, ref_c, rejected, ref_r)) / len(pairs)
+
+
+def run_tunelab(data: Path, out: Path, args) -> dict:
+    import tunelab
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = {"task": "dpo", "model": {"name": "smollm2"}, "output": str(out), "overwrite": True,
+           "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
+                    "max_length": args.max_length},
+           "tuning": {"name": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "lora_targets": TARGETS},
+           "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                     "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0, "progress": False,
+                     "schedule": "linear", "beta": 0.1},
+           "eval": {"bootstrap": 0}}
+    from tunelab.tasks.preference import DPO
+
+    reference = []  # seconds of each reference pass: the training pairs' first (TRL precomputes only those)
+    prepare = DPO.prepare_items
+
+    def timed(self, *a, **kw):
+        tic = time.perf_counter()
+        prepare(self, *a, **kw)
+        reference.append(time.perf_counter() - tic)
+    DPO.prepare_items = timed
+    training_peak = []
+    tic = time.perf_counter()
+    result = tunelab.train(cfg, on_step=lambda step: training_peak.append(peak_rss_mb()))
+    whole = time.perf_counter() - tic
+    t = result.metrics["train"]
+    base = AutoModelForCausalLM.from_pretrained(model_path("smollm2"))
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    pairs = len(read(data / "train.jsonl")) * args.epochs
+    return {"seconds": t["step_seconds"], "with_reference": t["step_seconds"] + reference[0], "command": whole,
+            "pairs": pairs,
+            "accuracy": reward_accuracy(model, AutoTokenizer.from_pretrained(model_path("smollm2")), data),
+            "tunelab_accuracy": result.eval.get("reward_accuracy"), "peak_rss_mb": training_peak[-1],
+            "steps": t["steps"]}
+
+
+def run_trl(data: Path, out: Path, args) -> dict:
+    import torch
+
+    import tunelab  # noqa: F401  (first: PyPI's torchvision beside the CPU torch imports only so)
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    from trl import DPOConfig, DPOTrainer
+
+    logging.set_verbosity_error()
+    path = model_path("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+                       learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.01,
+                       max_grad_norm=1.0, optim="adamw_torch_fused", seed=args.seed, report_to=[],
+                       save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
+                       use_cpu=True, dataloader_num_workers=0, max_length=args.max_length, beta=0.1,
+                       gradient_checkpointing=False, bf16=False, precompute_ref_log_probs=True)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(data / "train-trl.jsonl")),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
+                                                task_type="CAUSAL_LM"))
+    tic = time.perf_counter()
+    seconds = trainer.train().metrics["train_runtime"]
+    whole = time.perf_counter() - tic
+    training_peak = peak_rss_mb()
+    return {"seconds": seconds, "with_reference": seconds, "command": whole,
+            "pairs": len(read(data / "train.jsonl")) * args.epochs,
+            "accuracy": reward_accuracy(trainer.model, tokenizer, data), "tunelab_accuracy": None,
+            "peak_rss_mb": training_peak, "steps": trainer.state.global_step}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--train-size", type=int, default=200)
+    p.add_argument("--eval-size", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=160)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=3, metavar=("ARM", "DATA", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        arm, data, out = args.one
+        fn = run_trl if arm == "trl" else run_tunelab
+        print("RESULT " + json.dumps(fn(Path(data), Path(out), args)), flush=True)
+        return 0
+    arms = ["tunelab", "trl"]
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(Path(tmp), args)
+        print(f"{len(read(data / 'train.jsonl'))} training and {len(read(data / 'eval.jsonl'))} held-out pairs within "
+              f"{args.max_length} tokens", flush=True)
+        load_before = os.getloadavg()[0]
+        for r in range(args.rounds):
+            for arm in arms:
+                passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                               if k not in ("one", "rounds", "seed")]
+                done = subprocess.run([sys.executable, __file__, "--one", arm, str(data), str(Path(tmp) / f"{arm}-{r}"),
+                                       *passthrough, f"--seed={r}"], capture_output=True, text=True)
+                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"{arm} failed")
+                res = json.loads(line[7:])
+                res["pairs_per_s"] = res["pairs"] / res["seconds"]
+                res["pairs_per_s_with_reference"] = res["pairs"] / res["with_reference"]
+                results[arm].append(res)
+                with_reference = res["pairs_per_s_with_reference"]
+                print(f"round {r + 1} {arm:8} {res['pairs_per_s']:5.2f} pairs/s ({with_reference:.2f} "
+                      f"with the reference pass)  {res['steps']} steps  held-out reward accuracy {res['accuracy']:.3f}"
+                      f"  peak RSS {res['peak_rss_mb']:.0f} MB  command {res['command']:.0f} s", flush=True)
+        load_after = os.getloadavg()[0]
+    print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
+    for arm in arms:
+        rows = results[arm]
+        med = lambda key: statistics.median(x[key] for x in rows)  # noqa: E731
+        trl = statistics.median(x["pairs_per_s"] for x in results["trl"])
+        print(f"{arm:8} {med('pairs_per_s'):5.2f} pairs/s ({med('pairs_per_s') / trl:.2f}×)"
+              f"  with reference {med('pairs_per_s_with_reference'):5.2f}  accuracy {med('accuracy'):.3f}  "
+              f"peak RSS {med('peak_rss_mb'):.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
