@@ -10,6 +10,20 @@ import torch
 from torch.nn import functional as F
 
 
+IGNORE = -100  # the label of a token that carries no loss (PyTorch's and transformers' ignore_index)
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, ...]:
+    """Per row: (summed cross-entropy of the labelled tokens, labelled tokens, correct argmax tokens); with
+    `shift`, the logits at position t score token t + 1 (causal language models)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
+    correct = (logits.argmax(-1) == labels) & mask
+    return loss.sum(1), mask.sum(1), correct.sum(1)
+
+
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(logits / T): T = 1 is the teacher's own distribution, larger T flattens it towards uniform
     (Hinton, Vinyals & Dean 2015, §2)."""

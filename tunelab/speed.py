@@ -45,10 +45,8 @@ import weakref
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from tunelab.data.chat import IGNORE
-from tunelab.losses import linear_cross_entropy
+from tunelab.losses import IGNORE, linear_cross_entropy, token_stats
 from tunelab.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -625,10 +623,11 @@ def output_layer(model: nn.Module, probe: dict | None = None) -> nn.Linear | Non
     """The output layer (hidden states → vocabulary) of a model whose loss may be computed from its last hidden
     states (see `final_hidden` and losses.linear_cross_entropy); None: compute it from the logits. Decided once
     per model: by `chunked_loss` (a training run's check, or its checkpoint's verdict), else by `_loss_checked` on
-    `probe` (an evaluation's first batch); without a probe, undecided models use their logits."""
+    the first two rows of `probe` (an evaluation's first batch); without a probe, undecided models use their
+    logits."""
     verdict = _CHUNKED.get(model)
     if verdict is None and probe is not None:
-        verdict = _CHUNKED[model] = _loss_checked(model, probe)
+        verdict = _CHUNKED[model] = _loss_checked(model, {k: v[:2] for k, v in probe.items()})
     return model.get_output_embeddings() if verdict else None
 
 
@@ -673,13 +672,10 @@ def causal_lm_loss(model: nn.Module, batch: dict, labels: torch.Tensor,
     train.speedups and train.chunked_loss) and `output_layer` allow, else from the logits as transformers gives
     them. Without a key-value cache: transformers looks for packed rows (position ids that restart, no attention
     mask) only then."""
-    head = output_layer(model, {k: v[:2] for k, v in batch.items()}) if chunked and enabled() else None
+    head = output_layer(model, batch) if chunked and enabled() else None
     if head is None:
-        logits, labels = model(**batch, use_cache=False).logits.float()[:, :-1], labels[:, 1:]
-        mask = labels != IGNORE
-        losses = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
-        correct = (logits.argmax(-1) == labels) & mask
-        return losses.sum(), losses.detach().sum(1), mask.sum(1), correct.sum(1)
+        loss, tokens, correct = token_stats(model(**batch, use_cache=False).logits.float(), labels, shift=True)
+        return loss.sum(), loss.detach(), tokens, correct
     hidden, labels = final_hidden(model, batch)[:, :-1], labels[:, 1:]
     mask = labels != IGNORE
     total, losses, argmax = linear_cross_entropy(hidden[mask], head.weight, head.bias, labels[mask])

@@ -10,8 +10,7 @@ from pathlib import Path
 from tunelab.config import DataConfig
 from tunelab.data.load import Example, Problems, Records, json_records, warn
 from tunelab.errors import UserError, excerpt
-
-IGNORE = -100  # the label of a token that carries no loss
+from tunelab.losses import IGNORE  # (the label of a token that carries no loss; its users import it from here too)
 ROLES = ("system", "user", "assistant")
 
 

@@ -30,17 +30,8 @@ from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example, Problems, read_examples
 from tunelab.errors import UserError
+from tunelab.losses import token_stats
 from tunelab.tasks.base import Space, Task
-
-
-def _token_stats(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, ...]:
-    """Per-row (summed loss, labelled tokens, correct argmax tokens); with `shift`, token t predicts t + 1."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
-    loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
-    correct = (logits.argmax(-1) == labels) & mask
-    return loss.sum(1), mask.sum(1), correct.sum(1)
 
 
 class LanguageModeling(Task):
@@ -55,8 +46,11 @@ class LanguageModeling(Task):
     default_layer_decay = 1.0
     eval_batch_size = 8
     shift = True  # causal: the logits at position t score token t + 1
-    loss_from_hidden = True
     chunked = False  # the run's train.speedups and train.chunked_loss (bind)
+
+    @property
+    def loss_from_hidden(self) -> bool:  # a causal model's (speed.causal_lm_loss); a masked one's comes from logits
+        return self.shift
 
     def bind(self, cfg, tokenizer) -> None:
         # (FSDP: the output layer's weight is a shard outside the model's forward; the loss stays the logits')
@@ -70,7 +64,7 @@ class LanguageModeling(Task):
         return sum(t != IGNORE for t in labels)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _token_stats(logits, labels, self.shift)[0].sum()
+        return token_stats(logits, labels, self.shift)[0].sum()
 
     def _token_losses(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
         """(summed loss; per row, detached: summed loss, labelled tokens, correct tokens). A causal model's comes
@@ -79,7 +73,7 @@ class LanguageModeling(Task):
         labels = batch.pop("labels")
         if self.shift:
             return speed.causal_lm_loss(model, batch, labels, self.chunked)
-        loss, tokens, correct = _token_stats(model(**batch).logits.float(), labels, self.shift)
+        loss, tokens, correct = token_stats(model(**batch).logits.float(), labels, self.shift)
         return loss.sum(), loss.detach(), tokens, correct
 
     def forward(self, model: nn.Module, batch: dict, space: Space) -> tuple[torch.Tensor, dict[str, float]]:
@@ -134,7 +128,6 @@ class MaskedLM(LanguageModeling):
     model_class = "AutoModelForMaskedLM"
     tunings = ("scratch", "full", "lora", "qlora")
     shift = False
-    loss_from_hidden = False
 
     def build(self, cfg: ModelConfig, folder: Path, space: Space, pretrained: bool,
               quantize_on: torch.device | None = None) -> nn.Module:
@@ -253,7 +246,7 @@ class PreTraining(MaskedLM):
         nsp, tokens = labels[:, 0], labels.clone()
         tokens[:, 0] = IGNORE
         out = model(**batch)
-        loss, count, correct = _token_stats(out.prediction_logits.float(), tokens, shift=False)
+        loss, count, correct = token_stats(out.prediction_logits.float(), tokens, shift=False)
         relation = out.seq_relationship_logits.float()
         nsp_loss = F.cross_entropy(relation, nsp, reduction="none")
         return torch.stack([loss, count.float(), correct.float(), (relation.argmax(-1) == nsp).float(), nsp_loss], 1)
