@@ -1,11 +1,17 @@
 """What the benchmarks share: the machine they were measured on, its GEMM peak, and making a recipe's runs."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+# First, before anything imports transformers: PyPI's torchvision beside the CPU torch imports only once tunelab has
+# declared its operators (tunelab.vision_ops), and transformers' Trainer reaches torchvision through `datasets`.
+import tunelab  # noqa: F401,E402
 
 
 def machine() -> str:
@@ -121,3 +127,55 @@ def inference_arguments(argv, doc: str, recipe: list[tuple[str, str]], single: i
     if not args.run:
         p.error("give RUN, or --make DIR")
     return args
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak (VmHWM; ru_maxrss would include what the parent had: tunelab.pipeline._peak_rss_mb)."""
+    from tunelab.pipeline import _peak_rss_mb
+
+    return _peak_rss_mb()
+
+
+def in_process(script: str, argv: list[str], what: str) -> dict:
+    """Run `script argv...` in its own process (so that its peak RSS is its own) and return the JSON of the line it
+    prints starting "RESULT "; without one, print the end of its output and stop, naming `what` failed."""
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed")
+    return json.loads(line[7:])
+
+
+def options(args, leave_out: tuple[str, ...]) -> list[str]:
+    """The parsed options again as command-line words (a true switch as its flag, a false one left out), but
+    those in `leave_out`: to give a run in its own process the same settings."""
+    words = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key in leave_out or value is False:
+            continue
+        words.append(flag if value is True else f"{flag}={value}")
+    return words
+
+
+def eval_every(every: int, measure):
+    """A transformers TrainerCallback that records (training seconds, `measure(model)`) every `every` optimizer
+    steps in `.curve`, the measuring kept off the training clock (`.paused` holds its seconds)."""
+    from transformers import TrainerCallback
+
+    class EvalEvery(TrainerCallback):
+        def __init__(self):
+            self.curve, self.paused, self.start = [], 0.0, 0.0
+
+        def on_train_begin(self, args_, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, model=None, **kw):
+            if state.global_step % every == 0:
+                tic = time.perf_counter()
+                value = measure(model)
+                self.curve.append((tic - self.start - self.paused, value))
+                self.paused += time.perf_counter() - tic
+
+    return EvalEvery()

