@@ -68,6 +68,8 @@ def test_linear_cross_entropy_in_chunks_equals_the_whole_logits_with_their_gradi
     leaves = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
 
     total, per_row, argmax = losses.linear_cross_entropy(hidden, weight, b, targets)
+    kept = [tuple(t.shape) for t in total.grad_fn.saved_tensors if t is not None]
+    assert kept == [(30, 16)] + [(1000, 16)] * weight_trains + [(1000,)] * bias  # no frozen weight's gradient
     ours = torch.autograd.grad(total * 0.37, leaves)
     logits = torch.nn.functional.linear(hidden, weight, b).float()
     plain = torch.nn.functional.cross_entropy(logits, targets, reduction="none")

@@ -375,13 +375,20 @@ def test_lean_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
     model.train()
     # both with fast_dropout: peft's adapter dropout and the lean layer draw the same masks in the same order
     query = model.base_model.model.bert.encoder.layer[0].attention.self.query
-    ran = []
-    hook = query.register_forward_hook(lambda module, args, out: ran.append(type(out.grad_fn).__name__))
+    ran, shares = [], []
+
+    def record(module, args, out):
+        ran.append(type(out.grad_fn).__name__)
+        if ran[-1] == "_LoraLinearBackward":  # it keeps its input for the backward pass, not a dropped copy
+            shares.append(out.grad_fn.saved_tensors[3].untyped_storage().data_ptr()
+                          == args[0].untyped_storage().data_ptr())
+    hook = query.register_forward_hook(record)
     (_, lean), logits, grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model),
                                                       speed.lean_lora(model))
     _, ref_logits, ref_grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model))
     hook.remove()
     assert lean and ran[0] == "_LoraLinearBackward" and ran[1] != ran[0]  # the lean layer ran, then peft's
+    assert shares == [True]
     assert torch.allclose(logits, ref_logits, atol=1e-6)
     assert sorted(grads) == sorted(ref_grads) and any("lora_A" in n for n in grads)
     for n in grads:

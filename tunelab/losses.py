@@ -94,41 +94,45 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def chunks(hidden, weight, bias, targets, rows: int, grads: bool):
+    def chunks(hidden, weight, bias, targets, rows: int, grads: tuple[bool, bool, bool] | bool):
+        """The summed loss, each row's loss and argmax, and the gradients `grads` asks for (of hidden, weight and
+        bias; True: all three, False: none) — a frozen output layer's weight gradient is not made."""
+        want_hidden, want_weight, want_bias = (grads,) * 3 if isinstance(grads, bool) else grads
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
-        d_hidden = torch.empty_like(hidden) if grads else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+        d_hidden = torch.empty_like(hidden) if want_hidden else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-            if grads and bias is not None else None
+            if want_bias and bias is not None else None
         for start in range(0, n, rows):
             h, y = hidden[start:start + rows], targets[start:start + rows]
             z = F.linear(h, weight, bias).float()
             lse = torch.logsumexp(z, -1)
             losses[start:start + rows] = lse - z.gather(1, y[:, None]).squeeze(1)
             argmax[start:start + rows] = z.argmax(-1)
-            if grads:  # d loss / d z = softmax(z) − onehot(y), made in place of the logits
+            if want_hidden or want_weight or d_bias is not None:  # d loss / d z = softmax(z) − onehot(y), in place
                 g = z.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(y), device=g.device), y] -= 1
                 d_z = g.to(hidden.dtype)
-                d_hidden[start:start + rows] = d_z @ weight
-                d_weight += (d_z.t() @ h).float()
+                if want_hidden:
+                    d_hidden[start:start + rows] = d_z @ weight
+                if want_weight:
+                    d_weight += (d_z.t() @ h).float()
                 if d_bias is not None:
                     d_bias += g.sum(0)
         return losses.sum(), losses, argmax, d_hidden, d_weight, d_bias
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows):
+        want = ctx.needs_input_grad
         total, losses, argmax, d_hidden, d_weight, d_bias = _LinearCrossEntropy.chunks(
-            hidden, weight, bias, targets, rows, True)
-        ctx.save_for_backward(d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
+            hidden, weight, bias, targets, rows, (want[0], want[1], bias is not None and want[2]))
+        ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+                              None if d_bias is None else d_bias.to(bias.dtype))
         ctx.mark_non_differentiable(losses, argmax)
         return total, losses, argmax
 
     @staticmethod
     def backward(ctx, d_total, _losses, _argmax):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        want = ctx.needs_input_grad
-        return (d_hidden * d_total if want[0] else None, d_weight * d_total if want[1] else None,
-                d_bias * d_total if want[2] and d_bias is not None else None, None, None)
+        return tuple(None if d is None else d * d_total for d in ctx.saved_tensors) + (None, None)
