@@ -161,18 +161,19 @@ def options(args, leave_out: tuple[str, ...]) -> list[str]:
 
 def eval_every(every: int, measure):
     """A transformers TrainerCallback that records (training seconds, `measure(model)`) every `every` optimizer
-    steps in `.curve`, the measuring kept off the training clock (`.paused` holds its seconds)."""
+    steps in `.curve`, the measuring kept off the training clock (`.paused` holds its seconds); `.every` may be set
+    again before training (once the trainer has packed its dataset)."""
     from transformers import TrainerCallback
 
     class EvalEvery(TrainerCallback):
         def __init__(self):
-            self.curve, self.paused, self.start = [], 0.0, 0.0
+            self.curve, self.paused, self.start, self.every = [], 0.0, 0.0, every
 
         def on_train_begin(self, args_, state, control, **kw):
             self.start = time.perf_counter()
 
         def on_step_end(self, args_, state, control, model=None, **kw):
-            if state.global_step % every == 0:
+            if state.global_step % self.every == 0:
                 tic = time.perf_counter()
                 value = measure(model)
                 self.curve.append((tic - self.start - self.paused, value))

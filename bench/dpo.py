@@ -1,6 +1,7 @@
 """DPO: tunelab's `--task dpo` against TRL's DPOTrainer, the same work, interleaved.
 
-    python bench/dpo.py [--rounds 1] [--train-size 200] [--epochs 1]
+    python bench/dpo.py [--rounds 2] [--train-size 200] [--epochs 1]
+    python bench/dpo.py --device cuda --train-size 1000 --batch-size 8   # on a GPU: bf16 autocast both sides
 
 Both train SmolLM2-135M-Instruct with LoRA (r 8, alpha 16, dropout 0.1 on every linear layer of the attention and
 MLP blocks) by DPO (sigmoid loss, β 0.1) on the bundled `chitchat-replies` pairs (`tunelab data chitchat-replies`,
@@ -9,8 +10,9 @@ reference being the model with its adapters off, its log-probabilities computed 
 sides (TRL: `precompute_ref_log_probs=True`). Same seed, batch size (pairs), epochs, learning rate, linear schedule
 with 10% warm-up, weight decay 0.01, clipping 1.0, fused AdamW, fp32, no gradient checkpointing (TRL's defaults
 turn on checkpointing and bf16 autocast; bench/NOTES.md). Reported, medians over rounds: pairs per second of
-training (TRL: `train_runtime`, which includes its reference pass over the training pairs; tunelab: its step times,
-and with its reference pass over the training pairs added), peak RSS at the end of training, and the held-out
+training (TRL: `train_runtime`; tunelab: the sum of its step times), and with each side's reference pass over the
+training pairs added (TRL runs it in `DPOTrainer.__init__`, outside `train_runtime`: timed around its
+`_precompute_ref_logps`), peak RSS at the end of training (peak GPU memory with `--device cuda`), and the held-out
 reward accuracy by one function for both sides:
 the share of held-out pairs whose chosen answer gains more log-probability over the reference than the rejected
 one (β · Δ, ties wrong), on the trained model in memory. TRL is not a tunelab dependency: see bench/lm.py.
@@ -69,7 +71,8 @@ def reward_accuracy(model, tokenizer, data: Path) -> float:
         for r in rows:
             messages = r[0] + [{"role": "assistant", "content": r[1]}]
             ids, labels = render(tokenizer, messages, [len(messages) - 1])
-            ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])[:, 1:]
+            device = next(model.parameters()).device
+            ids_t, labels_t = torch.tensor([ids], device=device), torch.tensor([labels], device=device)[:, 1:]
             logits = model(input_ids=ids_t, use_cache=False).logits[:, :-1].float()
             lp = torch.log_softmax(logits, -1).gather(-1, labels_t.clamp(min=0)[..., None])[..., 0]
             out.append(float((lp * (labels_t != IGNORE)).sum()))
@@ -97,7 +100,7 @@ def run_tunelab(data: Path, out: Path, args) -> dict:
            "tuning": {"name": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "lora_targets": TARGETS},
            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                      "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0, "progress": False,
-                     "schedule": "linear", "beta": 0.1},
+                     "schedule": "linear", "beta": 0.1, "device": args.device, "bf16": args.device == "cuda"},
            "eval": {"bootstrap": 0}}
     from tunelab.tasks.preference import DPO
 
@@ -115,13 +118,13 @@ def run_tunelab(data: Path, out: Path, args) -> dict:
     whole = time.perf_counter() - tic
     t = result.metrics["train"]
     base = AutoModelForCausalLM.from_pretrained(model_path("smollm2"))
-    model = PeftModel.from_pretrained(base, out / "adapter")
+    model = PeftModel.from_pretrained(base, out / "adapter").to(args.device)
     pairs = len(read(data / "train.jsonl")) * args.epochs
     return {"seconds": t["step_seconds"], "with_reference": t["step_seconds"] + reference[0], "command": whole,
             "pairs": pairs,
             "accuracy": reward_accuracy(model, AutoTokenizer.from_pretrained(model_path("smollm2")), data),
             "tunelab_accuracy": result.eval.get("reward_accuracy"), "peak_rss_mb": training_peak[-1],
-            "steps": t["steps"]}
+            "peak_gpu_mb": t.get("peak_gpu_mb"), "steps": t["steps"]}
 
 
 def run_trl(data: Path, out: Path, args) -> dict:
@@ -141,8 +144,17 @@ def run_trl(data: Path, out: Path, args) -> dict:
                        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.01,
                        max_grad_norm=1.0, optim="adamw_torch_fused", seed=args.seed, report_to=[],
                        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
-                       use_cpu=True, dataloader_num_workers=0, max_length=args.max_length, beta=0.1,
-                       gradient_checkpointing=False, bf16=False, precompute_ref_log_probs=True)
+                       use_cpu=args.device == "cpu", dataloader_num_workers=0, max_length=args.max_length, beta=0.1,
+                       gradient_checkpointing=False, bf16=args.device == "cuda", precompute_ref_log_probs=True)
+    reference = {}  # seconds of each precompute pass, by split: TRL runs them in __init__, outside train_runtime
+    precompute = DPOTrainer._precompute_ref_logps
+
+    def timed(self, dataset, name, batch_size):
+        tic = time.perf_counter()
+        out = precompute(self, dataset, name, batch_size)
+        reference[name] = time.perf_counter() - tic
+        return out
+    DPOTrainer._precompute_ref_logps = timed
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(data / "train-trl.jsonl")),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
@@ -151,21 +163,24 @@ def run_trl(data: Path, out: Path, args) -> dict:
     seconds = trainer.train().metrics["train_runtime"]
     whole = time.perf_counter() - tic
     training_peak = peak_rss_mb()
-    return {"seconds": seconds, "with_reference": seconds, "command": whole,
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+    return {"seconds": seconds, "with_reference": seconds + reference["train"], "command": whole,
             "pairs": len(read(data / "train.jsonl")) * args.epochs,
             "accuracy": reward_accuracy(trainer.model, tokenizer, data), "tunelab_accuracy": None,
-            "peak_rss_mb": training_peak, "steps": trainer.state.global_step}
+            "peak_rss_mb": training_peak, "peak_gpu_mb": gpu, "steps": trainer.state.global_step}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--train-size", type=int, default=200)
     p.add_argument("--eval-size", type=int, default=60)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides on the GPU under bf16 autocast (weights fp32), peak GPU memory reported")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=3, metavar=("ARM", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -189,18 +204,22 @@ def main() -> int:
                 res["pairs_per_s_with_reference"] = res["pairs"] / res["with_reference"]
                 results[arm].append(res)
                 with_reference = res["pairs_per_s_with_reference"]
+                gpu = f"  peak GPU {res['peak_gpu_mb']:.0f} MB" if res.get("peak_gpu_mb") else ""
                 print(f"round {r + 1} {arm:8} {res['pairs_per_s']:5.2f} pairs/s ({with_reference:.2f} "
                       f"with the reference pass)  {res['steps']} steps  held-out reward accuracy {res['accuracy']:.3f}"
-                      f"  peak RSS {res['peak_rss_mb']:.0f} MB  command {res['command']:.0f} s", flush=True)
+                      f"  peak RSS {res['peak_rss_mb']:.0f} MB{gpu}  train() {res['command']:.0f} s", flush=True)
         load_after = os.getloadavg()[0]
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
     for arm in arms:
         rows = results[arm]
         med = lambda key: statistics.median(x[key] for x in rows)  # noqa: E731
         trl = statistics.median(x["pairs_per_s"] for x in results["trl"])
+        trl_ref = statistics.median(x["pairs_per_s_with_reference"] for x in results["trl"])
+        trl_rss = statistics.median(x["peak_rss_mb"] for x in results["trl"])
         print(f"{arm:8} {med('pairs_per_s'):5.2f} pairs/s ({med('pairs_per_s') / trl:.2f}×)"
-              f"  with reference {med('pairs_per_s_with_reference'):5.2f}  accuracy {med('accuracy'):.3f}  "
-              f"peak RSS {med('peak_rss_mb'):.0f} MB")
+              f"  with reference {med('pairs_per_s_with_reference'):5.2f} "
+              f"({med('pairs_per_s_with_reference') / trl_ref:.2f}×)  accuracy {med('accuracy'):.3f}  "
+              f"peak RSS {med('peak_rss_mb'):.0f} MB ({med('peak_rss_mb') / trl_rss:.2f}×)")
     return 0
 
 

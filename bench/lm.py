@@ -58,6 +58,35 @@ def model_path(name: str) -> str:
 
 
 def make_data(folder: Path, args) -> Path:
+    return make_tweets(folder, args) if args.task == "clm" else make_chat(folder, args)
+
+
+def make_tweets(folder: Path, args) -> Path:
+    """The bundled tweets as plain text, the same files for both sides (`text` rows; labels dropped)."""
+    raw = folder / "raw"
+    subprocess.run([sys.executable, "-m", "tunelab", "data", "tweets", "--output", str(raw), "--train-size",
+                    str(args.train_size), "--eval-size", str(args.eval_size), "--seed", "0"], check=True,
+                   stdout=subprocess.DEVNULL)
+    data = folder / "data"
+    data.mkdir()
+    for split in ("train", "eval"):
+        rows = [json.dumps({"text": r["text"]}) + "\n" for r in read(raw / f"{split}.jsonl")]
+        (data / f"{split}.jsonl").write_text("".join(rows))
+        (data / f"{split}-trl.jsonl").write_text("".join(rows))
+    return data
+
+
+def text_blocks(tokenizer, data: Path, split: str, max_length: int) -> list[list[int]]:
+    """The documents of a split tokenized, each ended by eos, concatenated and cut into max_length blocks: what
+    tunelab's clm trains on and TRL's `packing_strategy="wrapped"` makes of the same text."""
+    stream: list[int] = []
+    for r in read(data / f"{split}.jsonl"):
+        ids = tokenizer(r["text"])["input_ids"]
+        stream += ids + ([tokenizer.eos_token_id] if not ids or ids[-1] != tokenizer.eos_token_id else [])
+    return [stream[i:i + max_length] for i in range(0, len(stream), max_length)]
+
+
+def make_chat(folder: Path, args) -> Path:
     """The chit-chat conversations that fit max_length under the model's chat template, three ways: tunelab's
     (earlier assistant turns weight 0), TRL's (prompt and completion) and plain (for the held-out evaluation)."""
     from transformers import AutoTokenizer
@@ -81,15 +110,19 @@ def make_data(folder: Path, args) -> Path:
     return data
 
 
-def heldout_loss(model, tokenizer, data: Path, batch_size: int = 2) -> float:
-    """Mean cross-entropy over the eval conversations' last assistant turn (its tokens through the end of turn, as
-    tunelab's chat template renders them), the same for both sides."""
+def heldout_loss(model, tokenizer, data: Path, task: str, max_length: int, batch_size: int = 2) -> float:
+    """Mean cross-entropy, the same for both sides: chat, over the eval conversations' last assistant turn (its
+    tokens through the end of turn, as tunelab's chat template renders them); clm, over every next token of the
+    eval tweets' blocks (`text_blocks`)."""
     import torch
 
     from tunelab.data.chat import IGNORE, render
 
-    rows = [r["messages"] for r in read(data / "eval.jsonl")]
-    encoded = [render(tokenizer, m, [len(m) - 1]) for m in rows]
+    if task == "clm":
+        encoded = [(b, list(b)) for b in text_blocks(tokenizer, data, "eval", max_length) if len(b) > 1]
+    else:
+        rows = [r["messages"] for r in read(data / "eval.jsonl")]
+        encoded = [render(tokenizer, m, [len(m) - 1]) for m in rows]
     total, count = 0.0, 0
     was = model.training
     model.eval()
@@ -111,13 +144,18 @@ def heldout_loss(model, tokenizer, data: Path, batch_size: int = 2) -> float:
     return total / count
 
 
-def packed_rows(data: Path, args) -> int:
-    """How many rows tunelab's packing makes of the training conversations (to evaluate as often per epoch)."""
+def training_rows(data: Path, args, packed: bool) -> int:
+    """How many rows tunelab trains on per epoch (to evaluate as often per epoch as TRL): the conversations, the
+    rows its packing makes of them, or clm's blocks."""
     from transformers import AutoTokenizer
 
     from tunelab.tasks.lm import ChatSFT
 
     tok = AutoTokenizer.from_pretrained(model_path(args.model))
+    if args.task == "clm":
+        return len(text_blocks(tok, data, "train", args.max_length))
+    if not packed:
+        return len(read(data / "train.jsonl"))
     lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
                for r in read(data / "train.jsonl")]
     return len(ChatSFT().pack([{"input_ids": [0] * n, "labels": [0] * n} for n in lengths], args.max_length))
@@ -130,9 +168,9 @@ def run_tunelab(arm: str, data: Path, out: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     packed = arm == "tunelab-packed"
-    rows = packed_rows(data, args) if packed else len(read(data / "train.jsonl"))
+    rows = training_rows(data, args, packed)
     every = max(1, -(-rows // args.batch_size) // args.evals_per_epoch)
-    cfg = {"task": "chat", "model": {"name": args.model}, "output": str(out), "overwrite": True,
+    cfg = {"task": args.task, "model": {"name": args.model}, "output": str(out), "overwrite": True,
            "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
                     "max_length": args.max_length},
            "tuning": {"name": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "lora_targets": TARGETS},
@@ -150,7 +188,7 @@ def run_tunelab(arm: str, data: Path, out: Path, args) -> dict:
     seconds = {h["step"]: h["train_seconds"] for h in history if "loss" in h}
     curve = [(seconds[h["step"]], h["eval_loss"]) for h in history if "eval_loss" in h]
     model = AutoModelForCausalLM.from_pretrained(out / "model")
-    loss = heldout_loss(model, AutoTokenizer.from_pretrained(out / "model"), data)
+    loss = heldout_loss(model, AutoTokenizer.from_pretrained(out / "model"), data, args.task, args.max_length)
     return {"seconds": t["step_seconds"], "tokens": t["tokens_seen"], "loss": loss, "tunelab_loss": result.eval["loss"],
             "curve": curve, "peak_rss_mb": training_peak[-1], "process_rss_mb": whole_run, "steps": t["steps"],
             "peak_gpu_mb": t.get("peak_gpu_mb"),
@@ -170,9 +208,13 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     train = Dataset.from_list(read(data / "train-trl.jsonl"))
     packed = arm == "trl-packed"
-    steps_per_epoch = -(-len(train) // args.batch_size)
-    every = max(1, steps_per_epoch // args.evals_per_epoch)
 
+    if args.task == "clm":  # plain text; packed: tunelab's blocks (concatenated, cut at max_length, no borders)
+        mode = {"dataset_text_field": "text", **({"packing_strategy": "wrapped"} if packed else {})}
+    else:  # the last assistant turn only; packed: best-fit decreasing, padding-free
+        mode = {"completion_only_loss": True}
+    if not packed:
+        mode["train_sampling_strategy"] = "group_by_length"
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
@@ -181,25 +223,29 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
                        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
                        use_cpu=args.device == "cpu", dataloader_num_workers=0, max_length=args.max_length,
                        gradient_checkpointing=args.trl_checkpointing, bf16=args.trl_bf16 or args.device == "cuda",
-                       completion_only_loss=True, packing=packed,
-                       **({} if packed else {"train_sampling_strategy": "group_by_length"}))
-    clock = eval_every(every, lambda model: heldout_loss(model, tokenizer, data))
+                       packing=packed, **mode)
+    clock = eval_every(1, lambda model: heldout_loss(model, tokenizer, data, args.task, args.max_length))
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
                                                 task_type="CAUSAL_LM"),
                          callbacks=[clock])
+    clock.every = max(1, -(-len(trainer.train_dataset) // args.batch_size) // args.evals_per_epoch)  # its rows
     tokens = sum(len(r["input_ids"]) for r in trainer.train_dataset) * args.epochs
     seconds = trainer.train().metrics["train_runtime"] - clock.paused
     training_peak = peak_rss_mb()
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
-    return {"seconds": seconds, "tokens": tokens, "loss": heldout_loss(trainer.model, tokenizer, data),
+    return {"seconds": seconds, "tokens": tokens,
+            "loss": heldout_loss(trainer.model, tokenizer, data, args.task, args.max_length),
             "curve": clock.curve, "peak_rss_mb": training_peak, "process_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu,
             "steps": trainer.state.global_step, "chunked_loss": None}
 
 
 def arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", default="tunelab,tunelab-packed,trl,trl-packed")
+    p.add_argument("--task", choices=["chat", "clm"], default="chat",
+                   help="clm: continued pre-training on the bundled tweets (arms tunelab, trl, trl-packed)")
+    p.add_argument("--arms", default=None, help="default: tunelab,tunelab-packed,trl,trl-packed (clm: "
+                   "tunelab,trl,trl-packed)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--train-size", type=int, default=400)
@@ -235,10 +281,12 @@ def main() -> int:
         fn = run_trl if arm.startswith("trl") else run_tunelab
         print("RESULT " + json.dumps(fn(arm, Path(data), Path(out), args)), flush=True)
         return 0
-    arms = args.arms.split(",")
+    arms = (args.arms or ("tunelab,trl,trl-packed" if args.task == "clm" else
+                          "tunelab,tunelab-packed,trl,trl-packed")).split(",")
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp), args)
-        print(f"{len(read(data / 'train.jsonl'))} training and {len(read(data / 'eval.jsonl'))} eval conversations "
+        what = "tweets" if args.task == "clm" else "conversations"
+        print(f"{len(read(data / 'train.jsonl'))} training and {len(read(data / 'eval.jsonl'))} eval {what} "
               f"within {args.max_length} tokens", flush=True)
         load_before = os.getloadavg()[0]
         results: dict[str, list[dict]] = {arm: [] for arm in arms}
@@ -251,8 +299,9 @@ def main() -> int:
                 print(f"round {r + 1} {arm:15} {res['tokens_per_s']:7.0f} real tokens/s  {res['seconds']:6.1f} s  "
                       f"{res['steps']:3} steps  held-out loss {res['loss']:.4f}  peak RSS training "
                       f"{res['peak_rss_mb']:.0f} MB (process {res['process_rss_mb']:.0f} MB){gpu}", flush=True)
-            if "trl" in arms:
-                target = results["trl"][-1]["loss"] + 0.02
+            same_work = "trl-packed" if args.task == "clm" else "trl"  # clm: TRL's wrapped blocks are tunelab's
+            if same_work in arms:
+                target = results[same_work][-1]["loss"] + 0.02
                 for arm in arms:
                     results[arm][-1]["to_target"] = time_to(results[arm][-1]["curve"], target)
                 print(f"round {r + 1} time to held-out loss {target:.4f}: " + ", ".join(
@@ -260,7 +309,7 @@ def main() -> int:
         load_after = os.getloadavg()[0]
 
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
-    print(f"{args.model} LoRA chat SFT, batch {args.batch_size}, max length {args.max_length}, {args.epochs} "
+    print(f"{args.model} LoRA {'continued pre-training (clm)' if args.task == 'clm' else 'chat SFT'}, batch {args.batch_size}, max length {args.max_length}, {args.epochs} "
           f"epoch(s), lr {args.lr}; medians of {args.rounds} interleaved rounds")
 
     def med(rows, key):

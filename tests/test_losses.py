@@ -54,6 +54,36 @@ def test_dpo_by_hand_and_ln2_at_the_reference():
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("weight_trains", [False, True])
+def test_linear_log_probs_in_chunks_equal_the_whole_logits_under_any_incoming_gradient(monkeypatch, bias,
+                                                                                       weight_trains):
+    """Each row's log-probability of its target, 7 rows at a time (30 rows), equals log_softmax of the whole
+    logits, and the gradients of hidden states, weight and bias under incoming gradients that differ per row (as
+    DPO's do: each row is scaled by its pair's sigmoid) equal autograd's through the whole logits; without
+    gradients they are the same values."""
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 1000 * 7)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(30, 16, generator=g, requires_grad=True)
+    weight = torch.randn(1000, 16, generator=g).requires_grad_(weight_trains)
+    b = torch.randn(1000, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(1000, (30,), generator=g)
+    incoming = torch.randn(30, generator=g)
+    leaves = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+
+    ours = losses.linear_log_probs(hidden, weight, b, targets)
+    plain = torch.log_softmax(torch.nn.functional.linear(hidden, weight, b).float(), -1).gather(
+        1, targets[:, None]).squeeze(1)
+    assert torch.allclose(ours.detach(), plain.detach(), atol=1e-5)
+    for a, c in zip(torch.autograd.grad((ours * incoming).sum(), leaves),
+                    torch.autograd.grad((plain * incoming).sum(), leaves)):
+        assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
+    with torch.no_grad():
+        assert torch.allclose(losses.linear_log_probs(hidden, weight, b, targets), plain.detach(), atol=1e-5)
+    assert losses.sequence_logps(torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]])),
+                                 torch.tensor([[-100, 1]])).tolist() == pytest.approx([math.log(0.5)])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_trains", [False, True])
 def test_linear_cross_entropy_in_chunks_equals_the_whole_logits_with_their_gradients(monkeypatch, bias,
                                                                                      weight_trains):
     """The loss of `hidden @ Wᵀ + b` computed 7 rows at a time (30 rows: 5 chunks, the last short) equals

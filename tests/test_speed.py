@@ -529,6 +529,42 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_the_logits(tiny_llama,
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_log_probabilities_from_hidden_states_equal_the_logits(tiny_llama, monkeypatch, lora):
+    """`speed.causal_lm_logps` on a DPO-like batch (prompts unlabelled, a padded row), chunks of 5 labelled
+    tokens: each row's summed log-probability and every trainable weight's gradient under a loss that weighs the
+    rows differently (DPO's does) equal the logits path's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab import losses
+
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 400 * 5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(3, model.config.vocab_size, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(chunked: bool):
+        logps = speed.causal_lm_logps(model, {"input_ids": ids, "attention_mask": mask}, labels, chunked)
+        chosen, rejected = logps.chunk(2)
+        loss = losses.dpo(chosen, rejected, chosen.detach() - 0.3, rejected.detach() + 0.2, beta=0.5)
+        return logps.detach(), torch.autograd.grad(loss, params)
+
+    plain = run(False)
+    chunked = run(True)
+    assert speed.output_layer(model) is model.get_output_embeddings()
+    assert torch.allclose(chunked[0], plain[0], atol=1e-5)
+    for a, b in zip(chunked[1], plain[1]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
 def test_the_loss_from_hidden_states_is_checked_and_left_off_where_the_model_changes_its_logits(tiny_llama,
                                                                                                caplog):
     """A model that does something to the logits after its output layer (Gemma 2's soft-capping, here a scale)
@@ -555,10 +591,10 @@ def test_the_loss_from_hidden_states_is_checked_and_left_off_where_the_model_cha
     assert "would not be the loss from this model's logits" in caplog.text
 
 
-@pytest.mark.parametrize("task", ["chat", "clm"])
+@pytest.mark.parametrize("task", ["chat", "clm", "dpo"])
 def test_a_language_model_trains_the_same_with_its_loss_from_hidden_states(lm_config, tmp_path, task):
-    """chat and clm runs, speed-ups on (the loss from the hidden states) and off: the same losses step by step
-    and the same held-out figures, without dropout."""
+    """chat, clm and dpo runs, speed-ups on (the loss or log-probabilities from the hidden states) and off: the
+    same losses step by step and the same held-out figures, without dropout."""
     results = {}
     for on in (True, False):
         cfg = lm_config(task)
@@ -566,5 +602,5 @@ def test_a_language_model_trains_the_same_with_its_loss_from_hidden_states(lm_co
         results[on] = tunelab.train(cfg)
     assert results[True].metrics["train"]["chunked_loss"] and not results[False].metrics["train"]["chunked_loss"]
     assert _losses(tmp_path / f"{task}-True") == pytest.approx(_losses(tmp_path / f"{task}-False"), abs=1e-5)
-    for key in ("loss", "mean_token_accuracy"):
+    for key in ("loss", "reward_accuracy" if task == "dpo" else "mean_token_accuracy"):
         assert results[True].metrics["eval"][key] == pytest.approx(results[False].metrics["eval"][key], abs=1e-5)

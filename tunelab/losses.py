@@ -24,6 +24,14 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tupl
     return loss.sum(1), mask.sum(1), correct.sum(1)
 
 
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's labelled tokens (next-token: logits at t score the token at t + 1)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    logps = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return (logps * mask).sum(1)
+
+
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(logits / T): T = 1 is the teacher's own distribution, larger T flattens it towards uniform
     (Hinton, Vinyals & Dean 2015, §2)."""
@@ -136,3 +144,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_total, _losses, _argmax):
         return tuple(None if d is None else d * d_total for d in ctx.saved_tensors) + (None, None)
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """Each row's log-probability of its target under softmax(`hidden @ weightᵀ + bias`) (in fp32), in the chunks
+    of `linear_cross_entropy`, never holding the [rows × vocabulary] logits: what DPO's sequence log-probabilities
+    sum. A row's log-probability depends on its own hidden state only, so its gradient (the weight times the
+    one-hot target minus the softmax) is made while the chunk's logits exist, and the backward pass scales each
+    row's by that row's incoming gradient — any loss of the log-probabilities, with no second pass over the
+    vocabulary. An output layer that trains (its gradient would need those incoming gradients first) goes
+    through autograd chunk by chunk, each chunk's logits kept for the backward pass."""
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias)):
+        parts = []
+        for start in range(0, hidden.shape[0], rows):
+            z = F.linear(hidden[start:start + rows], weight, bias).float()
+            y = targets[start:start + rows]
+            parts.append(z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, -1))
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        with torch.no_grad():
+            return -_LinearCrossEntropy.chunks(hidden, weight, bias, targets, rows, False)[1]
+    return _LinearLogProbs.apply(hidden, weight, bias, targets, rows)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        _, losses, _, d_hidden, _, _ = _LinearCrossEntropy.chunks(hidden, weight, bias, targets, rows,
+                                                                 (True, False, False))
+        ctx.save_for_backward(d_hidden)  # each row's gradient of its loss, the negative log-probability
+        return -losses
+
+    @staticmethod
+    def backward(ctx, d_logps):
+        (d_hidden,) = ctx.saved_tensors
+        return -d_hidden * d_logps[:, None].to(d_hidden.dtype), None, None, None, None

@@ -46,7 +46,7 @@ import weakref
 import torch
 from torch import nn
 
-from tunelab.losses import IGNORE, linear_cross_entropy, token_stats
+from tunelab.losses import IGNORE, linear_cross_entropy, linear_log_probs, sequence_logps, token_stats
 from tunelab.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -689,6 +689,19 @@ def causal_lm_loss(model: nn.Module, batch: dict, labels: torch.Tensor,
     right = torch.zeros(len(labels), dtype=torch.long, device=losses.device).index_add_(
         0, rows, (argmax == labels[mask]).long())
     return total, per_row, mask.sum(1), right
+
+
+def causal_lm_logps(model: nn.Module, batch: dict, labels: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled tokens (labels IGNORE elsewhere; next-token), from the
+    hidden states in chunks where `chunked` and `output_layer` allow (losses.linear_log_probs: only the labelled
+    positions go through the output layer), else from the logits."""
+    head = output_layer(model, batch) if chunked and enabled() else None
+    if head is None:
+        return sequence_logps(model(**batch, use_cache=False).logits.float(), labels)
+    hidden, labels = final_hidden(model, batch)[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    logps = linear_log_probs(hidden[mask], head.weight, head.bias, labels[mask])
+    return torch.zeros(len(labels), dtype=logps.dtype, device=logps.device).index_add(0, mask.nonzero()[:, 0], logps)
 
 
 def _loss_checked(model: nn.Module, probe: dict) -> bool:

@@ -16,22 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab import losses
+from tunelab import losses, speed
 from tunelab.config import DataConfig
 from tunelab.data.batching import collate
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example, Problems
 from tunelab.errors import UserError
 from tunelab.tasks.base import Space, Task, predict_outputs
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's labelled tokens (next-token: logits at t score the token at t + 1)."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
-    # log softmax at the label only: no second vocabulary-wide tensor
-    logps = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (logps * mask).sum(1)
 
 
 def _prompt(value, path: Path, line: int) -> list[dict]:
@@ -151,10 +142,16 @@ class DPO(Preference):
     metrics = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
     model_class = "AutoModelForCausalLM"
 
+    chunked = False  # the run's train.speedups and train.chunked_loss (bind)
+    loss_from_hidden = True  # its log-probabilities come from the hidden states in chunks (speed.causal_lm_logps)
+
+    def bind(self, cfg, tokenizer) -> None:
+        # (FSDP: the output layer's weight is a shard outside the model's forward; the logits' then)
+        self.chunked = cfg.train.speedups and cfg.train.chunked_loss and cfg.train.strategy != "fsdp"
+
     def pair_scores(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.pop("labels")
-        logps = sequence_logps(model(**batch).logits.float(), labels)
-        return logps.chunk(2)
+        return speed.causal_lm_logps(model, batch, labels, self.chunked).chunk(2)
 
     def prepare_items(self, model: nn.Module, items: list[dict], pad_id: int, device) -> None:
         """The frozen reference: the starting model's log-probabilities of every response, computed once."""
