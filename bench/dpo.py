@@ -12,10 +12,12 @@ with 10% warm-up, weight decay 0.01, clipping 1.0, fused AdamW, fp32, no gradien
 turn on checkpointing and bf16 autocast; bench/NOTES.md). Reported, medians over rounds: pairs per second of
 training (TRL: `train_runtime`; tunelab: the sum of its step times), and with each side's reference pass over the
 training pairs added (TRL runs it in `DPOTrainer.__init__`, outside `train_runtime`: timed around its
-`_precompute_ref_logps`), peak RSS at the end of training (peak GPU memory with `--device cuda`), and the held-out
-reward accuracy by one function for both sides:
-the share of held-out pairs whose chosen answer gains more log-probability over the reference than the rejected
-one (β · Δ, ties wrong), on the trained model in memory. TRL is not a tunelab dependency: see bench/lm.py.
+`_precompute_ref_logps`), peak RSS at the end of training (peak GPU memory with `--device cuda`), the held-out
+reward accuracy and DPO loss by one function for both sides (`heldout`: the share of held-out pairs whose chosen
+answer gains more log-probability over the reference than the rejected one, ties wrong, and the mean −log σ(β ·
+that margin)) on the trained model, and the time to a target held-out DPO loss (the same round's TRL final loss +
+0.02), evaluated `--evals-per-epoch` times a epoch off the clock (tunelab: its own evaluation, `train.eval_every`,
+the same loss over the same pairs). TRL and `datasets` come with the `dev` extra, as for bench/lm.py.
 """
 from __future__ import annotations
 
@@ -29,8 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import in_process, machine, options, peak_rss_mb  # bench/common.py, beside this script
-from lm import TARGETS, model_path, read  # bench/lm.py
+from common import eval_every, in_process, machine, options, peak_rss_mb  # bench/common.py, beside this script
+from lm import TARGETS, model_path, read, time_to  # bench/lm.py
+
+
+def every(pairs: int, args) -> int:
+    """Optimizer steps between held-out evaluations: `--evals-per-epoch` a epoch on both sides."""
+    return max(1, -(-pairs // args.batch_size) // args.evals_per_epoch)
 
 
 def make_data(folder: Path, args) -> Path:
@@ -59,9 +66,13 @@ def make_data(folder: Path, args) -> Path:
     return data
 
 
-def reward_accuracy(model, tokenizer, data: Path) -> float:
-    """The share of held-out pairs where log π(chosen) − log π_ref(chosen) > the same of rejected (π_ref: the
-    adapters off), answers rendered by the chat template as tunelab renders them."""
+def heldout(model, tokenizer, data: Path, reference: dict) -> tuple[float, float]:
+    """(reward accuracy, DPO loss) on the held-out pairs, one function for both sides: the share of pairs where
+    log π(chosen) − log π_ref(chosen) > the same of rejected (ties wrong), and the mean −log σ(β · that margin),
+    β 0.1; π_ref is the adapters off, its log-probabilities computed once into `reference`. Answers rendered by
+    the chat template as tunelab renders them; the model's mode is restored (it runs during training)."""
+    import math
+
     import torch
 
     from tunelab.data.chat import IGNORE, render
@@ -79,14 +90,19 @@ def reward_accuracy(model, tokenizer, data: Path) -> float:
         return out
 
     pairs = read(data / "eval.jsonl")
+    answers = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
+    was = model.training
     model.eval()
     with torch.no_grad():
-        chosen, rejected = logps([(p["prompt"], p["chosen"]) for p in pairs]), \
-            logps([(p["prompt"], p["rejected"]) for p in pairs])
-        with model.disable_adapter():
-            ref_c, ref_r = logps([(p["prompt"], p["chosen"]) for p in pairs]), \
-                logps([(p["prompt"], p["rejected"]) for p in pairs])
-    return sum((c - rc) > (r - rr) for c, rc, r, rr in zip(chosen, ref_c, rejected, ref_r)) / len(pairs)
+        policy = logps(answers)
+        if "logps" not in reference:
+            with model.disable_adapter():
+                reference["logps"] = logps(answers)
+    model.train(was)
+    n = len(pairs)
+    margins = [(policy[i] - reference["logps"][i]) - (policy[n + i] - reference["logps"][n + i]) for i in range(n)]
+    loss = sum(math.log1p(math.exp(-0.1 * m)) if m > -200 else -0.1 * m for m in margins) / n
+    return sum(m > 0 for m in margins) / n, loss
 
 
 def run_tunelab(data: Path, out: Path, args) -> dict:
@@ -100,7 +116,8 @@ def run_tunelab(data: Path, out: Path, args) -> dict:
            "tuning": {"name": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "lora_targets": TARGETS},
            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                      "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0, "progress": False,
-                     "schedule": "linear", "beta": 0.1, "device": args.device, "bf16": args.device == "cuda"},
+                     "schedule": "linear", "beta": 0.1, "device": args.device, "bf16": args.device == "cuda",
+                     "eval_every": every(len(read(data / "train.jsonl")), args)},
            "eval": {"bootstrap": 0}}
     from tunelab.tasks.preference import DPO
 
@@ -113,16 +130,17 @@ def run_tunelab(data: Path, out: Path, args) -> dict:
         reference.append(time.perf_counter() - tic)
     DPO.prepare_items = timed
     training_peak = []
-    tic = time.perf_counter()
     result = tunelab.train(cfg, on_step=lambda step: training_peak.append(peak_rss_mb()))
-    whole = time.perf_counter() - tic
     t = result.metrics["train"]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    seconds = {h["step"]: h["train_seconds"] for h in history if "loss" in h}
+    curve = [(seconds[h["step"]], h["eval_loss"]) for h in history if "eval_loss" in h]
     base = AutoModelForCausalLM.from_pretrained(model_path("smollm2"))
     model = PeftModel.from_pretrained(base, out / "adapter").to(args.device)
     pairs = len(read(data / "train.jsonl")) * args.epochs
-    return {"seconds": t["step_seconds"], "with_reference": t["step_seconds"] + reference[0], "command": whole,
-            "pairs": pairs,
-            "accuracy": reward_accuracy(model, AutoTokenizer.from_pretrained(model_path("smollm2")), data),
+    accuracy, loss = heldout(model, AutoTokenizer.from_pretrained(model_path("smollm2")), data, {})
+    return {"seconds": t["step_seconds"], "with_reference": t["step_seconds"] + reference[0],
+            "pairs": pairs, "accuracy": accuracy, "loss": loss, "curve": curve,
             "tunelab_accuracy": result.eval.get("reward_accuracy"), "peak_rss_mb": training_peak[-1],
             "peak_gpu_mb": t.get("peak_gpu_mb"), "steps": t["steps"]}
 
@@ -155,18 +173,21 @@ def run_trl(data: Path, out: Path, args) -> dict:
         reference[name] = time.perf_counter() - tic
         return out
     DPOTrainer._precompute_ref_logps = timed
+    cache = {}
+    clock = eval_every(every(len(read(data / "train.jsonl")), args),
+                       lambda model: heldout(model, tokenizer, data, cache)[1])
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(data / "train-trl.jsonl")),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
-                                                task_type="CAUSAL_LM"))
-    tic = time.perf_counter()
-    seconds = trainer.train().metrics["train_runtime"]
-    whole = time.perf_counter() - tic
+                                                task_type="CAUSAL_LM"),
+                         callbacks=[clock])
+    seconds = trainer.train().metrics["train_runtime"] - clock.paused
     training_peak = peak_rss_mb()
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
-    return {"seconds": seconds, "with_reference": seconds + reference["train"], "command": whole,
-            "pairs": len(read(data / "train.jsonl")) * args.epochs,
-            "accuracy": reward_accuracy(trainer.model, tokenizer, data), "tunelab_accuracy": None,
+    accuracy, loss = heldout(trainer.model, tokenizer, data, cache)
+    return {"seconds": seconds, "with_reference": seconds + reference["train"],
+            "pairs": len(read(data / "train.jsonl")) * args.epochs, "accuracy": accuracy, "loss": loss,
+            "curve": clock.curve, "tunelab_accuracy": None,
             "peak_rss_mb": training_peak, "peak_gpu_mb": gpu, "steps": trainer.state.global_step}
 
 
@@ -179,6 +200,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--evals-per-epoch", type=int, default=4)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: both sides on the GPU under bf16 autocast (weights fp32), peak GPU memory reported")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -207,18 +229,24 @@ def main() -> int:
                 gpu = f"  peak GPU {res['peak_gpu_mb']:.0f} MB" if res.get("peak_gpu_mb") else ""
                 print(f"round {r + 1} {arm:8} {res['pairs_per_s']:5.2f} pairs/s ({with_reference:.2f} "
                       f"with the reference pass)  {res['steps']} steps  held-out reward accuracy {res['accuracy']:.3f}"
-                      f"  peak RSS {res['peak_rss_mb']:.0f} MB{gpu}  train() {res['command']:.0f} s", flush=True)
+                      f" loss {res['loss']:.4f}  peak RSS {res['peak_rss_mb']:.0f} MB{gpu}", flush=True)
+            target = results["trl"][-1]["loss"] + 0.02
+            for arm in arms:
+                results[arm][-1]["to_target"] = time_to(results[arm][-1]["curve"], target)
+            print(f"round {r + 1} time to held-out DPO loss {target:.4f}: " + ", ".join(
+                f"{arm} {results[arm][-1]['to_target']}" for arm in arms), flush=True)
         load_after = os.getloadavg()[0]
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
     for arm in arms:
         rows = results[arm]
-        med = lambda key: statistics.median(x[key] for x in rows)  # noqa: E731
+        med = lambda key: statistics.median([x[key] for x in rows if x[key] is not None] or [float("nan")])  # noqa: E731
         trl = statistics.median(x["pairs_per_s"] for x in results["trl"])
         trl_ref = statistics.median(x["pairs_per_s_with_reference"] for x in results["trl"])
         trl_rss = statistics.median(x["peak_rss_mb"] for x in results["trl"])
         print(f"{arm:8} {med('pairs_per_s'):5.2f} pairs/s ({med('pairs_per_s') / trl:.2f}×)"
               f"  with reference {med('pairs_per_s_with_reference'):5.2f} "
               f"({med('pairs_per_s_with_reference') / trl_ref:.2f}×)  accuracy {med('accuracy'):.3f}  "
+              f"loss {med('loss'):.4f}  to target {med('to_target'):.1f} s  "
               f"peak RSS {med('peak_rss_mb'):.0f} MB ({med('peak_rss_mb') / trl_rss:.2f}×)")
     return 0
 

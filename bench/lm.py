@@ -1,12 +1,13 @@
-"""Language-model fine-tuning: tunelab's chat SFT against TRL's SFTTrainer at its best, the same work, interleaved.
+"""Language-model fine-tuning: tunelab's chat SFT (or clm) against TRL's SFTTrainer at its best, the same work,
+interleaved.
 
     python bench/lm.py [--arms tunelab,tunelab-packed,trl,trl-packed] [--rounds 2] [--train-size 400] [--epochs 1]
+    python bench/lm.py --task clm --train-size 1000 --eval-size 200 [--rounds 2]   # continued pre-training, tweets
     python bench/lm.py --device cuda --train-size 2000 --max-length 512 --batch-size 16   # on a GPU, bf16 autocast
     python bench/lm.py --model gemma3-270m --arms tunelab-logits,tunelab --rounds 1 --batch-size 8 --max-length 256
         # peak memory of a chat SFT with a 262,144-token vocabulary: the loss from the logits against chunked
 
-TRL is not a tunelab dependency (nothing in tunelab imports it): `.venv/bin/pip install trl==1.16.0` first (it
-brings `datasets`); the tunelab-only arms need nothing more.
+TRL and `datasets` are in the `dev` extra (`make` installs them); nothing in tunelab imports them.
 
 Both fine-tune SmolLM2-135M-Instruct with LoRA (r 8, alpha 16, dropout 0.1 on every linear layer of the attention
 and MLP blocks, peft) on the bundled chit-chat conversations (`tunelab data chitchat`, seed 0), keeping those whose
@@ -30,6 +31,12 @@ Each run is its own process (its peak RSS is its own), in the order of `--arms`,
 Medians over rounds, ratios against the faster TRL arm, the machine and its load before and after. Arms:
 `tunelab` (padded rows, length-bucketed), `tunelab-packed` (train.packing), `tunelab-logits` (train.chunked_loss
 false: the loss from the whole logits, as before), `trl` (padded), `trl-packed`.
+
+`--task clm`: the bundled tweets as plain text (`tunelab data tweets`, labels dropped), every token trained.
+tunelab's clm ends each tweet with eos, concatenates them and cuts the stream into max-length blocks; TRL's
+`trl-packed` arm does the same (`packing_strategy="wrapped"`: the same blocks, attention across tweets as in
+tunelab), and its `trl` arm trains each tweet as its own padded row (another recipe: no context across tweets).
+The held-out loss is over the eval tweets' blocks; the time-to-target's target is `trl-packed`'s final loss + 0.02.
 """
 from __future__ import annotations
 

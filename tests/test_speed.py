@@ -406,6 +406,43 @@ def test_lean_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
         assert lean and torch.allclose(logits, model(**batch).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_lora_runs_a_gated_mlp_as_one_function_with_peft_outputs_and_gradients(tiny_llama, dropout):
+    """A Llama with LoRA on every linear layer: under lean_lora each MLP block runs `_LoraMLP`, which keeps two
+    [tokens × intermediate] tensors for the backward pass (gate and up outputs) where the separate layers keep
+    four; logits and every gradient equal peft's own layers' (both with fast_dropout: the same masks)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(
+        r=4, lora_dropout=dropout, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    mlp = model.base_model.model.model.layers[0].mlp
+    inter = mlp.gate_proj.base_layer.out_features
+    kept = []
+
+    def record(module, args, out):
+        if type(out.grad_fn).__name__ == "_LoraMLPBackward":
+            kept.append(sum(t is not None and t.dtype == torch.float32 and t.shape == (27, inter)
+                            for t in out.grad_fn.saved_tensors))
+    hook = mlp.register_forward_hook(record)
+    (_, lean), logits, grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model),
+                                                      speed.lean_lora(model))
+    _, ref_logits, ref_grads = _lora_logits_and_grads(model, batch, speed.fast_dropout(model))
+    hook.remove()
+    assert lean and kept == [2]  # the block ran as one function, keeping gate(x) and up(x) only
+    assert torch.allclose(logits, ref_logits, atol=1e-6)
+    assert sorted(grads) == sorted(ref_grads) and any("down_proj.lora_A" in n for n in grads)
+    for n in grads:
+        assert torch.allclose(grads[n], ref_grads[n], atol=1e-6), n
+
+
 def test_lean_lora_leaves_pytorch_dropout_merged_adapters_and_trainable_bases_to_peft(tiny_model):
     model, batch = _lora_model(tiny_model, 0.1)
     model.train()

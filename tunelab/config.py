@@ -191,7 +191,7 @@ class TrainConfig:
         range=Range(1, 100))
     progress: bool = setting(True, "Show a progress bar with loss and samples/s.")
     speedups: bool = setting(True, "tunelab's exact speed-ups (the first-token cut, the reused embedding gradient, oneDNN linears where they pay, fast dropout, lean LoRA; see tunelab/speed.py); false, or TUNELAB_SPEEDUPS=0 in the environment, runs the model as PyTorch, transformers and peft do.")
-    chunked_loss: bool = setting(True, "clm and chat: compute the token loss from the model's last hidden states in chunks of positions (only those with a label), never holding the [tokens x vocabulary] logits (losses.linear_cross_entropy): the same loss and gradients, in less memory the larger the vocabulary. Part of train.speedups; false computes it from the logits.")
+    chunked_loss: bool = setting(True, "clm and chat: compute the token loss from the model's last hidden states in chunks of positions (only those with a label), never holding the [tokens x vocabulary] logits (losses.linear_cross_entropy); dpo: its answers' log-probabilities the same way (losses.linear_log_probs). The same values and gradients, in less memory the larger the vocabulary, and faster where prompts are long. Part of train.speedups (not under FSDP); false computes them from the logits.")
     fast_dropout: bool = setting(True, "Draw dropout masks on the CPU from 16 random bits per unit (p rounded to 1/65,536), 2x cheaper than PyTorch's dropout; false: PyTorch's own random stream.")
 
 

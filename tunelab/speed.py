@@ -357,72 +357,157 @@ def _dropout_forward(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return _Dropout.apply(x, module.p)
 
 
+def _lora_apply(rows: torch.Tensor, weight, bias, lora_a, lora_b, scaling: float, p: float):
+    """One LoRA layer's output on [N, in] rows, y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, with what its backward pass
+    keeps: (y, the dropout mask in bytes or None, its scale, h_t = A drop(x)ᵀ [r, N]). The products with a
+    rank-r output are computed as their transposes: MKL runs the narrow-output form 1.4-4.5× slower (N = 700
+    rows of 384, r = 8, 2 Zen 3 cores: 164 / 289 / 448 µs against 116 / 114 / 99). The adapter's product is
+    added into the base layer's output in place (`addmm_`); the mask is `_keep`'s."""
+    keep, scale = _keep(rows.shape, p) if p > 0 else (None, 1.0)
+    dropped = rows if keep is None else _masked(rows, keep, scale)
+    h_t = lora_a @ dropped.t()  # [r, N]
+    y = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+    y.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
+    return y, keep, scale, h_t
+
+
+def _lora_grads(g: torch.Tensor, rows, keep, scale: float, h_t, weight, lora_a, lora_b, scaling: float,
+                need: tuple[bool, bool, bool]):
+    """The gradients (of the rows, A, B; each None unless `need`s) of `_lora_apply` given its output's gradient
+    `g` [N, out]. A's needs the dropped rows: dropped again from the rows and the mask (the same values)."""
+    grad_h_t = (lora_b.t() @ g.t()).mul_(scaling)  # [r, N]: the gradient of drop(x) Aᵀ, transposed
+    grad_a = grad_h_t @ (rows if keep is None else _masked(rows, keep, scale)) if need[1] else None
+    grad_b = (h_t @ g).t().mul_(scaling) if need[2] else None
+    grad_x = None
+    if need[0]:
+        grad_x = g @ weight
+        if keep is None:
+            grad_x.addmm_(grad_h_t.t(), lora_a)
+        else:
+            grad_x.addcmul_(grad_h_t.t() @ lora_a, keep, value=scale)
+    return grad_x, grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
-    """peft's LoRA linear layer, y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ with W and b frozen, as one function. The
-    products with a rank-r output (drop(x) Aᵀ, the gradients g B and gᵀ h) are computed as their transposes,
-    [r × N] = A drop(x)ᵀ and so on: MKL runs the narrow-output form 1.4-4.5× slower (N = 700 rows of 384, r = 8,
-    2 Zen 3 cores: 164 / 289 / 448 µs against 116 / 114 / 99). The adapter's product is added into the base
-    layer's output in place (`addmm_`), and the dropout mask is `_keep`'s. The backward pass keeps the input and
-    the mask in bytes, not the dropped input, and drops it again for A's gradient (the same values): layers that
-    share an input (q, k and v; gate and up) then share what they keep — a third less memory saved for the backward
-    pass in a Llama block, for one elementwise product each."""
+    """peft's LoRA linear layer, y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ with W and b frozen, as one function
+    (`_lora_apply`). The backward pass keeps the input and the mask in bytes, not the dropped input, and drops it
+    again for A's gradient: layers that share an input (q, k and v; gate and up) then share what they keep — a
+    third less memory saved for the backward pass in a Llama block, for one elementwise product each."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
         rows = x.reshape(-1, x.shape[-1])
-        keep, scale = _keep(rows.shape, p) if p > 0 else (None, 1.0)
-        dropped = rows if keep is None else _masked(rows, keep, scale)
-        h_t = lora_a @ dropped.t()  # [r, N]
-        y = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
-        y.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
+        y, keep, ctx.scale, h_t = _lora_apply(rows, weight, bias, lora_a, lora_b, scaling, p)
         ctx.save_for_backward(weight, lora_a, lora_b, rows, h_t, keep)
-        ctx.scaling, ctx.scale = scaling, scale
+        ctx.scaling = scaling
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         weight, lora_a, lora_b, rows, h_t, keep = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_h_t = (lora_b.t() @ g.t()).mul_(ctx.scaling)  # [r, N]: the gradient of drop(x) Aᵀ, transposed
-        grad_a = None
-        if ctx.needs_input_grad[3]:
-            grad_a = grad_h_t @ (rows if keep is None else _masked(rows, keep, ctx.scale))
-        grad_b = (h_t @ g).t().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            if keep is None:
-                grad_x.addmm_(grad_h_t.t(), lora_a)
-            else:
-                grad_x.addcmul_(grad_h_t.t() @ lora_a, keep, value=ctx.scale)
+        need = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _lora_grads(grad_y.reshape(-1, grad_y.shape[-1]), rows, keep, ctx.scale, h_t,
+                                             weight, lora_a, lora_b, ctx.scaling, (need[0], need[3], need[4]))
+        if grad_x is not None:
             grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
-def _lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A peft `lora.Linear`'s forward through `_LoraLinear` where it computes exactly that: one plain LoRA adapter
-    (no DoRA or other variant, no adapter bias), unmerged, over a frozen `nn.Linear`, fp32 on the CPU without
-    autocast, dropout off or an `nn.Dropout` that `fast_dropout` gave `_keep`'s masks (this then draws the same
-    masks in the same order). Anything else, PyTorch's own dropout included, is peft's own forward."""
+def _lean_parts(module, x: torch.Tensor) -> tuple | None:
+    """(frozen weight, bias, A, B, scaling, dropout p) of a peft `lora.Linear` that computes exactly a plain LoRA
+    layer on `x`: one adapter (no DoRA or other variant, no adapter bias), unmerged, over a frozen `nn.Linear`,
+    fp32 on the CPU without autocast, dropout off or an `nn.Dropout` that `fast_dropout` gave `_keep`'s masks
+    (`_lora_apply` then draws the same masks in the same order). None: anything else."""
     names = module.active_adapters
     name = names[0] if len(names) == 1 else None
     base = module.base_layer
-    if (args or kwargs or module.disable_adapters or module.merged or name not in module.lora_A
+    if (module.disable_adapters or module.merged or name not in module.lora_A
             or name in getattr(module, "lora_variant", {}) or type(base) is not nn.Linear or "forward" in base.__dict__
             or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
             or x.device.type != "cpu" or x.dtype != torch.float32 or base.weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu") or x.numel() == 0):
-        return type(module).forward(module, x, *args, **kwargs)
+        return None
     lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
     drops = type(dropout) is nn.Dropout and dropout.training and dropout.p > 0
     if (type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None
             or lora_b.bias is not None or type(dropout) not in (nn.Dropout, nn.Identity)
             or lora_a.weight.dtype != torch.float32 or lora_b.weight.dtype != torch.float32
             or drops and not (_runs(dropout, _dropout_forward) and _draws_keep(dropout, x))):
+        return None
+    return base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name], dropout.p if drops else 0.0
+
+
+def _lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft `lora.Linear`'s forward through `_LoraLinear` where `_lean_parts` allows; else peft's own."""
+    parts = None if args or kwargs else _lean_parts(module, x)
+    if parts is None:
         return type(module).forward(module, x, *args, **kwargs)
-    return _LoraLinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name],
-                             dropout.p if drops else 0.0)
+    return _LoraLinear.apply(x, *parts)
+
+
+# transformers' gated MLP blocks whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x))
+GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP", "SmolLM3MLP",
+              "Olmo2MLP", "GraniteMLP"}
+
+
+class _LoraMLP(torch.autograd.Function):
+    """A gated MLP block, down(act(gate(x)) · up(x)), whose three linear layers are LoRA layers `_lean_parts`
+    accepts, as one function. The backward pass keeps x, gate(x), up(x) and the three masks, and computes
+    act(gate(x)) and the product again (the same values): two [tokens × intermediate] tensors fewer per block than
+    autograd keeps through the separate layers (the activation's output for the product, the product for the
+    down layer) — Unsloth's and Liger's LoRA MLP idea, written here. Masks drawn in the block's own order (gate,
+    up, down), so the same as the separate layers'."""
+
+    @staticmethod
+    def forward(ctx, x, act, gw, gb, ga, gB, uw, ub, ua, uB, dw, db, da, dB, scalings, ps):
+        rows = x.reshape(-1, x.shape[-1])
+        gate, g_keep, g_scale, g_h = _lora_apply(rows, gw, gb, ga, gB, scalings[0], ps[0])
+        up, u_keep, u_scale, u_h = _lora_apply(rows, uw, ub, ua, uB, scalings[1], ps[1])
+        product = act(gate).mul_(up)
+        y, d_keep, d_scale, d_h = _lora_apply(product, dw, db, da, dB, scalings[2], ps[2])
+        ctx.save_for_backward(rows, gate, up, g_keep, u_keep, d_keep, g_h, u_h, d_h, gw, ga, gB, uw, ua, uB, dw, da,
+                              dB)
+        ctx.act, ctx.scales, ctx.scalings = act, (g_scale, u_scale, d_scale), scalings
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        rows, gate, up, g_keep, u_keep, d_keep, g_h, u_h, d_h, gw, ga, gB, uw, ua, uB, dw, da, dB = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        (g_scale, u_scale, d_scale), s = ctx.scales, ctx.scalings
+        with torch.enable_grad():
+            gate_in = gate.detach().requires_grad_()
+            activated = ctx.act(gate_in)
+        product = activated.detach() * up
+        grad_product, grad_da, grad_dB = _lora_grads(grad_y.reshape(-1, grad_y.shape[-1]), product, d_keep,
+                                                     d_scale, d_h, dw, da, dB, s[2], (True, need[12], need[13]))
+        del product
+        grad_up = grad_product * activated.detach()
+        grad_gate = torch.autograd.grad(activated, gate_in, grad_product.mul_(up))[0]
+        wants_x = need[0]
+        grad_x, grad_ga, grad_gB = _lora_grads(grad_gate, rows, g_keep, g_scale, g_h, gw, ga, gB, s[0],
+                                               (wants_x, need[4], need[5]))
+        grad_x_up, grad_ua, grad_uB = _lora_grads(grad_up, rows, u_keep, u_scale, u_h, uw, ua, uB, s[1],
+                                                  (wants_x, need[8], need[9]))
+        if wants_x:
+            grad_x = grad_x.add_(grad_x_up).view(*grad_y.shape[:-1], rows.shape[-1])
+        return (grad_x, None, None, None, grad_ga, grad_gB, None, None, grad_ua, grad_uB, None, None, grad_da, grad_dB,
+                None, None)
+
+
+def _mlp_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A gated MLP block through `_LoraMLP` where its three layers are lean LoRA layers; else its own forward
+    (whose layers still run `_lora_forward`)."""
+    layers = (module.gate_proj, module.up_proj, module.down_proj)
+    parts = [] if args or kwargs else [_lean_parts(m, x) if _runs(m, _lora_forward) else None for m in layers]
+    if len(parts) != 3 or any(p is None for p in parts) \
+            or parts[2][0].shape[1] != parts[0][0].shape[0]:  # (down's input is the product's width)
+        return type(module).forward(module, x, *args, **kwargs)
+    (gw, gb, ga, gB, gs, gp), (uw, ub, ua, uB, us, up), (dw, db, da, dB, ds, dp) = parts
+    return _LoraMLP.apply(x, module.act_fn, gw, gb, ga, gB, uw, ub, ua, uB, dw, db, da, dB, (gs, us, ds),
+                          (gp, up, dp))
 
 
 @contextlib.contextmanager
@@ -437,7 +522,12 @@ def lean_lora(model):
     if not isinstance(model, nn.Module):
         yield False
         return
-    with _forwards(model, Linear, _lora_forward) as applied:
+    mlps = {type(m) for m in model.modules() if type(m).__name__ in GATED_MLPS
+            and all(isinstance(getattr(m, n, None), Linear) for n in ("gate_proj", "up_proj", "down_proj"))}
+    with contextlib.ExitStack() as stack:
+        applied = stack.enter_context(_forwards(model, Linear, _lora_forward))
+        for kind in mlps:
+            stack.enter_context(_forwards(model, kind, _mlp_forward))
         yield applied
 
 

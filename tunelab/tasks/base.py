@@ -49,6 +49,13 @@ class Space:
                     label2id={n: i for i, n in enumerate(self.labels)})
 
 
+def loss_in_chunks(cfg) -> bool:
+    """Whether a run's language-model loss or log-probabilities come from the hidden states in chunks
+    (speed.causal_lm_loss, speed.causal_lm_logps): train.speedups and train.chunked_loss, not under FSDP (its
+    output layer's weight is a shard outside the model's forward; the logits' then)."""
+    return cfg.train.speedups and cfg.train.chunked_loss and cfg.train.strategy != "fsdp"
+
+
 class Task:
     name = ""
     modality = "text"  # what an example is: "text" (tokenized) or "image" (pixels; tunelab.tasks.image)

@@ -31,7 +31,7 @@ from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_
 from tunelab.data.load import Example, Problems, read_examples
 from tunelab.errors import UserError
 from tunelab.losses import token_stats
-from tunelab.tasks.base import Space, Task
+from tunelab.tasks.base import Space, Task, loss_in_chunks
 
 
 class LanguageModeling(Task):
@@ -53,8 +53,7 @@ class LanguageModeling(Task):
         return self.shift
 
     def bind(self, cfg, tokenizer) -> None:
-        # (FSDP: the output layer's weight is a shard outside the model's forward; the loss stays the logits')
-        self.chunked = cfg.train.speedups and cfg.train.chunked_loss and cfg.train.strategy != "fsdp"
+        self.chunked = loss_in_chunks(cfg)
 
     def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
         return read_examples(path, cfg, need_label=False, folders=False, problems=problems)

@@ -22,7 +22,7 @@ from tunelab.data.batching import collate
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example, Problems
 from tunelab.errors import UserError
-from tunelab.tasks.base import Space, Task, predict_outputs
+from tunelab.tasks.base import Space, Task, loss_in_chunks, predict_outputs
 
 
 def _prompt(value, path: Path, line: int) -> list[dict]:
@@ -146,8 +146,7 @@ class DPO(Preference):
     loss_from_hidden = True  # its log-probabilities come from the hidden states in chunks (speed.causal_lm_logps)
 
     def bind(self, cfg, tokenizer) -> None:
-        # (FSDP: the output layer's weight is a shard outside the model's forward; the logits' then)
-        self.chunked = cfg.train.speedups and cfg.train.chunked_loss and cfg.train.strategy != "fsdp"
+        self.chunked = loss_in_chunks(cfg)
 
     def pair_scores(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.pop("labels")
