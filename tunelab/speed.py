@@ -31,9 +31,16 @@ draw (`train.fast_dropout false` restores PyTorch's).
 a MiniLM LoRA step (r = 8 on query and value, 600 tweets, 2 Zen 3 cores): the adapters' rank-8 products took
 15.4 ms a step at 13 GFLOP/s, because MKL runs a product with an 8-column output 1.4-4.5× slower than its transpose;
 computed as transposes, 7.4 ms. The adapter's output is added into the base layer's in place, its dropout mask is
-the one `fast_dropout` draws (the same masks in the same order as peft's dropout under `fast_dropout`), and the
-dropped input is the only activation kept. The same sums in another order; anything peft computes otherwise (DoRA,
-merged or several adapters, a base layer that trains, other dtypes and devices) is peft's own forward.
+the one `fast_dropout` draws (the same masks in the same order as peft's dropout under `fast_dropout`), and it
+keeps its input (shared by the layers that read it) and the mask in bytes for the backward pass. A gated MLP block
+whose three layers qualify runs as one function, `_LoraMLP`, that keeps x, gate(x) and up(x) and computes the
+activation and the product again in the backward pass. The same sums in another order; anything peft computes
+otherwise (DoRA, merged or several adapters, a base layer that trains, other dtypes and devices) is peft's own
+forward.
+
+`causal_lm_loss` / `causal_lm_logps`: a causal language model's token loss (clm, chat) and sequence
+log-probabilities (dpo) from its last hidden states in chunks (losses.linear_cross_entropy, linear_log_probs),
+never holding the [tokens × vocabulary] logits; checked once per model (`output_layer`).
 """
 from __future__ import annotations
 
