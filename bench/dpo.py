@@ -203,6 +203,7 @@ def main() -> int:
     p.add_argument("--evals-per-epoch", type=int, default=4)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: both sides on the GPU under bf16 autocast (weights fp32), peak GPU memory reported")
+    p.add_argument("--first-seed", type=int, default=0, help="round r runs both sides with seed first-seed + r")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=3, metavar=("ARM", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -221,7 +222,8 @@ def main() -> int:
         for r in range(args.rounds):
             for arm in arms:
                 res = in_process(__file__, ["--one", arm, str(data), str(Path(tmp) / f"{arm}-{r}"),
-                                            *options(args, ("one", "rounds", "seed")), f"--seed={r}"], arm)
+                                            *options(args, ("one", "rounds", "seed", "first_seed")),
+                                            f"--seed={args.first_seed + r}"], arm)
                 res["pairs_per_s"] = res["pairs"] / res["seconds"]
                 res["pairs_per_s_with_reference"] = res["pairs"] / res["with_reference"]
                 results[arm].append(res)
