@@ -52,6 +52,18 @@ def test_dpo_by_hand_and_ln2_at_the_reference():
     assert float(losses.dpo(same, same - 1, same, same - 1, beta=0.5)) == pytest.approx(3 * math.log(2), rel=1e-6)
 
 
+def _output_layer(monkeypatch, seed: int, bias: bool, weight_trains: bool):
+    """30 hidden rows of 16, a 1,000-token output layer (its weight trainable or not, a bias or not), targets, and
+    chunks of 7 rows (5 chunks, the last short): (hidden, weight, bias, targets, generator, the leaves)."""
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 1000 * 7)
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(30, 16, generator=g, requires_grad=True)
+    weight = torch.randn(1000, 16, generator=g).requires_grad_(weight_trains)
+    b = torch.randn(1000, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(1000, (30,), generator=g)
+    return hidden, weight, b, targets, g, [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_linear_log_probs_in_chunks_equal_the_whole_logits_under_any_incoming_gradient(monkeypatch, bias,
@@ -60,14 +72,8 @@ def test_linear_log_probs_in_chunks_equal_the_whole_logits_under_any_incoming_gr
     logits, and the gradients of hidden states, weight and bias under incoming gradients that differ per row (as
     DPO's do: each row is scaled by its pair's sigmoid) equal autograd's through the whole logits; without
     gradients they are the same values."""
-    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 1000 * 7)
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(30, 16, generator=g, requires_grad=True)
-    weight = torch.randn(1000, 16, generator=g).requires_grad_(weight_trains)
-    b = torch.randn(1000, generator=g, requires_grad=True) if bias else None
-    targets = torch.randint(1000, (30,), generator=g)
+    hidden, weight, b, targets, g, leaves = _output_layer(monkeypatch, 1, bias, weight_trains)
     incoming = torch.randn(30, generator=g)
-    leaves = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
 
     ours = losses.linear_log_probs(hidden, weight, b, targets)
     plain = torch.log_softmax(torch.nn.functional.linear(hidden, weight, b).float(), -1).gather(
@@ -89,13 +95,7 @@ def test_linear_cross_entropy_in_chunks_equals_the_whole_logits_with_their_gradi
     """The loss of `hidden @ Wᵀ + b` computed 7 rows at a time (30 rows: 5 chunks, the last short) equals
     F.cross_entropy of the whole logits: the sum, each row's loss, the argmax, and the gradients of the hidden
     states, the weight and the bias under an upstream factor (the loop divides the summed loss by its units)."""
-    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 1000 * 7)
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(30, 16, generator=g, requires_grad=True)
-    weight = torch.randn(1000, 16, generator=g).requires_grad_(weight_trains)
-    b = torch.randn(1000, generator=g, requires_grad=True) if bias else None
-    targets = torch.randint(1000, (30,), generator=g)
-    leaves = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    hidden, weight, b, targets, _, leaves = _output_layer(monkeypatch, 0, bias, weight_trains)
 
     total, per_row, argmax = losses.linear_cross_entropy(hidden, weight, b, targets)
     kept = [tuple(t.shape) for t in total.grad_fn.saved_tensors if t is not None]

@@ -528,11 +528,10 @@ def test_the_first_token_cut_passes_its_check_with_dropout_on(task_config, caplo
     assert metrics["first_token_only"] and "speed-up gave other outputs" not in caplog.text
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_the_loss_from_hidden_states_equals_the_loss_from_the_logits(tiny_llama, monkeypatch, lora):
-    """A chat batch (prompt tokens unlabelled, rows of different lengths) through `speed.causal_lm_loss`: from the
-    hidden states in chunks of 5 labelled tokens, the summed loss, each row's loss, labelled and correct tokens and
-    every trainable weight's gradient (the tied embedding's included) equal the logits path's."""
+def _llama_batch(tiny_llama, monkeypatch, lora: bool, rows: int, short_row: int, prompt: int):
+    """The tiny Llama (LoRA on q and v, or full), the loss chunks cut to 5 labelled tokens, and a batch of `rows`
+    rows of 12 random tokens, row `short_row` padded after position 7, the first `prompt` positions unlabelled:
+    (model, inputs, labels, the trainable parameters)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -543,15 +542,23 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_the_logits(tiny_llama,
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    ids = torch.randint(3, model.config.vocab_size, (3, 12))
+    ids = torch.randint(3, model.config.vocab_size, (rows, 12))
     mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
+    mask[short_row, 8:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :4] = -100  # the prompt
-    params = [p for p in model.parameters() if p.requires_grad]
+    labels[:, :prompt] = -100
+    return model, {"input_ids": ids, "attention_mask": mask}, labels, [p for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_loss_from_hidden_states_equals_the_loss_from_the_logits(tiny_llama, monkeypatch, lora):
+    """A chat batch (prompt tokens unlabelled, rows of different lengths) through `speed.causal_lm_loss`: from the
+    hidden states in chunks of 5 labelled tokens, the summed loss, each row's loss, labelled and correct tokens and
+    every trainable weight's gradient (the tied embedding's included) equal the logits path's."""
+    model, inputs, labels, params = _llama_batch(tiny_llama, monkeypatch, lora, rows=3, short_row=1, prompt=4)
 
     def run(chunked: bool):
-        total, *rows = speed.causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask}, labels, chunked)
+        total, *rows = speed.causal_lm_loss(model, inputs, labels, chunked)
         return total.detach(), rows, torch.autograd.grad(total, params)
 
     plain = run(False)
@@ -571,25 +578,12 @@ def test_dpo_log_probabilities_from_hidden_states_equal_the_logits(tiny_llama, m
     """`speed.causal_lm_logps` on a DPO-like batch (prompts unlabelled, a padded row), chunks of 5 labelled
     tokens: each row's summed log-probability and every trainable weight's gradient under a loss that weighs the
     rows differently (DPO's does) equal the logits path's."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from tunelab import losses
 
-    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 400 * 5)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    ids = torch.randint(3, model.config.vocab_size, (4, 12))
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :5] = -100
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, inputs, labels, params = _llama_batch(tiny_llama, monkeypatch, lora, rows=4, short_row=2, prompt=5)
 
     def run(chunked: bool):
-        logps = speed.causal_lm_logps(model, {"input_ids": ids, "attention_mask": mask}, labels, chunked)
+        logps = speed.causal_lm_logps(model, inputs, labels, chunked)
         chosen, rejected = logps.chunk(2)
         loss = losses.dpo(chosen, rejected, chosen.detach() - 0.3, rejected.detach() + 0.2, beta=0.5)
         return logps.detach(), torch.autograd.grad(loss, params)
