@@ -778,14 +778,20 @@ def causal_lm_loss(model: nn.Module, batch: dict, labels: torch.Tensor,
     if head is None:
         loss, tokens, correct = token_stats(model(**batch, use_cache=False).logits.float(), labels, shift=True)
         return loss.sum(), loss.detach(), tokens, correct
-    hidden, labels = final_hidden(model, batch)[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
-    total, losses, argmax = linear_cross_entropy(hidden[mask], head.weight, head.bias, labels[mask])
-    rows = mask.nonzero()[:, 0]
+    hidden, targets, rows, tokens = _labelled_hidden(model, batch, labels)
+    total, losses, argmax = linear_cross_entropy(hidden, head.weight, head.bias, targets)
     per_row = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
     right = torch.zeros(len(labels), dtype=torch.long, device=losses.device).index_add_(
-        0, rows, (argmax == labels[mask]).long())
-    return total, per_row, mask.sum(1), right
+        0, rows, (argmax == targets).long())
+    return total, per_row, tokens, right
+
+
+def _labelled_hidden(model: nn.Module, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The last hidden states at the positions whose next token has a label, for the output layer in chunks:
+    (those hidden states [n, hidden], their target tokens [n], their rows [n], each row's count of them)."""
+    hidden, labels = final_hidden(model, batch)[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    return hidden[mask], labels[mask], mask.nonzero()[:, 0], mask.sum(1)
 
 
 def causal_lm_logps(model: nn.Module, batch: dict, labels: torch.Tensor, chunked: bool = True) -> torch.Tensor:
@@ -795,10 +801,9 @@ def causal_lm_logps(model: nn.Module, batch: dict, labels: torch.Tensor, chunked
     head = output_layer(model, batch) if chunked and enabled() else None
     if head is None:
         return sequence_logps(model(**batch, use_cache=False).logits.float(), labels)
-    hidden, labels = final_hidden(model, batch)[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
-    logps = linear_log_probs(hidden[mask], head.weight, head.bias, labels[mask])
-    return torch.zeros(len(labels), dtype=logps.dtype, device=logps.device).index_add(0, mask.nonzero()[:, 0], logps)
+    hidden, targets, rows, _ = _labelled_hidden(model, batch, labels)
+    logps = linear_log_probs(hidden, head.weight, head.bias, targets)
+    return torch.zeros(len(labels), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
 
 
 def _loss_checked(model: nn.Module, probe: dict) -> bool:

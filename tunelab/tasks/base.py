@@ -49,13 +49,6 @@ class Space:
                     label2id={n: i for i, n in enumerate(self.labels)})
 
 
-def loss_in_chunks(cfg) -> bool:
-    """Whether a run's language-model loss or log-probabilities come from the hidden states in chunks
-    (speed.causal_lm_loss, speed.causal_lm_logps): train.speedups and train.chunked_loss, not under FSDP (its
-    output layer's weight is a shard outside the model's forward; the logits' then)."""
-    return cfg.train.speedups and cfg.train.chunked_loss and cfg.train.strategy != "fsdp"
-
-
 class Task:
     name = ""
     modality = "text"  # what an example is: "text" (tokenized) or "image" (pixels; tunelab.tasks.image)
@@ -69,6 +62,7 @@ class Task:
     outputs_are: str | None = None
     judged_by_start = False  # language-model stages compare with the model before training, not a trivial answer
     loss_from_hidden = False  # a causal language model's token loss (speed.causal_lm_loss): chunked from hidden states
+    chunked = False  # whether it does so in this run (bind)
     eval_batch_size = 64  # examples per forward pass when evaluating (language models: logits are vocabulary-wide)
     uses_reference = False  # dpo: scores need the starting model (prepare_items), not only the trained one
     default_layer_decay = 0.8  # full tuning's per-block learning-rate decay when tuning.layer_decay is unset
@@ -261,7 +255,11 @@ class Task:
 
     def bind(self, cfg, tokenizer) -> None:
         """Take the run's settings and tokenizer before its examples are encoded (rl samples and scores answers
-        with them); most tasks need neither."""
+        with them). Here: whether a causal language model's loss or log-probabilities come from its hidden states
+        in chunks (speed.causal_lm_loss, causal_lm_logps): train.speedups and train.chunked_loss, not under FSDP
+        (its output layer's weight is a shard outside the model's forward; the logits' then)."""
+        self.chunked = self.loss_from_hidden and cfg.train.speedups and cfg.train.chunked_loss \
+            and cfg.train.strategy != "fsdp"
 
     def set_padding(self, model: nn.Module, pad_id: int) -> None:
         """Tell the model the id its batches are padded with, where it reads it: a decoder's sequence classifier (a

@@ -31,7 +31,7 @@ from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_
 from tunelab.data.load import Example, Problems, read_examples
 from tunelab.errors import UserError
 from tunelab.losses import token_stats
-from tunelab.tasks.base import Space, Task, loss_in_chunks
+from tunelab.tasks.base import Space, Task
 
 
 class LanguageModeling(Task):
@@ -46,14 +46,10 @@ class LanguageModeling(Task):
     default_layer_decay = 1.0
     eval_batch_size = 8
     shift = True  # causal: the logits at position t score token t + 1
-    chunked = False  # the run's train.speedups and train.chunked_loss (bind)
 
     @property
     def loss_from_hidden(self) -> bool:  # a causal model's (speed.causal_lm_loss); a masked one's comes from logits
         return self.shift
-
-    def bind(self, cfg, tokenizer) -> None:
-        self.chunked = loss_in_chunks(cfg)
 
     def read(self, path, cfg: DataConfig, need_label: bool = True, problems: Problems | None = None) -> list[Example]:
         return read_examples(path, cfg, need_label=False, folders=False, problems=problems)

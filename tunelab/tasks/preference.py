@@ -22,7 +22,7 @@ from tunelab.data.batching import collate
 from tunelab.data.chat import IGNORE, content, fit_length, parse_messages, read_records, render, report_overlong
 from tunelab.data.load import Example, Problems
 from tunelab.errors import UserError
-from tunelab.tasks.base import Space, Task, loss_in_chunks, predict_outputs
+from tunelab.tasks.base import Space, Task, predict_outputs
 
 
 def _prompt(value, path: Path, line: int) -> list[dict]:
@@ -142,11 +142,7 @@ class DPO(Preference):
     metrics = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
     model_class = "AutoModelForCausalLM"
 
-    chunked = False  # the run's train.speedups and train.chunked_loss (bind)
     loss_from_hidden = True  # its log-probabilities come from the hidden states in chunks (speed.causal_lm_logps)
-
-    def bind(self, cfg, tokenizer) -> None:
-        self.chunked = loss_in_chunks(cfg)
 
     def pair_scores(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.pop("labels")
