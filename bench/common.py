@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -64,7 +65,6 @@ def make(folder: Path, recipe: list[tuple[str, str]]) -> None:
 def timed(fn, inputs: list, single: int) -> dict:
     """What an inference arm costs: `fn` over all `inputs` at once (items/s, after a warm-up), then `single`
     one-item requests (p50 and p95 latency, ms)."""
-    import statistics
     import time
 
     fn(inputs[:4])  # warm-up
@@ -83,7 +83,6 @@ def timed(fn, inputs: list, single: int) -> dict:
 def compare_arms(arms: dict, inputs: list, baseline: str, rounds: int, single: int, unit: str, what: str) -> None:
     """Time inference arms ({name: fn(inputs) -> labels}) in `rounds` interleaved rounds (`timed`), then print
     their medians against the `baseline` arm's, with how often each arm's labels agree with the baseline's."""
-    import statistics
 
     labels = {name: fn(inputs) for name, fn in arms.items()}
     reference = labels[baseline]
@@ -127,6 +126,12 @@ def inference_arguments(argv, doc: str, recipe: list[tuple[str, str]], single: i
     if not args.run:
         p.error("give RUN, or --make DIR")
     return args
+
+
+def median(rows: list[dict], key: str) -> float:
+    """The median of `key` over the rows that have a value for it (a target never reached is None); nan if none."""
+    values = [x[key] for x in rows if x.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
 
 
 def peak_rss_mb() -> float:

@@ -21,18 +21,16 @@ the same loss over the same pairs). TRL and `datasets` come with the `dev` extra
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import eval_every, in_process, machine, options, peak_rss_mb  # bench/common.py, beside this script
-from lm import TARGETS, model_path, read, time_to  # bench/lm.py
+from common import eval_every, in_process, machine, median, options, peak_rss_mb  # bench/common.py, beside
+from lm import TARGETS, model_path, read, recipe_arguments, time_to  # bench/lm.py
 
 
 def every(pairs: int, args) -> int:
@@ -192,20 +190,7 @@ def run_trl(data: Path, out: Path, args) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--train-size", type=int, default=200)
-    p.add_argument("--eval-size", type=int, default=60)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=160)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--evals-per-epoch", type=int, default=4)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: both sides on the GPU under bf16 autocast (weights fp32), peak GPU memory reported")
-    p.add_argument("--first-seed", type=int, default=0, help="round r runs both sides with seed first-seed + r")
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--one", nargs=3, metavar=("ARM", "DATA", "OUT"), help=argparse.SUPPRESS)
+    p = recipe_arguments(__doc__.split("\n\n")[0], train_size=200, eval_size=60, max_length=160, lr=2e-4)
     args = p.parse_args()
     if args.one:
         arm, data, out = args.one
@@ -241,10 +226,9 @@ def main() -> int:
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
     for arm in arms:
         rows = results[arm]
-        med = lambda key: statistics.median([x[key] for x in rows if x[key] is not None] or [float("nan")])  # noqa: E731
-        trl = statistics.median(x["pairs_per_s"] for x in results["trl"])
-        trl_ref = statistics.median(x["pairs_per_s_with_reference"] for x in results["trl"])
-        trl_rss = statistics.median(x["peak_rss_mb"] for x in results["trl"])
+        med = lambda key: median(rows, key)  # noqa: E731
+        trl, trl_ref, trl_rss = (median(results["trl"], key) for key in ("pairs_per_s", "pairs_per_s_with_reference",
+                                                                          "peak_rss_mb"))
         print(f"{arm:8} {med('pairs_per_s'):5.2f} pairs/s ({med('pairs_per_s') / trl:.2f}×)"
               f"  with reference {med('pairs_per_s_with_reference'):5.2f} "
               f"({med('pairs_per_s_with_reference') / trl_ref:.2f}×)  accuracy {med('accuracy'):.3f}  "

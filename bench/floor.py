@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from common import gemm_peak, machine  # bench/common.py, beside this script
+from common import gemm_peak, machine, median  # bench/common.py, beside this script
 
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "mkldnn::_linear_pointwise",
             "aten::mkldnn_linear"}
@@ -113,7 +112,7 @@ def main() -> int:
           f"{'optimizer':>9} {'random':>6} {'rest':>5}   {'floor tok/s':>11} {'ratio':>6} {'roofline':>8}")
     for method in methods:
         def med(key):
-            return statistics.median(x[key] for x in rows[method])
+            return median(rows[method], key)
         rest = 1 - med("products") - med("optimizer") - med("random")
         print(f"{method:6} {med('tunelab'):13.0f} {med('trainer'):8.0f} {med('tunelab') / med('trainer'):5.2f}× "
               f"{med('roofline'):8.0%}   {med('products'):15.0%} {med('optimizer'):9.0%} {med('random'):6.0%} "

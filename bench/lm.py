@@ -43,13 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import eval_every, in_process, machine, options, peak_rss_mb  # bench/common.py, beside this
+from common import eval_every, in_process, machine, median, options, peak_rss_mb  # bench/common.py, beside
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -247,34 +246,43 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
             "steps": trainer.state.global_step, "chunked_loss": None}
 
 
+def recipe_arguments(description: str, train_size: int, eval_size: int, max_length: int,
+                     lr: float) -> argparse.ArgumentParser:
+    """The options this script and bench/dpo.py share: the data's size, the recipe, the rounds, the device."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--train-size", type=int, default=train_size)
+    p.add_argument("--eval-size", type=int, default=eval_size)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=max_length)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--evals-per-epoch", type=int, default=4)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides on the GPU under bf16 autocast (weights fp32), peak GPU memory reported")
+    p.add_argument("--first-seed", type=int, default=0, help="round r runs every arm with seed first-seed + r")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # one run's, set by the rounds
+    p.add_argument("--one", nargs=3, metavar=("ARM", "DATA", "OUT"), help=argparse.SUPPRESS)
+    return p
+
+
 def arguments() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = recipe_arguments(__doc__.split("\n\n")[0], train_size=400, eval_size=40, max_length=128, lr=3e-4)
     p.add_argument("--task", choices=["chat", "clm"], default="chat",
                    help="clm: continued pre-training on the bundled tweets (arms tunelab, trl, trl-packed)")
     p.add_argument("--arms", default=None, help="default: tunelab,tunelab-packed,trl,trl-packed (clm: "
                    "tunelab,trl,trl-packed)")
-    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--train-size", type=int, default=400)
-    p.add_argument("--eval-size", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--evals-per-epoch", type=int, default=4)
     p.add_argument("--trl-checkpointing", action="store_true", help="TRL's default gradient checkpointing (on)")
     p.add_argument("--trl-bf16", action="store_true", help="TRL's default bf16 autocast (on)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: both sides on the GPU under bf16 autocast (weights fp32), peak GPU memory reported")
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # round r runs every arm with seed r
-    p.add_argument("--one", nargs=3, metavar=("ARM", "DATA", "OUT"), help=argparse.SUPPRESS)
     return p
 
 
 def run_one(arm: str, data: Path, out: Path, args, seed: int) -> dict:
     """One run in its own process (`lm.py --one ARM DATA OUT`, the same options), its RESULT line parsed."""
-    return in_process(__file__, ["--one", arm, str(data), str(out), *options(args, ("one", "arms", "rounds", "seed")),
-                                 f"--seed={seed}"], arm)
+    return in_process(__file__, ["--one", arm, str(data), str(out),
+                                 *options(args, ("one", "arms", "rounds", "seed", "first_seed")), f"--seed={seed}"],
+                      arm)
 
 
 def time_to(curve: list, target: float) -> float | None:
@@ -299,7 +307,7 @@ def main() -> int:
         results: dict[str, list[dict]] = {arm: [] for arm in arms}
         for r in range(args.rounds):
             for arm in arms:
-                res = run_one(arm, data, Path(tmp) / f"{arm}-{r}", args, seed=r)
+                res = run_one(arm, data, Path(tmp) / f"{arm}-{r}", args, seed=args.first_seed + r)
                 res["tokens_per_s"] = res["tokens"] / res["seconds"]
                 results[arm].append(res)
                 gpu = f"  peak GPU {res['peak_gpu_mb']:.0f} MB" if res.get("peak_gpu_mb") else ""
@@ -316,22 +324,20 @@ def main() -> int:
         load_after = os.getloadavg()[0]
 
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
-    print(f"{args.model} LoRA {'continued pre-training (clm)' if args.task == 'clm' else 'chat SFT'}, batch {args.batch_size}, max length {args.max_length}, {args.epochs} "
+    work = "continued pre-training (clm)" if args.task == "clm" else "chat SFT"
+    print(f"{args.model} LoRA {work}, batch {args.batch_size}, max length {args.max_length}, {args.epochs} "
           f"epoch(s), lr {args.lr}; medians of {args.rounds} interleaved rounds")
 
-    def med(rows, key):
-        values = [x.get(key) for x in rows if x.get(key) is not None]
-        return statistics.median(values) if values else float("nan")
     trl_arms = [a for a in arms if a.startswith("trl")]
-    base = max(trl_arms, key=lambda a: med(results[a], "tokens_per_s")) if trl_arms else arms[0]
+    base = max(trl_arms, key=lambda a: median(results[a], "tokens_per_s")) if trl_arms else arms[0]
     print(f"baseline: {base} (the faster TRL arm)")
     print(f"{'arm':15} {'tok/s':>7} {'ratio':>6} {'loss':>7} {'to target':>9} {'peak RSS':>9} {'ratio':>6}")
     for arm in arms:
         rows = results[arm]
-        speedup = med(rows, 'tokens_per_s') / med(results[base], 'tokens_per_s')
-        print(f"{arm:15} {med(rows, 'tokens_per_s'):7.0f} {speedup:5.2f}× "
-              f"{med(rows, 'loss'):7.4f} {med(rows, 'to_target'):8.1f}s {med(rows, 'peak_rss_mb'):7.0f}MB "
-              f"{med(rows, 'peak_rss_mb') / med(results[base], 'peak_rss_mb'):5.2f}×")
+        speedup = median(rows, 'tokens_per_s') / median(results[base], 'tokens_per_s')
+        print(f"{arm:15} {median(rows, 'tokens_per_s'):7.0f} {speedup:5.2f}× "
+              f"{median(rows, 'loss'):7.4f} {median(rows, 'to_target'):8.1f}s {median(rows, 'peak_rss_mb'):7.0f}MB "
+              f"{median(rows, 'peak_rss_mb') / median(results[base], 'peak_rss_mb'):5.2f}×")
     return 0
 
 

@@ -34,14 +34,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 # bench/common.py, beside this script
-from common import eval_every, gemm_peak, in_process, machine, options, peak_rss_mb
+from common import eval_every, gemm_peak, in_process, machine, median, options, peak_rss_mb
 
 LR = {"full": 5e-5, "lora": 5e-4, "head": 2e-3}
 PASSES = {"full": 3, "lora": 2, "head": 1}  # training FLOPs per token in forward passes (see the docstring)
@@ -247,17 +246,13 @@ def main() -> int:
           f"{'RSS tunelab':>11} {'Trainer':>8}")
     for method in methods:
         a, b = results[(method, "tunelab")], results[(method, "trainer")]
-
-        def med(rows, key):
-            values = [x[key] for x in rows if x[key] is not None]
-            return statistics.median(values) if values else float("nan")
         reached = sum(x["to_target"] is not None for x in a)
-        print(f"{method:6} {med(a, 'tokens_per_s'):13.0f} {med(b, 'tokens_per_s'):8.0f} "
-              f"{med(a, 'tokens_per_s') / med(b, 'tokens_per_s'):5.2f}×  {med(a, 'roofline'):8.0%} "
-              f"{med(b, 'roofline'):8.0%}  {med(a, 'to_target'):8.1f}s ({reached}/{len(a)}) "
-              f"{med(b, 'to_target'):7.1f}s {med(b, 'to_target') / med(a, 'to_target'):5.2f}×  "
-              f"{med(a, 'accuracy'):11.4f} "
-              f"{med(b, 'accuracy'):8.4f}  {med(a, 'peak_rss_mb'):9.0f}MB {med(b, 'peak_rss_mb'):6.0f}MB")
+        print(f"{method:6} {median(a, 'tokens_per_s'):13.0f} {median(b, 'tokens_per_s'):8.0f} "
+              f"{median(a, 'tokens_per_s') / median(b, 'tokens_per_s'):5.2f}×  {median(a, 'roofline'):8.0%} "
+              f"{median(b, 'roofline'):8.0%}  {median(a, 'to_target'):8.1f}s ({reached}/{len(a)}) "
+              f"{median(b, 'to_target'):7.1f}s {median(b, 'to_target') / median(a, 'to_target'):5.2f}×  "
+              f"{median(a, 'accuracy'):11.4f} "
+              f"{median(b, 'accuracy'):8.4f}  {median(a, 'peak_rss_mb'):9.0f}MB {median(b, 'peak_rss_mb'):6.0f}MB")
     return 0
 
 
