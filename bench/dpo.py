@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from common import eval_every, in_process, machine, median, options, peak_rss_mb  # bench/common.py, beside
-from lm import TARGETS, model_path, read, recipe_arguments, time_to  # bench/lm.py
+from lm import TARGETS, model_path, read, recipe_arguments, times_to_target, trl_recipe  # bench/lm.py
 
 
 def every(pairs: int, args) -> int:
@@ -156,12 +156,8 @@ def run_trl(data: Path, out: Path, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-                       learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.01,
-                       max_grad_norm=1.0, optim="adamw_torch_fused", seed=args.seed, report_to=[],
-                       save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
-                       use_cpu=args.device == "cpu", dataloader_num_workers=0, max_length=args.max_length, beta=0.1,
-                       gradient_checkpointing=False, bf16=args.device == "cuda", precompute_ref_log_probs=True)
+    config = DPOConfig(**trl_recipe(out, args), beta=0.1, gradient_checkpointing=False, bf16=args.device == "cuda",
+                       precompute_ref_log_probs=True)
     reference = {}  # seconds of each precompute pass, by split: TRL runs them in __init__, outside train_runtime
     precompute = DPOTrainer._precompute_ref_logps
 
@@ -217,11 +213,7 @@ def main() -> int:
                 print(f"round {r + 1} {arm:8} {res['pairs_per_s']:5.2f} pairs/s ({with_reference:.2f} "
                       f"with the reference pass)  {res['steps']} steps  held-out reward accuracy {res['accuracy']:.3f}"
                       f" loss {res['loss']:.4f}  peak RSS {res['peak_rss_mb']:.0f} MB{gpu}", flush=True)
-            target = results["trl"][-1]["loss"] + 0.02
-            for arm in arms:
-                results[arm][-1]["to_target"] = time_to(results[arm][-1]["curve"], target)
-            print(f"round {r + 1} time to held-out DPO loss {target:.4f}: " + ", ".join(
-                f"{arm} {results[arm][-1]['to_target']}" for arm in arms), flush=True)
+            times_to_target(results, "trl", f"round {r + 1} time to held-out DPO loss")
         load_after = os.getloadavg()[0]
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
     for arm in arms:

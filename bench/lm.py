@@ -201,6 +201,17 @@ def run_tunelab(arm: str, data: Path, out: Path, args) -> dict:
             "chunked_loss": t.get("chunked_loss")}
 
 
+def trl_recipe(out: Path, args) -> dict:
+    """The settings of TRL's config (SFTConfig here, DPOConfig in bench/dpo.py) that are tunelab's recipe: batch,
+    epochs, learning rate, linear schedule with 10% warm-up, weight decay, clipping, fused AdamW, the seed, the
+    device; no saving, logging or evaluation of its own, no dataloader workers."""
+    return dict(output_dir=str(out), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+                learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.01,
+                max_grad_norm=1.0, optim="adamw_torch_fused", seed=args.seed, report_to=[], save_strategy="no",
+                eval_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu",
+                dataloader_num_workers=0, max_length=args.max_length)
+
+
 def run_trl(arm: str, data: Path, out: Path, args) -> dict:
     import torch
     from datasets import Dataset
@@ -223,13 +234,8 @@ def run_trl(arm: str, data: Path, out: Path, args) -> dict:
         mode["train_sampling_strategy"] = "group_by_length"
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-                       learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.01,
-                       max_grad_norm=1.0, optim="adamw_torch_fused", seed=args.seed, report_to=[],
-                       save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
-                       use_cpu=args.device == "cpu", dataloader_num_workers=0, max_length=args.max_length,
-                       gradient_checkpointing=args.trl_checkpointing, bf16=args.trl_bf16 or args.device == "cuda",
-                       packing=packed, **mode)
+    config = SFTConfig(**trl_recipe(out, args), gradient_checkpointing=args.trl_checkpointing,
+                       bf16=args.trl_bf16 or args.device == "cuda", packing=packed, **mode)
     clock = eval_every(1, lambda model: heldout_loss(model, tokenizer, data, args.task, args.max_length))
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
@@ -289,6 +295,16 @@ def time_to(curve: list, target: float) -> float | None:
     return next((s for s, loss in curve if loss <= target), None)
 
 
+def times_to_target(results: dict[str, list[dict]], baseline: str, what: str) -> None:
+    """Each arm's seconds to reach the baseline arm's final held-out loss of the latest round + 0.02 (None: never),
+    kept as that round's `to_target` and printed after `what`."""
+    target = results[baseline][-1]["loss"] + 0.02
+    for rows in results.values():
+        rows[-1]["to_target"] = time_to(rows[-1]["curve"], target)
+    print(f"{what} {target:.4f}: " + ", ".join(f"{arm} {rows[-1]['to_target']}" for arm, rows in results.items()),
+          flush=True)
+
+
 def main() -> int:
     args = arguments().parse_args()
     if args.one:
@@ -316,11 +332,7 @@ def main() -> int:
                       f"{res['peak_rss_mb']:.0f} MB (process {res['process_rss_mb']:.0f} MB){gpu}", flush=True)
             same_work = "trl-packed" if args.task == "clm" else "trl"  # clm: TRL's wrapped blocks are tunelab's
             if same_work in arms:
-                target = results[same_work][-1]["loss"] + 0.02
-                for arm in arms:
-                    results[arm][-1]["to_target"] = time_to(results[arm][-1]["curve"], target)
-                print(f"round {r + 1} time to held-out loss {target:.4f}: " + ", ".join(
-                    f"{arm} {results[arm][-1]['to_target']}" for arm in arms), flush=True)
+                times_to_target(results, same_work, f"round {r + 1} time to held-out loss")
         load_after = os.getloadavg()[0]
 
     print(f"\nmachine: {machine()}; load average before {load_before:.2f}, after {load_after:.2f}")
